@@ -1,0 +1,67 @@
+// Combine (stage 4): out[t] = sum_j w[t, j] * Y[slot(t, j)], summed in
+// ascending j (top-k rank order, one fused multiply-add per term), then
+// + sigmoid(g[t]) * S[t] for an always-on shared expert (Qwen1.5-MoE).
+// Dropped assignments (slot -1) add nothing; a token with none gets 0 (plus
+// the shared term). Deterministic and parallel over tiles of tokens: each
+// output row has one writer. No allocation.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstring>
+#include <span>
+
+#include "../core/error.hpp"
+#include "../core/views.hpp"
+#include "../dispatch/plan.hpp"
+#include "../parallel/for_each.hpp"
+#include "../simd/vec.hpp"
+
+namespace kdial {
+
+// The optional shared-expert term of combine.
+struct shared_expert_term {
+    cmatrix_view<float> output{};         // [T, d] the shared expert's output S
+    std::span<const float> gate_logits{}; // [T] g; the term is sigmoid(g[t]) * S[t]; empty -> factor 1
+    bool present() const noexcept { return output.data != nullptr; }
+};
+
+// Combines the experts' outputs back into token order.
+//   weights [T, k]            routing weights (the plan's T and k)
+//   Y       [>= slots, d]     expert outputs in slot order
+//   out     [T, d]            out (fully overwritten)
+template <class Arch = xsimd::default_arch>
+void combine(const dispatch_plan& plan, cmatrix_view<float> weights, cmatrix_view<float> Y, matrix_view<float> out,
+             const shared_expert_term& shared = {})
+{
+    constexpr const char* where = "kdial::combine";
+    const std::size_t T = plan.tokens(), k = plan.k(), d = out.cols;
+    detail::check_shape(weights, T, k, where, "weights");
+    detail::check(Y.rows >= plan.num_slots() && Y.cols == d, where, ": Y has shape [", Y.rows, ", ", Y.cols,
+                  "], needs at least [", plan.num_slots(), ", ", d, "]");
+    detail::check_shape(out, T, d, where, "out");
+    if (shared.present()) {
+        detail::check_shape(shared.output, T, d, where, "shared expert output");
+        detail::check(shared.gate_logits.empty() || shared.gate_logits.size() == T, where,
+                      ": shared expert gate has ", shared.gate_logits.size(), " entries, expected T = ", T);
+    }
+    const std::size_t tile = parallel::tile_items((k + 1) * d * sizeof(float));
+    parallel::for_each_tile(T, tile, [&](std::size_t t0, std::size_t t1) {
+        for (std::size_t t = t0; t < t1; ++t) {
+            float* o = out.row(t);
+            std::memset(o, 0, d * sizeof(float));
+            for (std::size_t j = 0; j < k; ++j) {
+                const std::int32_t s = plan.slot_of(t, j);
+                if (s < 0)
+                    continue;
+                simd::axpy<Arch>(weights(t, j), Y.row(static_cast<std::size_t>(s)), o, d);
+            }
+            if (shared.present()) {
+                const float g = shared.gate_logits.empty() ? 1.0f : 1.0f / (1.0f + std::exp(-shared.gate_logits[t]));
+                simd::axpy<Arch>(g, shared.output.row(t), o, d);
+            }
+        }
+    });
+}
+
+} // namespace kdial

@@ -1,0 +1,18 @@
+// kdial: Mixture-of-Experts routing and kernel primitives for the CPU, with
+// k (experts per token) as a dial. The stages in data-flow order:
+// route -> dispatch -> experts -> combine, then the layer that composes them.
+#pragma once
+
+#include "version.hpp"
+
+#include "core/dtype.hpp"
+#include "core/error.hpp"
+#include "core/extent.hpp"
+#include "core/views.hpp"
+#include "parallel/for_each.hpp"
+#include "simd/compat.hpp"
+#include "simd/vec.hpp"
+
+#include "routing/router.hpp"   // 1. route
+#include "dispatch/plan.hpp"    // 2. dispatch
+#include "combine/combine.hpp"  // 4. combine

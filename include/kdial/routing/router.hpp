@@ -1,0 +1,164 @@
+// The router (stage 1, route): router logits [T, E] -> Routing, i.e. for
+// every token the k chosen expert ids [T, k] and their weights [T, k].
+//   scores   = softmax over all E in fp32 (or sigmoid)
+//   chosen   = top-k of (scores + selection_bias), descending, ties -> lower id
+//   weights  = scores of the chosen experts (the bias never enters them),
+//              renormalised to sum to 1 if asked, then times `scale`.
+// Non-finite logits (NaN, +-inf) are rejected: route() throws kdial::error
+// naming the token, the expert and the value, and writes nothing. (A NaN has
+// no rank, and an inf makes softmax 0/0; neither has a meaningful routing.)
+// Deterministic (each token is computed alone, in a fixed order), parallel
+// over tiles of tokens, no allocation.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <span>
+
+#include "../core/error.hpp"
+#include "../core/extent.hpp"
+#include "../core/views.hpp"
+#include "../parallel/for_each.hpp"
+#include "../simd/vec.hpp"
+#include "scores.hpp"
+#include "topk.hpp"
+
+namespace kdial {
+
+// Per-model routing options (config fields in brackets).
+struct router_options {
+    scoring score = scoring::softmax;
+    bool renormalize = false;                 // [norm_topk_prob] weights /= sum of the k weights
+    float scale = 1.0f;                       // [routed_scaling_factor] applied last
+    std::span<const float> selection_bias{}; // [E] added to scores for selection only, or empty
+};
+
+namespace detail {
+
+inline void check_router_options(const router_options& opt, std::size_t num_experts, const char* where)
+{
+    check(opt.selection_bias.empty() || opt.selection_bias.size() == num_experts, where, ": selection_bias has ",
+          opt.selection_bias.size(), " entries, expected E = ", num_experts);
+    if (!opt.selection_bias.empty()) {
+        const std::size_t bad = find_non_finite(opt.selection_bias.data(), opt.selection_bias.size());
+        check(bad == opt.selection_bias.size(), where, ": selection_bias[", bad, "] is non-finite (",
+              bad < opt.selection_bias.size() ? opt.selection_bias[bad] : 0.0f, ")");
+    }
+    check(std::isfinite(opt.scale), where, ": scale is non-finite (", opt.scale, ")");
+}
+
+// Throws if any logit is non-finite, naming the first one in row-major order.
+inline void check_logits_finite(cmatrix_view<float> logits, const char* where)
+{
+    for (std::size_t t = 0; t < logits.rows; ++t) {
+        const std::size_t e = find_non_finite(logits.row(t), logits.cols);
+        check(e == logits.cols, where, ": router logit of token ", t, ", expert ", e, " is non-finite (",
+              e < logits.cols ? logits(t, e) : 0.0f, ")");
+    }
+}
+
+// Routes tokens [t0, t1) (inputs already validated).
+template <k_extent K>
+void route_rows(cmatrix_view<float> logits, K k, const router_options& opt, matrix_view<std::int32_t> ids,
+                matrix_view<float> weights, std::size_t t0, std::size_t t1) noexcept
+{
+    const int E = static_cast<int>(logits.cols);
+    const int kk = k.value();
+    const bool biased = !opt.selection_bias.empty();
+    float scores[max_experts];
+    float keys[max_experts];
+    for (std::size_t t = t0; t < t1; ++t) {
+        const float* l = logits.row(t);
+        for (int e = 0; e < E; ++e)
+            scores[e] = l[e];
+        score_inplace(opt.score, scores, static_cast<std::size_t>(E));
+        const float* key = scores;
+        if (biased) {
+            for (int e = 0; e < E; ++e)
+                keys[e] = scores[e] + opt.selection_bias[static_cast<std::size_t>(e)];
+            key = keys;
+        }
+        std::int32_t* id = ids.row(t);
+        float* w = weights.row(t);
+        float sel[K::max_value];
+        select_topk(key, E, k, id, sel);
+        for (int j = 0; j < kk; ++j)
+            w[j] = scores[id[j]];
+        if (opt.renormalize) {
+            float s = 0.0f;
+            for (int j = 0; j < kk; ++j)
+                s += w[j];
+            // +1e-20 only matters if every chosen score underflowed to 0.
+            const float inv = 1.0f / (s + 1e-20f);
+            for (int j = 0; j < kk; ++j)
+                w[j] *= inv;
+        }
+        if (opt.scale != 1.0f)
+            for (int j = 0; j < kk; ++j)
+                w[j] *= opt.scale;
+    }
+}
+
+} // namespace detail
+
+// Routes T tokens from their router logits.
+//   logits  [T, E]  router logits (finite)
+//   ids     [T, k]  out: chosen experts, descending score, ties -> lower id
+//   weights [T, k]  out: their routing weights
+// Throws kdial::error (writing nothing) on k outside [1, E], shape
+// mismatches, a bad bias or a non-finite logit.
+template <k_extent K>
+void route(cmatrix_view<float> logits, K k, const router_options& opt, matrix_view<std::int32_t> ids,
+           matrix_view<float> weights)
+{
+    constexpr const char* where = "kdial::route";
+    const std::size_t T = logits.rows, E = logits.cols;
+    check_k(k, static_cast<int>(E), where);
+    detail::check_shape(logits, T, E, where, "logits");
+    detail::check_shape(ids, T, static_cast<std::size_t>(k.value()), where, "ids");
+    detail::check_shape(weights, T, static_cast<std::size_t>(k.value()), where, "weights");
+    detail::check_router_options(opt, E, where);
+    detail::check_logits_finite(logits, where);
+    // About 40 ns of work per expert per token (exp + select).
+    const std::size_t tile = parallel::tile_items(E * 16);
+    parallel::for_each_tile(T, tile, [&](std::size_t t0, std::size_t t1) {
+        detail::route_rows(logits, k, opt, ids, weights, t0, t1);
+    });
+}
+
+// Router logits from hidden states: logits[t, e] = X[t, :] . W[e, :].
+//   X      [T, d]  hidden states (the post-attention-normed activations)
+//   W      [E, d]  router weight (HF mlp.gate.weight)
+//   logits [T, E]  out
+template <class Arch = xsimd::default_arch>
+void router_logits(cmatrix_view<float> X, cmatrix_view<float> W, matrix_view<float> logits)
+{
+    constexpr const char* where = "kdial::router_logits";
+    const std::size_t T = X.rows, d = X.cols, E = W.rows;
+    detail::check_shape(X, T, d, where, "X");
+    detail::check_shape(W, E, d, where, "router weight");
+    detail::check_shape(logits, T, E, where, "logits");
+    const std::size_t tile = parallel::tile_items(E * d);
+    parallel::for_each_tile(T, tile, [&](std::size_t t0, std::size_t t1) {
+        for (std::size_t t = t0; t < t1; ++t)
+            for (std::size_t e = 0; e < E; ++e)
+                logits(t, e) = simd::dot<Arch>(X.row(t), W.row(e), d);
+    });
+}
+
+// Both steps: hidden states and router weight -> Routing. `logits` [T, E] is
+// caller-owned scratch (it holds the logits afterwards).
+template <k_extent K>
+void route(cmatrix_view<float> X, cmatrix_view<float> W, K k, const router_options& opt, matrix_view<float> logits,
+           matrix_view<std::int32_t> ids, matrix_view<float> weights)
+{
+    constexpr const char* where = "kdial::route";
+    check_k(k, static_cast<int>(W.rows), where);
+    detail::check_shape(ids, X.rows, static_cast<std::size_t>(k.value()), where, "ids");
+    detail::check_shape(weights, X.rows, static_cast<std::size_t>(k.value()), where, "weights");
+    router_logits(X, W, logits);
+    route(cmatrix_view<float>(logits), k, opt, ids, weights);
+}
+
+} // namespace kdial
