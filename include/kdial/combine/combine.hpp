@@ -45,6 +45,8 @@ void combine(const dispatch_plan& plan, cmatrix_view<float> weights, cmatrix_vie
         detail::check(shared.gate_logits.empty() || shared.gate_logits.size() == T, where,
                       ": shared expert gate has ", shared.gate_logits.size(), " entries, expected T = ", T);
     }
+    if (d == 0)
+        return;
     const std::size_t tile = parallel::tile_items((k + 1) * d * sizeof(float));
     parallel::for_each_tile(T, tile, [&](std::size_t t0, std::size_t t1) {
         for (std::size_t t = t0; t < t1; ++t) {

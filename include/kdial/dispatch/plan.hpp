@@ -124,6 +124,8 @@ inline void gather(const dispatch_plan& plan, cmatrix_view<float> X, matrix_view
     detail::check(Xs.rows >= plan.num_slots() && Xs.cols == X.cols, where, ": Xs has shape [", Xs.rows, ", ",
                   Xs.cols, "], needs at least [", plan.num_slots(), ", ", X.cols, "]");
     const std::size_t d = X.cols;
+    if (d == 0)
+        return;
     const auto tok = plan.slot_token();
     parallel::for_each_tile(plan.num_slots(), parallel::tile_items(d * sizeof(float)),
                             [&](std::size_t s0, std::size_t s1) {

@@ -4,12 +4,30 @@
 // these wrappers.
 #pragma once
 
+#include <type_traits>
+
 #include <xsimd/xsimd.hpp>
 
 namespace kdial::simd {
 
 template <class Arch = xsimd::default_arch>
 using fbatch = xsimd::batch<float, Arch>;
+
+// Fused multiply-add x * y + z with one rounding, on every arch.
+// xsimd 8.1 has no avx512f fma kernel and falls back to x * y + z, which
+// the compiler may or may not contract (it differs between -O2 and -O3), so
+// results would depend on the optimiser. This wrapper always fuses.
+template <class A>
+inline xsimd::batch<float, A> fma(const xsimd::batch<float, A>& x, const xsimd::batch<float, A>& y,
+                                  const xsimd::batch<float, A>& z) noexcept
+{
+#if XSIMD_VERSION_MAJOR < 9 && defined(__AVX512F__)
+    if constexpr (std::is_base_of_v<xsimd::avx512f, A>)
+        return _mm512_fmadd_ps(x, y, z);
+    else
+#endif
+        return xsimd::fma(x, y, z);
+}
 
 // Sum of the lanes of b.
 template <class T, class A>

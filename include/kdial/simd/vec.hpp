@@ -21,11 +21,11 @@ inline float dot(const float* a, const float* b, std::size_t n) noexcept
     B acc0(0.0f), acc1(0.0f);
     std::size_t i = 0;
     for (; i + 2 * W <= n; i += 2 * W) {
-        acc0 = xsimd::fma(B::load_unaligned(a + i), B::load_unaligned(b + i), acc0);
-        acc1 = xsimd::fma(B::load_unaligned(a + i + W), B::load_unaligned(b + i + W), acc1);
+        acc0 = simd::fma(B::load_unaligned(a + i), B::load_unaligned(b + i), acc0);
+        acc1 = simd::fma(B::load_unaligned(a + i + W), B::load_unaligned(b + i + W), acc1);
     }
     for (; i + W <= n; i += W)
-        acc0 = xsimd::fma(B::load_unaligned(a + i), B::load_unaligned(b + i), acc0);
+        acc0 = simd::fma(B::load_unaligned(a + i), B::load_unaligned(b + i), acc0);
     float s = hsum(acc0 + acc1);
     for (; i < n; ++i)
         s = std::fma(a[i], b[i], s);
@@ -41,7 +41,7 @@ inline void axpy(float alpha, const float* x, float* y, std::size_t n) noexcept
     const B va(alpha);
     std::size_t i = 0;
     for (; i + W <= n; i += W)
-        xsimd::fma(va, B::load_unaligned(x + i), B::load_unaligned(y + i)).store_unaligned(y + i);
+        simd::fma(va, B::load_unaligned(x + i), B::load_unaligned(y + i)).store_unaligned(y + i);
     for (; i < n; ++i)
         y[i] = std::fma(alpha, x[i], y[i]);
 }
