@@ -1,0 +1,144 @@
+// One expert's SwiGLU FFN (stage 3), single thread: d = 2048, F = 1024,
+// n rows in {1, 4, 64, 512}, weights in f32 / bf16 / q8.
+// Formulas (stated once):
+//   weight bytes = 3 * F * d * bytes_per_weight   (f32 4, bf16 2, q8 36/32)
+//   flops        = 2 * n * 3 * F * d
+// Counters: GB/s of weight bytes, GFLOP/s, and both as fractions of the
+// single-thread limits from bench/roofline.hpp measured in this run.
+// Decode streams cold weights: each iteration uses the next expert of a pool
+// larger than the last-level cache (about 1 GiB).
+#include <benchmark/benchmark.h>
+
+#include <kdial/experts/swiglu.hpp>
+
+#include "roofline.hpp"
+
+#include <tbb/task_arena.h>
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+#include <memory>
+#include <vector>
+
+namespace {
+
+constexpr std::size_t d_model = 2048, d_ffn = 1024;
+constexpr std::size_t pool_bytes = std::size_t{1} << 30;
+
+std::uint32_t next(std::uint64_t& s)
+{
+    s = s * 6364136223846793005ull + 1442695040888963407ull;
+    return static_cast<std::uint32_t>(s >> 33);
+}
+float uniform(std::uint64_t& s) { return float(next(s)) * (2.0f / 2147483648.0f) - 1.0f; } // [-1, 1)
+
+template <kdial::weight_type W>
+void fill(typename W::storage* p, std::size_t count, std::uint64_t& s)
+{
+    for (std::size_t i = 0; i < count; ++i) {
+        if constexpr (std::is_same_v<W, kdial::f32_t>) {
+            p[i] = 0.05f * uniform(s);
+        } else if constexpr (std::is_same_v<W, kdial::bf16_t>) {
+            p[i] = kdial::bf16::from_float(0.05f * uniform(s));
+        } else {
+            p[i].scale = 0.05f / 127.0f;
+            for (auto& q : p[i].q)
+                q = static_cast<std::int8_t>(int(next(s) % 255) - 127);
+        }
+    }
+}
+
+// A pool of experts that together exceed the caches; one dtype at a time.
+struct pool_base {
+    virtual ~pool_base() = default;
+};
+template <kdial::weight_type W>
+struct expert_pool : pool_base {
+    using S = typename W::storage;
+    std::vector<S> store;
+    std::vector<kdial::expert_weights<W>> experts;
+
+    expert_pool()
+    {
+        const std::size_t per_row_gu = kdial::storage_cols<W>(d_model), per_row_d = kdial::storage_cols<W>(d_ffn);
+        const std::size_t per_expert = 2 * d_ffn * per_row_gu + d_model * per_row_d;
+        const std::size_t count = std::max<std::size_t>(2, pool_bytes / (per_expert * sizeof(S)) + 1);
+        store.resize(count * per_expert);
+        std::uint64_t s = 42;
+        fill<W>(store.data(), store.size(), s);
+        for (std::size_t e = 0; e < count; ++e) {
+            const S* base = store.data() + e * per_expert;
+            kdial::expert_weights<W> ew{{base, d_ffn, d_model},
+                                        {base + d_ffn * per_row_gu, d_ffn, d_model},
+                                        {base + 2 * d_ffn * per_row_gu, d_model, d_ffn}};
+            kdial::check_expert_weights(ew, d_model, d_ffn, "bench");
+            experts.push_back(ew);
+        }
+    }
+};
+
+std::unique_ptr<pool_base> current_pool;
+
+template <kdial::weight_type W>
+expert_pool<W>& pool()
+{
+    if (auto* p = dynamic_cast<expert_pool<W>*>(current_pool.get()))
+        return *p;
+    current_pool.reset(); // free the previous dtype's gigabyte first
+    auto p = std::make_unique<expert_pool<W>>();
+    auto& ref = *p;
+    current_pool = std::move(p);
+    return ref;
+}
+
+const kdial::bench::limits& single_thread_limits()
+{
+    static const kdial::bench::limits lim = [] {
+        tbb::task_arena arena(1);
+        kdial::bench::limits l;
+        arena.execute([&] { l = kdial::bench::machine_limits(); });
+        return l;
+    }();
+    return lim;
+}
+
+template <kdial::weight_type W>
+void bm_expert(benchmark::State& state)
+{
+    const std::size_t n = static_cast<std::size_t>(state.range(0));
+    const kdial::bench::limits& lim = single_thread_limits();
+    auto& p = pool<W>();
+    std::vector<float> x(n * d_model), h(n * d_ffn), y(n * d_model);
+    std::uint64_t s = 7;
+    for (float& v : x)
+        v = uniform(s);
+    const kdial::cmatrix_view<float> xv(x.data(), n, d_model);
+    const kdial::matrix_view<float> hv(h.data(), n, d_ffn), yv(y.data(), n, d_model);
+    std::size_t e = 0;
+    const auto t0 = std::chrono::steady_clock::now();
+    for (auto _ : state) {
+        kdial::swiglu_expert(p.experts[e], xv, hv, yv);
+        benchmark::DoNotOptimize(y.data());
+        benchmark::ClobberMemory();
+        e = e + 1 == p.experts.size() ? 0 : e + 1;
+    }
+    const double bytes = double(p.experts[0].gate.bytes() + p.experts[0].up.bytes() + p.experts[0].down.bytes());
+    const double flops = 2.0 * double(n) * 3.0 * double(d_ffn) * double(d_model);
+    // Wall time of the timed loop (one thread, so it equals the CPU time).
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const double iters = double(state.iterations());
+    const double gbs = bytes * iters / secs / 1e9, gflops = flops * iters / secs / 1e9;
+    state.counters["GBps"] = gbs;
+    state.counters["GFLOPps"] = gflops;
+    state.counters["bw_frac"] = gbs / lim.read_gbs;     // of the in-run read bandwidth
+    state.counters["fma_frac"] = gflops / lim.fma_gflops; // of the in-run FMA peak
+    state.SetLabel(std::string(kdial::dtype_name(W::id)) + " read " + std::to_string(lim.read_gbs).substr(0, 5) +
+                   " GB/s, fma " + std::to_string(lim.fma_gflops).substr(0, 6) + " GFLOP/s (1 thread)");
+}
+
+} // namespace
+
+BENCHMARK_TEMPLATE(bm_expert, kdial::f32_t)->Arg(1)->Arg(4)->Arg(64)->Arg(512)->Unit(benchmark::kMillisecond)->MinTime(0.3);
+BENCHMARK_TEMPLATE(bm_expert, kdial::bf16_t)->Arg(1)->Arg(4)->Arg(64)->Arg(512)->Unit(benchmark::kMillisecond)->MinTime(0.3);
+BENCHMARK_TEMPLATE(bm_expert, kdial::q8_t)->Arg(1)->Arg(4)->Arg(64)->Arg(512)->Unit(benchmark::kMillisecond)->MinTime(0.3);

@@ -1,0 +1,61 @@
+// Linear layers of an expert (stage 3): Y[n, o0:o1] = X[n, :] . W[o0:o1, :]ᵀ
+// and the fused SwiGLU front half H[:, f0:f1] = silu(X Wgᵀ) * (X Wuᵀ), for
+// weights in f32, bf16 or q8, tiled over output columns by the caller.
+// Path rule: n <= gemv_max_rows streams weights (GEMV, memory-bound), larger n
+// packs weight panels (GEMM, FMA-bound); the choice depends on n only. Within a
+// path a row's outputs are bit-identical for any column split [o0, o1).
+// Serial, noexcept, no heap allocation, no checks: validate at the edge.
+#pragma once
+
+#include <cstddef>
+
+#include "../core/views.hpp"
+#include "gemm.hpp"
+#include "gemv.hpp"
+#include "weights.hpp"
+
+namespace kdial {
+
+// Largest row count that takes the GEMV path. At n = 4 the GEMV still
+// streams weights at memory speed and does 4 FMAs per converted weight; from
+// n = 5 on, packing a panel once and reusing it across rows is faster.
+inline constexpr std::size_t gemv_max_rows = 4;
+
+// Y[:, o0:o1] = X . W[o0:o1, :]ᵀ; other columns of Y are not touched.
+// Requires W.cols == X.cols, o0 <= o1 <= W.rows, Y.rows == X.rows,
+// o1 <= Y.cols.
+template <weight_type W, class Arch = xsimd::default_arch>
+void linear(const weight_view<W>& w /*[O, K]*/, cmatrix_view<float> x /*[n, K]*/, std::size_t o0, std::size_t o1,
+            matrix_view<float> y /*[n, O]*/) noexcept
+{
+    if (x.rows == 0 || o0 >= o1)
+        return;
+    switch (x.rows) {
+    case 1: detail::linear_gemv<Arch, W, 1>(w, x.data, x.stride, o0, o1, y.data, y.stride); break;
+    case 2: detail::linear_gemv<Arch, W, 2>(w, x.data, x.stride, o0, o1, y.data, y.stride); break;
+    case 3: detail::linear_gemv<Arch, W, 3>(w, x.data, x.stride, o0, o1, y.data, y.stride); break;
+    case 4: detail::linear_gemv<Arch, W, 4>(w, x.data, x.stride, o0, o1, y.data, y.stride); break;
+    default: detail::linear_gemm<Arch, W>(w, x, o0, o1, y); break;
+    }
+}
+
+// H[:, f0:f1] = silu(X . Wg[f0:f1]ᵀ) * (X . Wu[f0:f1]ᵀ), one pass over X for
+// both; other columns of H are not touched. Requires Wg and Wu both [F, d],
+// X.cols == d, f0 <= f1 <= F, H.rows == X.rows, f1 <= H.cols.
+template <weight_type W, class Arch = xsimd::default_arch>
+void swiglu_gate_up(const weight_view<W>& gate /*[F, d]*/, const weight_view<W>& up /*[F, d]*/,
+                    cmatrix_view<float> x /*[n, d]*/, std::size_t f0, std::size_t f1,
+                    matrix_view<float> h /*[n, F]*/) noexcept
+{
+    if (x.rows == 0 || f0 >= f1)
+        return;
+    switch (x.rows) {
+    case 1: detail::gate_up_gemv<Arch, W, 1>(gate, up, x.data, x.stride, f0, f1, h.data, h.stride); break;
+    case 2: detail::gate_up_gemv<Arch, W, 2>(gate, up, x.data, x.stride, f0, f1, h.data, h.stride); break;
+    case 3: detail::gate_up_gemv<Arch, W, 3>(gate, up, x.data, x.stride, f0, f1, h.data, h.stride); break;
+    case 4: detail::gate_up_gemv<Arch, W, 4>(gate, up, x.data, x.stride, f0, f1, h.data, h.stride); break;
+    default: detail::gate_up_gemm<Arch, W>(gate, up, x, f0, f1, h); break;
+    }
+}
+
+} // namespace kdial

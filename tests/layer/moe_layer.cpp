@@ -1,0 +1,292 @@
+// The MoE layer against a plain double-precision reference (route ->
+// experts -> combine) for every k, every weight format, odd sizes, T up to
+// 600 (two GEMM row chunks), one expert receiving every token, a shared
+// expert; thread-count and repeat independence; bad input.
+#include <doctest/doctest.h>
+#include <kdial/layer/moe_layer.hpp>
+
+#include "ref/kernels_ref.hpp"
+#include "ref/routing_ref.hpp"
+#include "test_util.hpp"
+
+#include <cmath>
+#include <optional>
+#include <random>
+#include <vector>
+
+using namespace kdial;
+
+namespace {
+
+template <weight_type W>
+struct layer_fixture {
+    std::size_t d, F, Fs;
+    int E;
+    std::vector<float> router; // [E, d]
+    std::vector<ref::owned_weights<W>> gate, up, down;
+    std::optional<ref::owned_weights<W>> sgate, sup, sdown;
+    std::vector<float> shared_gate; // [d]
+
+    layer_fixture(std::size_t d_, std::size_t F_, int E_, std::uint64_t seed, std::size_t Fs_ = 0)
+        : d(d_), F(F_), Fs(Fs_), E(E_)
+    {
+        std::mt19937 rng{unsigned(seed)};
+        router = test::random_floats(std::size_t(E) * d, seed + 1, -1.0f, 1.0f);
+        const float si = 1.0f / std::sqrt(float(d)), so = 1.0f / std::sqrt(float(F));
+        for (int e = 0; e < E; ++e) {
+            gate.push_back(ref::random_weights<W>(F, d, rng, e % 2, 0, 2.0f * si));
+            up.push_back(ref::random_weights<W>(F, d, rng, 0, 0, 2.0f * si));
+            down.push_back(ref::random_weights<W>(d, F, rng, 1, 0, so));
+        }
+        if (Fs) {
+            sgate = ref::random_weights<W>(Fs, d, rng, 0, 0, 2.0f * si);
+            sup = ref::random_weights<W>(Fs, d, rng, 0, 0, 2.0f * si);
+            sdown = ref::random_weights<W>(d, Fs, rng, 0, 0, 1.0f / std::sqrt(float(Fs)));
+            shared_gate = test::random_floats(d, seed + 2, -si, si);
+        }
+    }
+
+    expert_set experts() const
+    {
+        std::vector<expert_weights<W>> v;
+        for (int e = 0; e < E; ++e)
+            v.push_back({gate[e].view, up[e].view, down[e].view});
+        return expert_set(std::move(v), d, F);
+    }
+
+    moe_layer make(std::size_t max_tokens, int max_k, router_options opt = {}, bool with_gate = true) const
+    {
+        std::optional<shared_expert> sh;
+        if (Fs)
+            sh = shared_expert{expert_set(std::vector<expert_weights<W>>{{sgate->view, sup->view, sdown->view}}, d, Fs),
+                               with_gate ? cmatrix_view<float>(shared_gate.data(), 1, d) : cmatrix_view<float>{}};
+        return moe_layer(cmatrix_view<float>(router.data(), std::size_t(E), d), experts(), max_tokens, max_k, opt,
+                         std::move(sh));
+    }
+
+    // Reference output (double) and its tolerance for the routing the layer
+    // chose; also checks that routing against the reference router.
+    void check(const moe_layer& layer, const std::vector<float>& X, std::size_t T, int k, const router_options& opt,
+               const std::vector<float>& out, bool routed_externally = false, bool with_gate = true) const
+    {
+        const auto logits = layer.last_logits();
+        const auto ids = layer.last_ids();
+        const auto w = layer.last_weights();
+        if (!routed_externally) {
+            // Logits against double precision.
+            for (std::size_t t = 0; t < T; ++t)
+                for (int e = 0; e < E; ++e) {
+                    double s = 0, a = 0;
+                    for (std::size_t i = 0; i < d; ++i) {
+                        s += double(X[t * d + i]) * router[std::size_t(e) * d + i];
+                        a += std::fabs(double(X[t * d + i]) * router[std::size_t(e) * d + i]);
+                    }
+                    REQUIRE(std::fabs(logits(t, std::size_t(e)) - s) <= 2 * ref::gamma(d) * a + 1e-30);
+                }
+            // Routing bit-exact against the reference router on those logits.
+            const std::vector<float> lg(logits.data, logits.data + T * std::size_t(E));
+            const auto r = ref::route(lg, T, E, k, opt);
+            for (std::size_t i = 0; i < T * std::size_t(k); ++i) {
+                REQUIRE(ids.data[i] == r.ids[i]);
+                REQUIRE(w.data[i] == r.weights[i]);
+            }
+        }
+        const std::size_t kc = ids.cols;
+        std::vector<double> want(T * d, 0.0), mag(T * d, 0.0);
+        auto add_expert = [&](const weight_view<W>& g, const weight_view<W>& u, const weight_view<W>& dn,
+                              std::size_t t, double wt) {
+            const auto res = ref::swiglu_expert(g, u, dn, X.data() + t * d, 1, d);
+            const auto wd = ref::dequantize(dn);
+            const std::size_t Fe = g.rows;
+            for (std::size_t o = 0; o < d; ++o) {
+                double m = 0;
+                for (std::size_t f = 0; f < Fe; ++f) {
+                    const double sg = std::fabs(ref::silu(res.g[f]));
+                    m += (std::fabs(res.h[f]) + res.g_abs[f] * std::fabs(res.u[f]) + sg * res.u_abs[f]) *
+                         std::fabs(wd[o * Fe + f]);
+                }
+                want[t * d + o] += wt * res.y[o];
+                mag[t * d + o] += std::fabs(wt) * m;
+            }
+        };
+        for (std::size_t t = 0; t < T; ++t) {
+            for (std::size_t j = 0; j < kc; ++j) {
+                const auto e = ids(t, j);
+                if (e < 0)
+                    continue;
+                add_expert(gate[e].view, up[e].view, down[e].view, t, w(t, j));
+            }
+            if (Fs) {
+                double gl = 1.0;
+                if (with_gate) {
+                    double s = 0;
+                    for (std::size_t i = 0; i < d; ++i)
+                        s += double(X[t * d + i]) * shared_gate[i];
+                    gl = 1.0 / (1.0 + std::exp(-s));
+                }
+                add_expert(sgate->view, sup->view, sdown->view, t, gl);
+            }
+        }
+        std::vector<double> tol(T * d);
+        for (std::size_t i = 0; i < T * d; ++i)
+            tol[i] = 8 * ref::gamma(d + F + Fs + 8) * mag[i] + 1e-30;
+        const auto worst = ref::compare(cmatrix_view<float>(out.data(), T, d), want, tol);
+        REQUIRE_MESSAGE(worst.ratio <= 1.0, "worst at token ", worst.i, " col ", worst.j, ": got ", worst.got,
+                        " want ", worst.want, " tol ", worst.tol, " (", dtype_name(W::id), ", T=", T, ", k=", k, ")");
+    }
+};
+
+template <weight_type W>
+std::vector<float> run(moe_layer& layer, const std::vector<float>& X, std::size_t T, auto k)
+{
+    const std::size_t d = layer.hidden();
+    std::vector<float> out(T * d, -99.0f);
+    layer.forward(cmatrix_view<float>(X.data(), T, d), k, matrix_view<float>(out.data(), T, d));
+    return out;
+}
+
+} // namespace
+
+TEST_CASE_TEMPLATE("moe_layer: matches the reference for every k and T, odd d and F [layer]", W, f32_t, bf16_t, q8_t)
+{
+    const std::size_t d = 37, F = 45;
+    for (int E : {1, 8}) {
+        layer_fixture<W> fx(d, F, E, 100 + E);
+        auto layer = fx.make(300, E);
+        for (std::size_t T : {std::size_t(1), std::size_t(2), std::size_t(5), std::size_t(64), std::size_t(300)}) {
+            const auto X = test::random_floats(T * d, T + 7u);
+            for (int k = 1; k <= E; ++k) {
+                const auto out = run<W>(layer, X, T, k);
+                fx.check(layer, X, T, k, router_options{}, out);
+            }
+        }
+    }
+}
+
+TEST_CASE_TEMPLATE("moe_layer: 60 experts, renormalised, k in {1, 2, 4, 7, 60} [layer]", W, f32_t, bf16_t, q8_t)
+{
+    const std::size_t d = 67, F = 33;
+    layer_fixture<W> fx(d, F, 60, 5);
+    router_options opt;
+    opt.renormalize = true;
+    auto layer = fx.make(64, 60, opt);
+    for (std::size_t T : {std::size_t(3), std::size_t(64)}) {
+        const auto X = test::random_floats(T * d, 9u + T);
+        for (int k : {1, 2, 4, 7, 60})
+            fx.check(layer, X, T, k, opt, run<W>(layer, X, T, k));
+    }
+}
+
+TEST_CASE_TEMPLATE("moe_layer: one expert receives every token, past one GEMM row chunk [layer]", W, f32_t, bf16_t, q8_t)
+{
+    const std::size_t d = 40, F = 72, T = 600;
+    layer_fixture<W> fx(d, F, 8, 77);
+    std::vector<float> bias(8, 0.0f);
+    bias[3] = 100.0f;
+    router_options opt;
+    opt.selection_bias = bias;
+    auto layer = fx.make(T, 2, opt);
+    const auto X = test::random_floats(T * d, 78);
+    for (int k : {1, 2}) {
+        const auto out = run<W>(layer, X, T, k);
+        CHECK(layer.last_plan().counts()[3] == std::int32_t(T));
+        fx.check(layer, X, T, k, opt, out);
+    }
+}
+
+TEST_CASE_TEMPLATE("moe_layer: shared expert with and without its sigmoid gate [layer]", W, f32_t, bf16_t, q8_t)
+{
+    const std::size_t d = 36, F = 20, Fs = 53;
+    layer_fixture<W> fx(d, F, 6, 91, Fs);
+    for (bool with_gate : {true, false}) {
+        auto layer = fx.make(70, 6, {}, with_gate);
+        for (std::size_t T : {std::size_t(1), std::size_t(70)}) {
+            const auto X = test::random_floats(T * d, 92 + T);
+            for (int k : {1, 4, 6})
+                fx.check(layer, X, T, k, router_options{}, run<W>(layer, X, T, k), false, with_gate);
+        }
+    }
+}
+
+TEST_CASE_TEMPLATE("moe_layer: bit-identical for 1 and 2 threads, repeated calls, fixed and dynamic k [layer][determinism]",
+                   W, f32_t, bf16_t, q8_t)
+{
+    const std::size_t d = 256, F = 96, T = 200;
+    layer_fixture<W> fx(d, F, 16, 3, 64);
+    auto layer = fx.make(T, 8);
+    const auto X = test::random_floats(T * d, 4);
+    for (std::size_t t : {std::size_t(1), std::size_t(3), T}) {
+        std::vector<float> one, two, again, fixed;
+        test::with_threads(1, [&] { one = run<W>(layer, X, t, dynamic_k{8}); });
+        test::with_threads(2, [&] { two = run<W>(layer, X, t, dynamic_k{8}); });
+        test::with_threads(2, [&] { again = run<W>(layer, X, t, dynamic_k{8}); });
+        fixed = run<W>(layer, X, t, fixed_k<8>{});
+        CHECK(test::same_bytes(one, two));
+        CHECK(test::same_bytes(one, again));
+        CHECK(test::same_bytes(one, fixed));
+    }
+}
+
+TEST_CASE("moe_layer: forward_routed with the layer's own routing equals forward; dropped slots [layer]")
+{
+    const std::size_t d = 48, F = 40, T = 33;
+    layer_fixture<bf16_t> fx(d, F, 8, 12);
+    auto layer = fx.make(T, 4);
+    const auto X = test::random_floats(T * d, 13);
+    const auto out = run<bf16_t>(layer, X, T, 4);
+    std::vector<std::int32_t> ids(layer.last_ids().data, layer.last_ids().data + T * 4);
+    std::vector<float> w(layer.last_weights().data, layer.last_weights().data + T * 4);
+    std::vector<float> out2(T * d);
+    layer.forward_routed(cmatrix_view<float>(X.data(), T, d), cmatrix_view<std::int32_t>(ids.data(), T, 4),
+                         cmatrix_view<float>(w.data(), T, 4), matrix_view<float>(out2.data(), T, d));
+    CHECK(test::same_bytes(out, out2));
+    // Per-token k: token t keeps its first 1 + t % 4 experts.
+    for (std::size_t t = 0; t < T; ++t)
+        for (std::size_t j = 1 + t % 4; j < 4; ++j)
+            ids[t * 4 + j] = no_expert;
+    layer.forward_routed(cmatrix_view<float>(X.data(), T, d), cmatrix_view<std::int32_t>(ids.data(), T, 4),
+                         cmatrix_view<float>(w.data(), T, 4), matrix_view<float>(out2.data(), T, d));
+    fx.check(layer, X, T, 4, router_options{}, out2, true);
+}
+
+TEST_CASE("moe_layer: bad input throws a kdial::error naming the problem, nothing written [layer][errors]")
+{
+    const std::size_t d = 16, F = 24;
+    layer_fixture<f32_t> fx(d, F, 4, 1);
+    // Router rows vs experts, hidden size, max_k.
+    CHECK_THROWS_WITH_AS(moe_layer(cmatrix_view<float>(fx.router.data(), 3, d), fx.experts(), 8, 2),
+                         "kdial::moe_layer: router weight has 3 rows but there are 4 experts", kdial::error);
+    CHECK_THROWS_WITH_AS(moe_layer(cmatrix_view<float>(fx.router.data(), 4, d), fx.experts(), 8, 5),
+                         "kdial::moe_layer: max_k = 5 outside [1, E = 4]", kdial::error);
+    // An expert whose down_proj has the wrong shape.
+    {
+        std::vector<expert_weights<f32_t>> v;
+        for (int e = 0; e < 4; ++e)
+            v.push_back({fx.gate[e].view, fx.up[e].view, fx.down[e].view});
+        v[2].down.rows = d + 1;
+        CHECK_THROWS_WITH_AS(expert_set(v, d, F),
+                             "kdial::expert_set: expert 2: down_proj (f32) has shape [17, 24], expected [16, 24]",
+                             kdial::error);
+    }
+    auto layer = fx.make(8, 2);
+    const auto X = test::random_floats(9 * d, 2);
+    std::vector<float> out(9 * d, -5.0f);
+    CHECK_THROWS_WITH_AS(layer.forward(cmatrix_view<float>(X.data(), 9, d), 2, matrix_view<float>(out.data(), 9, d)),
+                         "kdial::moe_layer::forward: T = 9 exceeds the workspace's max_tokens = 8", kdial::error);
+    CHECK_THROWS_WITH_AS(layer.forward(cmatrix_view<float>(X.data(), 8, d), 3, matrix_view<float>(out.data(), 8, d)),
+                         "kdial::moe_layer::forward: k = 3 exceeds the layer's max_k = 2", kdial::error);
+    CHECK_THROWS_WITH_AS(layer.forward(cmatrix_view<float>(X.data(), 8, d), 0, matrix_view<float>(out.data(), 8, d)),
+                         "kdial::moe_layer::forward: k = 0 outside [1, E = 4]", kdial::error);
+    CHECK_THROWS_WITH_AS(layer.forward(cmatrix_view<float>(X.data(), 8, d), 2, matrix_view<float>(out.data(), 7, d)),
+                         "kdial::moe_layer::forward: out has shape [7, 16], expected [8, 16]", kdial::error);
+    CHECK_THROWS_WITH_AS(layer.forward(cmatrix_view<float>(X.data(), 8, d - 1), 2, matrix_view<float>(out.data(), 8, d)),
+                         "kdial::moe_layer::forward: X has shape [8, 15], expected [8, 16]", kdial::error);
+    auto Xbad = X;
+    Xbad[3 * d] = std::nanf("");
+    CHECK_THROWS_WITH_AS(layer.forward(cmatrix_view<float>(Xbad.data(), 8, d), 2, matrix_view<float>(out.data(), 8, d)),
+                         "kdial::route: router logit of token 3, expert 0 is non-finite (nan)", kdial::error);
+    for (float v : out)
+        REQUIRE(v == -5.0f);
+    CHECK_THROWS_WITH_AS(visit_dtype(static_cast<dtype>(7), [](auto) { return 0; }), "unsupported dtype value 7",
+                         kdial::error);
+}
