@@ -1,0 +1,173 @@
+// The whole MoE layer (route -> dispatch -> experts -> combine) at OLMoE's
+// sizes: d = 2048, F = 1024, E = 64, for k in {1, 2, 4, 8} and weights in
+// f32 / bf16 / q8, with 1 and 2 threads.
+//
+// Formulas (stated once):
+//   decode bytes  = router E*d*4 + (experts used) * 3*F*d*bytes_per_weight
+//                   (bf16 2, f32 4, q8 36/32); T = 1 so experts used = k.
+//   prefill flops = 2 * (T*k) * 3*F*d   (expert FLOPs; the router adds 2*T*E*d)
+// Counters: frac_bw = (decode bytes / time) / in-run read bandwidth;
+//           frac_peak = (prefill flops / time) / in-run FMA peak.
+// Decode cycles through a pool of layers larger than the last-level cache
+// (>= 2 GiB of weights) so every call streams its experts from memory.
+// Args: {T, k, threads}.
+#include <kdial/kdial.hpp>
+
+#include "roofline.hpp"
+
+#include <benchmark/benchmark.h>
+#include <tbb/parallel_for.h>
+#include <tbb/task_arena.h>
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+namespace {
+
+constexpr std::size_t d_model = 2048, d_ffn = 1024, n_experts = 64;
+
+std::uint64_t mix(std::uint64_t x)
+{
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdull;
+    x ^= x >> 33;
+    return x;
+}
+float unit(std::uint64_t i) { return float(mix(i) >> 40) * (2.0f / 16777216.0f) - 1.0f; } // [-1, 1)
+
+// One layer's storage: E experts, each gate [F,d], up [F,d], down [d,F].
+template <kdial::weight_type W>
+struct layer_storage {
+    using S = typename W::storage;
+    std::vector<S> gate, up, down;
+    std::vector<float> router;
+    std::unique_ptr<kdial::moe_layer> layer;
+
+    static void fill(std::vector<S>& v, std::size_t n, std::uint64_t seed, float scale)
+    {
+        v.resize(n);
+        tbb::parallel_for(std::size_t(0), n, std::size_t(1) << 16, [&](std::size_t i) {
+            const std::uint64_t h = seed * 0x9e3779b97f4a7c15ull + i;
+            if constexpr (std::is_same_v<W, kdial::f32_t>)
+                v[i] = scale * unit(h);
+            else if constexpr (std::is_same_v<W, kdial::bf16_t>)
+                v[i] = kdial::bf16::from_float(scale * unit(h));
+            else {
+                v[i].scale = scale / 127.0f;
+                for (int j = 0; j < kdial::q8_block_size; ++j)
+                    v[i].q[j] = std::int8_t(int(mix(h * 32 + j) % 255) - 127);
+            }
+        });
+    }
+
+    layer_storage(std::uint64_t seed, std::size_t max_tokens)
+    {
+        const std::size_t row_d = kdial::storage_cols<W>(d_model), row_f = kdial::storage_cols<W>(d_ffn);
+        fill(gate, n_experts * d_ffn * row_d, seed * 3 + 0, 0.03f);
+        fill(up, n_experts * d_ffn * row_d, seed * 3 + 1, 0.03f);
+        fill(down, n_experts * d_model * row_f, seed * 3 + 2, 0.03f);
+        router.resize(n_experts * d_model);
+        for (std::size_t i = 0; i < router.size(); ++i)
+            router[i] = 0.05f * unit(seed * 1000003 + i);
+        std::vector<kdial::expert_weights<W>> ex;
+        for (std::size_t e = 0; e < n_experts; ++e)
+            ex.push_back({kdial::weight_view<W>(gate.data() + e * d_ffn * row_d, d_ffn, d_model),
+                          kdial::weight_view<W>(up.data() + e * d_ffn * row_d, d_ffn, d_model),
+                          kdial::weight_view<W>(down.data() + e * d_model * row_f, d_model, d_ffn)});
+        layer = std::make_unique<kdial::moe_layer>(kdial::cmatrix_view<float>(router.data(), n_experts, d_model),
+                                                   kdial::expert_set(std::move(ex), d_model, d_ffn), max_tokens, 8);
+    }
+};
+
+// A pool of layers holding at least `min_bytes` of expert weights (cached
+// across benchmarks of the same format and size).
+template <kdial::weight_type W>
+std::vector<std::unique_ptr<layer_storage<W>>>& pool(std::size_t layers, std::size_t max_tokens)
+{
+    static std::vector<std::unique_ptr<layer_storage<W>>> p;
+    static std::size_t cached_tokens = 0;
+    if (p.size() != layers || cached_tokens != max_tokens) {
+        p.clear();
+        for (std::size_t i = 0; i < layers; ++i)
+            p.push_back(std::make_unique<layer_storage<W>>(i + 1, max_tokens));
+        cached_tokens = max_tokens;
+    }
+    return p;
+}
+
+template <kdial::weight_type W>
+void bm_moe(benchmark::State& state)
+{
+    const auto T = std::size_t(state.range(0));
+    const int k = int(state.range(1));
+    tbb::task_arena arena(int(state.range(2)));
+    kdial::bench::limits lim;
+    arena.execute([&] { lim = kdial::bench::machine_limits(); });
+    const std::size_t layer_bytes =
+        n_experts * 3 * d_ffn * kdial::storage_cols<W>(d_model) * sizeof(typename W::storage);
+    const std::size_t layers = T == 1 ? (std::size_t(2) << 30) / layer_bytes + 1 : 1;
+    auto& p = pool<W>(layers, T);
+    // A few different token batches so routing varies between calls.
+    std::vector<std::vector<float>> xs(8, std::vector<float>(T * d_model));
+    for (std::size_t b = 0; b < xs.size(); ++b)
+        for (std::size_t i = 0; i < xs[b].size(); ++i)
+            xs[b][i] = unit(b * 7919 + i * 31 + 17);
+    std::vector<float> out(T * d_model);
+    double secs = 0, bytes = 0;
+    std::size_t it = 0;
+    for (auto _ : state) {
+        auto& L = *p[it % p.size()]->layer;
+        const auto& x = xs[it % xs.size()];
+        ++it;
+        const auto t0 = std::chrono::steady_clock::now();
+        arena.execute([&] {
+            L.forward(kdial::cmatrix_view<float>(x.data(), T, d_model), k,
+                      kdial::matrix_view<float>(out.data(), T, d_model));
+        });
+        secs += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        bytes += double(L.last_weight_bytes());
+        benchmark::DoNotOptimize(out.data());
+    }
+    const double n = double(state.iterations());
+    const double flops = 2.0 * double(T) * k * 3.0 * d_ffn * d_model * n;
+    state.counters["ms"] = secs / n * 1e3;
+    state.counters["GB/s"] = bytes / secs / 1e9;
+    state.counters["GFLOP/s"] = flops / secs / 1e9;
+    if (T == 1)
+        state.counters["frac_bw"] = bytes / secs / 1e9 / lim.read_gbs;
+    else
+        state.counters["frac_peak"] = flops / secs / 1e9 / lim.fma_gflops;
+    state.counters["limit_bw"] = lim.read_gbs;
+    state.counters["limit_gflops"] = lim.fma_gflops;
+    state.SetLabel(std::string(kdial::dtype_name(W::id)));
+}
+
+void decode_args(benchmark::internal::Benchmark* b)
+{
+    for (int threads : {1, 2})
+        for (int k : {1, 2, 4, 8})
+            b->Args({1, k, threads});
+    b->ArgNames({"T", "k", "threads"});
+}
+
+void prefill_args(benchmark::internal::Benchmark* b)
+{
+    for (int threads : {1, 2})
+        for (int T : {64, 512, 2048})
+            for (int k : {1, 2, 4, 8})
+                b->Args({T, k, threads});
+    b->ArgNames({"T", "k", "threads"});
+}
+
+} // namespace
+
+BENCHMARK(bm_moe<kdial::bf16_t>)->Name("decode/bf16")->Apply(decode_args)->MinTime(0.3)->UseRealTime();
+BENCHMARK(bm_moe<kdial::q8_t>)->Name("decode/q8")->Apply(decode_args)->MinTime(0.3)->UseRealTime();
+BENCHMARK(bm_moe<kdial::f32_t>)->Name("decode/f32")->Apply(decode_args)->MinTime(0.3)->UseRealTime();
+BENCHMARK(bm_moe<kdial::bf16_t>)->Name("prefill/bf16")->Apply(prefill_args)->MinTime(0.3)->UseRealTime();
+BENCHMARK(bm_moe<kdial::f32_t>)->Name("prefill/f32")->Apply(prefill_args)->MinTime(0.3)->UseRealTime();
+BENCHMARK(bm_moe<kdial::q8_t>)->Name("prefill/q8")->Apply(prefill_args)->MinTime(0.3)->UseRealTime();
+
+BENCHMARK_MAIN();
