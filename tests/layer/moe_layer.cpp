@@ -274,7 +274,7 @@ TEST_CASE("moe_layer: bad input throws a kdial::error naming the problem, nothin
     CHECK_THROWS_WITH_AS(layer.forward(cmatrix_view<float>(X.data(), 9, d), 2, matrix_view<float>(out.data(), 9, d)),
                          "kdial::moe_layer::forward: T = 9 exceeds the workspace's max_tokens = 8", kdial::error);
     CHECK_THROWS_WITH_AS(layer.forward(cmatrix_view<float>(X.data(), 8, d), 3, matrix_view<float>(out.data(), 8, d)),
-                         "kdial::moe_layer::forward: k = 3 exceeds the layer's max_k = 2", kdial::error);
+                         "kdial::moe_layer::forward: T * k = 8 * 3 exceeds the workspace's 16 slots", kdial::error);
     CHECK_THROWS_WITH_AS(layer.forward(cmatrix_view<float>(X.data(), 8, d), 0, matrix_view<float>(out.data(), 8, d)),
                          "kdial::moe_layer::forward: k = 0 outside [1, E = 4]", kdial::error);
     CHECK_THROWS_WITH_AS(layer.forward(cmatrix_view<float>(X.data(), 8, d), 2, matrix_view<float>(out.data(), 7, d)),
@@ -289,4 +289,24 @@ TEST_CASE("moe_layer: bad input throws a kdial::error naming the problem, nothin
         REQUIRE(v == -5.0f);
     CHECK_THROWS_WITH_AS(visit_dtype(static_cast<dtype>(7), [](auto) { return 0; }), "unsupported dtype value 7",
                          kdial::error);
+}
+
+TEST_CASE("moe_layer: layers sharing one workspace give the results of layers with their own [layer]")
+{
+    const std::size_t d = 40, F = 24, T = 20;
+    layer_fixture<bf16_t> a(d, F, 8, 21), b(d, F, 8, 22);
+    auto ws = std::make_shared<moe_workspace>(T, T * 4, 8, d, F);
+    moe_layer la(cmatrix_view<float>(a.router.data(), 8, d), a.experts(), ws);
+    moe_layer lb(cmatrix_view<float>(b.router.data(), 8, d), b.experts(), ws);
+    auto own_a = a.make(T, 4), own_b = b.make(T, 4);
+    const auto X = test::random_floats(T * d, 23);
+    CHECK(la.max_k(T) == 4);
+    for (int k : {1, 3, 4}) {
+        CHECK(test::same_bytes(run<bf16_t>(la, X, T, k), run<bf16_t>(own_a, X, T, k)));
+        CHECK(test::same_bytes(run<bf16_t>(lb, X, T, k), run<bf16_t>(own_b, X, T, k)));
+    }
+    CHECK_THROWS_WITH_AS(run<bf16_t>(la, X, T, 5), "kdial::moe_layer::forward: T * k = 20 * 5 exceeds the workspace's 80 slots",
+                         kdial::error);
+    auto small = std::make_shared<moe_workspace>(T, T, 8, d, F - 1);
+    CHECK_THROWS_AS(moe_layer(cmatrix_view<float>(a.router.data(), 8, d), a.experts(), small), kdial::error);
 }

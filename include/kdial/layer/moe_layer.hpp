@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <span>
 #include <vector>
@@ -37,63 +38,89 @@ struct shared_expert {
     cmatrix_view<float> gate{};        // [1, d] sigmoid gate weight, or empty (factor 1)
 };
 
+// The scratch memory of MoE layers, sized once. Several layers that run one
+// after another (the layers of a model) can share one workspace; it holds
+// the routing of the last forward call that used it.
+class moe_workspace {
+public:
+    // max_tokens: most tokens per call; max_slots: most (token, expert)
+    // assignments per call (T * k); E experts of hidden size d, routed
+    // expert width F, shared expert width Fs (0: none).
+    moe_workspace(std::size_t max_tokens, std::size_t max_slots, std::size_t E, std::size_t d, std::size_t F,
+                  std::size_t Fs = 0)
+        : max_tokens_(max_tokens), max_slots_(max_slots), E_(E), d_(d), F_(F), Fs_(Fs)
+    {
+        constexpr const char* where = "kdial::moe_workspace";
+        detail::check(max_tokens >= 1, where, ": max_tokens must be >= 1");
+        detail::check(max_slots >= 1, where, ": max_slots must be >= 1");
+        detail::check(E >= 1 && E <= std::size_t(max_experts), where, ": expert count E = ", E, " outside [1, ",
+                      max_experts, "]");
+        logits.resize(max_tokens * E);
+        ids.resize(max_slots);
+        weights.resize(max_slots);
+        plan = dispatch_plan(max_tokens, int(E), int(std::min(E, max_slots)));
+        xs.resize(max_slots * d);
+        h.resize(max_slots * F);
+        ys.resize(max_slots * d);
+        hs.resize(max_tokens * Fs);
+        s.resize(Fs ? max_tokens * d : 0);
+        gate_logits.resize(max_tokens);
+        // Tile lists: at most (experts + row chunks) x column chunks.
+        const std::size_t row_chunks = E + 2 + max_slots / 512 + (Fs ? max_tokens / 512 + 2 : 0);
+        tiles_up.reserve(row_chunks * (std::max(F, Fs) / 16 + 1));
+        tiles_down.reserve(row_chunks * (d / 16 + 1));
+    }
+
+    std::size_t max_tokens() const noexcept { return max_tokens_; }
+    std::size_t max_slots() const noexcept { return max_slots_; }
+    std::size_t experts() const noexcept { return E_; }
+    std::size_t hidden() const noexcept { return d_; }
+    std::size_t ffn() const noexcept { return F_; }
+    std::size_t shared_ffn() const noexcept { return Fs_; }
+
+private:
+    friend class moe_layer;
+    struct tile {
+        std::int32_t expert;  // [0, E) routed, E = shared expert
+        std::uint32_t r0, r1; // rows within the expert's block
+        std::uint32_t c0, c1; // output columns
+    };
+    std::size_t max_tokens_, max_slots_, E_, d_, F_, Fs_;
+    std::size_t last_T = 0, last_k = 0;
+    std::vector<float> logits, weights, xs, h, ys, hs, s, gate_logits;
+    std::vector<std::int32_t> ids;
+    dispatch_plan plan;
+    std::vector<tile> tiles_up, tiles_down;
+};
+
 class moe_layer {
 public:
-    // Validates every shape (naming the tensor) and sizes the workspace for
-    // up to max_tokens tokens and k <= max_k. `router` is [E, d] f32; the
+    // Validates every shape (naming the tensor) and makes its own workspace
+    // for up to max_tokens tokens and k <= max_k. `router` is [E, d] f32; the
     // router options' selection_bias (if any) must outlive the layer.
     moe_layer(cmatrix_view<float> router, expert_set experts, std::size_t max_tokens, int max_k,
               router_options routing = {}, std::optional<shared_expert> shared = std::nullopt)
-        : router_(router), experts_(std::move(experts)), routing_(routing), shared_(std::move(shared))
+        : moe_layer(router, std::move(experts), nullptr, routing, std::move(shared), max_tokens, max_k)
     {
-        constexpr const char* where = "kdial::moe_layer";
-        const std::size_t E = router.rows, d = router.cols;
-        detail::check(!experts_.empty(), where, ": no experts");
-        detail::check(E == experts_.size(), where, ": router weight has ", E, " rows but there are ",
-                      experts_.size(), " experts");
-        detail::check(E >= 1 && E <= std::size_t(max_experts), where, ": expert count E = ", E,
-                      " outside [1, ", max_experts, "]");
-        detail::check_shape(router, E, d, where, "router weight");
-        detail::check(experts_.hidden() == d, where, ": experts have hidden size ", experts_.hidden(),
-                      ", router weight has ", d);
-        detail::check(max_k >= 1 && std::size_t(max_k) <= E, where, ": max_k = ", max_k, " outside [1, E = ", E,
-                      "]");
-        detail::check(max_tokens >= 1, where, ": max_tokens must be >= 1");
-        detail::check_router_options(routing_, E, where);
-        if (shared_) {
-            detail::check(shared_->expert.size() == 1, where, ": shared expert set has ", shared_->expert.size(),
-                          " experts, expected 1");
-            detail::check(shared_->expert.hidden() == d, where, ": shared expert has hidden size ",
-                          shared_->expert.hidden(), ", expected d = ", d);
-            if (shared_->gate.data)
-                detail::check_shape(shared_->gate, 1, d, where, "shared expert gate");
-        }
-        const std::size_t F = experts_.ffn(), slots = max_tokens * std::size_t(max_k);
-        const std::size_t Fs = shared_ ? shared_->expert.ffn() : 0;
-        max_tokens_ = max_tokens;
-        max_k_ = max_k;
-        logits_.resize(max_tokens * E);
-        ids_.resize(slots);
-        weights_.resize(slots);
-        plan_ = dispatch_plan(max_tokens, int(E), max_k);
-        xs_.resize(slots * d);
-        h_.resize(slots * F);
-        ys_.resize(slots * d);
-        if (shared_) {
-            hs_.resize(max_tokens * Fs);
-            s_.resize(max_tokens * d);
-            gate_logits_.resize(max_tokens);
-        }
-        // Tile lists: at most (experts + row chunks) x column chunks.
-        const std::size_t row_chunks = E + 1 + slots / gemm_rows + 1 + (shared_ ? max_tokens / gemm_rows + 2 : 0);
-        tiles_up_.reserve(row_chunks * (std::max(F, Fs) / min_cols + 1));
-        tiles_down_.reserve(row_chunks * (d / min_cols + 1));
+    }
+
+    // The same, on a workspace shared with other layers (it must be at least
+    // as large as this layer's d, F, E and shared width).
+    moe_layer(cmatrix_view<float> router, expert_set experts, std::shared_ptr<moe_workspace> ws,
+              router_options routing = {}, std::optional<shared_expert> shared = std::nullopt)
+        : moe_layer(router, std::move(experts), std::move(ws), routing, std::move(shared), 0, 0)
+    {
     }
 
     std::size_t hidden() const noexcept { return router_.cols; }
     std::size_t num_experts() const noexcept { return router_.rows; }
-    std::size_t max_tokens() const noexcept { return max_tokens_; }
-    int max_k() const noexcept { return max_k_; }
+    std::size_t max_tokens() const noexcept { return ws_->max_tokens(); }
+    // Largest k a call with T tokens may use.
+    int max_k(std::size_t T = 1) const noexcept
+    {
+        return int(std::min(num_experts(), ws_->max_slots() / std::max<std::size_t>(1, T)));
+    }
+    const std::shared_ptr<moe_workspace>& workspace() const noexcept { return ws_; }
     const expert_set& experts() const noexcept { return experts_; }
     bool has_shared_expert() const noexcept { return shared_.has_value(); }
     const router_options& routing() const noexcept { return routing_; }
@@ -109,12 +136,13 @@ public:
         constexpr const char* where = "kdial::moe_layer::forward";
         check_io(X, out, where);
         check_k(k, int(num_experts()), where);
-        detail::check(k.value() <= max_k_, where, ": k = ", k.value(), " exceeds the layer's max_k = ", max_k_);
+        detail::check(std::size_t(k.value()) * X.rows <= ws_->max_slots(), where, ": T * k = ", X.rows, " * ",
+                      k.value(), " exceeds the workspace's ", ws_->max_slots(), " slots");
         const std::size_t T = X.rows, E = num_experts(), kk = std::size_t(k.value());
-        const matrix_view<float> logits(logits_.data(), T, E);
+        const matrix_view<float> logits(ws_->logits.data(), T, E);
         compute_router_logits(X, logits);
-        route(cmatrix_view<float>(logits), k, routing_, matrix_view<std::int32_t>(ids_.data(), T, kk),
-              matrix_view<float>(weights_.data(), T, kk));
+        route(cmatrix_view<float>(logits), k, routing_, matrix_view<std::int32_t>(ws_->ids.data(), T, kk),
+              matrix_view<float>(ws_->weights.data(), T, kk));
         run_routed(X, kk, out);
     }
 
@@ -133,8 +161,8 @@ public:
         constexpr const char* where = "kdial::moe_layer::forward_routed";
         check_io(X, out, where);
         const std::size_t T = X.rows, kc = ids.cols;
-        detail::check(kc >= 1 && kc <= std::size_t(max_k_), where, ": routing has ", kc,
-                      " columns, outside [1, max_k = ", max_k_, "]");
+        detail::check(kc >= 1 && kc * T <= ws_->max_slots(), where, ": routing has ", kc, " columns; T * k = ",
+                      T * kc, " must be in [1, ", ws_->max_slots(), "] (the workspace's slots)");
         detail::check_shape(ids, T, kc, where, "ids");
         detail::check_shape(weights, T, kc, where, "weights");
         for (std::size_t t = 0; t < T; ++t)
@@ -145,32 +173,71 @@ public:
             }
         for (std::size_t t = 0; t < T; ++t)
             for (std::size_t j = 0; j < kc; ++j) {
-                ids_[t * kc + j] = ids(t, j);
-                weights_[t * kc + j] = weights(t, j);
+                ws_->ids[t * kc + j] = ids(t, j);
+                ws_->weights[t * kc + j] = weights(t, j);
             }
         run_routed(X, kc, out);
     }
 
     // The routing of the last forward call: logits [T, E], ids and weights [T, k].
-    cmatrix_view<float> last_logits() const noexcept { return {logits_.data(), last_T_, num_experts()}; }
-    cmatrix_view<std::int32_t> last_ids() const noexcept { return {ids_.data(), last_T_, last_k_}; }
-    cmatrix_view<float> last_weights() const noexcept { return {weights_.data(), last_T_, last_k_}; }
-    const dispatch_plan& last_plan() const noexcept { return plan_; }
+    cmatrix_view<float> last_logits() const noexcept { return {ws_->logits.data(), ws_->last_T, num_experts()}; }
+    cmatrix_view<std::int32_t> last_ids() const noexcept { return {ws_->ids.data(), ws_->last_T, ws_->last_k}; }
+    cmatrix_view<float> last_weights() const noexcept { return {ws_->weights.data(), ws_->last_T, ws_->last_k}; }
+    const dispatch_plan& last_plan() const noexcept { return ws_->plan; }
 
     // Weight bytes the last forward call streamed: router, every expert that
     // received at least one token, and the shared expert (and its gate).
     std::size_t last_weight_bytes() const noexcept
     {
         std::size_t used = 0;
-        for (auto c : plan_.counts())
+        for (auto c : ws_->plan.counts())
             used += c > 0;
         std::size_t b = router_.rows * router_.cols * sizeof(float) + used * experts_.expert_bytes();
-        if (shared_ && last_T_ > 0)
+        if (shared_ && ws_->last_T > 0)
             b += shared_->expert.expert_bytes() + (shared_->gate.data ? shared_->gate.cols * sizeof(float) : 0);
         return b;
     }
 
 private:
+    moe_layer(cmatrix_view<float> router, expert_set experts, std::shared_ptr<moe_workspace> ws, router_options routing,
+              std::optional<shared_expert> shared, std::size_t max_tokens, int max_k)
+        : router_(router), experts_(std::move(experts)), routing_(routing), shared_(std::move(shared))
+    {
+        constexpr const char* where = "kdial::moe_layer";
+        const std::size_t E = router.rows, d = router.cols;
+        detail::check(!experts_.empty(), where, ": no experts");
+        detail::check(E == experts_.size(), where, ": router weight has ", E, " rows but there are ",
+                      experts_.size(), " experts");
+        detail::check(E >= 1 && E <= std::size_t(max_experts), where, ": expert count E = ", E,
+                      " outside [1, ", max_experts, "]");
+        detail::check_shape(router, E, d, where, "router weight");
+        detail::check(experts_.hidden() == d, where, ": experts have hidden size ", experts_.hidden(),
+                      ", router weight has ", d);
+        detail::check_router_options(routing_, E, where);
+        if (shared_) {
+            detail::check(shared_->expert.size() == 1, where, ": shared expert set has ", shared_->expert.size(),
+                          " experts, expected 1");
+            detail::check(shared_->expert.hidden() == d, where, ": shared expert has hidden size ",
+                          shared_->expert.hidden(), ", expected d = ", d);
+            if (shared_->gate.data)
+                detail::check_shape(shared_->gate, 1, d, where, "shared expert gate");
+        }
+        const std::size_t F = experts_.ffn(), Fs = shared_ ? shared_->expert.ffn() : 0;
+        if (!ws) {
+            detail::check(max_k >= 1 && std::size_t(max_k) <= E, where, ": max_k = ", max_k, " outside [1, E = ", E,
+                          "]");
+            detail::check(max_tokens >= 1, where, ": max_tokens must be >= 1");
+            ws = std::make_shared<moe_workspace>(max_tokens, max_tokens * std::size_t(max_k), E, d, F, Fs);
+        }
+        detail::check(ws->experts() >= E && ws->hidden() == d && ws->ffn() >= F && ws->shared_ffn() >= Fs, where,
+                      ": workspace (E ", ws->experts(), ", d ", ws->hidden(), ", F ", ws->ffn(), ", Fs ",
+                      ws->shared_ffn(), ") is too small for this layer (E ", E, ", d ", d, ", F ", F, ", Fs ", Fs,
+                      ")");
+        detail::check(ws->experts() == E, where, ": workspace is for E = ", ws->experts(),
+                      " experts, this layer has ", E);
+        ws_ = std::move(ws);
+    }
+
     // Row chunk of the GEMM path and the smallest column chunk of a tile.
     static constexpr std::size_t gemm_rows = 512;
     static constexpr std::size_t min_cols = 16;
@@ -178,17 +245,13 @@ private:
     static constexpr std::size_t tile_bytes = std::size_t{256} << 10;
     static constexpr std::size_t tile_flops = std::size_t{4} << 20;
 
-    struct tile {
-        std::int32_t expert; // [0, E) routed, E = shared expert
-        std::uint32_t r0, r1; // rows within the expert's block
-        std::uint32_t c0, c1; // output columns
-    };
+    using tile = moe_workspace::tile;
 
     void check_io(cmatrix_view<float> X, matrix_view<float> out, const char* where) const
     {
         const std::size_t d = hidden();
-        detail::check(X.rows <= max_tokens_, where, ": T = ", X.rows, " exceeds the workspace's max_tokens = ",
-                      max_tokens_);
+        detail::check(X.rows <= ws_->max_tokens(), where, ": T = ", X.rows,
+                      " exceeds the workspace's max_tokens = ", ws_->max_tokens());
         detail::check_shape(X, X.rows, d, where, "X");
         detail::check_shape(out, X.rows, d, where, "out");
     }
@@ -231,21 +294,21 @@ private:
 
     void build_tiles(std::size_t T)
     {
-        tiles_up_.clear();
-        tiles_down_.clear();
+        ws_->tiles_up.clear();
+        ws_->tiles_down.clear();
         const std::size_t d = hidden(), F = experts_.ffn();
         const std::size_t wb = dtype_bytes_per_weight(experts_.type());
-        const auto counts = plan_.counts();
+        const auto counts = ws_->plan.counts();
         for (std::size_t e = 0; e < counts.size(); ++e) {
             const std::size_t n = std::size_t(counts[e]);
-            add_tiles(tiles_up_, std::int32_t(e), n, F, 2 * d * wb, 4 * d);
-            add_tiles(tiles_down_, std::int32_t(e), n, d, F * wb, 2 * F);
+            add_tiles(ws_->tiles_up, std::int32_t(e), n, F, 2 * d * wb, 4 * d);
+            add_tiles(ws_->tiles_down, std::int32_t(e), n, d, F * wb, 2 * F);
         }
         if (shared_ && T > 0) {
             const std::size_t Fs = shared_->expert.ffn();
             const std::size_t sb = dtype_bytes_per_weight(shared_->expert.type());
-            add_tiles(tiles_up_, std::int32_t(counts.size()), T, Fs, 2 * d * sb, 4 * d);
-            add_tiles(tiles_down_, std::int32_t(counts.size()), T, d, Fs * sb, 2 * Fs);
+            add_tiles(ws_->tiles_up, std::int32_t(counts.size()), T, Fs, 2 * d * sb, 4 * d);
+            add_tiles(ws_->tiles_down, std::int32_t(counts.size()), T, d, Fs * sb, 2 * Fs);
         }
     }
 
@@ -255,27 +318,27 @@ private:
     void run_routed(cmatrix_view<float> X, std::size_t kc, matrix_view<float> out)
     {
         const std::size_t T = X.rows, d = hidden(), E = num_experts();
-        plan_.build(cmatrix_view<std::int32_t>(ids_.data(), T, kc));
-        last_T_ = T;
-        last_k_ = kc;
-        const std::size_t slots = plan_.num_slots();
+        ws_->plan.build(cmatrix_view<std::int32_t>(ws_->ids.data(), T, kc));
+        ws_->last_T = T;
+        ws_->last_k = kc;
+        const std::size_t slots = ws_->plan.num_slots();
         const std::size_t F = experts_.ffn();
-        const matrix_view<float> xs(xs_.data(), slots, d), h(h_.data(), slots, F), ys(ys_.data(), slots, d);
-        gather(plan_, X, xs);
+        const matrix_view<float> xs(ws_->xs.data(), slots, d), h(ws_->h.data(), slots, F), ys(ws_->ys.data(), slots, d);
+        gather(ws_->plan, X, xs);
         if (shared_ && shared_->gate.data) {
             const weight_view<f32_t> g(shared_->gate.data, 1, d, shared_->gate.stride);
             parallel::for_each_tile(T, 64, [&](std::size_t t0, std::size_t t1) {
                 linear<f32_t>(g, X.sub_rows(t0, t1 - t0), 0, 1,
-                              matrix_view<float>(gate_logits_.data() + t0, t1 - t0, 1));
+                              matrix_view<float>(ws_->gate_logits.data() + t0, t1 - t0, 1));
             });
         }
         build_tiles(T);
-        const auto offsets = plan_.offsets();
+        const auto offsets = ws_->plan.offsets();
         const std::size_t Fs = shared_ ? shared_->expert.ffn() : 0;
-        const matrix_view<float> hs(hs_.data(), shared_ ? T : 0, Fs), s(s_.data(), shared_ ? T : 0, d);
+        const matrix_view<float> hs(ws_->hs.data(), shared_ ? T : 0, Fs), s(ws_->s.data(), shared_ ? T : 0, d);
         // Phase 1: gate and up.
-        parallel::for_each_index(tiles_up_.size(), [&](std::size_t i) {
-            const tile& tl = tiles_up_[i];
+        parallel::for_each_index(ws_->tiles_up.size(), [&](std::size_t i) {
+            const tile& tl = ws_->tiles_up[i];
             const std::size_t n = tl.r1 - tl.r0;
             if (std::size_t(tl.expert) < E) {
                 const std::size_t r = std::size_t(offsets[std::size_t(tl.expert)]) + tl.r0;
@@ -290,8 +353,8 @@ private:
             }
         });
         // Phase 2: down.
-        parallel::for_each_index(tiles_down_.size(), [&](std::size_t i) {
-            const tile& tl = tiles_down_[i];
+        parallel::for_each_index(ws_->tiles_down.size(), [&](std::size_t i) {
+            const tile& tl = ws_->tiles_down[i];
             const std::size_t n = tl.r1 - tl.r0;
             if (std::size_t(tl.expert) < E) {
                 const std::size_t r = std::size_t(offsets[std::size_t(tl.expert)]) + tl.r0;
@@ -309,23 +372,16 @@ private:
         if (shared_) {
             st.output = cmatrix_view<float>(s);
             if (shared_->gate.data)
-                st.gate_logits = std::span<const float>(gate_logits_.data(), T);
+                st.gate_logits = std::span<const float>(ws_->gate_logits.data(), T);
         }
-        combine(plan_, cmatrix_view<float>(weights_.data(), T, kc), cmatrix_view<float>(ys), out, st);
+        combine(ws_->plan, cmatrix_view<float>(ws_->weights.data(), T, kc), cmatrix_view<float>(ys), out, st);
     }
 
     cmatrix_view<float> router_;
     expert_set experts_;
     router_options routing_;
     std::optional<shared_expert> shared_;
-    std::size_t max_tokens_ = 0;
-    int max_k_ = 0;
-    std::size_t last_T_ = 0, last_k_ = 0;
-    // Workspace, sized once.
-    std::vector<float> logits_, weights_, xs_, h_, ys_, hs_, s_, gate_logits_;
-    std::vector<std::int32_t> ids_;
-    dispatch_plan plan_;
-    std::vector<tile> tiles_up_, tiles_down_;
+    std::shared_ptr<moe_workspace> ws_;
 };
 
 } // namespace kdial
