@@ -48,7 +48,9 @@ struct layer_storage {
     static void fill(std::vector<S>& v, std::size_t n, std::uint64_t seed, float scale)
     {
         v.resize(n);
-        tbb::parallel_for(std::size_t(0), n, std::size_t(1) << 16, [&](std::size_t i) {
+        tbb::parallel_for(tbb::blocked_range<std::size_t>(0, n, std::size_t(1) << 16),
+                          [&](const tbb::blocked_range<std::size_t>& r) {
+            for (std::size_t i = r.begin(); i != r.end(); ++i) {
             const std::uint64_t h = seed * 0x9e3779b97f4a7c15ull + i;
             if constexpr (std::is_same_v<W, kdial::f32_t>)
                 v[i] = scale * unit(h);
@@ -58,6 +60,7 @@ struct layer_storage {
                 v[i].scale = scale / 127.0f;
                 for (int j = 0; j < kdial::q8_block_size; ++j)
                     v[i].q[j] = std::int8_t(int(mix(h * 32 + j) % 255) - 127);
+            }
             }
         });
     }

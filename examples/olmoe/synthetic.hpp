@@ -1,0 +1,368 @@
+// Synthetic checkpoints in the exact Hugging Face layout (config.json,
+// model.safetensors or sharded model-0000N-of-0000M.safetensors with
+// model.safetensors.index.json, and a small byte-level BPE tokenizer.json),
+// for tests, benchmarks and the demo: no real weights can be downloaded here.
+// Weights come from a counter-based generator (value = f(seed, tensor name,
+// index)), so they do not depend on sharding or thread count, and are scaled
+// so activations stay near unit size through any number of layers.
+#pragma once
+
+#include "config.hpp"
+
+#include <kdial/core/dtype.hpp>
+#include <kdial/core/error.hpp>
+#include <kdial/io/safetensors_writer.hpp>
+
+#include <nlohmann/json.hpp>
+#include <tbb/blocked_range.h>
+#include <tbb/parallel_for.h>
+
+#include <cmath>
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <string>
+#include <vector>
+
+namespace olmoe {
+
+struct synthetic_options {
+    std::string preset = "tiny"; // tiny | olmoe
+    int layers = 0;               // 0: the preset's default
+    std::string dtype = "bf16";   // bf16 | f32
+    int shards = 1;
+    std::uint64_t seed = 1;
+};
+
+namespace synth {
+
+inline std::uint64_t splitmix(std::uint64_t x)
+{
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+
+inline std::uint64_t hash_name(const std::string& s)
+{
+    std::uint64_t h = 1469598103934665603ull;
+    for (unsigned char c : s)
+        h = (h ^ c) * 1099511628211ull;
+    return h;
+}
+
+// A standard normal value for (key, index), by Box-Muller on two hashes.
+inline float normal(std::uint64_t key, std::uint64_t i)
+{
+    const std::uint64_t a = splitmix(key ^ (2 * i)), b = splitmix(key ^ (2 * i + 1));
+    const double u1 = (double(a >> 11) + 1.0) * (1.0 / 9007199254740993.0);
+    const double u2 = double(b >> 11) * (1.0 / 9007199254740992.0);
+    return float(std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2));
+}
+
+// A small English text the tokenizer's merges are learned from.
+inline const char* corpus()
+{
+    return "the quick brown fox jumps over the lazy dog. a mixture of experts routes every token to a few "
+           "experts, and the number of experts per token is a dial that can be turned at run time. the "
+           "model reads the text, the router picks the experts, the experts transform the hidden state and "
+           "the results are combined. there is one checkpoint for every sparsity level. in the beginning "
+           "was the word, and the word was with the model. hello world! this is a test of the tokenizer: "
+           "numbers 0123456789, punctuation ,.;:!? and spaces. we run the network on the cpu, token by token, "
+           "and measure how the cost falls with k. ";
+}
+
+// Byte-level BPE tokenizer.json (GPT-NeoX / OLMoE style): ids 0 and 1 are
+// <|endoftext|> and <|padding|>, then the 256 byte symbols, then `merges`
+// merges learned from corpus(). Returns (json text, vocabulary size).
+inline std::pair<std::string, int> tokenizer_json(int merges)
+{
+    // GPT-2 byte -> unicode table.
+    std::vector<std::string> sym(256);
+    auto utf8 = [](unsigned cp) {
+        std::string s;
+        if (cp < 0x80)
+            s += char(cp);
+        else {
+            s += char(0xC0 | (cp >> 6));
+            s += char(0x80 | (cp & 0x3F));
+        }
+        return s;
+    };
+    int extra = 0;
+    for (int b = 0; b < 256; ++b) {
+        const bool keep = (b >= 0x21 && b <= 0x7E) || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE);
+        sym[std::size_t(b)] = utf8(keep ? unsigned(b) : unsigned(0x100 + extra++));
+    }
+    nlohmann::ordered_json vocab = nlohmann::ordered_json::object();
+    int next = 2;
+    for (int b = 0; b < 256; ++b)
+        vocab[sym[std::size_t(b)]] = next++;
+    // Words: a leading space joins the word (as the GPT-2 regex splits).
+    std::vector<std::vector<std::string>> words;
+    {
+        const std::string text = corpus();
+        std::string cur;
+        for (char c : text) {
+            if (c == ' ' && !cur.empty()) {
+                std::vector<std::string> w;
+                for (unsigned char ch : cur)
+                    w.push_back(sym[ch]);
+                words.push_back(w);
+                cur.clear();
+            }
+            cur += c;
+        }
+    }
+    nlohmann::ordered_json merge_list = nlohmann::ordered_json::array();
+    for (int m = 0; m < merges; ++m) {
+        std::map<std::pair<std::string, std::string>, int> counts;
+        for (const auto& w : words)
+            for (std::size_t i = 0; i + 1 < w.size(); ++i)
+                ++counts[{w[i], w[i + 1]}];
+        if (counts.empty())
+            break;
+        auto best = counts.begin();
+        for (auto it = counts.begin(); it != counts.end(); ++it)
+            if (it->second > best->second)
+                best = it;
+        if (best->second < 2)
+            break;
+        const auto [a, b] = best->first;
+        merge_list.push_back(a + " " + b);
+        vocab[a + b] = next++;
+        for (auto& w : words) {
+            std::vector<std::string> out;
+            for (std::size_t i = 0; i < w.size(); ++i) {
+                if (i + 1 < w.size() && w[i] == a && w[i + 1] == b) {
+                    out.push_back(a + b);
+                    ++i;
+                } else
+                    out.push_back(w[i]);
+            }
+            w = std::move(out);
+        }
+    }
+    auto added = [](int id, const char* content) {
+        return nlohmann::ordered_json{{"id", id},          {"content", content}, {"single_word", false},
+                                      {"lstrip", false},   {"rstrip", false},    {"normalized", false},
+                                      {"special", true}};
+    };
+    const nlohmann::ordered_json byte_level = {
+        {"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", true}};
+    nlohmann::ordered_json j = {
+        {"version", "1.0"},
+        {"truncation", nullptr},
+        {"padding", nullptr},
+        {"added_tokens", {added(0, "<|endoftext|>"), added(1, "<|padding|>")}},
+        {"normalizer", {{"type", "NFC"}}},
+        {"pre_tokenizer", byte_level},
+        {"post_processor", byte_level},
+        {"decoder", byte_level},
+        {"model",
+         {{"type", "BPE"},
+          {"dropout", nullptr},
+          {"unk_token", nullptr},
+          {"continuing_subword_prefix", nullptr},
+          {"end_of_word_suffix", nullptr},
+          {"fuse_unk", false},
+          {"byte_fallback", false},
+          {"vocab", vocab},
+          {"merges", merge_list}}}};
+    return {j.dump(1), next};
+}
+
+} // namespace synth
+
+// Writes a synthetic checkpoint to `dir`; `progress(done, total)` is called
+// as tensors are generated. Returns the config written.
+inline model_config make_synthetic(const std::string& dir, const synthetic_options& o,
+                                   const std::function<void(std::size_t, std::size_t)>& progress = {})
+{
+    using kdial::detail::cat;
+    using kdial::detail::check;
+    namespace fs = std::filesystem;
+    check(o.dtype == "bf16" || o.dtype == "f32", "make-synthetic: --dtype must be bf16 or f32, got '", o.dtype, "'");
+    check(o.shards >= 1 && o.shards <= 64, "make-synthetic: --shards must be in [1, 64], got ", o.shards);
+    check(o.layers >= 0 && o.layers <= 64, "make-synthetic: --layers must be in [1, 64], got ", o.layers);
+    const auto [tok_json, tok_vocab] = synth::tokenizer_json(o.preset == "tiny" ? 120 : 400);
+    nlohmann::ordered_json cfg;
+    if (o.preset == "tiny") {
+        cfg = {{"architectures", {"OlmoeForCausalLM"}},
+               {"model_type", "olmoe"},
+               {"hidden_size", 64},
+               {"intermediate_size", 32},
+               {"num_hidden_layers", o.layers ? o.layers : 2},
+               {"num_attention_heads", 4},
+               {"num_key_value_heads", 4},
+               {"num_experts", 8},
+               {"num_experts_per_tok", 4},
+               {"norm_topk_prob", false},
+               {"rope_theta", 10000.0},
+               {"rope_scaling", nullptr},
+               {"clip_qkv", nullptr},
+               {"attention_bias", false},
+               {"hidden_act", "silu"},
+               {"vocab_size", (tok_vocab + 63) / 64 * 64},
+               {"max_position_embeddings", 4096},
+               {"tie_word_embeddings", false},
+               {"eos_token_id", 0},
+               {"pad_token_id", 1},
+               {"bos_token_id", nullptr},
+               {"router_aux_loss_coef", 0.01},
+               {"output_router_logits", false},
+               {"torch_dtype", o.dtype == "bf16" ? "bfloat16" : "float32"}};
+    } else if (o.preset == "olmoe") {
+        cfg = {{"architectures", {"OlmoeForCausalLM"}},
+               {"model_type", "olmoe"},
+               {"hidden_size", 2048},
+               {"intermediate_size", 1024},
+               {"num_hidden_layers", o.layers ? o.layers : 16},
+               {"num_attention_heads", 16},
+               {"num_key_value_heads", 16},
+               {"num_experts", 64},
+               {"num_experts_per_tok", 8},
+               {"norm_topk_prob", false},
+               {"rope_theta", 10000.0},
+               {"rope_scaling", nullptr},
+               {"clip_qkv", nullptr},
+               {"attention_bias", false},
+               {"hidden_act", "silu"},
+               {"vocab_size", 50304},
+               {"max_position_embeddings", 4096},
+               {"tie_word_embeddings", false},
+               {"eos_token_id", 0},
+               {"pad_token_id", 1},
+               {"router_aux_loss_coef", 0.01},
+               {"output_router_logits", false},
+               {"torch_dtype", o.dtype == "bf16" ? "bfloat16" : "float32"}};
+    } else
+        throw kdial::error(cat("make-synthetic: unknown --preset '", o.preset, "' (tiny, olmoe)"));
+    const model_config c = parse_config(cfg.dump(), "synthetic config");
+
+    // The tensor list, in Hugging Face names, with an init scale each.
+    struct spec {
+        std::string name;
+        std::vector<std::size_t> shape;
+        float scale;  // standard deviation
+        float offset; // added (norm weights sit around 1)
+    };
+    std::vector<spec> specs;
+    const std::size_t d = std::size_t(c.hidden), V = std::size_t(c.vocab), F = std::size_t(c.expert_ffn),
+                      qw = std::size_t(c.heads * c.head_dim), kw = std::size_t(c.kv_heads * c.head_dim);
+    const float sd = 1.0f / std::sqrt(float(d));
+    specs.push_back({"model.embed_tokens.weight", {V, d}, 1.0f, 0.0f});
+    for (int l = 0; l < c.layers; ++l) {
+        const std::string p = cat("model.layers.", l, ".");
+        specs.push_back({p + "input_layernorm.weight", {d}, 0.1f, 1.0f});
+        specs.push_back({p + "self_attn.q_proj.weight", {qw, d}, sd, 0.0f});
+        specs.push_back({p + "self_attn.k_proj.weight", {kw, d}, sd, 0.0f});
+        specs.push_back({p + "self_attn.v_proj.weight", {kw, d}, sd, 0.0f});
+        specs.push_back({p + "self_attn.o_proj.weight", {d, qw}, 1.0f / std::sqrt(float(qw)), 0.0f});
+        specs.push_back({p + "self_attn.q_norm.weight", {qw}, 0.1f, 1.0f});
+        specs.push_back({p + "self_attn.k_norm.weight", {kw}, 0.1f, 1.0f});
+        specs.push_back({p + "post_attention_layernorm.weight", {d}, 0.1f, 1.0f});
+        specs.push_back({p + "mlp.gate.weight", {std::size_t(c.experts), d}, 3.0f * sd, 0.0f});
+        for (int e = 0; e < c.experts; ++e) {
+            const std::string ep = cat(p, "mlp.experts.", e, ".");
+            specs.push_back({ep + "gate_proj.weight", {F, d}, sd, 0.0f});
+            specs.push_back({ep + "up_proj.weight", {F, d}, sd, 0.0f});
+            specs.push_back({ep + "down_proj.weight", {d, F}, 1.0f / std::sqrt(float(F)), 0.0f});
+        }
+    }
+    specs.push_back({"model.norm.weight", {d}, 0.1f, 1.0f});
+    specs.push_back({"lm_head.weight", {V, d}, 2.0f * sd, 0.0f});
+
+    fs::create_directories(dir);
+    // Remove an earlier checkpoint's files so no stale shard or index remains.
+    for (const auto& entry : fs::directory_iterator(dir)) {
+        const std::string n = entry.path().filename().string();
+        if ((n.rfind("model", 0) == 0 && n.size() > 12 && n.substr(n.size() - 12) == ".safetensors") ||
+            n == "model.safetensors.index.json")
+            fs::remove(entry.path());
+    }
+    const bool bf = o.dtype == "bf16";
+    std::size_t total_bytes = 0, elem = bf ? 2 : 4;
+    for (const auto& s : specs) {
+        std::size_t n = 1;
+        for (auto x : s.shape)
+            n *= x;
+        total_bytes += n * elem;
+    }
+    // Shards: consecutive tensors, about total / shards bytes each.
+    const int S = o.shards;
+    std::vector<int> shard_of(specs.size());
+    {
+        std::size_t acc = 0;
+        for (std::size_t i = 0; i < specs.size(); ++i) {
+            std::size_t n = elem;
+            for (auto x : specs[i].shape)
+                n *= x;
+            shard_of[i] = std::min(S - 1, int(double(acc) / double(total_bytes) * S));
+            acc += n;
+        }
+    }
+    nlohmann::ordered_json weight_map = nlohmann::ordered_json::object();
+    std::size_t done = 0;
+    for (int sh = 0; sh < S; ++sh) {
+        const std::string file =
+            S == 1 ? std::string("model.safetensors") : cat("model-", std::string(5 - std::to_string(sh + 1).size(), '0'),
+                                                            sh + 1, "-of-", std::string(5 - std::to_string(S).size(), '0'),
+                                                            S, ".safetensors");
+        std::vector<std::vector<float>> f32s;
+        std::vector<std::vector<kdial::bf16>> bf16s;
+        std::vector<kdial::io::tensor_data> tensors;
+        for (std::size_t i = 0; i < specs.size(); ++i) {
+            if (shard_of[i] != sh)
+                continue;
+            const auto& s = specs[i];
+            std::size_t n = 1;
+            for (auto x : s.shape)
+                n *= x;
+            const std::uint64_t key = synth::hash_name(s.name) ^ synth::splitmix(o.seed);
+            std::vector<float> v(n);
+            tbb::parallel_for(tbb::blocked_range<std::size_t>(0, n, std::size_t(1) << 14),
+                              [&](const tbb::blocked_range<std::size_t>& r) {
+                                  for (std::size_t j = r.begin(); j != r.end(); ++j)
+                                      v[j] = s.offset + s.scale * synth::normal(key, j);
+                              });
+            // Special tokens and padded vocabulary rows never win the argmax
+            // (so the demo's generation does not stop at once).
+            if (s.name == "lm_head.weight")
+                for (std::size_t row = 0; row < s.shape[0]; ++row)
+                    if (row < 2 || row >= std::size_t(tok_vocab))
+                        std::fill(v.begin() + std::ptrdiff_t(row * s.shape[1]),
+                                  v.begin() + std::ptrdiff_t((row + 1) * s.shape[1]), 0.0f);
+            if (bf) {
+                std::vector<kdial::bf16> b(n);
+                for (std::size_t j = 0; j < n; ++j)
+                    b[j] = kdial::bf16::from_float(v[j]);
+                bf16s.push_back(std::move(b));
+                tensors.push_back(kdial::io::make_tensor(s.name, s.shape, std::span<const kdial::bf16>(bf16s.back())));
+            } else {
+                f32s.push_back(std::move(v));
+                tensors.push_back(kdial::io::make_tensor(s.name, s.shape, std::span<const float>(f32s.back())));
+            }
+            weight_map[s.name] = file;
+            done += n * elem;
+            if (progress)
+                progress(done, total_bytes);
+        }
+        kdial::io::write_safetensors(fs::path(dir) / file, tensors, {{"format", "pt"}});
+    }
+    if (S > 1) {
+        nlohmann::ordered_json index = {{"metadata", {{"total_size", total_bytes}}}, {"weight_map", weight_map}};
+        std::ofstream(fs::path(dir) / "model.safetensors.index.json") << index.dump(2) << "\n";
+    } else {
+        std::error_code ec;
+        fs::remove(fs::path(dir) / "model.safetensors.index.json", ec);
+    }
+    std::ofstream(fs::path(dir) / "config.json") << cfg.dump(2) << "\n";
+    std::ofstream(fs::path(dir) / "tokenizer.json") << tok_json << "\n";
+    return c;
+}
+
+} // namespace olmoe

@@ -1,0 +1,234 @@
+// Binds a Hugging Face checkpoint's tensors to the model: names and shapes
+// per family (olmoe, qwen2_moe, mixtral; per-expert names or v5's fused
+// expert tensors), each checked against config.json with errors naming the
+// file, tensor and shapes. BF16 / F32 matrices are used in place as views of
+// the memory-mapped files (no copy); F16 or misaligned data is widened to
+// f32; with int8 every linear weight is quantised to q8 at load. Norms,
+// biases and routers are small and read into f32 vectors.
+#pragma once
+
+#include "config.hpp"
+#include "model.hpp"
+
+#include <kdial/io/safetensors.hpp>
+#include <kdial/kernels/quantize.hpp>
+
+#include <functional>
+#include <memory>
+#include <string>
+
+namespace olmoe {
+
+struct load_options {
+    bool int8 = false;            // quantise linear weights to q8 at load
+    std::size_t max_chunk = 256;  // most tokens per forward call
+    std::size_t k_budget = 8;     // workspace slots = max_chunk * max(k_budget, trained k)
+    std::function<void(int, int)> progress; // (layers bound, total layers)
+};
+
+namespace detail {
+
+using kdial::detail::cat;
+using kdial::detail::check;
+using kdial::io::st_dtype;
+
+class binder {
+public:
+    binder(std::shared_ptr<kdial::io::safetensors_checkpoint> ck, model_weights& w, bool int8)
+        : ck_(std::move(ck)), w_(w), int8_(int8)
+    {
+    }
+
+    bool has(const std::string& name) const { return ck_->has(name); }
+
+    std::vector<float> vec(const std::string& name, std::size_t n) const
+    {
+        ck_->expect(name, {n});
+        return ck_->read_floats(name);
+    }
+    std::vector<float> mat_f32(const std::string& name, std::size_t rows, std::size_t cols) const
+    {
+        ck_->expect(name, {rows, cols});
+        return ck_->read_floats(name);
+    }
+
+    // A [rows, cols] matrix (or a row slice [row0, row0 + rows) of a tensor
+    // whose shape is given in full by `shape`) as a weight view.
+    any_weight_view linear(const std::string& name, std::size_t rows, std::size_t cols, bool quantise = true)
+    {
+        ck_->expect(name, {rows, cols});
+        return slice(name, 0, rows, cols, quantise);
+    }
+
+    any_weight_view slice(const std::string& name, std::size_t row0, std::size_t rows, std::size_t cols,
+                          bool quantise = true)
+    {
+        const auto ref = ck_->find(name);
+        const auto& t = *ref.info;
+        const std::string& file = ref.file->name();
+        const std::size_t off = row0 * cols;
+        const bool aligned_bf16 = t.dtype == st_dtype::bf16 && reinterpret_cast<std::uintptr_t>(t.bytes.data()) % 2 == 0;
+        const bool aligned_f32 = t.dtype == st_dtype::f32 && reinterpret_cast<std::uintptr_t>(t.bytes.data()) % 4 == 0;
+        check(t.dtype == st_dtype::bf16 || t.dtype == st_dtype::f32 || t.dtype == st_dtype::f16, file, ": tensor '",
+              name, "' has dtype ", kdial::io::st_dtype_name(t.dtype), "; weights must be BF16, F16 or F32");
+        if (int8_ && quantise) {
+            auto& q = w_.owned_q8.emplace_back(rows * kdial::storage_cols<kdial::q8_t>(cols));
+            if (aligned_bf16)
+                kdial::quantize_q8(kdial::cmatrix_view<kdial::bf16>(
+                                       reinterpret_cast<const kdial::bf16*>(t.bytes.data()) + off, rows, cols),
+                                   q.data(), kdial::storage_cols<kdial::q8_t>(cols));
+            else {
+                const auto f = floats(t, file, off, rows * cols);
+                kdial::quantize_q8(kdial::cmatrix_view<float>(f.data(), rows, cols), q.data(),
+                                   kdial::storage_cols<kdial::q8_t>(cols));
+            }
+            return kdial::weight_view<kdial::q8_t>(q.data(), rows, cols);
+        }
+        if (aligned_bf16)
+            return kdial::weight_view<kdial::bf16_t>(reinterpret_cast<const kdial::bf16*>(t.bytes.data()) + off, rows,
+                                                     cols);
+        if (aligned_f32)
+            return kdial::weight_view<kdial::f32_t>(reinterpret_cast<const float*>(t.bytes.data()) + off, rows, cols);
+        auto& f = w_.owned_f32.emplace_back(floats(t, file, off, rows * cols));
+        return kdial::weight_view<kdial::f32_t>(f.data(), rows, cols);
+    }
+
+    const kdial::io::safetensors_checkpoint& checkpoint() const { return *ck_; }
+
+private:
+    static std::vector<float> floats(const kdial::io::tensor_info& t, const std::string& file, std::size_t off,
+                                     std::size_t n)
+    {
+        std::vector<float> all(t.numel());
+        kdial::io::detail::read_floats(t, all, file);
+        return std::vector<float>(all.begin() + std::ptrdiff_t(off), all.begin() + std::ptrdiff_t(off + n));
+    }
+
+    std::shared_ptr<kdial::io::safetensors_checkpoint> ck_;
+    model_weights& w_;
+    bool int8_;
+};
+
+// Builds an expert_set from per-expert weight views (all of one format).
+inline kdial::expert_set make_set(const std::vector<std::array<any_weight_view, 3>>& ex, std::size_t d, std::size_t F,
+                                  const std::string& where)
+{
+    const kdial::dtype t = kdial::type_of(ex[0][0]);
+    for (std::size_t e = 0; e < ex.size(); ++e)
+        for (const auto& m : ex[e])
+            check(kdial::type_of(m) == t, where, ": expert ", e, " mixes weight formats (",
+                  kdial::dtype_name(kdial::type_of(m)), " vs ", kdial::dtype_name(t), ")");
+    return kdial::visit_dtype(t, [&](auto W) {
+        using WT = decltype(W);
+        std::vector<kdial::expert_weights<WT>> v;
+        for (const auto& m : ex)
+            v.push_back({std::get<kdial::weight_view<WT>>(m[0]), std::get<kdial::weight_view<WT>>(m[1]),
+                         std::get<kdial::weight_view<WT>>(m[2])});
+        return kdial::expert_set(std::move(v), d, F);
+    });
+}
+
+} // namespace detail
+
+// Loads DIR (config.json + safetensors) into model weights.
+inline model_weights load_weights(const std::string& dir, const model_config& c, const load_options& o)
+{
+    using detail::cat;
+    using detail::check;
+    auto ck = std::make_shared<kdial::io::safetensors_checkpoint>(kdial::io::safetensors_checkpoint::open(dir));
+    model_weights w;
+    w.cfg = c;
+    w.keep_alive = ck;
+    detail::binder b(ck, w, o.int8);
+    const std::size_t d = std::size_t(c.hidden), V = std::size_t(c.vocab), hd = std::size_t(c.head_dim),
+                      qw = std::size_t(c.heads) * hd, kw = std::size_t(c.kv_heads) * hd, E = std::size_t(c.experts),
+                      F = std::size_t(c.expert_ffn), Fs = std::size_t(c.shared_ffn);
+    w.embed = b.linear("model.embed_tokens.weight", V, d, false);
+    w.final_norm = b.vec("model.norm.weight", d);
+    if (c.tie_word_embeddings && !b.has("lm_head.weight"))
+        w.lm_head = b.linear("model.embed_tokens.weight", V, d);
+    else
+        w.lm_head = b.linear("lm_head.weight", V, d);
+
+    const std::size_t slots = o.max_chunk * std::max<std::size_t>(o.k_budget, std::size_t(c.top_k));
+    auto ws = std::make_shared<kdial::moe_workspace>(o.max_chunk, slots, E, d, F, Fs);
+    std::shared_ptr<kdial::moe_workspace> dense_ws;
+    kdial::router_options ropt;
+    ropt.renormalize = c.norm_topk_prob;
+    const std::string moe = c.fam == family::mixtral ? "block_sparse_moe" : "mlp";
+    w.layers.resize(std::size_t(c.layers));
+    for (int l = 0; l < c.layers; ++l) {
+        const std::string p = cat("model.layers.", l, ".");
+        auto& L = w.layers[std::size_t(l)];
+        L.input_norm = b.vec(p + "input_layernorm.weight", d);
+        L.post_norm = b.vec(p + "post_attention_layernorm.weight", d);
+        auto& A = L.attn;
+        A.q = b.linear(p + "self_attn.q_proj.weight", qw, d);
+        A.k = b.linear(p + "self_attn.k_proj.weight", kw, d);
+        A.v = b.linear(p + "self_attn.v_proj.weight", kw, d);
+        A.o = b.linear(p + "self_attn.o_proj.weight", d, qw);
+        if (c.attention_bias || c.qkv_bias) {
+            A.q_bias = b.vec(p + "self_attn.q_proj.bias", qw);
+            A.k_bias = b.vec(p + "self_attn.k_proj.bias", kw);
+            A.v_bias = b.vec(p + "self_attn.v_proj.bias", kw);
+        }
+        if (c.attention_bias)
+            A.o_bias = b.vec(p + "self_attn.o_proj.bias", d);
+        if (c.qk_norm) {
+            A.q_norm = b.vec(p + "self_attn.q_norm.weight", qw);
+            A.k_norm = b.vec(p + "self_attn.k_norm.weight", kw);
+        }
+        if (c.is_moe_layer(l)) {
+            L.router = b.mat_f32(p + moe + ".gate.weight", E, d);
+            std::vector<std::array<any_weight_view, 3>> ex(E);
+            const std::string fused = p + moe + ".experts.gate_up_proj";
+            if (b.has(fused)) { // transformers v5: [E, 2F, d] (gate rows, then up) and [E, d, F]
+                b.checkpoint().expect(fused, {E, 2 * F, d});
+                b.checkpoint().expect(p + moe + ".experts.down_proj", {E, d, F});
+                for (std::size_t e = 0; e < E; ++e)
+                    ex[e] = {b.slice(fused, e * 2 * F, F, d), b.slice(fused, e * 2 * F + F, F, d),
+                             b.slice(p + moe + ".experts.down_proj", e * d, d, F)};
+            } else {
+                const bool mix = c.fam == family::mixtral;
+                for (std::size_t e = 0; e < E; ++e) {
+                    const std::string ep = cat(p, moe, ".experts.", e, ".");
+                    ex[e] = {b.linear(ep + (mix ? "w1.weight" : "gate_proj.weight"), F, d),
+                             b.linear(ep + (mix ? "w3.weight" : "up_proj.weight"), F, d),
+                             b.linear(ep + (mix ? "w2.weight" : "down_proj.weight"), d, F)};
+                }
+            }
+            std::optional<kdial::shared_expert> sh;
+            if (Fs > 0) {
+                const std::string sp = p + "mlp.shared_expert.";
+                std::vector<std::array<any_weight_view, 3>> s1{{b.linear(sp + "gate_proj.weight", Fs, d),
+                                                                b.linear(sp + "up_proj.weight", Fs, d),
+                                                                b.linear(sp + "down_proj.weight", d, Fs)}};
+                sh = kdial::shared_expert{detail::make_set(s1, d, Fs, p + "mlp.shared_expert"), {}};
+                if (c.shared_gate) {
+                    auto& g = w.owned_f32.emplace_back(b.mat_f32(p + "mlp.shared_expert_gate.weight", 1, d));
+                    sh->gate = kdial::cmatrix_view<float>(g.data(), 1, d);
+                }
+            }
+            L.moe = std::make_unique<kdial::moe_layer>(kdial::cmatrix_view<float>(L.router.data(), E, d),
+                                                       detail::make_set(ex, d, F, p + moe + ".experts"), ws, ropt,
+                                                       std::move(sh));
+        } else {
+            // A dense MLP, run as a one-expert layer whose router gives weight 1.
+            const std::size_t Fd = std::size_t(c.dense_ffn);
+            if (!dense_ws)
+                dense_ws = std::make_shared<kdial::moe_workspace>(o.max_chunk, o.max_chunk, 1, d, Fd);
+            L.dense = true;
+            L.router.assign(d, 0.0f);
+            std::vector<std::array<any_weight_view, 3>> ex{{b.linear(p + "mlp.gate_proj.weight", Fd, d),
+                                                            b.linear(p + "mlp.up_proj.weight", Fd, d),
+                                                            b.linear(p + "mlp.down_proj.weight", d, Fd)}};
+            L.moe = std::make_unique<kdial::moe_layer>(kdial::cmatrix_view<float>(L.router.data(), 1, d),
+                                                       detail::make_set(ex, d, Fd, p + "mlp"), dense_ws);
+        }
+        if (o.progress)
+            o.progress(l + 1, c.layers);
+    }
+    return w;
+}
+
+} // namespace olmoe

@@ -1,0 +1,998 @@
+// Byte-level BPE tokenizer read from a Hugging Face `tokenizer.json` (the
+// GPT-2 / GPT-NeoX / OLMoE and Qwen2 families; spec §3.4, §4.4, §7).
+// Stage: io, in front of the model (text <-> token ids). Invariants: the file
+// is validated completely at load (every failure is a kdial::error naming the
+// file and the JSON field); after that the tokenizer is immutable, and
+// encode/decode are const and safe to call from several threads at once (the
+// per-piece BPE cache is guarded by a mutex). Results match HF tokenizers'
+// pipeline: added tokens -> NFC -> split regex -> byte map -> BPE -> ids.
+//
+// Supported: model BPE (byte_fallback false, no dropout, ignore_merges, merges
+// as "a b" or ["a", "b"]); normalizer null / NFC / Sequence of NFC;
+// pre_tokenizer ByteLevel (add_prefix_space, use_regex) or a Sequence of
+// Split(GPT-2 or Qwen2 regex, Isolated or Removed, invert false) stages ending
+// in ByteLevel; decoder ByteLevel; post_processor null / ByteLevel. Added
+// tokens with lstrip / rstrip / single_word set are rejected, as are other
+// regexes: the two known ones are hand-written matchers (std::regex has no \p).
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <queue>
+#include <span>
+#include <sstream>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "../core/error.hpp"
+#include "unicode.hpp"
+
+namespace kdial::io {
+
+// ---------------------------------------------------------------------------
+// The GPT-2 byte <-> unicode alphabet (spec §7.1)
+// ---------------------------------------------------------------------------
+
+// Bytes 0x21..0x7E, 0xA1..0xAC, 0xAE..0xFF map to the same code point; the
+// other 68 bytes, in increasing order, to U+0100, U+0101, ... (0x20 -> U+0120 'Ġ').
+inline constexpr std::array<char32_t, 256> byte_level_chars = [] {
+    std::array<char32_t, 256> t{};
+    char32_t next = 0x100;
+    for (int b = 0; b < 256; ++b) {
+        const bool same = (b >= 0x21 && b <= 0x7E) || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
+        t[b] = same ? char32_t(b) : next++;
+    }
+    return t;
+}();
+
+// Inverse of byte_level_chars over U+0000..U+0143: the byte, or -1.
+inline constexpr std::array<std::int16_t, 0x144> byte_level_bytes = [] {
+    std::array<std::int16_t, 0x144> t{};
+    t.fill(-1);
+    for (int b = 0; b < 256; ++b)
+        t[byte_level_chars[b]] = static_cast<std::int16_t>(b);
+    return t;
+}();
+
+// The byte-level alphabet spelling of raw bytes (what vocab keys look like).
+inline std::string byte_level_encode(std::string_view bytes)
+{
+    std::string out;
+    out.reserve(bytes.size() * 2);
+    for (unsigned char b : bytes)
+        utf8_append(out, byte_level_chars[b]);
+    return out;
+}
+
+// The bytes a token string stands for (ByteLevel decoder): every character
+// mapped back through the table; if any character is outside the table (e.g.
+// an added token holding raw spaces) the token's own UTF-8 bytes instead.
+inline std::string byte_level_decode(std::string_view token)
+{
+    std::string out;
+    out.reserve(token.size());
+    for (std::size_t i = 0; i < token.size();) {
+        const auto c = utf8_decode(token, i);
+        if (!c.valid || c.cp >= byte_level_bytes.size() || byte_level_bytes[c.cp] < 0)
+            return std::string(token);
+        out.push_back(static_cast<char>(byte_level_bytes[c.cp]));
+        i += c.size;
+    }
+    return out;
+}
+
+// ---------------------------------------------------------------------------
+// The split regexes (spec §7.2), as hand-written matchers
+// ---------------------------------------------------------------------------
+
+enum class split_regex : std::uint8_t {
+    gpt2,  // 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+    qwen2, // (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+
+};
+
+inline constexpr std::string_view gpt2_split_pattern =
+    R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)";
+inline constexpr std::string_view qwen2_split_pattern =
+    R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
+
+inline std::optional<split_regex> recognise_split_pattern(std::string_view pattern) noexcept
+{
+    if (pattern == gpt2_split_pattern)
+        return split_regex::gpt2;
+    if (pattern == qwen2_split_pattern)
+        return split_regex::qwen2;
+    return std::nullopt;
+}
+
+namespace detail {
+
+using ::kdial::detail::cat;
+using ::kdial::detail::check;
+
+// One character of a segment: code point (U+FFFD for an ill-formed subpart,
+// whose class is then "other"), its class, and its byte offset.
+struct tok_char {
+    char32_t cp;
+    char_class cls;
+    std::uint32_t offset;
+};
+
+inline void tok_chars(std::string_view s, std::vector<tok_char>& out)
+{
+    out.clear();
+    for (std::size_t i = 0; i < s.size();) {
+        const auto c = utf8_decode(s, i);
+        out.push_back({c.cp, c.valid ? unicode_class(c.cp) : char_class::other, static_cast<std::uint32_t>(i)});
+        i += c.size;
+    }
+}
+
+// Both regexes match at every position (no alternative leaves a gap), so a
+// matcher returns the end (in characters, > i) of the match starting at i.
+// Semantics: alternatives in order, greedy quantifiers with backtracking, as
+// Oniguruma runs them inside HF tokenizers.
+struct split_matcher {
+    const std::vector<tok_char>& t;
+
+    std::size_t size() const { return t.size(); }
+    char32_t cp(std::size_t k) const { return k < t.size() ? t[k].cp : 0; }
+    char_class cls(std::size_t k) const { return t[k].cls; }
+    std::size_t run(std::size_t k, char_class c) const
+    {
+        while (k < t.size() && t[k].cls == c)
+            ++k;
+        return k;
+    }
+    static bool is_cr_lf(char32_t c) { return c == '\r' || c == '\n'; }
+
+    // 's 't 're 've 'm 'll 'd, optionally case-insensitive; returns the end or 0.
+    std::size_t contraction(std::size_t i, bool icase) const
+    {
+        if (cp(i) != '\'')
+            return 0;
+        auto fold = [&](char32_t c) -> char32_t {
+            if (!icase)
+                return c;
+            if (c >= 'A' && c <= 'Z')
+                return c + ('a' - 'A');
+            if (c == 0x17F) // LATIN SMALL LETTER LONG S case-folds to 's' (CaseFolding.txt)
+                return 's';
+            return c;
+        };
+        const char32_t a = fold(cp(i + 1)), b = fold(cp(i + 2));
+        if (a == 's' || a == 't' || a == 'm' || a == 'd')
+            return i + 2;
+        if ((a == 'r' && b == 'e') || (a == 'v' && b == 'e') || (a == 'l' && b == 'l'))
+            return i + 3;
+        return 0;
+    }
+
+    // \s+(?!\S)|\s+ at a whitespace character i: a run followed by a
+    // non-space gives up its last character (unless that would leave nothing).
+    std::size_t space_run(std::size_t i) const
+    {
+        const std::size_t e = run(i, char_class::space);
+        if (e == size() || e - i == 1)
+            return e;
+        return e - 1;
+    }
+
+    std::size_t gpt2(std::size_t i) const
+    {
+        if (const auto e = contraction(i, false))
+            return e;
+        // ' ?\p{L}+', ' ?\p{N}+', ' ?[^\s\p{L}\p{N}]+': an optional literal space,
+        // then a run of one class (a space before a space is left to \s).
+        std::size_t j = i;
+        if (cp(i) == ' ' && i + 1 < size() && cls(i + 1) != char_class::space)
+            j = i + 1;
+        if (cls(j) != char_class::space)
+            return run(j, cls(j));
+        return space_run(i);
+    }
+
+    std::size_t qwen2(std::size_t i) const
+    {
+        if (const auto e = contraction(i, true))
+            return e;
+        const char_class c = cls(i);
+        // [^\r\n\p{L}\p{N}]?\p{L}+
+        if (c == char_class::letter)
+            return run(i, c);
+        if (c != char_class::number && !is_cr_lf(cp(i)) && i + 1 < size() && cls(i + 1) == char_class::letter)
+            return run(i + 1, char_class::letter);
+        // \p{N}: one digit per piece
+        if (c == char_class::number)
+            return i + 1;
+        // ' ?[^\s\p{L}\p{N}]+[\r\n]*'
+        std::size_t j = i;
+        if (cp(i) == ' ' && i + 1 < size() && cls(i + 1) == char_class::other)
+            j = i + 1;
+        if (cls(j) == char_class::other) {
+            std::size_t e = run(j, char_class::other);
+            while (e < size() && is_cr_lf(cp(e)))
+                ++e;
+            return e;
+        }
+        // '\s*[\r\n]+': the whitespace run up to and including its last CR/LF.
+        const std::size_t e = run(i, char_class::space);
+        for (std::size_t k = e; k > i; --k)
+            if (is_cr_lf(cp(k - 1)))
+                return k;
+        return space_run(i);
+    }
+};
+
+} // namespace detail
+
+// Splits `text` with one of the known regexes: the matched pieces in order
+// (they tile the text). Ill-formed UTF-8 subparts count as punctuation.
+inline std::vector<std::string_view> split_with_regex(split_regex re, std::string_view text)
+{
+    std::vector<detail::tok_char> chars;
+    detail::tok_chars(text, chars);
+    const detail::split_matcher m{chars};
+    std::vector<std::string_view> out;
+    for (std::size_t i = 0; i < chars.size();) {
+        const std::size_t e = re == split_regex::gpt2 ? m.gpt2(i) : m.qwen2(i);
+        KDIAL_ASSERT(e > i && e <= chars.size());
+        const std::size_t b0 = chars[i].offset, b1 = e < chars.size() ? chars[e].offset : text.size();
+        out.push_back(text.substr(b0, b1 - b0));
+        i = e;
+    }
+    return out;
+}
+
+// ---------------------------------------------------------------------------
+// The tokenizer
+// ---------------------------------------------------------------------------
+
+// One entry of `added_tokens`.
+struct added_token {
+    std::int32_t id = 0;
+    std::string content;
+    bool special = false;
+    bool normalized = false;
+};
+
+class bpe_tokenizer {
+public:
+    // Reads a tokenizer.json file; errors name the path.
+    static bpe_tokenizer from_file(const std::filesystem::path& path)
+    {
+        std::ifstream in(path, std::ios::binary);
+        detail::check(bool(in), path.string(), ": cannot open tokenizer file");
+        std::ostringstream ss;
+        ss << in.rdbuf();
+        detail::check(!in.bad(), path.string(), ": cannot read tokenizer file");
+        return from_json(ss.str(), path.string());
+    }
+
+    // Parses the text of a tokenizer.json; `source_name` names it in errors.
+    static bpe_tokenizer from_json(std::string_view json_text, std::string_view source_name = "tokenizer.json")
+    {
+        bpe_tokenizer t;
+        t.load(json_text, std::string(source_name));
+        return t;
+    }
+
+    bpe_tokenizer(const bpe_tokenizer& o) : bpe_tokenizer(copy_tag{}, o) {}
+    bpe_tokenizer(bpe_tokenizer&&) noexcept = default;
+    bpe_tokenizer& operator=(const bpe_tokenizer& o)
+    {
+        if (this != &o)
+            *this = bpe_tokenizer(o);
+        return *this;
+    }
+    bpe_tokenizer& operator=(bpe_tokenizer&&) noexcept = default;
+
+    // Text -> ids. With parse_special, the strings of special added tokens in
+    // `text` become their ids (HF's default); without, they are encoded as
+    // ordinary text. Non-special added tokens are always matched. Adds no
+    // BOS/EOS. Ill-formed UTF-8 in `text` is kept byte for byte (each
+    // ill-formed subpart is punctuation for the split regex), so with all 256
+    // byte symbols in the vocab and no add_prefix_space,
+    // decode_bytes(encode(s)) == nfc_normalize(s) for every byte string s.
+    std::vector<std::int32_t> encode(std::string_view text, bool parse_special = true) const
+    {
+        std::vector<std::int32_t> ids;
+        scratch sc;
+        for_each_added_split(raw_trie_, text, parse_special, ids, [&](std::string_view seg) {
+            if (seg.empty())
+                return;
+            const std::string norm = nfc_ ? nfc_normalize(seg) : std::string(seg);
+            for_each_added_split(norm_trie_, norm, parse_special, ids,
+                                 [&](std::string_view s) { encode_segment(s, ids, sc); });
+        });
+        return ids;
+    }
+
+    // The pieces the pre-tokenizer makes of one segment (no added-token
+    // matching, no normalisation): the input of BPE, before the byte map.
+    std::vector<std::string> pre_tokenize(std::string_view segment) const
+    {
+        std::vector<std::string> pieces;
+        scratch sc;
+        run_pre_tokenizer(segment, pieces, sc);
+        return pieces;
+    }
+
+    // Ids -> the bytes they stand for, concatenated (no UTF-8 repair).
+    std::string decode_bytes(std::span<const std::int32_t> ids, bool skip_special = false) const
+    {
+        std::string out;
+        for (const std::int32_t id : ids) {
+            const auto& e = entry(id);
+            if (!(skip_special && e.special))
+                out += e.bytes;
+        }
+        return out;
+    }
+
+    // Ids -> text; ill-formed UTF-8 (e.g. a multi-byte character cut between
+    // the ids given) becomes U+FFFD per maximal subpart. Throws kdial::error on
+    // an id without a token (see is_valid_id). skip_special drops special
+    // added tokens.
+    std::string decode(std::span<const std::int32_t> ids, bool skip_special = false) const
+    {
+        return utf8_sanitize(decode_bytes(ids, skip_special));
+    }
+
+    // One past the largest id (vocab and added tokens). Ids below it can
+    // still be holes; model embeddings are often larger (padded rows).
+    std::size_t vocab_size() const noexcept { return id_entries_.size(); }
+    bool is_valid_id(std::int32_t id) const noexcept
+    {
+        return id >= 0 && std::size_t(id) < id_entries_.size() && id_entries_[std::size_t(id)].present;
+    }
+    bool is_special(std::int32_t id) const noexcept { return is_valid_id(id) && id_entries_[std::size_t(id)].special; }
+    // The token string of an id (added-token content, else the vocab key in
+    // the byte-level alphabet); throws on an invalid id.
+    const std::string& id_to_token(std::int32_t id) const { return entry(id).token; }
+    // The bytes one token decodes to; throws on an invalid id.
+    const std::string& token_bytes(std::int32_t id) const { return entry(id).bytes; }
+    // Added tokens first, then the vocab (the spelling is the byte-level one).
+    std::optional<std::int32_t> token_to_id(std::string_view token) const
+    {
+        for (const auto& a : added_)
+            if (a.content == token)
+                return a.id;
+        if (auto it = vocab_.find(std::string(token)); it != vocab_.end())
+            return it->second;
+        return std::nullopt;
+    }
+    const std::vector<added_token>& added_tokens() const noexcept { return added_; }
+    std::size_t merge_count() const noexcept { return merges_.size(); }
+    const std::string& source_name() const noexcept { return source_; }
+
+private:
+    struct id_entry {
+        std::string token;
+        std::string bytes;
+        bool present = false;
+        bool special = false;
+    };
+    struct merge_info {
+        std::uint32_t rank;
+        std::int32_t id;
+    };
+    // Byte trie for leftmost-longest matching of added tokens.
+    struct trie {
+        struct node {
+            std::vector<std::pair<unsigned char, std::int32_t>> next; // sorted by byte
+            std::int32_t token = -1;                                  // index into added_
+        };
+        std::vector<node> nodes{1};
+        std::array<bool, 256> first{};
+
+        void insert(std::string_view s, std::int32_t token)
+        {
+            std::int32_t n = 0;
+            for (unsigned char b : s) {
+                auto& nx = nodes[std::size_t(n)].next;
+                auto it = std::lower_bound(nx.begin(), nx.end(), b, [](const auto& p, unsigned char x) { return p.first < x; });
+                if (it == nx.end() || it->first != b) {
+                    const auto child = static_cast<std::int32_t>(nodes.size());
+                    it = nx.insert(it, {b, child});
+                    nodes.emplace_back();
+                }
+                n = it->second;
+            }
+            first[static_cast<unsigned char>(s[0])] = true;
+            if (nodes[std::size_t(n)].token < 0) // first entry with this content wins
+                nodes[std::size_t(n)].token = token;
+        }
+        bool empty() const noexcept { return nodes.size() == 1; }
+    };
+    enum class stage_kind : std::uint8_t { prefix_space, split };
+    struct pre_stage {
+        stage_kind kind;
+        split_regex regex = split_regex::gpt2;
+        bool removed = false; // Split behavior "Removed" (else "Isolated")
+    };
+    struct scratch {
+        std::vector<detail::tok_char> chars;
+        std::vector<std::string> pieces, next;
+    };
+    struct bpe_cache {
+        std::mutex mu;
+        std::unordered_map<std::string, std::vector<std::int32_t>> map;
+    };
+    // Pieces longer than this are not cached; the cache stops growing at
+    // cache_capacity entries (HF's policy too: no eviction, bounded memory).
+    static constexpr std::size_t cache_max_piece = 256;
+    static constexpr std::size_t cache_capacity = 1 << 16;
+
+    std::string source_;
+    std::unordered_map<std::string, std::int32_t> vocab_; // byte-level spelling -> id
+    std::unordered_map<std::uint64_t, merge_info> merges_; // (left id << 32 | right id)
+    std::array<std::int32_t, 256> byte_id_{};              // id of each single-byte symbol, or -1
+    std::vector<id_entry> id_entries_;
+    std::vector<added_token> added_;
+    trie raw_trie_, norm_trie_;
+    std::vector<pre_stage> stages_;
+    bool nfc_ = false;
+    bool ignore_merges_ = false;
+    std::int32_t unk_id_ = -1;
+    std::unique_ptr<bpe_cache> cache_ = std::make_unique<bpe_cache>();
+
+    struct copy_tag {};
+    bpe_tokenizer() = default;
+    bpe_tokenizer(copy_tag, const bpe_tokenizer& o)
+        : source_(o.source_), vocab_(o.vocab_), merges_(o.merges_), byte_id_(o.byte_id_), id_entries_(o.id_entries_),
+          added_(o.added_), raw_trie_(o.raw_trie_), norm_trie_(o.norm_trie_), stages_(o.stages_), nfc_(o.nfc_),
+          ignore_merges_(o.ignore_merges_), unk_id_(o.unk_id_)
+    {
+    }
+
+    const id_entry& entry(std::int32_t id) const
+    {
+        detail::check(is_valid_id(id), source_, ": token id ", id, " has no token (valid ids lie in [0, ",
+                      id_entries_.size(), ") and are defined by model.vocab or added_tokens)");
+        return id_entries_[std::size_t(id)];
+    }
+
+    // Splits `text` on the added tokens of `t` (leftmost-longest): matched
+    // spans append their id to `ids`, the text between goes to `f` in order.
+    template <class F>
+    void for_each_added_split(const trie& t, std::string_view text, bool parse_special, std::vector<std::int32_t>& ids,
+                              F&& f) const
+    {
+        if (t.empty()) {
+            f(text);
+            return;
+        }
+        std::size_t start = 0;
+        for (std::size_t i = 0; i < text.size();) {
+            if (!t.first[static_cast<unsigned char>(text[i])]) {
+                ++i;
+                continue;
+            }
+            std::int32_t n = 0, best = -1;
+            std::size_t best_end = 0;
+            for (std::size_t k = i; k < text.size(); ++k) {
+                const auto& nx = t.nodes[std::size_t(n)].next;
+                const auto b = static_cast<unsigned char>(text[k]);
+                auto it = std::lower_bound(nx.begin(), nx.end(), b, [](const auto& p, unsigned char x) { return p.first < x; });
+                if (it == nx.end() || it->first != b)
+                    break;
+                n = it->second;
+                const std::int32_t tok = t.nodes[std::size_t(n)].token;
+                if (tok >= 0 && (parse_special || !added_[std::size_t(tok)].special)) {
+                    best = tok;
+                    best_end = k + 1;
+                }
+            }
+            if (best < 0) {
+                ++i;
+                continue;
+            }
+            f(text.substr(start, i - start));
+            ids.push_back(added_[std::size_t(best)].id);
+            i = start = best_end;
+        }
+        f(text.substr(start));
+    }
+
+    void run_pre_tokenizer(std::string_view segment, std::vector<std::string>& pieces, scratch& sc) const
+    {
+        pieces.clear();
+        if (segment.empty())
+            return;
+        pieces.emplace_back(segment);
+        for (const auto& st : stages_) {
+            if (st.kind == stage_kind::prefix_space) {
+                for (auto& p : pieces)
+                    if (p.empty() || p[0] != ' ')
+                        p.insert(p.begin(), ' ');
+                continue;
+            }
+            sc.next.clear();
+            for (const auto& p : pieces) {
+                detail::tok_chars(p, sc.chars);
+                const detail::split_matcher m{sc.chars};
+                for (std::size_t i = 0; i < sc.chars.size();) {
+                    const std::size_t e = st.regex == split_regex::gpt2 ? m.gpt2(i) : m.qwen2(i);
+                    const std::size_t b0 = sc.chars[i].offset, b1 = e < sc.chars.size() ? sc.chars[e].offset : p.size();
+                    if (!st.removed) // the regexes leave no gaps, so Removed keeps nothing
+                        sc.next.emplace_back(p, b0, b1 - b0);
+                    i = e;
+                }
+            }
+            std::swap(pieces, sc.next);
+        }
+    }
+
+    void encode_segment(std::string_view segment, std::vector<std::int32_t>& ids, scratch& sc) const
+    {
+        if (segment.empty())
+            return;
+        std::vector<std::string> pieces;
+        run_pre_tokenizer(segment, pieces, sc);
+        for (const auto& p : pieces)
+            encode_piece(p, ids);
+    }
+
+    void encode_piece(const std::string& piece, std::vector<std::int32_t>& ids) const
+    {
+        if (piece.empty())
+            return;
+        const bool cacheable = piece.size() <= cache_max_piece;
+        if (cacheable) {
+            std::lock_guard lock(cache_->mu);
+            if (auto it = cache_->map.find(piece); it != cache_->map.end()) {
+                ids.insert(ids.end(), it->second.begin(), it->second.end());
+                return;
+            }
+        }
+        std::vector<std::int32_t> out;
+        bpe(piece, out);
+        ids.insert(ids.end(), out.begin(), out.end());
+        if (cacheable) {
+            std::lock_guard lock(cache_->mu);
+            if (cache_->map.size() < cache_capacity)
+                cache_->map.emplace(piece, std::move(out));
+        }
+    }
+
+    // BPE over one piece (raw bytes): one symbol per byte, then repeatedly
+    // merge the adjacent pair of lowest rank, leftmost first on equal rank
+    // (a heap of (rank, position) as HF's Word::merge_all).
+    void bpe(std::string_view piece, std::vector<std::int32_t>& out) const
+    {
+        if (ignore_merges_) {
+            if (auto it = vocab_.find(byte_level_encode(piece)); it != vocab_.end()) {
+                out.push_back(it->second);
+                return;
+            }
+        }
+        const std::size_t n = piece.size();
+        if (n == 0)
+            return;
+        std::vector<std::int32_t> sym(n), prev(n), next(n);
+        for (std::size_t k = 0; k < n; ++k) {
+            sym[k] = byte_id_[static_cast<unsigned char>(piece[k])];
+            prev[k] = static_cast<std::int32_t>(k) - 1;
+            next[k] = k + 1 < n ? static_cast<std::int32_t>(k + 1) : -1;
+        }
+        struct cand {
+            std::uint32_t rank;
+            std::int32_t pos;
+            bool operator>(const cand& o) const { return rank != o.rank ? rank > o.rank : pos > o.pos; }
+        };
+        std::priority_queue<cand, std::vector<cand>, std::greater<>> heap;
+        auto rank_of = [&](std::int32_t a, std::int32_t b) -> const merge_info* {
+            if (a < 0 || b < 0)
+                return nullptr;
+            auto it = merges_.find((std::uint64_t(std::uint32_t(a)) << 32) | std::uint32_t(b));
+            return it == merges_.end() ? nullptr : &it->second;
+        };
+        auto push = [&](std::int32_t pos) {
+            if (pos < 0 || next[std::size_t(pos)] < 0)
+                return;
+            if (const auto* m = rank_of(sym[std::size_t(pos)], sym[std::size_t(next[std::size_t(pos)])]))
+                heap.push({m->rank, pos});
+        };
+        for (std::size_t k = 0; k + 1 < n; ++k)
+            push(static_cast<std::int32_t>(k));
+        std::vector<bool> dead(n, false);
+        while (!heap.empty()) {
+            const cand c = heap.top();
+            heap.pop();
+            const auto p = std::size_t(c.pos);
+            if (dead[p] || next[p] < 0)
+                continue;
+            const auto q = std::size_t(next[p]);
+            const auto* m = rank_of(sym[p], sym[q]);
+            if (!m || m->rank != c.rank) // stale: the pair changed since it was queued
+                continue;
+            sym[p] = m->id;
+            dead[q] = true;
+            next[p] = next[q];
+            if (next[q] >= 0)
+                prev[std::size_t(next[q])] = c.pos;
+            push(prev[p]);
+            push(c.pos);
+        }
+        for (std::int32_t k = 0; k >= 0; k = next[std::size_t(k)]) {
+            if (sym[std::size_t(k)] >= 0)
+                out.push_back(sym[std::size_t(k)]);
+            else if (unk_id_ >= 0) // a byte missing from the vocab (HF: unk, or dropped without one)
+                out.push_back(unk_id_);
+        }
+    }
+
+    // ---- loading ---------------------------------------------------------
+
+    using json = nlohmann::json;
+
+    [[noreturn]] void fail(std::string_view field, const std::string& what) const
+    {
+        throw error(detail::cat(source_, ": ", field, ": ", what));
+    }
+    static std::string brief(const json& j)
+    {
+        std::string s = j.dump(-1, ' ', false, json::error_handler_t::replace);
+        return s.size() > 80 ? s.substr(0, 77) + "..." : s;
+    }
+    // obj[key] if present and not null.
+    static const json* member(const json& obj, const char* key)
+    {
+        if (!obj.is_object())
+            return nullptr;
+        auto it = obj.find(key);
+        return (it == obj.end() || it->is_null()) ? nullptr : &*it;
+    }
+    bool get_bool(const json& obj, const char* key, std::string_view where, bool dflt) const
+    {
+        const json* v = member(obj, key);
+        if (!v)
+            return dflt;
+        if (!v->is_boolean())
+            fail(detail::cat(where, ".", key), "expected true or false, got " + brief(*v));
+        return v->get<bool>();
+    }
+    std::string get_type(const json& obj, std::string_view where) const
+    {
+        if (!obj.is_object())
+            fail(where, "expected an object, got " + brief(obj));
+        const json* t = member(obj, "type");
+        if (!t || !t->is_string())
+            fail(detail::cat(where, ".type"), "missing or not a string");
+        return t->get<std::string>();
+    }
+    std::int32_t get_id(const json& v, std::string_view where) const
+    {
+        if (!v.is_number_integer() || v.get<std::int64_t>() < 0 || v.get<std::int64_t>() > INT32_MAX - 1)
+            fail(where, "expected a token id (integer in [0, 2^31 - 1)), got " + brief(v));
+        return static_cast<std::int32_t>(v.get<std::int64_t>());
+    }
+
+    void load(std::string_view text, std::string source)
+    {
+        source_ = std::move(source);
+        json root;
+        try {
+            root = json::parse(text.begin(), text.end());
+        } catch (const json::exception& e) {
+            fail("(document)", detail::cat("not valid JSON: ", e.what()));
+        }
+        if (!root.is_object())
+            fail("(document)", "expected a JSON object");
+        load_model(root);
+        load_added_tokens(root);
+        load_normalizer(root);
+        load_pre_tokenizer(root);
+        load_decoder_and_post_processor(root);
+        build_id_table();
+    }
+
+    void load_model(const json& root)
+    {
+        const json* model = member(root, "model");
+        if (!model)
+            fail("model", "missing");
+        const std::string type = get_type(*model, "model");
+        if (type != "BPE")
+            fail("model.type", "\"" + type + "\" is not supported (only \"BPE\")");
+        if (get_bool(*model, "byte_fallback", "model", false))
+            fail("model.byte_fallback", "true is not supported (byte-level BPE needs no byte fallback)");
+        if (const json* d = member(*model, "dropout"))
+            if (!(d->is_number() && d->get<double>() == 0.0))
+                fail("model.dropout", brief(*d) + " is not supported (BPE dropout is random; use null)");
+        for (const char* key : {"continuing_subword_prefix", "end_of_word_suffix"})
+            if (const json* v = member(*model, key))
+                if (!(v->is_string() && v->get_ref<const std::string&>().empty()))
+                    fail(detail::cat("model.", key), brief(*v) + " is not supported (null or \"\" only)");
+        ignore_merges_ = get_bool(*model, "ignore_merges", "model", false);
+
+        const json* vocab = member(*model, "vocab");
+        if (!vocab || !vocab->is_object())
+            fail("model.vocab", "missing or not an object of token -> id");
+        vocab_.reserve(vocab->size());
+        for (const auto& [tok, v] : vocab->items())
+            vocab_.emplace(tok, get_id(v, detail::cat("model.vocab[", brief(json(tok)), "]")));
+
+        if (const json* unk = member(*model, "unk_token")) {
+            if (!unk->is_string())
+                fail("model.unk_token", "expected a string or null, got " + brief(*unk));
+            auto it = vocab_.find(unk->get<std::string>());
+            if (it == vocab_.end())
+                fail("model.unk_token", brief(*unk) + " is not in model.vocab");
+            unk_id_ = it->second;
+            if (get_bool(*model, "fuse_unk", "model", false))
+                fail("model.fuse_unk", "true is not supported");
+        }
+        for (int b = 0; b < 256; ++b) {
+            std::string s;
+            utf8_append(s, byte_level_chars[std::size_t(b)]);
+            auto it = vocab_.find(s);
+            byte_id_[std::size_t(b)] = it == vocab_.end() ? -1 : it->second;
+        }
+
+        const json* merges = member(*model, "merges");
+        if (!merges || !merges->is_array())
+            fail("model.merges", "missing or not an array");
+        merges_.reserve(merges->size());
+        std::uint32_t rank = 0;
+        for (const auto& m : *merges) {
+            const std::string where = detail::cat("model.merges[", rank, "]");
+            std::string a, b;
+            if (m.is_string()) { // "a b": exactly one space (HF splits on ' ' and wants 2 parts)
+                const auto& s = m.get_ref<const std::string&>();
+                const auto sp = s.find(' ');
+                if (sp == std::string::npos || s.find(' ', sp + 1) != std::string::npos || sp == 0 || sp + 1 == s.size())
+                    fail(where, "malformed merge " + brief(m) + " (expected \"left right\" with one space)");
+                a = s.substr(0, sp);
+                b = s.substr(sp + 1);
+            } else if (m.is_array() && m.size() == 2 && m[0].is_string() && m[1].is_string()) {
+                a = m[0].get<std::string>();
+                b = m[1].get<std::string>();
+                if (a.empty() || b.empty())
+                    fail(where, "malformed merge " + brief(m) + " (empty side)");
+            } else {
+                fail(where, "malformed merge " + brief(m) + " (expected \"left right\" or [\"left\", \"right\"])");
+            }
+            const auto ia = vocab_.find(a), ib = vocab_.find(b), iab = vocab_.find(a + b);
+            if (ia == vocab_.end() || ib == vocab_.end() || iab == vocab_.end())
+                fail(where, "merge " + brief(m) + ": " +
+                                brief(json(ia == vocab_.end() ? a : ib == vocab_.end() ? b : a + b)) +
+                                " is not in model.vocab");
+            // A repeated pair keeps its last rank, as HF's HashMap collect does.
+            merges_.insert_or_assign((std::uint64_t(std::uint32_t(ia->second)) << 32) | std::uint32_t(ib->second),
+                                     merge_info{rank, iab->second});
+            ++rank;
+        }
+    }
+
+    void load_added_tokens(const json& root)
+    {
+        const json* list = member(root, "added_tokens");
+        if (!list)
+            return;
+        if (!list->is_array())
+            fail("added_tokens", "expected an array");
+        for (std::size_t i = 0; i < list->size(); ++i) {
+            const json& t = (*list)[i];
+            const std::string where = detail::cat("added_tokens[", i, "]");
+            if (!t.is_object())
+                fail(where, "expected an object, got " + brief(t));
+            added_token a;
+            const json* id = member(t, "id");
+            if (!id)
+                fail(where + ".id", "missing");
+            a.id = get_id(*id, where + ".id");
+            const json* content = member(t, "content");
+            if (!content || !content->is_string() || content->get_ref<const std::string&>().empty())
+                fail(where + ".content", "missing, empty or not a string");
+            a.content = content->get<std::string>();
+            if (!utf8_is_valid(a.content))
+                fail(where + ".content", "is not valid UTF-8");
+            a.special = get_bool(t, "special", where, false);
+            a.normalized = get_bool(t, "normalized", where, !a.special); // HF's default: !special
+            for (const char* key : {"lstrip", "rstrip", "single_word"})
+                if (get_bool(t, key, where, false))
+                    fail(detail::cat(where, ".", key),
+                         detail::cat("true is not supported (token ", brief(json(a.content)), ")"));
+            added_.push_back(std::move(a));
+        }
+    }
+
+    void load_normalizer(const json& root)
+    {
+        const json* n = member(root, "normalizer");
+        if (!n)
+            return;
+        const std::string type = get_type(*n, "normalizer");
+        auto unsupported = [&](std::string_view where, const std::string& t) {
+            fail(where, "\"" + t + "\" is not supported (null, NFC, or a Sequence of NFC only)");
+        };
+        if (type == "NFC") {
+            nfc_ = true;
+        } else if (type == "Sequence") {
+            const json* list = member(*n, "normalizers");
+            if (!list || !list->is_array())
+                fail("normalizer.normalizers", "missing or not an array");
+            for (std::size_t i = 0; i < list->size(); ++i) {
+                const std::string where = detail::cat("normalizer.normalizers[", i, "]");
+                const std::string t = get_type((*list)[i], where);
+                if (t != "NFC")
+                    unsupported(where + ".type", t);
+                nfc_ = true;
+            }
+        } else {
+            unsupported("normalizer.type", type);
+        }
+    }
+
+    void load_pre_tokenizer(const json& root)
+    {
+        const json* p = member(root, "pre_tokenizer");
+        if (!p)
+            fail("pre_tokenizer", "missing (a ByteLevel pre-tokenizer is required)");
+        std::vector<std::pair<const json*, std::string>> list;
+        if (get_type(*p, "pre_tokenizer") == "Sequence") {
+            const json* items = member(*p, "pretokenizers");
+            if (!items || !items->is_array() || items->empty())
+                fail("pre_tokenizer.pretokenizers", "missing, empty or not an array");
+            for (std::size_t i = 0; i < items->size(); ++i)
+                list.emplace_back(&(*items)[i], detail::cat("pre_tokenizer.pretokenizers[", i, "]"));
+        } else {
+            list.emplace_back(p, "pre_tokenizer");
+        }
+        for (std::size_t i = 0; i < list.size(); ++i) {
+            const json& st = *list[i].first;
+            const std::string& where = list[i].second;
+            const std::string type = get_type(st, where);
+            if (type == "ByteLevel") {
+                if (i + 1 != list.size())
+                    fail(where, "ByteLevel must be the last pre-tokenizer (it maps bytes to the BPE alphabet)");
+                // HF's ByteLevel defaults: add_prefix_space true, use_regex true.
+                if (get_bool(st, "add_prefix_space", where, true))
+                    stages_.push_back({stage_kind::prefix_space});
+                if (get_bool(st, "use_regex", where, true))
+                    stages_.push_back({stage_kind::split, split_regex::gpt2, false});
+            } else if (type == "Split") {
+                const json* pat = member(st, "pattern");
+                const json* re = pat ? member(*pat, "Regex") : nullptr;
+                if (!re || !re->is_string())
+                    fail(where + ".pattern", "expected {\"Regex\": \"...\"}, got " + (pat ? brief(*pat) : "nothing"));
+                const auto known = recognise_split_pattern(re->get_ref<const std::string&>());
+                if (!known)
+                    fail(where + ".pattern.Regex",
+                         "unknown split regex " + brief(*re) +
+                             " (only the GPT-2 and Qwen2 patterns are implemented, as hand-written matchers)");
+                const json* beh = member(st, "behavior");
+                const std::string behavior = beh && beh->is_string() ? beh->get<std::string>() : "";
+                if (behavior != "Isolated" && behavior != "Removed")
+                    fail(where + ".behavior", (beh ? brief(*beh) : std::string("missing")) +
+                                                  " is not supported (Isolated or Removed only)");
+                if (get_bool(st, "invert", where, false))
+                    fail(where + ".invert", "true is not supported");
+                stages_.push_back({stage_kind::split, *known, behavior == "Removed"});
+            } else {
+                fail(where + ".type", "\"" + type + "\" is not supported (ByteLevel, or a Sequence of Split then ByteLevel)");
+            }
+            if (i + 1 == list.size() && type != "ByteLevel")
+                fail(where, "the last pre-tokenizer must be ByteLevel (the vocabulary is byte-level)");
+        }
+    }
+
+    void load_decoder_and_post_processor(const json& root)
+    {
+        const json* d = member(root, "decoder");
+        if (!d)
+            fail("decoder", "missing (ByteLevel expected)");
+        if (const std::string t = get_type(*d, "decoder"); t != "ByteLevel")
+            fail("decoder.type", "\"" + t + "\" is not supported (ByteLevel only)");
+        const json* p = member(root, "post_processor");
+        if (!p)
+            return;
+        const std::string t = get_type(*p, "post_processor");
+        if (t == "ByteLevel")
+            return;
+        if (t == "Sequence") {
+            const json* list = member(*p, "processors");
+            if (list && list->is_array()) {
+                for (std::size_t i = 0; i < list->size(); ++i) {
+                    const std::string where = detail::cat("post_processor.processors[", i, "]");
+                    if (const std::string ti = get_type((*list)[i], where); ti != "ByteLevel")
+                        fail(where + ".type", "\"" + ti + "\" is not supported (it may add tokens; ByteLevel only)");
+                }
+                return;
+            }
+            fail("post_processor.processors", "missing or not an array");
+        }
+        fail("post_processor.type", "\"" + t + "\" is not supported (it may add tokens; null or ByteLevel only)");
+    }
+
+    void build_id_table()
+    {
+        std::size_t n = 0;
+        for (const auto& [tok, id] : vocab_)
+            n = std::max(n, std::size_t(id) + 1);
+        for (const auto& a : added_)
+            n = std::max(n, std::size_t(a.id) + 1);
+        id_entries_.assign(n, id_entry{});
+        for (const auto& [tok, id] : vocab_) {
+            auto& e = id_entries_[std::size_t(id)];
+            if (e.present)
+                fail("model.vocab", detail::cat("id ", id, " is used by ", brief(json(e.token)), " and ",
+                                                brief(json(tok))));
+            e.token = tok;
+            e.present = true;
+        }
+        for (std::size_t i = 0; i < added_.size(); ++i) {
+            const auto& a = added_[i];
+            auto& e = id_entries_[std::size_t(a.id)];
+            e.token = a.content; // the added content wins for decoding (spec §7.4)
+            e.present = true;
+            e.special = a.special;
+            const auto idx = static_cast<std::int32_t>(i);
+            if (a.normalized)
+                norm_trie_.insert(nfc_ ? nfc_normalize(a.content) : a.content, idx);
+            else
+                raw_trie_.insert(a.content, idx);
+        }
+        for (auto& e : id_entries_)
+            if (e.present)
+                e.bytes = byte_level_decode(e.token);
+    }
+};
+
+// Decodes a stream of ids to text piece by piece: push() returns the text
+// that is complete so far and holds back a trailing UTF-8 sequence that is
+// well-formed but incomplete (a character split over tokens) until the next
+// id completes it; ill-formed bytes are emitted as U+FFFD right away.
+// Concatenating every push() and flush() equals decode() of all the ids.
+class bpe_stream_decoder {
+public:
+    explicit bpe_stream_decoder(const bpe_tokenizer& tok, bool skip_special = false) noexcept
+        : tok_(&tok), skip_special_(skip_special)
+    {
+    }
+
+    // Throws kdial::error (naming the id) on an invalid id; nothing is consumed then.
+    std::string push(std::int32_t id)
+    {
+        const std::string& bytes = tok_->token_bytes(id);
+        if (skip_special_ && tok_->is_special(id))
+            return {};
+        pending_ += bytes;
+        const std::size_t hold = utf8_incomplete_suffix(pending_);
+        std::string out = utf8_sanitize(std::string_view(pending_).substr(0, pending_.size() - hold));
+        pending_.erase(0, pending_.size() - hold);
+        return out;
+    }
+
+    // The held-back bytes (an incomplete sequence becomes U+FFFD); resets.
+    std::string flush()
+    {
+        std::string out = utf8_sanitize(pending_);
+        pending_.clear();
+        return out;
+    }
+
+    // Bytes currently held back (0..3).
+    std::size_t pending_bytes() const noexcept { return pending_.size(); }
+
+private:
+    const bpe_tokenizer* tok_;
+    bool skip_special_;
+    std::string pending_;
+};
+
+} // namespace kdial::io

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Regenerates the committed golden data under tests/golden/: tiny synthetic
+# checkpoints written by `olmoe make-synthetic` and the logits of a fixed
+# token sequence computed by the independent PyTorch reference (moe_ref.py)
+# at k = 1, 2 and the trained k (0 = num_experts_per_tok).
+# usage: tests/reference/make_golden.sh [path/to/olmoe]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OLMOE=${1:-build/bin/olmoe}
+PY=/usr/bin/python3
+TOKENS=$(cat tests/golden/tokens.txt)
+gen() { # name, make-synthetic options...
+  local name=$1; shift
+  rm -rf "tests/golden/$name"
+  "$OLMOE" make-synthetic --out "tests/golden/$name" "$@"
+  "$PY" tests/reference/moe_ref.py "tests/golden/$name" --tokens "$TOKENS" --k 1,2,0 \
+    --out-prefix "tests/golden/$name/ref_logits"
+}
+gen olmoe-tiny-f32 --preset tiny --layers 2 --dtype f32 --seed 11
+gen olmoe-tiny-bf16 --preset tiny --layers 2 --dtype bf16 --shards 2 --seed 12
