@@ -64,7 +64,7 @@ inline limits measure()
 {
     limits lim;
     const int threads = tbb::this_task_arena::max_concurrency();
-    const std::size_t bytes = std::size_t{512} << 20; // far beyond any cache
+    const std::size_t bytes = std::size_t{768} << 20; // beyond the last-level cache
     const std::size_t n = bytes / sizeof(float);
     const std::size_t chunks = 256;
     const std::size_t per = n / chunks;
