@@ -1,10 +1,13 @@
 // olmoe: run an OLMoE (or Qwen2-MoE / Mixtral) Hugging Face checkpoint on the
 // CPU with kdial, k dialed at run time. Subcommands: generate, logits, bench,
-// make-synthetic, demo. Errors go to stderr with a non-zero exit status;
+// sweep, make-synthetic, demo. Errors go to stderr with a non-zero exit status;
 // long work shows progress on stderr.
 #include "config.hpp"
 #include "model.hpp"
 #include "runner.hpp"
+#include "schedule.hpp"
+#include "svg.hpp"
+#include "sweep.hpp"
 #include "synthetic.hpp"
 #include "weights.hpp"
 
@@ -22,6 +25,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <map>
 #include <optional>
@@ -50,6 +54,8 @@ commands:
   generate        greedy generation from a prompt or token ids
   logits          logits of every position, written as .npy
   bench           prefill and decode tokens/s for several k, vs the roofline
+  sweep           quality vs cost per operating point: perplexity, agreement
+                  with a reference k, active parameters, tokens/s, SVG plot
   make-synthetic  write a synthetic checkpoint in the Hugging Face layout
   demo            make a tiny synthetic checkpoint, generate and bench it
 
@@ -57,33 +63,67 @@ Run 'olmoe <command> --help' for a command's options.
 )";
 
 const std::map<std::string, std::string> usages = {
-    {"generate", R"(usage: olmoe generate --model DIR [--prompt TEXT | --tokens 1,2,3] [--k K] [--max-new N]
-                      [--threads N] [--weights native|int8]
+    {"generate", R"(usage: olmoe generate --model DIR [--prompt TEXT | --tokens 1,2,3] [--k K | --k-schedule S]
+                      [--renorm] [--max-new N] [--threads N] [--weights native|int8]
 Greedy generation; streams text (or ids when the model has no tokenizer.json).
   --model DIR     checkpoint directory (config.json, *.safetensors, tokenizer.json)
   --prompt TEXT   prompt text (needs tokenizer.json)
   --tokens LIST   prompt as comma-separated token ids
   --k K           experts per token for every layer (default: the trained k)
+  --k-schedule S  a k per layer: "8,8,4,4" (one per layer) or ranges "4@0-7,2@8-15"
+  --renorm        renormalise the kept routing weights to sum 1 at any k
+                  (overrides norm_topk_prob = false)
   --max-new N     tokens to generate (default 32); stops early at an EOS id
   --threads N     worker threads (default: all cores)
   --weights W     native (as stored, default) or int8 (quantised at load)
 )"},
-    {"logits", R"(usage: olmoe logits --model DIR --tokens 1,2,3 --out FILE.npy [--k K] [--threads N]
-                    [--weights native|int8]
+    {"logits", R"(usage: olmoe logits --model DIR --tokens 1,2,3 --out FILE.npy [--k K | --k-schedule S]
+                    [--renorm] [--threads N] [--weights native|int8]
 Writes the logits of every position, float32 [T, vocab], in NumPy .npy format.
 )"},
-    {"bench", R"(usage: olmoe bench --model DIR [--k 1,2,4,8] [--prompt-len 512] [--gen 32] [--threads N]
-                   [--weights native|int8] [--json]
+    {"bench", R"(usage: olmoe bench --model DIR [--k 1,2,4,8 | --k-schedule S] [--renorm] [--prompt-len 512]
+                   [--gen 32] [--threads N] [--weights native|int8] [--json]
 Measures prefill and decode tokens/s for each k, with the fraction of the
 memory-bandwidth roofline decode reached (weight bytes streamed per token /
 read bandwidth measured in the same run) and the peak resident memory.
+--k-schedule measures that one per-layer schedule instead of a list of k.
 )"},
-    {"make-synthetic", R"(usage: olmoe make-synthetic --out DIR [--preset tiny|olmoe] [--layers N] [--dtype bf16|f32]
+    {"sweep", R"(usage: olmoe sweep --model DIR (--text FILE | --tokens-file FILE) [--k 1,2,4,8] [--ref-k K]
+                   [--k-schedule S] [--threshold P[,P...]] [--k-min N] [--k-max N] [--renorm]
+                   [--context N] [--decode-tokens N] [--json FILE] [--plot FILE.svg] [--threads N]
+                   [--weights native|int8]
+Teacher-forced evaluation of each operating point over the text, printing
+perplexity and mean next-token log-likelihood, agreement with the reference k
+(share of positions whose argmax matches; mean KL(ref || point) in nats),
+experts and parameters used per token, and prefill and decode tokens/s
+measured in the same run.
+  --text FILE         text, tokenised by the model's tokenizer.json
+  --tokens-file FILE  token ids separated by commas and/or whitespace
+  --k LIST            global k values (default 1,2,4,8 up to num_experts, and the trained k)
+  --ref-k K           reference k of the agreement columns (default: the trained k)
+  --k-schedule S      adds a per-layer schedule point ("8,8,4,4" or "4@0-7,2@8-15")
+  --threshold LIST    adds threshold-routing points: per token the fewest experts
+                      whose routing mass reaches P, clamped to [--k-min, --k-max]
+                      (default 1 and the trained k)
+  --renorm            renormalise the kept routing weights at every point
+  --context N         window length; longer texts are cut into windows that
+                      each start from an empty cache (default min(1024, max positions))
+  --decode-tokens N   timed single-token decode steps per point (default 32)
+  --json FILE         also write the results as JSON
+  --plot FILE.svg     write a plot of quality against decode latency
+)"},
+    {"make-synthetic", R"(usage: olmoe make-synthetic --out DIR [--preset NAME] [--layers N] [--dtype bf16|f32]
                             [--shards N] [--seed S]
 Writes a synthetic checkpoint in the exact Hugging Face layout: config.json,
 model.safetensors (or N shards and model.safetensors.index.json), and a small
-byte-level BPE tokenizer.json. --preset olmoe has OLMoE-1B-7B's sizes
-(d 2048, 16 heads, F 1024, 64 experts, top-8, vocab 50304).
+byte-level BPE tokenizer.json. Presets:
+  tiny, olmoe                    OLMoE; olmoe has OLMoE-1B-7B's sizes (d 2048, 16 heads,
+                                 F 1024, 64 experts, top-8, vocab 50304)
+  tiny-qwen2-moe, qwen2-moe      Qwen1.5-MoE-A2.7B layout (60 experts top-4 of width 1408,
+                                 shared expert 5632, q/k/v biases); the tiny one mixes in a
+                                 dense MLP layer and sets norm_topk_prob
+  tiny-mixtral, mixtral          Mixtral-8x7B layout (w1/w2/w3 experts, GQA); the tiny one
+                                 has a sliding window of 8
 )"},
     {"demo", R"(usage: olmoe demo [--dir DIR]
 Makes a tiny synthetic OLMoE checkpoint (default: $XDG_CACHE_HOME/kdial/demo or
@@ -204,6 +244,8 @@ loaded load(const args& a, std::size_t max_chunk = 256)
     progress p{"loading " + dir};
     o.progress = [&](int done, int total) { p(double(done) / total); };
     L.m = std::make_unique<olmoe::model>(olmoe::load_weights(dir, L.cfg, o), max_chunk);
+    if (a.flags.count("renorm"))
+        L.m->set_renormalize(true);
     if (fs::exists(fs::path(dir) / "tokenizer.json"))
         L.tok = kdial::io::bpe_tokenizer::from_file(fs::path(dir) / "tokenizer.json");
     return L;
@@ -211,6 +253,11 @@ loaded load(const args& a, std::size_t max_chunk = 256)
 
 std::vector<int> k_schedule(const args& a, const olmoe::model_config& c)
 {
+    if (a.has("k-schedule")) {
+        if (a.has("k"))
+            throw usage_error("give --k or --k-schedule, not both");
+        return olmoe::parse_k_schedule(a.get("k-schedule"), c.layers, c.experts);
+    }
     const int k = a.has("k") ? int(parse_int("k", a.get("k"), 1, 1 << 20)) : c.top_k;
     if (k < 1 || k > c.experts)
         throw kdial::error(cat("--k ", k, " is outside [1, num_experts = ", c.experts, "]"));
@@ -283,8 +330,8 @@ int cmd_generate(const args& a, std::FILE* out = stdout)
             std::fputs(dec->flush().c_str(), out);
         std::fputc('\n', out);
         const double t_dec = olmoe::seconds_since(t1);
-        std::fprintf(stderr, "[k=%d: prompt %zu tokens in %.2f s (%.1f tok/s), %d new tokens in %.2f s (%.1f tok/s)]\n",
-                     ks[0], ids.size(), t_prefill, double(ids.size()) / t_prefill, produced, t_dec,
+        std::fprintf(stderr, "[k=%s: prompt %zu tokens in %.2f s (%.1f tok/s), %d new tokens in %.2f s (%.1f tok/s)]\n",
+                     olmoe::schedule_label(ks).c_str(), ids.size(), t_prefill, double(ids.size()) / t_prefill, produced, t_dec,
                      produced > 1 ? double(produced - 1) / t_dec : 0.0);
         return 0;
     });
@@ -305,7 +352,8 @@ int cmd_logits(const args& a)
         olmoe::prefill(*L.m, ids, cache, ks, kdial::matrix_view<float>(logits.data(), ids.size(), std::size_t(L.cfg.vocab)),
                        true);
         kdial::io::write_npy(outp, logits, ids.size(), std::size_t(L.cfg.vocab));
-        std::fprintf(stderr, "wrote %s: float32 [%zu, %d] at k=%d\n", outp.c_str(), ids.size(), L.cfg.vocab, ks[0]);
+        std::fprintf(stderr, "wrote %s: float32 [%zu, %d] at k=%s\n", outp.c_str(), ids.size(), L.cfg.vocab,
+                     olmoe::schedule_label(ks).c_str());
         return 0;
     });
 }
@@ -329,6 +377,12 @@ int cmd_bench(const args& a, std::FILE* out = stdout)
         for (int k : klist)
             if (k > L.cfg.experts)
                 throw kdial::error(cat("--k ", k, " is outside [1, num_experts = ", L.cfg.experts, "]"));
+        std::vector<std::vector<int>> schedules;
+        if (a.has("k-schedule"))
+            schedules.push_back(k_schedule(a, L.cfg));
+        else
+            for (int k : klist)
+                schedules.emplace_back(std::size_t(L.cfg.layers), k);
         std::mt19937 rng(7);
         std::vector<std::int32_t> prompt(prompt_len);
         for (auto& t : prompt)
@@ -337,12 +391,12 @@ int cmd_bench(const args& a, std::FILE* out = stdout)
         std::vector<float> logits(std::size_t(L.cfg.vocab));
         const kdial::matrix_view<float> lv(logits.data(), 1, logits.size());
         struct measured {
-            int k;
+            std::string k;
             double prefill_s, decode_s, bytes;
         };
         std::vector<measured> ms;
-        for (int k : klist) {
-            const std::vector<int> ks(std::size_t(L.cfg.layers), k);
+        for (const auto& ks : schedules) {
+            const std::string k = olmoe::schedule_label(ks);
             progress p{cat("bench k=", k)};
             cache.reset();
             auto t0 = std::chrono::steady_clock::now();
@@ -379,7 +433,10 @@ int cmd_bench(const args& a, std::FILE* out = stdout)
         for (const auto& m : ms) {
             const double n = gen - 1;
             const double gbs = m.bytes / m.decode_s / 1e9;
-            rows.push_back({{"k", m.k},
+            nlohmann::json kj = m.k;
+            if (m.k.find_first_not_of("0123456789") == std::string::npos)
+                kj = std::stoi(m.k);
+            rows.push_back({{"k", kj},
                             {"prefill_tokens", prompt_len},
                             {"prefill_tok_s", double(prompt_len) / m.prefill_s},
                             {"decode_tokens", n},
@@ -388,7 +445,7 @@ int cmd_bench(const args& a, std::FILE* out = stdout)
                             {"decode_gb_s", gbs},
                             {"roofline_fraction", gbs / lim.read_gbs}});
             if (!a.flags.count("json"))
-                std::fprintf(out, "%4d %14.1f %14.2f %12.4f %12.2f %10.2f\n", m.k, double(prompt_len) / m.prefill_s,
+                std::fprintf(out, "%4s %14.1f %14.2f %12.4f %12.2f %10.2f\n", m.k.c_str(), double(prompt_len) / m.prefill_s,
                              n / m.decode_s, m.bytes / n / 1e9, gbs, gbs / lim.read_gbs);
         }
         const nlohmann::json result = {{"model", a.get("model")},
@@ -409,6 +466,160 @@ int cmd_bench(const args& a, std::FILE* out = stdout)
             if (ck_bytes < (std::size_t(256) << 20))
                 std::fprintf(out, "note: this checkpoint fits in the CPU caches, so decode can beat the DRAM "
                                   "roofline; use --preset olmoe for a meaningful fraction\n");
+        }
+        return 0;
+    });
+}
+
+double parse_prob(const std::string& flag, const std::string& v)
+{
+    char* end = nullptr;
+    const double x = std::strtod(v.c_str(), &end);
+    if (v.empty() || *end || !(x >= 0.0 && x <= 1.0))
+        throw usage_error(cat("--", flag, " expects probabilities in [0, 1], got '", v, "'"));
+    return x;
+}
+
+int cmd_sweep(const args& a, std::FILE* out = stdout)
+{
+    const int threads = threads_of(a);
+    tbb::task_arena arena(threads);
+    return arena.execute([&] {
+        if (a.has("text") == a.has("tokens-file"))
+            throw usage_error("give --text FILE or --tokens-file FILE");
+        auto L = load(a);
+        const auto& c = L.cfg;
+        const std::string src = a.has("text") ? a.get("text") : a.get("tokens-file");
+        std::ifstream f(src, std::ios::binary);
+        if (!f)
+            throw kdial::error(cat(src, ": cannot open"));
+        const std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+        std::vector<std::int32_t> tokens;
+        if (a.has("text")) {
+            if (!L.tok)
+                throw kdial::error("--text needs tokenizer.json in the model directory; use --tokens-file instead");
+            tokens = L.tok->encode(text);
+        } else
+            tokens = olmoe::parse_token_ids(text, src, c.vocab);
+        if (tokens.size() < 2)
+            throw kdial::error(cat(src, ": ", tokens.size(), " tokens; the sweep needs at least 2"));
+
+        auto global = [&](int k) {
+            if (k < 1 || k > c.experts)
+                throw kdial::error(cat("--k ", k, " is outside [1, num_experts = ", c.experts, "]"));
+            return olmoe::operating_point{cat("k=", k), std::vector<int>(std::size_t(c.layers), k), std::nullopt};
+        };
+        std::vector<olmoe::operating_point> points;
+        std::vector<int> klist;
+        if (a.has("k"))
+            klist = parse_int_list("k", a.get("k"), 1, 1 << 20);
+        else {
+            for (int k : {1, 2, 4, 8})
+                if (k <= c.experts)
+                    klist.push_back(k);
+            if (std::find(klist.begin(), klist.end(), c.top_k) == klist.end())
+                klist.push_back(c.top_k);
+            std::sort(klist.begin(), klist.end());
+        }
+        for (int k : klist)
+            points.push_back(global(k));
+        if (a.has("k-schedule")) {
+            auto ks = olmoe::parse_k_schedule(a.get("k-schedule"), c.layers, c.experts);
+            points.push_back({olmoe::schedule_label(ks), ks, std::nullopt});
+        }
+        const int kmin = a.has("k-min") ? int(parse_int("k-min", a.get("k-min"), 1, c.experts)) : 1;
+        const int kmax = a.has("k-max") ? int(parse_int("k-max", a.get("k-max"), 1, c.experts)) : c.top_k;
+        if (a.has("threshold")) {
+            if (kmin > kmax)
+                throw usage_error(cat("--k-min ", kmin, " is larger than --k-max ", kmax));
+            const std::string v = a.get("threshold");
+            for (std::size_t p = 0; p <= v.size();) {
+                const std::size_t q = std::min(v.find(',', p), v.size());
+                const double pr = parse_prob("threshold", v.substr(p, q - p));
+                points.push_back({cat("p=", v.substr(p, q - p)), std::vector<int>(std::size_t(c.layers), kmax),
+                                  kdial::threshold_options{float(pr), kmin, kmax}});
+                p = q + 1;
+            }
+        }
+        const int ref_k = a.has("ref-k") ? int(parse_int("ref-k", a.get("ref-k"), 1, 1 << 20)) : c.top_k;
+        const auto ref = global(ref_k);
+        olmoe::sweep_options o;
+        o.context = a.has("context") ? std::size_t(parse_int("context", a.get("context"), 2, 1 << 24))
+                                     : std::size_t(std::min(1024, std::max(2, c.max_positions)));
+        if (o.context > std::size_t(c.max_positions))
+            throw kdial::error(cat("--context ", o.context, " exceeds max_position_embeddings = ", c.max_positions));
+        o.decode_tokens = std::size_t(parse_int("decode-tokens", a.get("decode-tokens", "32"), 1, 1 << 20));
+        std::fprintf(stderr, "sweep: %zu tokens, %zu operating points, reference %s, windows of %zu tokens\n",
+                     tokens.size(), points.size(), ref.label.c_str(), o.context);
+        progress pr{"sweep"};
+        const auto res = olmoe::run_sweep(*L.m, tokens, points, ref, o, [&](double fr, const std::string& what) {
+            pr.what = "sweep (" + what + ")";
+            pr(fr);
+        });
+
+        std::fprintf(out, "%-14s %10s %9s %8s %9s %8s %12s %11s %11s %10s\n", "point", "perplexity", "loglik",
+                     "agree", "KL", "exp/tok", "active Mpar", "prefill t/s", "decode t/s", "decode ms");
+        nlohmann::json rows = nlohmann::json::array();
+        for (const auto& r : res) {
+            std::fprintf(out, "%-14s %10.3f %9.4f %8.4f %9.5f %8.2f %12.1f %11.1f %11.2f %10.2f\n",
+                         r.point.label.c_str(), r.perplexity, r.mean_loglik, r.agreement, r.mean_kl,
+                         r.experts_per_token, r.active_params / 1e6, r.prefill_tok_s(), r.decode_tok_s(),
+                         r.decode_ms());
+            nlohmann::json j = {{"label", r.point.label},
+                                {"predicted_tokens", r.predicted},
+                                {"perplexity", r.perplexity},
+                                {"mean_loglik", r.mean_loglik},
+                                {"agreement", r.agreement},
+                                {"mean_kl", r.mean_kl},
+                                {"experts_per_token", r.experts_per_token},
+                                {"active_expert_params_per_token", r.active_expert_params},
+                                {"active_params_per_token", r.active_params},
+                                {"prefill_tokens", r.prefill_tokens},
+                                {"prefill_tok_s", r.prefill_tok_s()},
+                                {"decode_steps", r.decode_steps},
+                                {"decode_tok_s", r.decode_tok_s()},
+                                {"decode_ms_per_token", r.decode_ms()}};
+            if (r.point.threshold)
+                j["threshold"] = {{"p", r.point.threshold->p},
+                                  {"k_min", r.point.threshold->k_min},
+                                  {"k_max", r.point.threshold->k_max}};
+            else
+                j["k_per_layer"] = r.point.k_per_layer;
+            rows.push_back(j);
+        }
+        std::fprintf(out, "agreement and KL against %s; %zu positions; prefill tok/s with logits at every position; "
+                          "active parameters exclude the embedding\n",
+                     ref.label.c_str(), res.empty() ? std::size_t(0) : res[0].predicted);
+        if (a.has("json")) {
+            const nlohmann::json doc = {{"model", a.get("model")},
+                                        {"source", src},
+                                        {"tokens", tokens.size()},
+                                        {"reference", ref.label},
+                                        {"renorm", a.flags.count("renorm") != 0},
+                                        {"context", o.context},
+                                        {"threads", threads},
+                                        {"weights", a.get("weights", "native")},
+                                        {"params_per_expert", L.m->params_per_expert()},
+                                        {"always_on_params", L.m->always_on_params()},
+                                        {"points", rows}};
+            std::ofstream jf(a.get("json"));
+            if (!(jf << doc.dump(2) << '\n'))
+                throw kdial::error(cat(a.get("json"), ": cannot write"));
+            std::fprintf(stderr, "wrote %s\n", a.get("json").c_str());
+        }
+        if (a.has("plot")) {
+            olmoe::svg::panel ppl{"perplexity vs decode latency", "decode latency (ms / token)", "perplexity", {}};
+            olmoe::svg::panel agr{cat("agreement with ", ref.label, " vs decode latency"), "decode latency (ms / token)",
+                                  cat("argmax agreement with ", ref.label), {}};
+            for (const auto& r : res) {
+                ppl.points.push_back({r.decode_ms(), r.perplexity, r.point.label});
+                agr.points.push_back({r.decode_ms(), r.agreement, r.point.label});
+            }
+            olmoe::svg::write(a.get("plot"),
+                              cat("olmoe sweep: ", fs::path(a.get("model")).filename().string(), ", ", tokens.size(),
+                                  " tokens, ", threads, " threads"),
+                              {ppl, agr});
+            std::fprintf(stderr, "wrote %s\n", a.get("plot").c_str());
         }
         return 0;
     });
@@ -479,11 +690,20 @@ int main(int argc, char** argv)
         }
     try {
         if (cmd == "generate")
-            return cmd_generate(parse_args(argc, argv, {"model", "prompt", "tokens", "k", "max-new", "threads", "weights"}, {}));
+            return cmd_generate(parse_args(argc, argv,
+                                           {"model", "prompt", "tokens", "k", "k-schedule", "max-new", "threads", "weights"},
+                                           {"renorm"}));
         if (cmd == "logits")
-            return cmd_logits(parse_args(argc, argv, {"model", "tokens", "k", "out", "threads", "weights"}, {}));
+            return cmd_logits(
+                parse_args(argc, argv, {"model", "tokens", "k", "k-schedule", "out", "threads", "weights"}, {"renorm"}));
         if (cmd == "bench")
-            return cmd_bench(parse_args(argc, argv, {"model", "k", "prompt-len", "gen", "threads", "weights"}, {"json"}));
+            return cmd_bench(parse_args(argc, argv, {"model", "k", "k-schedule", "prompt-len", "gen", "threads", "weights"},
+                                        {"json", "renorm"}));
+        if (cmd == "sweep")
+            return cmd_sweep(parse_args(argc, argv,
+                                        {"model", "text", "tokens-file", "k", "ref-k", "k-schedule", "threshold", "k-min",
+                                         "k-max", "context", "decode-tokens", "json", "plot", "threads", "weights"},
+                                        {"renorm"}));
         if (cmd == "make-synthetic")
             return cmd_make_synthetic(parse_args(argc, argv, {"out", "preset", "layers", "dtype", "shards", "seed"}, {}));
         if (cmd == "demo")

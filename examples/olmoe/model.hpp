@@ -15,6 +15,7 @@
 #include <kdial/kernels/rope.hpp>
 #include <kdial/kernels/softmax.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -72,6 +73,22 @@ struct kv_cache {
     void reset() { pos = 0; }
 };
 
+// How one sequence's tokens are routed in every layer: a k per layer, or
+// threshold routing (then k_per_layer is not read).
+struct route_spec {
+    std::span<const int> k_per_layer;                   // [layers]; dense layers ignore it
+    std::optional<kdial::threshold_options> threshold; // per-token threshold routing in every MoE layer
+};
+
+// One independent sequence of a batched forward call: its new tokens, its
+// own KV cache and its own routing.
+struct sequence_step {
+    std::span<const std::int32_t> tokens; // appended after cache->pos
+    kv_cache* cache = nullptr;
+    route_spec route;
+    bool all_positions = false; // logits of every new token, else of the last
+};
+
 class model {
 public:
     // max_chunk: most tokens per forward call (longer prompts are chunked by
@@ -93,6 +110,7 @@ public:
         kdial::rope_inv_freq(c.rope_theta, std::size_t(c.head_dim), inv_freq_.data());
         cos_.resize(max_chunk * std::size_t(c.head_dim / 2));
         sin_.resize(cos_.size());
+        rules_.resize(max_chunk);
     }
 
     const model_config& config() const noexcept { return w_.cfg; }
@@ -106,43 +124,145 @@ public:
     void forward(std::span<const std::int32_t> tokens, kv_cache& cache, std::span<const int> k_per_layer,
                  matrix_view<float> logits, bool all_positions)
     {
+        const sequence_step s{tokens, &cache, route_spec{k_per_layer, std::nullopt}, all_positions};
+        forward_batch(std::span<const sequence_step>(&s, 1), logits);
+    }
+
+    // The same with any routing (a k per layer or threshold routing).
+    void forward(std::span<const std::int32_t> tokens, kv_cache& cache, const route_spec& route,
+                 matrix_view<float> logits, bool all_positions)
+    {
+        const sequence_step s{tokens, &cache, route, all_positions};
+        forward_batch(std::span<const sequence_step>(&s, 1), logits);
+    }
+
+    // One forward call over several independent sequences (per-request k):
+    // every projection, the router, dispatch and the experts run once over
+    // all the sequences' tokens (token t of sequence s routed by s's spec,
+    // through per-token k with dropped slots when the specs differ);
+    // attention runs per sequence on its own cache. Sequences need distinct
+    // caches; together at most max_chunk tokens.
+    //   logits [R, V]: R = sum over sequences of (all_positions ? T_s : 1),
+    //                  rows in sequence order.
+    // A sequence's logits equal those of running it alone up to the f32
+    // rounding of kernels that see a different number of rows (see
+    // tests/examples/batch.cpp); a batch of one is the single-sequence call.
+    void forward_batch(std::span<const sequence_step> seqs, matrix_view<float> logits)
+    {
         const auto& c = w_.cfg;
-        const std::size_t T = tokens.size(), d = std::size_t(c.hidden), V = std::size_t(c.vocab);
+        const std::size_t d = std::size_t(c.hidden), V = std::size_t(c.vocab);
         using kdial::detail::check;
-        check(T >= 1 && T <= max_chunk_, "forward: ", T, " tokens, expected 1 to ", max_chunk_);
-        check(cache.pos + T <= cache.capacity, "forward: the KV cache holds ", cache.capacity, " positions, ",
-              cache.pos, " used, ", T, " more requested");
-        check(cache.k.size() == std::size_t(c.layers) && cache.width == std::size_t(c.kv_heads * c.head_dim),
-              "forward: KV cache does not match the model");
-        check(k_per_layer.size() == std::size_t(c.layers), "forward: ", k_per_layer.size(), " k values for ",
-              c.layers, " layers");
-        for (std::size_t l = 0; l < k_per_layer.size(); ++l)
-            if (!w_.layers[l].dense)
-                check(k_per_layer[l] >= 1 && k_per_layer[l] <= c.experts, "k = ", k_per_layer[l], " for layer ", l,
-                      " is outside [1, num_experts = ", c.experts, "]");
-        for (std::size_t t = 0; t < T; ++t)
-            check(tokens[t] >= 0 && std::size_t(tokens[t]) < V, "token id ", tokens[t], " at position ", t,
-                  " is outside [0, vocab_size = ", V, ")");
-        check(logits.cols == V && logits.rows == (all_positions ? T : 1), "forward: logits view is [", logits.rows,
-              ", ", logits.cols, "], expected [", (all_positions ? T : 1), ", ", V, "]");
+        check(!seqs.empty(), "forward: no sequences");
+        std::size_t T = 0, R = 0;
+        bool uniform = true;
+        for (std::size_t s = 0; s < seqs.size(); ++s) {
+            const auto& q = seqs[s];
+            check(q.cache != nullptr, "forward: sequence ", s, " has no KV cache");
+            for (std::size_t o = 0; o < s; ++o)
+                check(seqs[o].cache != q.cache, "forward: sequences ", o, " and ", s, " share a KV cache");
+            check_sequence(q, s);
+            T += q.tokens.size();
+            R += q.all_positions ? q.tokens.size() : 1;
+            uniform = uniform && !q.route.threshold && !seqs[0].route.threshold &&
+                      std::equal(q.route.k_per_layer.begin(), q.route.k_per_layer.end(),
+                                 seqs[0].route.k_per_layer.begin(), seqs[0].route.k_per_layer.end());
+        }
+        check(T <= max_chunk_, "forward: ", T, " tokens in the batch, at most ", max_chunk_, " per call");
+        check(logits.cols == V && logits.rows == R, "forward: logits view is [", logits.rows, ", ", logits.cols,
+              "], expected [", R, ", ", V, "]");
 
         const matrix_view<float> h(h_.data(), T, d), a(a_.data(), T, d), tmp(tmp_.data(), T, d);
-        embed(tokens, h);
-        kdial::rope_tables(cache.pos, T, inv_freq_.data(), std::size_t(c.head_dim), cos_.data(), sin_.data());
+        std::size_t r0 = 0;
+        for (const auto& q : seqs) {
+            embed(q.tokens, h.sub_rows(r0, q.tokens.size()));
+            const std::size_t half = std::size_t(c.head_dim / 2);
+            kdial::rope_tables(q.cache->pos, q.tokens.size(), inv_freq_.data(), std::size_t(c.head_dim),
+                               cos_.data() + r0 * half, sin_.data() + r0 * half);
+            r0 += q.tokens.size();
+        }
+        last_assignments_ = 0;
+        last_tokens_ = T;
         for (std::size_t l = 0; l < w_.layers.size(); ++l) {
             auto& L = w_.layers[l];
             kdial::rmsnorm(h, L.input_norm.data(), c.rms_norm_eps, a);
-            attention(l, a, cache, tmp);
+            attention(l, a, seqs, tmp);
             add_inplace(h, tmp);
             kdial::rmsnorm(h, L.post_norm.data(), c.rms_norm_eps, a);
-            L.moe->forward(a, L.dense ? 1 : k_per_layer[l], tmp);
+            if (L.dense)
+                L.moe->forward(a, 1, tmp);
+            else if (uniform)
+                L.moe->forward(a, seqs[0].route.k_per_layer[l], tmp);
+            else {
+                std::size_t t = 0;
+                for (const auto& q : seqs)
+                    for (std::size_t i = 0; i < q.tokens.size(); ++i, ++t) {
+                        const int k = q.route.threshold ? 0 : q.route.k_per_layer[l];
+                        rules_[t] = q.route.threshold ? kdial::token_k{q.route.threshold->k_min, q.route.threshold->k_max,
+                                                                       q.route.threshold->p}
+                                                      : kdial::token_k{k, k, 1.0f};
+                    }
+                L.moe->forward_token_k(a, std::span<const kdial::token_k>(rules_.data(), T), tmp);
+            }
+            if (!L.dense)
+                last_assignments_ += L.moe->last_assignments();
             add_inplace(h, tmp);
         }
-        cache.pos += T;
-        const std::size_t first = all_positions ? 0 : T - 1;
-        const auto hs = h.sub_rows(first, T - first);
-        kdial::rmsnorm(hs, w_.final_norm.data(), c.rms_norm_eps, a.sub_rows(0, hs.rows));
-        kdial::dense_linear(w_.lm_head, a.sub_rows(0, hs.rows), logits);
+        // Final norm of the rows whose logits are wanted, gathered in order.
+        std::size_t src = 0, dst = 0;
+        for (const auto& q : seqs) {
+            const std::size_t n = q.tokens.size(), first = q.all_positions ? 0 : n - 1;
+            kdial::rmsnorm(h.sub_rows(src + first, n - first), w_.final_norm.data(), c.rms_norm_eps,
+                           a.sub_rows(dst, n - first));
+            src += n;
+            dst += n - first;
+            q.cache->pos += n;
+        }
+        kdial::dense_linear(w_.lm_head, a.sub_rows(0, R), logits);
+    }
+
+    // Turns renormalisation of the kept routing weights on or off in every
+    // MoE layer (--renorm: overrides norm_topk_prob = false at any k).
+    void set_renormalize(bool on)
+    {
+        for (auto& L : w_.layers)
+            if (!L.dense)
+                L.moe->set_renormalize(on);
+    }
+
+    // (token, expert) assignments the experts ran in the last forward call,
+    // summed over MoE layers, and the tokens of that call.
+    std::size_t last_assignments() const noexcept { return last_assignments_; }
+    std::size_t last_tokens() const noexcept { return last_tokens_; }
+
+    // Parameters of one routed expert (gate, up, down: 3 d F).
+    std::size_t params_per_expert() const noexcept
+    {
+        return 3 * std::size_t(w_.cfg.hidden) * std::size_t(w_.cfg.expert_ffn);
+    }
+    // Parameters every token uses whatever k is: attention (with biases and
+    // q/k norms), the layer norms, routers, shared experts and their gates,
+    // dense MLP layers, the final norm and lm_head. The embedding (a row
+    // lookup, no compute) is not counted.
+    std::size_t always_on_params() const
+    {
+        const auto& c = w_.cfg;
+        const std::size_t d = std::size_t(c.hidden);
+        std::size_t n = kdial::rows_of(w_.lm_head) * kdial::cols_of(w_.lm_head) + d;
+        for (const auto& L : w_.layers) {
+            const auto& A = L.attn;
+            for (const auto* w : {&A.q, &A.k, &A.v, &A.o})
+                n += kdial::rows_of(*w) * kdial::cols_of(*w);
+            n += A.q_bias.size() + A.k_bias.size() + A.v_bias.size() + A.o_bias.size() + A.q_norm.size() +
+                 A.k_norm.size() + L.input_norm.size() + L.post_norm.size();
+            if (L.dense)
+                n += 3 * d * L.moe->experts().ffn();
+            else {
+                n += L.router.size();
+                if (L.moe->has_shared_expert())
+                    n += 3 * d * std::size_t(c.shared_ffn) + (c.shared_gate ? d : 0);
+            }
+        }
+        return n;
     }
 
     // Weight bytes one decoded token streams at the given k per layer, with
@@ -211,8 +331,41 @@ private:
                 x(t, i) = std::min(c, std::max(-c, x(t, i)));
     }
 
-    // out [T, d] = o_proj(attention(a)) for the chunk; appends k, v to the cache.
-    void attention(std::size_t l, cmatrix_view<float> a, kv_cache& cache, matrix_view<float> out)
+    // Validates one sequence of a forward call.
+    void check_sequence(const sequence_step& q, std::size_t s) const
+    {
+        const auto& c = w_.cfg;
+        using kdial::detail::check;
+        const std::size_t T = q.tokens.size(), V = std::size_t(c.vocab);
+        const kv_cache& cache = *q.cache;
+        check(T >= 1, "forward: sequence ", s, " has no tokens");
+        check(cache.pos + T <= cache.capacity, "forward: the KV cache holds ", cache.capacity, " positions, ",
+              cache.pos, " used, ", T, " more requested");
+        check(cache.k.size() == std::size_t(c.layers) && cache.width == std::size_t(c.kv_heads * c.head_dim),
+              "forward: KV cache does not match the model");
+        if (q.route.threshold) {
+            const auto& th = *q.route.threshold;
+            check(th.p >= 0.0f && th.p <= 1.0f, "threshold p = ", th.p, " is outside [0, 1]");
+            check(th.k_min >= 1 && th.k_min <= th.k_max && th.k_max <= c.experts, "threshold k range [", th.k_min,
+                  ", ", th.k_max, "] must satisfy 1 <= k_min <= k_max <= num_experts = ", c.experts);
+        } else {
+            const auto ks = q.route.k_per_layer;
+            check(ks.size() == std::size_t(c.layers), "forward: ", ks.size(), " k values for ", c.layers,
+                  " layers");
+            for (std::size_t l = 0; l < ks.size(); ++l)
+                if (!w_.layers[l].dense)
+                    check(ks[l] >= 1 && ks[l] <= c.experts, "k = ", ks[l], " for layer ", l,
+                          " is outside [1, num_experts = ", c.experts, "]");
+        }
+        for (std::size_t t = 0; t < T; ++t)
+            check(q.tokens[t] >= 0 && std::size_t(q.tokens[t]) < V, "token id ", q.tokens[t], " at position ", t,
+                  " is outside [0, vocab_size = ", V, ")");
+    }
+
+    // out [T, d] = o_proj(attention(a)) for the batch: the projections run
+    // over all rows at once, attention per sequence on its own cache
+    // (rows of sequence s follow those of s - 1); appends k, v to each cache.
+    void attention(std::size_t l, cmatrix_view<float> a, std::span<const sequence_step> seqs, matrix_view<float> out)
     {
         const auto& c = w_.cfg;
         auto& A = w_.layers[l].attn;
@@ -233,34 +386,46 @@ private:
         }
         kdial::apply_rope(q, nh, hd, hd, cos_.data(), sin_.data());
         kdial::apply_rope(k, nkv, hd, hd, cos_.data(), sin_.data());
-        const std::size_t P = cache.pos;
-        std::memcpy(cache.k[l].data() + P * kw, k.data, T * kw * sizeof(float));
-        std::memcpy(cache.v[l].data() + P * kw, v.data, T * kw * sizeof(float));
+
+        // Tiles (sequence, head, 16 tokens), each with its own score row.
+        const std::size_t tok_tile = 16;
+        tiles_.clear();
+        std::size_t r0 = 0, score_len = 0;
+        for (std::size_t s = 0; s < seqs.size(); ++s) {
+            const auto& sq = seqs[s];
+            const std::size_t n = sq.tokens.size(), P = sq.cache->pos;
+            std::memcpy(sq.cache->k[l].data() + P * kw, k.row(r0), n * kw * sizeof(float));
+            std::memcpy(sq.cache->v[l].data() + P * kw, v.row(r0), n * kw * sizeof(float));
+            for (std::size_t t0 = 0; t0 < n; t0 += tok_tile)
+                for (std::size_t head = 0; head < nh; ++head) {
+                    tiles_.push_back({s, head, r0 + t0, r0 + std::min(n, t0 + tok_tile), r0, score_len});
+                    score_len += P + n;
+                }
+            r0 += n;
+        }
+        if (scores_.size() < score_len)
+            scores_.resize(score_len); // grows with the context only
 
         const matrix_view<float> o(att_.data(), T, qw);
         const float scale = 1.0f / std::sqrt(float(hd));
         const std::size_t group = nh / nkv;
-        const std::size_t ctx = P + T;
-        const std::size_t tok_tile = 16;
-        const std::size_t tiles = nh * ((T + tok_tile - 1) / tok_tile);
-        if (scores_.size() < tiles * ctx)
-            scores_.resize(tiles * ctx); // grows with the context only
-        const float* K = cache.k[l].data();
-        const float* Vc = cache.v[l].data();
         const std::size_t window = c.sliding_window ? std::size_t(*c.sliding_window) : 0;
-        kdial::parallel::for_each_index(tiles, [&](std::size_t i) {
-            const std::size_t head = i % nh, t0 = (i / nh) * tok_tile, t1 = std::min(T, t0 + tok_tile);
-            const std::size_t kvh = head / group;
-            float* s = scores_.data() + i * ctx;
-            for (std::size_t t = t0; t < t1; ++t) {
-                const std::size_t pos = P + t;
+        kdial::parallel::for_each_index(tiles_.size(), [&](std::size_t i) {
+            const auto& tl = tiles_[i];
+            const kv_cache& cache = *seqs[tl.seq].cache;
+            const std::size_t P = cache.pos, head = tl.head, kvh = head / group;
+            const float* K = cache.k[l].data();
+            const float* Vc = cache.v[l].data();
+            float* s = scores_.data() + tl.score0;
+            for (std::size_t r = tl.r0; r < tl.r1; ++r) {
+                const std::size_t pos = P + (r - tl.first);
                 const std::size_t j0 = window && pos + 1 > window ? pos + 1 - window : 0;
-                const float* qv = q.row(t) + head * hd;
+                const float* qv = q.row(r) + head * hd;
                 for (std::size_t j = j0; j <= pos; ++j)
                     s[j - j0] = kdial::simd::dot(qv, K + j * kw + kvh * hd, hd) * scale;
                 const std::size_t n = pos + 1 - j0;
                 kdial::softmax_inplace(s, n);
-                float* ov = o.row(t) + head * hd;
+                float* ov = o.row(r) + head * hd;
                 std::memset(ov, 0, hd * sizeof(float));
                 for (std::size_t j = 0; j < n; ++j)
                     kdial::simd::axpy(s[j], Vc + (j0 + j) * kw + kvh * hd, ov, hd);
@@ -269,9 +434,19 @@ private:
         kdial::dense_linear(A.o, cmatrix_view<float>(o), out, A.o_bias.empty() ? nullptr : A.o_bias.data());
     }
 
+    struct att_tile {
+        std::size_t seq, head;
+        std::size_t r0, r1;   // rows of the batch
+        std::size_t first;    // the sequence's first row
+        std::size_t score0;   // offset of this tile's score row
+    };
+
     model_weights w_;
     std::size_t max_chunk_;
     std::vector<float> h_, a_, q_, k_, v_, att_, tmp_, inv_freq_, cos_, sin_, scores_;
+    std::vector<kdial::token_k> rules_; // [max_chunk] per-token routing of a mixed batch
+    std::vector<att_tile> tiles_;
+    std::size_t last_assignments_ = 0, last_tokens_ = 0;
 };
 
 } // namespace olmoe

@@ -12,6 +12,7 @@
 #include <kdial/core/dtype.hpp>
 #include <kdial/core/error.hpp>
 #include <kdial/io/safetensors_writer.hpp>
+#include <kdial/io/tokenizer.hpp>
 
 #include <nlohmann/json.hpp>
 #include <tbb/blocked_range.h>
@@ -29,7 +30,7 @@
 namespace olmoe {
 
 struct synthetic_options {
-    std::string preset = "tiny"; // tiny | olmoe
+    std::string preset = "tiny"; // tiny | olmoe | tiny-qwen2-moe | qwen2-moe | tiny-mixtral | mixtral
     int layers = 0;               // 0: the preset's default
     std::string dtype = "bf16";   // bf16 | f32
     int shards = 1;
@@ -75,10 +76,13 @@ inline const char* corpus()
            "and measure how the cost falls with k. ";
 }
 
-// Byte-level BPE tokenizer.json (GPT-NeoX / OLMoE style): ids 0 and 1 are
-// <|endoftext|> and <|padding|>, then the 256 byte symbols, then `merges`
-// merges learned from corpus(). Returns (json text, vocabulary size).
-inline std::pair<std::string, int> tokenizer_json(int merges)
+// Byte-level BPE tokenizer.json learned from corpus() with `merges` merges.
+// GPT-NeoX / OLMoE style (qwen = false): ids 0 and 1 are <|endoftext|> and
+// <|padding|>, then the 256 byte symbols, then the merges; ByteLevel
+// pre-tokenizer with the GPT-2 regex. Qwen2 style (qwen = true): bytes, then
+// merges, then <|endoftext|>, <|im_start|>, <|im_end|>; Split on the Qwen2
+// regex then ByteLevel without a regex. Returns (json text, vocabulary size).
+inline std::pair<std::string, int> tokenizer_json(int merges, bool qwen = false)
 {
     // GPT-2 byte -> unicode table.
     std::vector<std::string> sym(256);
@@ -98,7 +102,7 @@ inline std::pair<std::string, int> tokenizer_json(int merges)
         sym[std::size_t(b)] = utf8(keep ? unsigned(b) : unsigned(0x100 + extra++));
     }
     nlohmann::ordered_json vocab = nlohmann::ordered_json::object();
-    int next = 2;
+    int next = qwen ? 0 : 2;
     for (int b = 0; b < 256; ++b)
         vocab[sym[std::size_t(b)]] = next++;
     // Words: a leading space joins the word (as the GPT-2 regex splits).
@@ -152,14 +156,29 @@ inline std::pair<std::string, int> tokenizer_json(int merges)
                                       {"special", true}};
     };
     const nlohmann::ordered_json byte_level = {
-        {"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", true}};
+        {"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", !qwen}};
+    nlohmann::ordered_json added_tokens = {added(0, "<|endoftext|>"), added(1, "<|padding|>")};
+    nlohmann::ordered_json pre = byte_level;
+    if (qwen) {
+        added_tokens = {added(next, "<|endoftext|>"), added(next + 1, "<|im_start|>"), added(next + 2, "<|im_end|>")};
+        next += 3;
+        nlohmann::ordered_json split = nlohmann::ordered_json::object();
+        split["type"] = "Split";
+        split["pattern"] = nlohmann::ordered_json::object();
+        split["pattern"]["Regex"] = std::string(kdial::io::qwen2_split_pattern);
+        split["behavior"] = "Isolated";
+        split["invert"] = false;
+        pre = nlohmann::ordered_json::object();
+        pre["type"] = "Sequence";
+        pre["pretokenizers"] = nlohmann::ordered_json::array({split, byte_level});
+    }
     nlohmann::ordered_json j = {
         {"version", "1.0"},
         {"truncation", nullptr},
         {"padding", nullptr},
-        {"added_tokens", {added(0, "<|endoftext|>"), added(1, "<|padding|>")}},
+        {"added_tokens", added_tokens},
         {"normalizer", {{"type", "NFC"}}},
-        {"pre_tokenizer", byte_level},
+        {"pre_tokenizer", pre},
         {"post_processor", byte_level},
         {"decoder", byte_level},
         {"model",
@@ -188,25 +207,28 @@ inline model_config make_synthetic(const std::string& dir, const synthetic_optio
     check(o.dtype == "bf16" || o.dtype == "f32", "make-synthetic: --dtype must be bf16 or f32, got '", o.dtype, "'");
     check(o.shards >= 1 && o.shards <= 64, "make-synthetic: --shards must be in [1, 64], got ", o.shards);
     check(o.layers >= 0 && o.layers <= 64, "make-synthetic: --layers must be in [1, 64], got ", o.layers);
-    const auto [tok_json, tok_vocab] = synth::tokenizer_json(o.preset == "tiny" ? 120 : 400);
+    const bool qwen = o.preset == "qwen2-moe" || o.preset == "tiny-qwen2-moe";
+    const bool tiny = o.preset.rfind("tiny", 0) == 0;
+    const auto [tok_json, tok_vocab] = synth::tokenizer_json(tiny ? 120 : 400, qwen);
+    const char* torch_dtype = o.dtype == "bf16" ? "bfloat16" : "float32";
     nlohmann::ordered_json cfg;
-    if (o.preset == "tiny") {
+    if (o.preset == "tiny" || o.preset == "olmoe") {
         cfg = {{"architectures", {"OlmoeForCausalLM"}},
                {"model_type", "olmoe"},
-               {"hidden_size", 64},
-               {"intermediate_size", 32},
-               {"num_hidden_layers", o.layers ? o.layers : 2},
-               {"num_attention_heads", 4},
-               {"num_key_value_heads", 4},
-               {"num_experts", 8},
-               {"num_experts_per_tok", 4},
+               {"hidden_size", tiny ? 64 : 2048},
+               {"intermediate_size", tiny ? 32 : 1024},
+               {"num_hidden_layers", o.layers ? o.layers : tiny ? 2 : 16},
+               {"num_attention_heads", tiny ? 4 : 16},
+               {"num_key_value_heads", tiny ? 4 : 16},
+               {"num_experts", tiny ? 8 : 64},
+               {"num_experts_per_tok", tiny ? 4 : 8},
                {"norm_topk_prob", false},
                {"rope_theta", 10000.0},
                {"rope_scaling", nullptr},
                {"clip_qkv", nullptr},
                {"attention_bias", false},
                {"hidden_act", "silu"},
-               {"vocab_size", (tok_vocab + 63) / 64 * 64},
+               {"vocab_size", tiny ? (tok_vocab + 63) / 64 * 64 : 50304},
                {"max_position_embeddings", 4096},
                {"tie_word_embeddings", false},
                {"eos_token_id", 0},
@@ -214,33 +236,63 @@ inline model_config make_synthetic(const std::string& dir, const synthetic_optio
                {"bos_token_id", nullptr},
                {"router_aux_loss_coef", 0.01},
                {"output_router_logits", false},
-               {"torch_dtype", o.dtype == "bf16" ? "bfloat16" : "float32"}};
-    } else if (o.preset == "olmoe") {
-        cfg = {{"architectures", {"OlmoeForCausalLM"}},
-               {"model_type", "olmoe"},
-               {"hidden_size", 2048},
-               {"intermediate_size", 1024},
-               {"num_hidden_layers", o.layers ? o.layers : 16},
-               {"num_attention_heads", 16},
-               {"num_key_value_heads", 16},
-               {"num_experts", 64},
-               {"num_experts_per_tok", 8},
-               {"norm_topk_prob", false},
-               {"rope_theta", 10000.0},
-               {"rope_scaling", nullptr},
-               {"clip_qkv", nullptr},
-               {"attention_bias", false},
+               {"torch_dtype", torch_dtype}};
+    } else if (qwen) {
+        // tiny: a dense MLP layer mixed in (mlp_only_layers) and renormalised routing.
+        cfg = {{"architectures", {"Qwen2MoeForCausalLM"}},
+               {"model_type", "qwen2_moe"},
+               {"hidden_size", tiny ? 64 : 2048},
+               {"intermediate_size", tiny ? 128 : 5632},
+               {"moe_intermediate_size", tiny ? 32 : 1408},
+               {"shared_expert_intermediate_size", tiny ? 96 : 5632},
+               {"num_hidden_layers", o.layers ? o.layers : tiny ? 3 : 24},
+               {"num_attention_heads", tiny ? 4 : 16},
+               {"num_key_value_heads", tiny ? 4 : 16},
+               {"num_experts", tiny ? 8 : 60},
+               {"num_experts_per_tok", tiny ? 2 : 4},
+               {"norm_topk_prob", tiny},
+               {"decoder_sparse_step", 1},
+               {"mlp_only_layers", tiny ? nlohmann::ordered_json::array({1}) : nlohmann::ordered_json::array()},
+               {"rope_theta", 1000000.0},
+               {"rms_norm_eps", 1e-6},
                {"hidden_act", "silu"},
-               {"vocab_size", 50304},
-               {"max_position_embeddings", 4096},
+               {"use_sliding_window", false},
+               {"sliding_window", 32768},
+               {"max_window_layers", 21},
+               {"vocab_size", tiny ? (tok_vocab + 63) / 64 * 64 : 151936},
+               {"max_position_embeddings", 8192},
                {"tie_word_embeddings", false},
-               {"eos_token_id", 0},
-               {"pad_token_id", 1},
-               {"router_aux_loss_coef", 0.01},
+               {"bos_token_id", tok_vocab - 3},
+               {"eos_token_id", tok_vocab - 3},
+               {"router_aux_loss_coef", 0.001},
                {"output_router_logits", false},
-               {"torch_dtype", o.dtype == "bf16" ? "bfloat16" : "float32"}};
+               {"torch_dtype", torch_dtype}};
+    } else if (o.preset == "mixtral" || o.preset == "tiny-mixtral") {
+        // tiny: GQA (8 query heads on 2 kv heads) and a sliding window of 8.
+        cfg = {{"architectures", {"MixtralForCausalLM"}},
+               {"model_type", "mixtral"},
+               {"hidden_size", tiny ? 64 : 4096},
+               {"intermediate_size", tiny ? 48 : 14336},
+               {"num_hidden_layers", o.layers ? o.layers : tiny ? 2 : 32},
+               {"num_attention_heads", tiny ? 8 : 32},
+               {"num_key_value_heads", tiny ? 2 : 8},
+               {"num_local_experts", tiny ? 4 : 8},
+               {"num_experts_per_tok", 2},
+               {"rope_theta", 1000000.0},
+               {"rms_norm_eps", 1e-5},
+               {"hidden_act", "silu"},
+               {"sliding_window", tiny ? nlohmann::ordered_json(8) : nlohmann::ordered_json(nullptr)},
+               {"vocab_size", tiny ? (tok_vocab + 63) / 64 * 64 : 32000},
+               {"max_position_embeddings", 32768},
+               {"tie_word_embeddings", false},
+               {"bos_token_id", 1},
+               {"eos_token_id", 0},
+               {"router_aux_loss_coef", 0.02},
+               {"output_router_logits", false},
+               {"torch_dtype", torch_dtype}};
     } else
-        throw kdial::error(cat("make-synthetic: unknown --preset '", o.preset, "' (tiny, olmoe)"));
+        throw kdial::error(cat("make-synthetic: unknown --preset '", o.preset,
+                               "' (tiny, olmoe, tiny-qwen2-moe, qwen2-moe, tiny-mixtral, mixtral)"));
     const model_config c = parse_config(cfg.dump(), "synthetic config");
 
     // The tensor list, in Hugging Face names, with an init scale each.
@@ -255,6 +307,12 @@ inline model_config make_synthetic(const std::string& dir, const synthetic_optio
                       qw = std::size_t(c.heads * c.head_dim), kw = std::size_t(c.kv_heads * c.head_dim);
     const float sd = 1.0f / std::sqrt(float(d));
     specs.push_back({"model.embed_tokens.weight", {V, d}, 1.0f, 0.0f});
+    const std::string moe = c.fam == family::mixtral ? "block_sparse_moe" : "mlp";
+    auto mlp = [&](const std::string& pre, std::size_t width, const char* g, const char* u, const char* dn) {
+        specs.push_back({pre + g, {width, d}, sd, 0.0f});
+        specs.push_back({pre + u, {width, d}, sd, 0.0f});
+        specs.push_back({pre + dn, {d, width}, 1.0f / std::sqrt(float(width)), 0.0f});
+    };
     for (int l = 0; l < c.layers; ++l) {
         const std::string p = cat("model.layers.", l, ".");
         specs.push_back({p + "input_layernorm.weight", {d}, 0.1f, 1.0f});
@@ -262,15 +320,34 @@ inline model_config make_synthetic(const std::string& dir, const synthetic_optio
         specs.push_back({p + "self_attn.k_proj.weight", {kw, d}, sd, 0.0f});
         specs.push_back({p + "self_attn.v_proj.weight", {kw, d}, sd, 0.0f});
         specs.push_back({p + "self_attn.o_proj.weight", {d, qw}, 1.0f / std::sqrt(float(qw)), 0.0f});
-        specs.push_back({p + "self_attn.q_norm.weight", {qw}, 0.1f, 1.0f});
-        specs.push_back({p + "self_attn.k_norm.weight", {kw}, 0.1f, 1.0f});
+        if (c.qkv_bias || c.attention_bias) {
+            specs.push_back({p + "self_attn.q_proj.bias", {qw}, 0.1f, 0.0f});
+            specs.push_back({p + "self_attn.k_proj.bias", {kw}, 0.1f, 0.0f});
+            specs.push_back({p + "self_attn.v_proj.bias", {kw}, 0.1f, 0.0f});
+        }
+        if (c.attention_bias)
+            specs.push_back({p + "self_attn.o_proj.bias", {d}, 0.1f, 0.0f});
+        if (c.qk_norm) {
+            specs.push_back({p + "self_attn.q_norm.weight", {qw}, 0.1f, 1.0f});
+            specs.push_back({p + "self_attn.k_norm.weight", {kw}, 0.1f, 1.0f});
+        }
         specs.push_back({p + "post_attention_layernorm.weight", {d}, 0.1f, 1.0f});
-        specs.push_back({p + "mlp.gate.weight", {std::size_t(c.experts), d}, 3.0f * sd, 0.0f});
+        if (!c.is_moe_layer(l)) {
+            mlp(p + "mlp.", std::size_t(c.dense_ffn), "gate_proj.weight", "up_proj.weight", "down_proj.weight");
+            continue;
+        }
+        specs.push_back({p + moe + ".gate.weight", {std::size_t(c.experts), d}, 3.0f * sd, 0.0f});
         for (int e = 0; e < c.experts; ++e) {
-            const std::string ep = cat(p, "mlp.experts.", e, ".");
-            specs.push_back({ep + "gate_proj.weight", {F, d}, sd, 0.0f});
-            specs.push_back({ep + "up_proj.weight", {F, d}, sd, 0.0f});
-            specs.push_back({ep + "down_proj.weight", {d, F}, 1.0f / std::sqrt(float(F)), 0.0f});
+            const std::string ep = cat(p, moe, ".experts.", e, ".");
+            if (c.fam == family::mixtral)
+                mlp(ep, F, "w1.weight", "w3.weight", "w2.weight");
+            else
+                mlp(ep, F, "gate_proj.weight", "up_proj.weight", "down_proj.weight");
+        }
+        if (c.shared_ffn > 0) {
+            mlp(p + "mlp.shared_expert.", std::size_t(c.shared_ffn), "gate_proj.weight", "up_proj.weight",
+                "down_proj.weight");
+            specs.push_back({p + "mlp.shared_expert_gate.weight", {1, d}, sd, 0.0f});
         }
     }
     specs.push_back({"model.norm.weight", {d}, 0.1f, 1.0f});
@@ -333,7 +410,8 @@ inline model_config make_synthetic(const std::string& dir, const synthetic_optio
             // (so the demo's generation does not stop at once).
             if (s.name == "lm_head.weight")
                 for (std::size_t row = 0; row < s.shape[0]; ++row)
-                    if (row < 2 || row >= std::size_t(tok_vocab))
+                    if ((!qwen && row < 2) || (qwen && row + 3 >= std::size_t(tok_vocab)) ||
+                        row >= std::size_t(tok_vocab))
                         std::fill(v.begin() + std::ptrdiff_t(row * s.shape[1]),
                                   v.begin() + std::ptrdiff_t((row + 1) * s.shape[1]), 0.0f);
             if (bf) {

@@ -89,6 +89,17 @@ TEST_CASE_TEMPLATE("linear: matches reference within gamma_K bound, odd shapes [
 
             std::vector<double> want, abs;
             ref::linear(wf, s.O, s.K, x.view.data, n, x.view.stride, want, abs);
+            // Bound: gamma_K * sum |w x| (w the dequantised f32 weight). For
+            // f32/bf16 every path only reorders an FMA sum of the exact
+            // products. The q8 GEMV path sums q * x per 32-block first and
+            // scales once (fma(block sum, scale, acc)), i.e. it uses the exact
+            // scale * q instead of w = fl(scale * q) = scale * q (1 + d),
+            // |d| <= u. Each term then carries at most m + 1 factors
+            // (1 + e)^(+-1), |e| <= u: m roundings (32 / L in the block, one
+            // for the scale FMA, its chain of ceil(nb / C), C - 1 chain adds,
+            // log2 L for hsum, the tail) plus the one for d. m + 1 <= K for
+            // every K >= 32 (blocks only exist there), so gamma_K still holds
+            // (Higham, Lemma 3.1).
             std::vector<double> tol(abs.size());
             for (std::size_t i = 0; i < abs.size(); ++i)
                 tol[i] = ref::gamma(s.K) * abs[i] + 1e-30;

@@ -310,3 +310,136 @@ TEST_CASE("moe_layer: layers sharing one workspace give the results of layers wi
     auto small = std::make_shared<moe_workspace>(T, T, 8, d, F - 1);
     CHECK_THROWS_AS(moe_layer(cmatrix_view<float>(a.router.data(), 8, d), a.experts(), small), kdial::error);
 }
+
+// ---- per-token k, threshold routing, renormalisation override ----
+
+#include "ref/routing_k_ref.hpp"
+
+TEST_CASE_TEMPLATE("moe_layer: forward_variable_k — uniform k is forward() bit for bit; mixed k matches the reference [layer][variable_k]",
+                   W, f32_t, bf16_t, q8_t)
+{
+    const std::size_t d = 40, F = 36;
+    const int E = 8;
+    layer_fixture<W> fx(d, F, E, 31, 24);
+    for (bool renorm : {false, true}) {
+        router_options opt;
+        opt.renormalize = renorm;
+        auto layer = fx.make(300, E, opt);
+        for (std::size_t T : {std::size_t(1), std::size_t(4), std::size_t(7), std::size_t(300)}) {
+            const auto X = test::random_floats(T * d, 40u + T);
+            std::vector<float> out(T * d, -9.0f);
+            // Uniform: the same plan, the same kernels, the same bytes.
+            for (int k : {1, 3, 8}) {
+                const auto want = run<W>(layer, X, T, k);
+                const std::vector<int> ks(T, k);
+                layer.forward_variable_k(cmatrix_view<float>(X.data(), T, d), ks, matrix_view<float>(out.data(), T, d));
+                REQUIRE(test::same_bytes(out, want));
+                // A threshold whose range is one k is that k.
+                layer.forward_threshold(cmatrix_view<float>(X.data(), T, d), {0.5f, k, k},
+                                        matrix_view<float>(out.data(), T, d));
+                REQUIRE(test::same_bytes(out, want));
+            }
+            // Mixed: routing exactly the reference's per token, output within
+            // the derived bound of the double reference for that routing.
+            std::vector<int> ks(T);
+            for (std::size_t t = 0; t < T; ++t)
+                ks[t] = 1 + int((t * 5) % std::size_t(E));
+            layer.forward_variable_k(cmatrix_view<float>(X.data(), T, d), ks, matrix_view<float>(out.data(), T, d));
+            std::vector<token_k> rules;
+            for (int k : ks)
+                rules.push_back({k, k, 1.0f});
+            const auto lg = layer.last_logits();
+            const std::vector<float> logits(lg.data, lg.data + T * std::size_t(E));
+            const int kc = *std::max_element(ks.begin(), ks.end());
+            const auto want = ref::route_token_k(logits, T, E, rules, kc, opt);
+            const auto ids = layer.last_ids();
+            const auto w = layer.last_weights();
+            REQUIRE(ids.cols == std::size_t(kc));
+            REQUIRE(std::vector<std::int32_t>(ids.data, ids.data + T * kc) == want.ids);
+            REQUIRE(test::same_bytes(std::vector<float>(w.data, w.data + T * kc), want.weights));
+            REQUIRE(std::vector<int>(layer.last_kept().begin(), layer.last_kept().end()) == ks);
+            std::size_t sum = 0;
+            for (int k : ks)
+                sum += std::size_t(k);
+            REQUIRE(layer.last_assignments() == sum);
+            fx.check(layer, X, T, kc, opt, out, true);
+            // And the same bytes for 1 and 2 threads.
+            std::vector<float> one(T * d), two(T * d);
+            test::with_threads(1, [&] {
+                layer.forward_variable_k(cmatrix_view<float>(X.data(), T, d), ks, matrix_view<float>(one.data(), T, d));
+            });
+            test::with_threads(2, [&] {
+                layer.forward_variable_k(cmatrix_view<float>(X.data(), T, d), ks, matrix_view<float>(two.data(), T, d));
+            });
+            REQUIRE(test::same_bytes(one, out));
+            REQUIRE(test::same_bytes(two, out));
+        }
+    }
+}
+
+TEST_CASE("moe_layer: forward_threshold — p -> 0 is k_min, p = 1 is k_max, between matches the reference [layer][threshold]")
+{
+    const std::size_t d = 48, F = 32, T = 64;
+    const int E = 16;
+    layer_fixture<bf16_t> fx(d, F, E, 55);
+    auto layer = fx.make(T, E);
+    const auto X = test::random_floats(T * d, 56, -2.0f, 2.0f);
+    std::vector<float> out(T * d);
+    const cmatrix_view<float> xv(X.data(), T, d);
+    const matrix_view<float> ov(out.data(), T, d);
+    layer.forward_threshold(xv, {1e-9f, 2, 6}, ov);
+    REQUIRE(test::same_bytes(out, run<bf16_t>(layer, X, T, 2)));
+    layer.forward_threshold(xv, {1.0f, 2, 6}, ov);
+    REQUIRE(test::same_bytes(out, run<bf16_t>(layer, X, T, 6)));
+    for (float p : {0.2f, 0.5f, 0.8f}) {
+        layer.forward_threshold(xv, {p, 1, 6}, ov);
+        const auto lg = layer.last_logits();
+        const std::vector<float> logits(lg.data, lg.data + T * std::size_t(E));
+        std::vector<int> kept;
+        const auto want = ref::route_token_k(logits, T, E, std::vector<token_k>(T, {1, 6, p}), 6, {}, &kept);
+        REQUIRE(std::vector<int>(layer.last_kept().begin(), layer.last_kept().end()) == kept);
+        const auto ids = layer.last_ids();
+        REQUIRE(std::vector<std::int32_t>(ids.data, ids.data + T * 6) == want.ids);
+        fx.check(layer, X, T, 6, {}, out, true);
+    }
+}
+
+TEST_CASE("moe_layer: set_renormalize overrides the routing options at any k [layer]")
+{
+    const std::size_t d = 32, F = 24, T = 9;
+    layer_fixture<f32_t> fx(d, F, 8, 71);
+    auto plain = fx.make(T, 8);
+    router_options on;
+    on.renormalize = true;
+    auto renorm = fx.make(T, 8, on);
+    const auto X = test::random_floats(T * d, 72);
+    plain.set_renormalize(true);
+    for (int k : {1, 2, 5})
+        REQUIRE(test::same_bytes(run<f32_t>(plain, X, T, k), run<f32_t>(renorm, X, T, k)));
+    plain.set_renormalize(false);
+    REQUIRE(!test::same_bytes(run<f32_t>(plain, X, T, 2), run<f32_t>(renorm, X, T, 2)));
+}
+
+TEST_CASE("moe_layer: per-token k bad input throws a kdial::error naming the problem [layer][errors]")
+{
+    const std::size_t d = 16, F = 24, T = 4;
+    layer_fixture<f32_t> fx(d, F, 4, 1);
+    auto layer = fx.make(T, 2);
+    const auto X = test::random_floats(T * d, 2);
+    std::vector<float> out(T * d, -1.0f);
+    const cmatrix_view<float> xv(X.data(), T, d);
+    const matrix_view<float> ov(out.data(), T, d);
+    CHECK_THROWS_WITH_AS(layer.forward_variable_k(xv, std::vector<int>{1, 2, 5, 1}, ov),
+                         "kdial::moe_layer::forward_variable_k: k = 5 for token 2 outside [1, E = 4]", kdial::error);
+    CHECK_THROWS_WITH_AS(layer.forward_variable_k(xv, std::vector<int>{1, 2}, ov),
+                         "kdial::moe_layer::forward_variable_k: 2 k values for T = 4 tokens", kdial::error);
+    CHECK_THROWS_WITH_AS(layer.forward_variable_k(xv, std::vector<int>{1, 3, 1, 1}, ov),
+                         "kdial::moe_layer::forward_variable_k: T * max k = 4 * 3 exceeds the workspace's 8 slots",
+                         kdial::error);
+    CHECK_THROWS_WITH_AS(layer.forward_threshold(xv, {-0.5f, 1, 2}, ov),
+                         "kdial::moe_layer::forward_threshold: threshold p = -0.5 outside [0, 1]", kdial::error);
+    CHECK_THROWS_WITH_AS(layer.forward_threshold(xv, {0.5f, 1, 5}, ov),
+                         "kdial::moe_layer::forward_threshold: k range [1, 5] must satisfy 1 <= k_min <= k_max <= E = 4",
+                         kdial::error);
+    CHECK(out == std::vector<float>(T * d, -1.0f));
+}

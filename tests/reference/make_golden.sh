@@ -13,8 +13,10 @@ gen() { # name, make-synthetic options...
   local name=$1; shift
   rm -rf "tests/golden/$name"
   "$OLMOE" make-synthetic --out "tests/golden/$name" "$@"
-  "$PY" tests/reference/moe_ref.py "tests/golden/$name" --tokens "$TOKENS" --k 1,2,0 \
+  "$PY" tests/reference/moe_ref.py "tests/golden/$name" --tokens "$TOKENS" --k "${KS:-1,2,0}" \
     --out-prefix "tests/golden/$name/ref_logits"
 }
 gen olmoe-tiny-f32 --preset tiny --layers 2 --dtype f32 --seed 11
 gen olmoe-tiny-bf16 --preset tiny --layers 2 --dtype bf16 --shards 2 --seed 12
+KS=1,2,3 gen qwen2-moe-tiny-f32 --preset tiny-qwen2-moe --dtype f32 --seed 13
+KS=1,2,4 gen mixtral-tiny-bf16 --preset tiny-mixtral --dtype bf16 --seed 14

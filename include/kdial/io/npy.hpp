@@ -32,18 +32,18 @@ using ::kdial::detail::check;
 
 // A float32 array read from a .npy file.
 struct npy_array {
-    std::vector<std::size_t> shape;  // 1 or 2 dims
-    std::vector<float> data;         // row-major, numel(shape) values
+    std::vector<std::size_t> shape; // 1 or 2 dims
+    std::vector<float> data; // row-major, numel(shape) values
 
     std::size_t rows() const noexcept { return shape.size() == 2 ? shape[0] : 1; }
     std::size_t cols() const noexcept { return shape.empty() ? 0 : shape.back(); }
     // [rows, cols]; a 1-D array is one row.
-    cmatrix_view<float> matrix() const noexcept { return {data.data(), rows(), cols()}; }
+    cmatrix_view<float> matrix() const noexcept { return { data.data(), rows(), cols() }; }
 };
 
 namespace detail {
 
-inline constexpr char npy_magic[] = "\x93NUMPY";  // 6 bytes + NUL
+inline constexpr char npy_magic[] = "\x93NUMPY"; // 6 bytes + NUL
 inline constexpr std::size_t npy_align = 64;
 
 // Magic, version 1.0, header length and the padded header dict, as NumPy's
@@ -73,7 +73,7 @@ inline std::string npy_header(std::span<const std::size_t> shape)
 }
 
 inline void npy_write(const std::filesystem::path& path, std::span<const std::size_t> shape, const float* data,
-                      std::size_t rows, std::size_t cols, std::size_t stride)
+    std::size_t rows, std::size_t cols, std::size_t stride)
 {
     const std::string name = path.string();
     const std::string header = npy_header(shape);
@@ -155,7 +155,7 @@ struct npy_header_parser {
             v = v * 10 + d;
             ++i;
         }
-        if (i < s.size() && s[i] == 'L')  // Python 2 long
+        if (i < s.size() && s[i] == 'L') // Python 2 long
             ++i;
         return v;
     }
@@ -186,7 +186,7 @@ inline npy_array parse_npy(std::span<const std::byte> bytes, std::string_view fi
     using detail::check;
     const auto u8 = [&](std::size_t k) { return std::to_integer<std::uint32_t>(bytes[k]); };
     check(bytes.size() >= 10 && std::memcmp(bytes.data(), detail::npy_magic, 6) == 0, file_name,
-          ": not a .npy file (no \\x93NUMPY magic)");
+        ": not a .npy file (no \\x93NUMPY magic)");
     const std::uint32_t major = u8(6), minor = u8(7);
     std::size_t hstart = 0, hlen = 0;
     if (major == 1) {
@@ -200,10 +200,10 @@ inline npy_array parse_npy(std::span<const std::byte> bytes, std::string_view fi
         throw error(detail::cat(file_name, ": unsupported .npy format version ", major, ".", minor));
     }
     check(hlen <= bytes.size() - hstart, file_name, ": .npy header length ", hlen, " runs past the end of the file (",
-          bytes.size(), " bytes)");
+        bytes.size(), " bytes)");
 
-    detail::npy_header_parser p{std::string_view(reinterpret_cast<const char*>(bytes.data() + hstart), hlen), 0,
-                                file_name};
+    detail::npy_header_parser p { std::string_view(reinterpret_cast<const char*>(bytes.data() + hstart), hlen), 0,
+        file_name };
     std::optional<std::string> descr;
     std::optional<bool> fortran;
     std::optional<std::vector<std::size_t>> shape;
@@ -220,7 +220,7 @@ inline npy_array parse_npy(std::span<const std::byte> bytes, std::string_view fi
         else
             p.fail(detail::cat("has an unexpected or repeated key '", key, "'"));
         if (p.eat(','))
-            open = !p.eat('}');  // a trailing comma is allowed, as NumPy writes one
+            open = !p.eat('}'); // a trailing comma is allowed, as NumPy writes one
         else {
             p.expect('}');
             open = false;
@@ -230,11 +230,13 @@ inline npy_array parse_npy(std::span<const std::byte> bytes, std::string_view fi
     if (p.i != p.s.size())
         p.fail("has trailing characters");
     check(descr && fortran && shape, file_name, ": .npy header lacks ",
-          !descr ? "'descr'" : !fortran ? "'fortran_order'" : "'shape'");
+        !descr         ? "'descr'"
+            : !fortran ? "'fortran_order'"
+                       : "'shape'");
     check(*descr == "<f4", file_name, ": .npy descr is '", *descr, "', only '<f4' (little-endian float32) is read");
     check(!*fortran, file_name, ": .npy array is in Fortran order, only C order is read");
     check(shape->size() == 1 || shape->size() == 2, file_name, ": .npy array has ", shape->size(),
-          " dims, only 1-D and 2-D arrays are read");
+        " dims, only 1-D and 2-D arrays are read");
 
     std::size_t numel = 1;
     for (std::size_t d : *shape) {
@@ -265,26 +267,26 @@ inline npy_array read_npy(const std::filesystem::path& path)
 }
 
 // Writes data [rows, cols] (row-major, dense) as a 2-D '<f4' array.
-inline void write_npy(const std::filesystem::path& path, std::span<const float> data, std::size_t rows,
-                      std::size_t cols)
+inline void write_npy(
+    const std::filesystem::path& path, std::span<const float> data, std::size_t rows, std::size_t cols)
 {
     detail::check(cols == 0 || rows <= data.size() / cols, path.string(), ": write_npy of [", rows, ", ", cols,
-                  "] from ", data.size(), " floats");
+        "] from ", data.size(), " floats");
     detail::check(data.size() == rows * cols, path.string(), ": write_npy of [", rows, ", ", cols, "] from ",
-                  data.size(), " floats");
-    const std::size_t shape[2] = {rows, cols};
+        data.size(), " floats");
+    const std::size_t shape[2] = { rows, cols };
     detail::npy_write(path, shape, data.data(), rows, cols, cols);
 }
 // Writes a matrix view (any row stride) as a 2-D '<f4' array.
 inline void write_npy(const std::filesystem::path& path, cmatrix_view<float> m)
 {
-    const std::size_t shape[2] = {m.rows, m.cols};
+    const std::size_t shape[2] = { m.rows, m.cols };
     detail::npy_write(path, shape, m.data, m.rows, m.cols, m.stride);
 }
 // Writes a 1-D '<f4' array.
 inline void write_npy(const std::filesystem::path& path, std::span<const float> data)
 {
-    const std::size_t shape[1] = {data.size()};
+    const std::size_t shape[1] = { data.size() };
     detail::npy_write(path, shape, data.data(), 1, data.size(), data.size());
 }
 

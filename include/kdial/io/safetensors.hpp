@@ -44,8 +44,8 @@ using ::kdial::detail::cat;
 using ::kdial::detail::check;
 } // namespace detail
 
-static_assert(std::endian::native == std::endian::little,
-              "safetensors data are little-endian; views reinterpret them in place");
+static_assert(
+    std::endian::native == std::endian::little, "safetensors data are little-endian; views reinterpret them in place");
 
 // ---------------------------------------------------------------------------
 // dtypes
@@ -53,26 +53,57 @@ static_assert(std::endian::native == std::endian::little,
 
 // Every dtype string of the safetensors format (spec §6.4). All are parsed and
 // reported; typed views exist for F32, BF16 and F16 only.
-enum class st_dtype : std::uint8_t { boolean, u8, i8, f8_e5m2, f8_e4m3, i16, u16, f16, bf16, i32, u32, f32, f64, i64, u64 };
+enum class st_dtype : std::uint8_t {
+    boolean,
+    u8,
+    i8,
+    f8_e5m2,
+    f8_e4m3,
+    i16,
+    u16,
+    f16,
+    bf16,
+    i32,
+    u32,
+    f32,
+    f64,
+    i64,
+    u64
+};
 
 inline constexpr std::string_view st_dtype_name(st_dtype t) noexcept
 {
     switch (t) {
-    case st_dtype::boolean: return "BOOL";
-    case st_dtype::u8: return "U8";
-    case st_dtype::i8: return "I8";
-    case st_dtype::f8_e5m2: return "F8_E5M2";
-    case st_dtype::f8_e4m3: return "F8_E4M3";
-    case st_dtype::i16: return "I16";
-    case st_dtype::u16: return "U16";
-    case st_dtype::f16: return "F16";
-    case st_dtype::bf16: return "BF16";
-    case st_dtype::i32: return "I32";
-    case st_dtype::u32: return "U32";
-    case st_dtype::f32: return "F32";
-    case st_dtype::f64: return "F64";
-    case st_dtype::i64: return "I64";
-    case st_dtype::u64: return "U64";
+    case st_dtype::boolean:
+        return "BOOL";
+    case st_dtype::u8:
+        return "U8";
+    case st_dtype::i8:
+        return "I8";
+    case st_dtype::f8_e5m2:
+        return "F8_E5M2";
+    case st_dtype::f8_e4m3:
+        return "F8_E4M3";
+    case st_dtype::i16:
+        return "I16";
+    case st_dtype::u16:
+        return "U16";
+    case st_dtype::f16:
+        return "F16";
+    case st_dtype::bf16:
+        return "BF16";
+    case st_dtype::i32:
+        return "I32";
+    case st_dtype::u32:
+        return "U32";
+    case st_dtype::f32:
+        return "F32";
+    case st_dtype::f64:
+        return "F64";
+    case st_dtype::i64:
+        return "I64";
+    case st_dtype::u64:
+        return "U64";
     }
     return "?";
 }
@@ -85,17 +116,21 @@ inline constexpr std::size_t st_dtype_size(st_dtype t) noexcept
     case st_dtype::u8:
     case st_dtype::i8:
     case st_dtype::f8_e5m2:
-    case st_dtype::f8_e4m3: return 1;
+    case st_dtype::f8_e4m3:
+        return 1;
     case st_dtype::i16:
     case st_dtype::u16:
     case st_dtype::f16:
-    case st_dtype::bf16: return 2;
+    case st_dtype::bf16:
+        return 2;
     case st_dtype::i32:
     case st_dtype::u32:
-    case st_dtype::f32: return 4;
+    case st_dtype::f32:
+        return 4;
     case st_dtype::f64:
     case st_dtype::i64:
-    case st_dtype::u64: return 8;
+    case st_dtype::u64:
+        return 8;
     }
     return 0;
 }
@@ -141,23 +176,23 @@ inline float half_to_float(std::uint16_t h) noexcept
 // C++ element type -> the stored dtype a view of it reads. F16 has no C++
 // type here, so view<std::uint16_t> hands out F16 raw bits (half_to_float
 // converts them).
-template <class T>
-struct st_view_dtype;
-template <>
-struct st_view_dtype<float> {
+template <class T> struct st_view_dtype;
+template <> struct st_view_dtype<float> {
     static constexpr st_dtype value = st_dtype::f32;
 };
-template <>
-struct st_view_dtype<kdial::bf16> {
+template <> struct st_view_dtype<kdial::bf16> {
     static constexpr st_dtype value = st_dtype::bf16;
 };
-template <>
-struct st_view_dtype<std::uint16_t> {
+template <> struct st_view_dtype<std::uint16_t> {
     static constexpr st_dtype value = st_dtype::f16;
 };
 
 template <class T>
-concept st_viewable = requires { st_view_dtype<T>::value; } && sizeof(T) == st_dtype_size(st_view_dtype<T>::value);
+concept st_viewable = requires
+{
+    st_view_dtype<T>::value;
+}
+&&sizeof(T) == st_dtype_size(st_view_dtype<T>::value);
 
 // ---------------------------------------------------------------------------
 // tensor_info and the header parser
@@ -167,10 +202,10 @@ concept st_viewable = requires { st_view_dtype<T>::value; } && sizeof(T) == st_d
 struct tensor_info {
     std::string name;
     st_dtype dtype = st_dtype::f32;
-    std::vector<std::size_t> shape;    // row-major dims; [] is a scalar (one element)
-    std::size_t begin = 0;             // data_offsets, relative to the data area (file offset 8 + N)
+    std::vector<std::size_t> shape; // row-major dims; [] is a scalar (one element)
+    std::size_t begin = 0; // data_offsets, relative to the data area (file offset 8 + N)
     std::size_t end = 0;
-    std::span<const std::byte> bytes;  // the tensor's bytes: [8 + N + begin, 8 + N + end) of the file
+    std::span<const std::byte> bytes; // the tensor's bytes: [8 + N + begin, 8 + N + end) of the file
 
     std::size_t rank() const noexcept { return shape.size(); }
     // Element count; the header parser has checked that it does not overflow.
@@ -185,10 +220,10 @@ struct tensor_info {
 
 // What parse_header() returns: the tensors sorted by name, and the metadata.
 struct safetensors_header {
-    std::size_t header_size = 0;  // N, the JSON length
-    std::size_t data_offset = 0;  // 8 + N, where the data area starts
+    std::size_t header_size = 0; // N, the JSON length
+    std::size_t data_offset = 0; // 8 + N, where the data area starts
     std::vector<tensor_info> tensors;
-    std::map<std::string, std::string, std::less<>> metadata;  // "__metadata__", if any
+    std::map<std::string, std::string, std::less<>> metadata; // "__metadata__", if any
 };
 
 namespace detail {
@@ -225,7 +260,7 @@ inline std::string shape_str(std::span<const std::size_t> shape)
 inline nlohmann::json parse_json_strict(std::string_view text, std::string_view file_name, std::string_view what)
 {
     using json = nlohmann::json;
-    std::vector<std::set<std::string>> keys;  // one set per open object
+    std::vector<std::set<std::string>> keys; // one set per open object
     const json::parser_callback_t cb = [&](int depth, json::parse_event_t ev, json& parsed) {
         switch (ev) {
         case json::parse_event_t::object_start:
@@ -244,7 +279,8 @@ inline nlohmann::json parse_json_strict(std::string_view text, std::string_view 
                     throw error(cat(file_name, ": ", what, " has the key ", json_brief(parsed), " twice"));
             }
             break;
-        default: break;
+        default:
+            break;
         }
         return true;
     };
@@ -290,7 +326,7 @@ inline safetensors_header parse_header(const std::byte* data, std::size_t size, 
     for (int i = 7; i >= 0; --i)
         n = (n << 8) | std::to_integer<std::uint64_t>(data[i]);
     check(n <= detail::st_max_header_size, file_name, ": header length ", n, " is larger than the limit of ",
-          detail::st_max_header_size, " bytes");
+        detail::st_max_header_size, " bytes");
     check(n <= size - 8, file_name, ": header length ", n, " runs past the end of the file (", size, " bytes)");
 
     safetensors_header h;
@@ -305,14 +341,14 @@ inline safetensors_header parse_header(const std::byte* data, std::size_t size, 
     const std::byte* data_area = data + h.data_offset;
     h.tensors.reserve(root.size());
     for (const auto& item : root.items()) {
-        const std::string& key = item.key();  // (not a structured binding: clang 14 cannot capture those)
+        const std::string& key = item.key(); // (not a structured binding: clang 14 cannot capture those)
         const json& entry = item.value();
         if (key == "__metadata__") {
             check(entry.is_object(), file_name, ": __metadata__ is ", entry.type_name(),
-                  ", expected an object of strings");
+                ", expected an object of strings");
             for (const auto& [mk, mv] : entry.items()) {
                 check(mv.is_string(), file_name, ": __metadata__ value of \"", mk, "\" is ", mv.type_name(), " ",
-                      detail::json_brief(mv), ", expected a string");
+                    detail::json_brief(mv), ", expected a string");
                 h.metadata.emplace(mk, mv.get<std::string>());
             }
             continue;
@@ -320,9 +356,7 @@ inline safetensors_header parse_header(const std::byte* data, std::size_t size, 
         tensor_info t;
         t.name = key;
         // Messages are built only on failure: a header can hold thousands of tensors.
-        const auto fail = [&](const auto&... a) {
-            throw error(detail::cat(file_name, ": tensor '", key, "'", a...));
-        };
+        const auto fail = [&](const auto&... a) { throw error(detail::cat(file_name, ": tensor '", key, "'", a...)); };
         if (!entry.is_object())
             fail(": entry is ", entry.type_name(), ", expected an object");
 
@@ -377,8 +411,8 @@ inline safetensors_header parse_header(const std::byte* data, std::size_t size, 
         t.end = static_cast<std::size_t>(*e);
         if (t.end - t.begin != nbytes)
             fail(": data_offsets [", t.begin, ", ", t.end, ") hold ", t.end - t.begin, " bytes, but shape ",
-                 detail::shape_str(t.shape), " x ", st_dtype_name(t.dtype), " needs ", nbytes);
-        t.bytes = {data_area + t.begin, nbytes};
+                detail::shape_str(t.shape), " x ", st_dtype_name(t.dtype), " needs ", nbytes);
+        t.bytes = { data_area + t.begin, nbytes };
         h.tensors.push_back(std::move(t));
     }
 
@@ -396,24 +430,23 @@ inline safetensors_header parse_header(const std::byte* data, std::size_t size, 
     for (const tensor_info* t : by_offset) {
         if (t->begin < pos)
             throw error(detail::cat(file_name, ": tensor '", t->name, "' [", t->begin, ", ", t->end,
-                                    ") overlaps tensor '", prev->name, "' [", prev->begin, ", ", prev->end, ")"));
+                ") overlaps tensor '", prev->name, "' [", prev->begin, ", ", prev->end, ")"));
         if (t->begin > pos) {
             if (prev)
                 throw error(detail::cat(file_name, ": gap of ", t->begin - pos, " bytes between tensor '", prev->name,
-                                        "' (ends at ", pos, ") and tensor '", t->name, "' (begins at ", t->begin,
-                                        ")"));
+                    "' (ends at ", pos, ") and tensor '", t->name, "' (begins at ", t->begin, ")"));
             throw error(detail::cat(file_name, ": tensor '", t->name, "' begins at data offset ", t->begin,
-                                    ", but the first tensor must begin at 0"));
+                ", but the first tensor must begin at 0"));
         }
         pos = t->end;
         prev = t;
     }
     check(pos == data_size, file_name, ": data area is ", data_size, " bytes but the tensors end at ", pos, " (",
-          data_size - pos, " trailing bytes)");
+        data_size - pos, " trailing bytes)");
 
     // nlohmann objects iterate in key order, so the tensors are sorted by name already.
     KDIAL_ASSERT(std::is_sorted(h.tensors.begin(), h.tensors.end(),
-                                [](const tensor_info& a, const tensor_info& b) { return a.name < b.name; }));
+        [](const tensor_info& a, const tensor_info& b) { return a.name < b.name; }));
     return h;
 }
 
@@ -426,29 +459,29 @@ namespace detail {
 inline void check_dtype(const tensor_info& t, st_dtype want, std::string_view file_name, std::string_view what)
 {
     check(t.dtype == want, file_name, ": tensor '", t.name, "' is ", st_dtype_name(t.dtype), ", ", what, " needs ",
-          st_dtype_name(want));
+        st_dtype_name(want));
 }
 
 // A typed view in place. Requires the bytes to be aligned for T: files from
 // the reference writer are, files from other writers may not be.
-template <st_viewable T>
-std::span<const T> typed_view(const tensor_info& t, std::string_view file_name)
+template <st_viewable T> std::span<const T> typed_view(const tensor_info& t, std::string_view file_name)
 {
     check_dtype(t, st_view_dtype<T>::value, file_name, "view<T>");
+    if (t.bytes.empty())
+        return {};
     const auto addr = reinterpret_cast<std::uintptr_t>(t.bytes.data());
-    check(addr % alignof(T) == 0, file_name, ": tensor '", t.name, "' at data offset ", t.begin,
-          " is not aligned to ", alignof(T), " bytes; use read_floats(), which copies");
-    return {reinterpret_cast<const T*>(t.bytes.data()), t.numel()};
+    check(addr % alignof(T) == 0, file_name, ": tensor '", t.name, "' at data offset ", t.begin, " is not aligned to ",
+        alignof(T), " bytes; use read_floats(), which copies");
+    return { reinterpret_cast<const T*>(t.bytes.data()), t.numel() };
 }
 
-template <st_viewable T>
-cmatrix_view<T> typed_matrix(const tensor_info& t, std::string_view file_name)
+template <st_viewable T> cmatrix_view<T> typed_matrix(const tensor_info& t, std::string_view file_name)
 {
     if (t.rank() != 2)
-        throw error(cat(file_name, ": tensor '", t.name, "' has shape ", shape_str(t.shape),
-                        ", a matrix view needs 2 dims"));
+        throw error(
+            cat(file_name, ": tensor '", t.name, "' has shape ", shape_str(t.shape), ", a matrix view needs 2 dims"));
     const auto s = typed_view<T>(t, file_name);
-    return {s.data(), t.shape[0], t.shape[1]};
+    return { s.data(), t.shape[0], t.shape[1] };
 }
 
 // F32, BF16 or F16 -> float, any alignment (element bytes are memcpy'd).
@@ -456,7 +489,7 @@ inline void read_floats(const tensor_info& t, std::span<float> out, std::string_
 {
     if (out.size() != t.numel())
         throw error(cat(file_name, ": tensor '", t.name, "' has ", t.numel(), " elements (shape ", shape_str(t.shape),
-                        "), the output buffer ", out.size()));
+            "), the output buffer ", out.size()));
     const std::byte* src = t.bytes.data();
     switch (t.dtype) {
     case st_dtype::f32:
@@ -479,20 +512,23 @@ inline void read_floats(const tensor_info& t, std::span<float> out, std::string_
         return;
     default:
         throw error(cat(file_name, ": tensor '", t.name, "' is ", st_dtype_name(t.dtype),
-                        ", read_floats() reads F32, BF16 or F16"));
+            ", read_floats() reads F32, BF16 or F16"));
     }
 }
 
-inline const tensor_info& check_shape(const tensor_info& t, std::span<const std::size_t> shape,
-                                      std::string_view file_name)
+inline const tensor_info& check_shape(
+    const tensor_info& t, std::span<const std::size_t> shape, std::string_view file_name)
 {
     if (!std::equal(t.shape.begin(), t.shape.end(), shape.begin(), shape.end()))
-        throw error(cat(file_name, ": tensor '", t.name, "' has shape ", shape_str(t.shape), ", expected ",
-                        shape_str(shape)));
+        throw error(
+            cat(file_name, ": tensor '", t.name, "' has shape ", shape_str(t.shape), ", expected ", shape_str(shape)));
     return t;
 }
 
-inline std::string errno_message(int e) { return std::generic_category().message(e); }
+inline std::string errno_message(int e)
+{
+    return std::generic_category().message(e);
+}
 
 } // namespace detail
 
@@ -511,11 +547,12 @@ public:
         const std::string p = path.string();
         std::error_code ec;
         const auto st = std::filesystem::status(path, ec);
-        detail::check(!ec && std::filesystem::exists(st), p, ": cannot open: no such file");
+        detail::check(std::filesystem::exists(st), p,
+            ": cannot open: ", ec && ec != std::errc::no_such_file_or_directory ? ec.message() : "no such file");
         detail::check(std::filesystem::is_regular_file(st), p, ": not a regular file");
         const int fd = ::open(p.c_str(), O_RDONLY | O_CLOEXEC);
         detail::check(fd >= 0, p, ": cannot open: ", detail::errno_message(errno));
-        struct stat sb {};
+        struct stat sb { };
         if (::fstat(fd, &sb) != 0) {
             const int e = errno;
             ::close(fd);
@@ -531,10 +568,14 @@ public:
             }
             data_ = m;
         }
-        ::close(fd);  // the mapping keeps the file alive
+        ::close(fd); // the mapping keeps the file alive
     }
     ~mapped_file() { reset(); }
-    mapped_file(mapped_file&& o) noexcept : data_(std::exchange(o.data_, nullptr)), size_(std::exchange(o.size_, 0)) {}
+    mapped_file(mapped_file&& o) noexcept
+        : data_(std::exchange(o.data_, nullptr))
+        , size_(std::exchange(o.size_, 0))
+    {
+    }
     mapped_file& operator=(mapped_file&& o) noexcept
     {
         if (this != &o) {
@@ -547,7 +588,7 @@ public:
     mapped_file(const mapped_file&) = delete;
     mapped_file& operator=(const mapped_file&) = delete;
 
-    std::span<const std::byte> bytes() const noexcept { return {static_cast<const std::byte*>(data_), size_}; }
+    std::span<const std::byte> bytes() const noexcept { return { static_cast<const std::byte*>(data_), size_ }; }
     std::size_t size() const noexcept { return size_; }
 
 private:
@@ -612,8 +653,8 @@ public:
     const tensor_info* find(std::string_view name) const noexcept
     {
         const auto& ts = header_.tensors;
-        const auto it = std::lower_bound(ts.begin(), ts.end(), name,
-                                         [](const tensor_info& t, std::string_view n) { return t.name < n; });
+        const auto it = std::lower_bound(
+            ts.begin(), ts.end(), name, [](const tensor_info& t, std::string_view n) { return t.name < n; });
         return it != ts.end() && it->name == name ? &*it : nullptr;
     }
     bool has(std::string_view name) const noexcept { return find(name) != nullptr; }
@@ -635,22 +676,17 @@ public:
 
     // In-place views: float <- F32, bf16 <- BF16, std::uint16_t <- F16 bits.
     // Throw on a dtype mismatch and on data not aligned to alignof(T).
-    template <st_viewable T>
-    std::span<const T> view(std::string_view name) const
+    template <st_viewable T> std::span<const T> view(std::string_view name) const
     {
         return detail::typed_view<T>(info(name), name_);
     }
     // A 2-D tensor as a [rows, cols] matrix view.
-    template <st_viewable T>
-    cmatrix_view<T> matrix(std::string_view name) const
+    template <st_viewable T> cmatrix_view<T> matrix(std::string_view name) const
     {
         return detail::typed_matrix<T>(info(name), name_);
     }
     // F32 / BF16 / F16 -> float into out[numel]; works for any alignment.
-    void read_floats(std::string_view name, std::span<float> out) const
-    {
-        detail::read_floats(info(name), out, name_);
-    }
+    void read_floats(std::string_view name, std::span<float> out) const { detail::read_floats(info(name), out, name_); }
     std::vector<float> read_floats(std::string_view name) const
     {
         const tensor_info& t = info(name);
@@ -675,8 +711,8 @@ inline constexpr std::string_view st_single_file_name = "model.safetensors";
 inline constexpr std::string_view st_index_file_name = "model.safetensors.index.json";
 
 struct safetensors_index {
-    std::map<std::string, std::string, std::less<>> weight_map;  // tensor -> shard file name
-    std::optional<std::uint64_t> total_size;                     // metadata.total_size (tensor bytes), if given
+    std::map<std::string, std::string, std::less<>> weight_map; // tensor -> shard file name
+    std::optional<std::uint64_t> total_size; // metadata.total_size (tensor bytes), if given
 };
 
 // Parses and validates the text of a model.safetensors.index.json. Shard
@@ -698,7 +734,7 @@ inline safetensors_index parse_index(std::string_view text, std::string_view fil
                     v = static_cast<std::uint64_t>(d);
             }
             check(v.has_value(), file_name, ": metadata.total_size is ", detail::json_brief(*ts),
-                  ", expected a non-negative integer");
+                ", expected a non-negative integer");
             idx.total_size = v;
         }
     }
@@ -707,12 +743,12 @@ inline safetensors_index parse_index(std::string_view text, std::string_view fil
     check(wm->is_object(), file_name, ": weight_map is ", wm->type_name(), ", expected an object");
     for (const auto& [tensor, shard] : wm->items()) {
         check(shard.is_string(), file_name, ": weight_map entry of tensor '", tensor, "' is ", shard.type_name(), " ",
-              detail::json_brief(shard), ", expected a shard file name");
+            detail::json_brief(shard), ", expected a shard file name");
         const auto& s = shard.get_ref<const std::string&>();
-        check(!s.empty() && s != "." && s != ".." && s.find('/') == std::string::npos &&
-                  s.find('\\') == std::string::npos && s.find('\0') == std::string::npos,
-              file_name, ": weight_map entry of tensor '", tensor, "' is ", detail::json_brief(shard),
-              ", expected a plain file name in the checkpoint directory");
+        check(!s.empty() && s != "." && s != ".." && s.find('/') == std::string::npos
+                && s.find('\\') == std::string::npos && s.find('\0') == std::string::npos,
+            file_name, ": weight_map entry of tensor '", tensor, "' is ", detail::json_brief(shard),
+            ", expected a plain file name in the checkpoint directory");
         idx.weight_map.emplace(tensor, s);
     }
     return idx;
@@ -741,8 +777,8 @@ public:
                 return open_single(path / st_single_file_name);
             if (fs::exists(path / st_index_file_name, ec))
                 return open_index(path / st_index_file_name);
-            throw error(detail::cat(path.string(), ": neither ", st_single_file_name, " nor ", st_index_file_name,
-                                    " found"));
+            throw error(
+                detail::cat(path.string(), ": neither ", st_single_file_name, " nor ", st_index_file_name, " found"));
         }
         detail::check(fs::exists(path, ec), path.string(), ": no such file or directory");
         const std::string fname = path.filename().string();
@@ -787,7 +823,7 @@ public:
         if (it == map_.end())
             throw error(detail::cat(where(), ": no tensor '", name, "'"));
         const safetensors_file& f = files_[it->second];
-        return {&f, f.find(name)};
+        return { &f, f.find(name) };
     }
     const tensor_info& info(std::string_view name) const { return *find(name).info; }
     const tensor_info& expect(std::string_view name, std::span<const std::size_t> shape) const
@@ -799,14 +835,12 @@ public:
     {
         return expect(name, std::span<const std::size_t>(shape.begin(), shape.size()));
     }
-    template <st_viewable T>
-    std::span<const T> view(std::string_view name) const
+    template <st_viewable T> std::span<const T> view(std::string_view name) const
     {
         const tensor_ref r = find(name);
         return detail::typed_view<T>(*r.info, r.file->name());
     }
-    template <st_viewable T>
-    cmatrix_view<T> matrix(std::string_view name) const
+    template <st_viewable T> cmatrix_view<T> matrix(std::string_view name) const
     {
         const tensor_ref r = find(name);
         return detail::typed_matrix<T>(*r.info, r.file->name());
@@ -852,30 +886,30 @@ private:
         const auto fsize = fs::file_size(index, ec);
         detail::check(!ec, iname, ": cannot stat: ", ec.message());
         detail::check(fsize <= detail::st_max_header_size, iname, ": index is ", fsize,
-                      " bytes, larger than the limit of ", detail::st_max_header_size);
+            " bytes, larger than the limit of ", detail::st_max_header_size);
         std::string text(static_cast<std::size_t>(fsize), '\0');
         std::ifstream in(index, std::ios::binary);
-        detail::check(in && in.read(text.data(), static_cast<std::streamsize>(text.size())), iname,
-                      ": cannot read the index");
+        detail::check(
+            in && in.read(text.data(), static_cast<std::streamsize>(text.size())), iname, ": cannot read the index");
         const safetensors_index idx = parse_index(text, iname);
         c.total_size_ = idx.total_size;
 
         // Open each shard once, in file-name order.
-        std::map<std::string, std::string_view> shard_example;  // shard -> a tensor it should hold
+        std::map<std::string, std::string_view> shard_example; // shard -> a tensor it should hold
         for (const auto& [tensor, shard] : idx.weight_map)
             shard_example.emplace(shard, tensor);
         std::map<std::string, std::size_t, std::less<>> shard_pos;
         for (const auto& [shard, tensor] : shard_example) {
             const fs::path p = c.dir_ / shard;
             detail::check(fs::exists(p, ec), iname, ": shard '", shard, "' (holding tensor '", tensor,
-                          "') does not exist in ", c.dir_.string());
+                "') does not exist in ", c.dir_.string());
             shard_pos.emplace(shard, c.files_.size());
             c.files_.push_back(safetensors_file::open(p));
         }
         for (const auto& [tensor, shard] : idx.weight_map) {
             const std::size_t pos = shard_pos.find(shard)->second;
             detail::check(c.files_[pos].has(tensor), iname, ": tensor '", tensor, "' is mapped to shard '", shard,
-                          "', which has no such tensor");
+                "', which has no such tensor");
             c.map_.emplace(tensor, pos);
         }
         return c;
@@ -884,7 +918,7 @@ private:
     std::filesystem::path dir_;
     std::filesystem::path index_path_;
     std::vector<safetensors_file> files_;
-    std::map<std::string, std::size_t, std::less<>> map_;  // tensor -> position in files_
+    std::map<std::string, std::size_t, std::less<>> map_; // tensor -> position in files_
     std::optional<std::uint64_t> total_size_;
 };
 

@@ -35,11 +35,11 @@ struct tensor_data {
 // Typed shorthands: F32 from floats, BF16 from bf16 values.
 inline tensor_data make_tensor(std::string name, std::vector<std::size_t> shape, std::span<const float> values)
 {
-    return {std::move(name), st_dtype::f32, std::move(shape), std::as_bytes(values)};
+    return { std::move(name), st_dtype::f32, std::move(shape), std::as_bytes(values) };
 }
 inline tensor_data make_tensor(std::string name, std::vector<std::size_t> shape, std::span<const bf16> values)
 {
-    return {std::move(name), st_dtype::bf16, std::move(shape), std::as_bytes(values)};
+    return { std::move(name), st_dtype::bf16, std::move(shape), std::as_bytes(values) };
 }
 
 namespace detail {
@@ -47,8 +47,7 @@ namespace detail {
 // Validates the tensors and returns the header bytes (8-byte length + padded
 // JSON) and the write order of the tensors (indices into `tensors`).
 inline std::vector<std::byte> st_build_header(std::span<const tensor_data> tensors,
-                                              const std::map<std::string, std::string>& metadata,
-                                              std::vector<std::size_t>& order, std::string_view file_name)
+    const std::map<std::string, std::string>& metadata, std::vector<std::size_t>& order, std::string_view file_name)
 {
     order.resize(tensors.size());
     for (std::size_t i = 0; i < order.size(); ++i)
@@ -69,21 +68,25 @@ inline std::vector<std::byte> st_build_header(std::span<const tensor_data> tenso
         std::size_t numel = 1;
         for (std::size_t d : t.shape) {
             check(d == 0 || numel <= std::numeric_limits<std::size_t>::max() / d, file_name, ": tensor '", t.name,
-                  "': shape overflows the element count");
+                "': shape overflows the element count");
             numel *= d;
         }
         const std::size_t esize = st_dtype_size(t.dtype);
-        check(esize != 0 && numel <= std::numeric_limits<std::size_t>::max() / esize, file_name, ": tensor '",
-              t.name, "': bad dtype or byte count overflow");
+        check(esize != 0 && numel <= std::numeric_limits<std::size_t>::max() / esize, file_name, ": tensor '", t.name,
+            "': bad dtype or byte count overflow");
         if (t.bytes.size() != numel * esize)
             throw error(cat(file_name, ": tensor '", t.name, "': ", t.bytes.size(), " bytes given, shape ",
-                            shape_str(t.shape), " x ", st_dtype_name(t.dtype), " needs ", numel * esize));
-        header[t.name] = {{"dtype", std::string(st_dtype_name(t.dtype))},
-                          {"shape", t.shape},
-                          {"data_offsets", {offset, offset + t.bytes.size()}}};
+                shape_str(t.shape), " x ", st_dtype_name(t.dtype), " needs ", numel * esize));
+        header[t.name] = { { "dtype", std::string(st_dtype_name(t.dtype)) }, { "shape", t.shape },
+            { "data_offsets", { offset, offset + t.bytes.size() } } };
         offset += t.bytes.size();
     }
-    std::string text = header.dump();
+    std::string text;
+    try {
+        text = header.dump();
+    } catch (const nlohmann::json::exception& e) { // a name or metadata string that is not UTF-8
+        throw error(cat(file_name, ": cannot encode the header: ", e.what()));
+    }
     text.append((8 - text.size() % 8) % 8, ' ');
     std::vector<std::byte> out(8 + text.size());
     const std::uint64_t n = text.size();
@@ -96,8 +99,8 @@ inline std::vector<std::byte> st_build_header(std::span<const tensor_data> tenso
 } // namespace detail
 
 // The whole file image in memory (tests, fuzz seeds, small files).
-inline std::vector<std::byte> encode_safetensors(std::span<const tensor_data> tensors,
-                                                 const std::map<std::string, std::string>& metadata = {})
+inline std::vector<std::byte> encode_safetensors(
+    std::span<const tensor_data> tensors, const std::map<std::string, std::string>& metadata = {})
 {
     std::vector<std::size_t> order;
     std::vector<std::byte> out = detail::st_build_header(tensors, metadata, order, "encode_safetensors");
@@ -109,7 +112,7 @@ inline std::vector<std::byte> encode_safetensors(std::span<const tensor_data> te
 // Writes a safetensors file, streaming the tensor bytes (no full copy in
 // memory). Writes "<path>.partial" first and renames it over `path`.
 inline void write_safetensors(const std::filesystem::path& path, std::span<const tensor_data> tensors,
-                              const std::map<std::string, std::string>& metadata = {})
+    const std::map<std::string, std::string>& metadata = {})
 {
     const std::string name = path.string();
     std::vector<std::size_t> order;

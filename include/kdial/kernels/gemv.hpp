@@ -1,6 +1,10 @@
 // Weight-streaming GEMV for a few rows of activations (decode: n <= 4),
 // the memory-bound half of an expert's FFN (stage 3). Each weight row is read
-// once, converted in registers (bf16, q8) and reused for all n rows of X.
+// once, converted in registers (bf16, q8) and reused for all n rows of X,
+// while the next pass's rows are prefetched (measured on Sapphire Rapids,
+// 1 core, cold weights: q8 8.0 -> 14.0 GB/s, bf16 14.5 -> 15.7 GB/s, of a
+// 15.9 GB/s read roofline; without it the hardware prefetchers leave the
+// conversion and the memory latency serialised).
 // Deterministic: the sum for one (x row, weight row) pair uses the same lanes,
 // chains and order whatever the output range or the row group it is in.
 // Serial, noexcept, no allocation, no checks (the caller validates).
@@ -26,8 +30,13 @@ inline constexpr int gemv_chains = NR <= 2 ? 2 : 1;
 // out[r * NR + i] = dot(rows[r][0:cols], x[i * ldx + 0:cols]) for r < R, i < NR.
 // Summation order for each pair: lane-wise over vector index v in chain
 // v % C, chains added, lanes summed (hsum), then the scalar tail in order.
+// `next` holds R rows to prefetch while these stream (the next pass's rows,
+// or `rows` again on the last pass): each step touches the same byte offset
+// in them, so they are in cache when their pass starts. A hint only; it does
+// not change any result.
 template <class Arch, class S, int NR, int R>
-inline void gemv_rows(const S* const* rows, std::size_t cols, const float* x, std::size_t ldx, float* out) noexcept
+inline void gemv_rows(const S* const* rows, const S* const* next, std::size_t cols, const float* x, std::size_t ldx,
+                      float* out) noexcept
 {
     using B = xsimd::batch<float, Arch>;
     constexpr std::size_t L = B::size;
@@ -40,26 +49,39 @@ inline void gemv_rows(const S* const* rows, std::size_t cols, const float* x, st
 
     std::size_t k = 0;
     if constexpr (std::is_same_v<S, q8_block>) {
-        // Whole blocks: 32 / L vectors each (a multiple of C), one scale load.
-        static_assert(q8_block_size % (L * C) == 0);
+        // Whole blocks: the block's integer weights times x summed first
+        // (32 / L vectors, lane-wise: one multiply then FMAs), then scaled
+        // once, acc[b % C] = fma(block sum, scale, acc). This rounds
+        // differently from dot(fl(scale * q), x); the error bound is derived
+        // in tests/kernels/linear.cpp (still gamma_K * sum |w x|).
+        constexpr std::size_t V = q8_block_size / L;
         const std::size_t nb = cols / q8_block_size;
         for (std::size_t b = 0; b < nb; ++b, k += q8_block_size) {
-            B wv[R][q8_block_size / L];
-            for (int r = 0; r < R; ++r) {
-                const q8_block& blk = rows[r][b];
-                const B s(blk.scale);
-                for (std::size_t v = 0; v < q8_block_size / L; ++v)
-                    wv[r][v] = simd::load_i8<Arch>(blk.q + v * L) * s;
-            }
-            for (std::size_t v = 0; v < q8_block_size / L; ++v)
+            const int c = int(b % C);
+            for (int r = 0; r < R; ++r)
+                simd::prefetch(next[r] + b);
+            B bs[R][NR];
+            for (std::size_t v = 0; v < V; ++v) {
+                B q[R];
+                for (int r = 0; r < R; ++r)
+                    q[r] = simd::load_i8<Arch>(rows[r][b].q + v * L);
                 for (int i = 0; i < NR; ++i) {
                     const B xv = B::load_unaligned(x + i * ldx + k + v * L);
                     for (int r = 0; r < R; ++r)
-                        acc[r][i][v % C] = simd::fma(wv[r][v], xv, acc[r][i][v % C]);
+                        bs[r][i] = v == 0 ? q[r] * xv : simd::fma(q[r], xv, bs[r][i]);
                 }
+            }
+            for (int r = 0; r < R; ++r) {
+                const B s(rows[r][b].scale);
+                for (int i = 0; i < NR; ++i)
+                    acc[r][i][c] = simd::fma(bs[r][i], s, acc[r][i][c]);
+            }
         }
     } else {
-        for (; k + C * L <= cols; k += C * L)
+        for (; k + C * L <= cols; k += C * L) {
+            for (std::size_t p = 0; p < C * L * sizeof(S); p += 64)
+                for (int r = 0; r < R; ++r)
+                    simd::prefetch(reinterpret_cast<const char*>(next[r] + k) + p);
             for (int c = 0; c < C; ++c) {
                 B wv[R];
                 for (int r = 0; r < R; ++r)
@@ -70,6 +92,7 @@ inline void gemv_rows(const S* const* rows, std::size_t cols, const float* x, st
                         acc[r][i][c] = simd::fma(wv[r], xv, acc[r][i][c]);
                 }
             }
+        }
     }
     // Remaining whole vectors (fewer than C, or inside the last partial q8
     // block), continuing the chain pattern v % C.
@@ -106,16 +129,20 @@ void linear_gemv(const weight_view<W>& w, const float* x, std::size_t ldx, std::
     std::size_t o = o0;
     for (; o + R <= o1; o += R) {
         const S* rows[R];
-        for (int r = 0; r < R; ++r)
+        const S* next[R];
+        const std::size_t on = o + 2 * R <= o1 ? o + R : o;
+        for (int r = 0; r < R; ++r) {
             rows[r] = w.row(o + r);
-        gemv_rows<Arch, S, NR, R>(rows, w.cols, x, ldx, out);
+            next[r] = w.row(on + r);
+        }
+        gemv_rows<Arch, S, NR, R>(rows, next, w.cols, x, ldx, out);
         for (int r = 0; r < R; ++r)
             for (int i = 0; i < NR; ++i)
                 y[i * ldy + o + r] = out[r * NR + i];
     }
     for (; o < o1; ++o) {
         const S* rows[1] = {w.row(o)};
-        gemv_rows<Arch, S, NR, 1>(rows, w.cols, x, ldx, out);
+        gemv_rows<Arch, S, NR, 1>(rows, rows, w.cols, x, ldx, out);
         for (int i = 0; i < NR; ++i)
             y[i * ldy + o] = out[i];
     }
@@ -134,11 +161,15 @@ void gate_up_gemv(const weight_view<W>& gate, const weight_view<W>& up, const fl
     if constexpr (P > 1) {
         for (; f + P <= f1; f += P) {
             const S* rows[2 * P];
+            const S* next[2 * P];
+            const std::size_t fn = f + 2 * P <= f1 ? f + P : f;
             for (int p = 0; p < P; ++p) {
                 rows[2 * p] = gate.row(f + p);
                 rows[2 * p + 1] = up.row(f + p);
+                next[2 * p] = gate.row(fn + p);
+                next[2 * p + 1] = up.row(fn + p);
             }
-            gemv_rows<Arch, S, NR, 2 * P>(rows, gate.cols, x, ldx, out);
+            gemv_rows<Arch, S, NR, 2 * P>(rows, next, gate.cols, x, ldx, out);
             for (int p = 0; p < P; ++p)
                 for (int i = 0; i < NR; ++i)
                     h[i * ldh + f + p] = simd::silu(out[2 * p * NR + i]) * out[(2 * p + 1) * NR + i];
@@ -146,7 +177,8 @@ void gate_up_gemv(const weight_view<W>& gate, const weight_view<W>& up, const fl
     }
     for (; f < f1; ++f) {
         const S* rows[2] = {gate.row(f), up.row(f)};
-        gemv_rows<Arch, S, NR, 2>(rows, gate.cols, x, ldx, out);
+        const S* next[2] = {gate.row(f + 1 < f1 ? f + 1 : f), up.row(f + 1 < f1 ? f + 1 : f)};
+        gemv_rows<Arch, S, NR, 2>(rows, next, gate.cols, x, ldx, out);
         for (int i = 0; i < NR; ++i)
             h[i * ldh + f] = simd::silu(out[i]) * out[NR + i];
     }

@@ -29,6 +29,8 @@
 #include "../kernels/linear.hpp"
 #include "../parallel/for_each.hpp"
 #include "../routing/router.hpp"
+#include "../routing/threshold.hpp"
+#include "../routing/variable_k.hpp"
 
 namespace kdial {
 
@@ -65,6 +67,8 @@ public:
         hs.resize(max_tokens * Fs);
         s.resize(Fs ? max_tokens * d : 0);
         gate_logits.resize(max_tokens);
+        rules.resize(max_tokens);
+        kept.resize(max_tokens);
         // Tile lists: at most (experts + row chunks) x column chunks.
         const std::size_t row_chunks = E + 2 + max_slots / 512 + (Fs ? max_tokens / 512 + 2 : 0);
         tiles_up.reserve(row_chunks * (std::max(F, Fs) / 16 + 1));
@@ -89,6 +93,8 @@ private:
     std::size_t last_T = 0, last_k = 0;
     std::vector<float> logits, weights, xs, h, ys, hs, s, gate_logits;
     std::vector<std::int32_t> ids;
+    std::vector<token_k> rules; // [max_tokens] per-token rules of forward_token_k callers
+    std::vector<int> kept;      // [max_tokens] experts each token kept in the last call
     dispatch_plan plan;
     std::vector<tile> tiles_up, tiles_down;
 };
@@ -143,6 +149,7 @@ public:
         compute_router_logits(X, logits);
         route(cmatrix_view<float>(logits), k, routing_, matrix_view<std::int32_t>(ws_->ids.data(), T, kk),
               matrix_view<float>(ws_->weights.data(), T, kk));
+        std::fill(ws_->kept.begin(), ws_->kept.begin() + std::ptrdiff_t(T), int(kk));
         run_routed(X, kk, out);
     }
 
@@ -171,13 +178,91 @@ public:
                 detail::check(e == no_expert || (e >= 0 && std::size_t(e) < num_experts()), where, ": ids[", t, ", ",
                               j, "] = ", e, " is not an expert in [0, ", num_experts(), ") nor no_expert (-1)");
             }
-        for (std::size_t t = 0; t < T; ++t)
+        for (std::size_t t = 0; t < T; ++t) {
+            int n = 0;
             for (std::size_t j = 0; j < kc; ++j) {
                 ws_->ids[t * kc + j] = ids(t, j);
                 ws_->weights[t * kc + j] = weights(t, j);
+                n += ids(t, j) != no_expert;
             }
+            ws_->kept[t] = n;
+        }
         run_routed(X, kc, out);
     }
+
+    // out = MoE(X) with k_per_token[t] experts for token t (per-request k in
+    // one batch): routes with the largest k and drops each token's slots
+    // past its own k (dropped slots cost nothing). Token t gets the routing
+    // forward(X_t, k_per_token[t]) gives it (same ids, bit-identical
+    // weights); its output differs from that call only by how the expert
+    // kernels round for a different number of rows per expert.
+    //   X           [T, d]
+    //   k_per_token [T]     each in [1, E]; T * max k <= the workspace's slots
+    //   out         [T, d]
+    void forward_variable_k(cmatrix_view<float> X, std::span<const int> k_per_token, matrix_view<float> out)
+    {
+        constexpr const char* where = "kdial::moe_layer::forward_variable_k";
+        check_io(X, out, where);
+        detail::check(k_per_token.size() == X.rows, where, ": ", k_per_token.size(), " k values for T = ", X.rows,
+                      " tokens");
+        int kc = 1;
+        for (std::size_t t = 0; t < X.rows; ++t) {
+            detail::check(k_per_token[t] >= 1 && std::size_t(k_per_token[t]) <= num_experts(), where, ": k = ",
+                          k_per_token[t], " for token ", t, " outside [1, E = ", num_experts(), "]");
+            kc = std::max(kc, k_per_token[t]);
+        }
+        for (std::size_t t = 0; t < X.rows; ++t)
+            ws_->rules[t] = token_k{k_per_token[t], k_per_token[t], 1.0f};
+        route_and_run(X, kc, out, where);
+    }
+
+    // out = MoE(X) with threshold routing: per token, the fewest best experts
+    // whose routing mass reaches th.p, clamped to [th.k_min, th.k_max]
+    // (see routing/threshold.hpp). last_kept() says how many each token used.
+    void forward_threshold(cmatrix_view<float> X, const threshold_options& th, matrix_view<float> out)
+    {
+        constexpr const char* where = "kdial::moe_layer::forward_threshold";
+        check_io(X, out, where);
+        detail::check(th.p >= 0.0f && th.p <= 1.0f, where, ": threshold p = ", th.p, " outside [0, 1]");
+        detail::check(th.k_min >= 1 && th.k_min <= th.k_max && std::size_t(th.k_max) <= num_experts(), where,
+                      ": k range [", th.k_min, ", ", th.k_max, "] must satisfy 1 <= k_min <= k_max <= E = ",
+                      num_experts());
+        for (std::size_t t = 0; t < X.rows; ++t)
+            ws_->rules[t] = token_k{th.k_min, th.k_max, th.p};
+        route_and_run(X, th.k_max, out, where);
+    }
+
+    // out = MoE(X) with a rule per token (a k, or a threshold in a k range):
+    // the general form of the two above, for batches that mix them.
+    //   rules [T]  see routing/variable_k.hpp
+    void forward_token_k(cmatrix_view<float> X, std::span<const token_k> rules, matrix_view<float> out)
+    {
+        constexpr const char* where = "kdial::moe_layer::forward_token_k";
+        check_io(X, out, where);
+        detail::check(rules.size() == X.rows, where, ": ", rules.size(), " rules for T = ", X.rows, " tokens");
+        int kc = 1;
+        for (std::size_t t = 0; t < X.rows; ++t) {
+            const token_k& r = rules[t];
+            detail::check(r.k_min >= 1 && r.k_min <= r.k_max && std::size_t(r.k_max) <= num_experts(), where,
+                          ": token ", t, " asks for k in [", r.k_min, ", ", r.k_max,
+                          "], which must satisfy 1 <= k_min <= k_max <= E = ", num_experts());
+            kc = std::max(kc, r.k_max);
+            ws_->rules[t] = r;
+        }
+        route_and_run(X, kc, out, where);
+    }
+
+    // Turns renormalisation of the kept weights on or off (a run-time
+    // override of the model's norm_topk_prob, e.g. when k is lowered on a
+    // model trained without it). Not thread-safe against a running forward.
+    void set_renormalize(bool on) noexcept { routing_.renormalize = on; }
+
+    // Experts each token used in the last forward call [T] (k for forward(),
+    // the kept count for the per-token forms, non-dropped ids for
+    // forward_routed).
+    std::span<const int> last_kept() const noexcept { return {ws_->kept.data(), ws_->last_T}; }
+    // (token, expert) assignments the last forward call ran: sum of last_kept().
+    std::size_t last_assignments() const noexcept { return ws_->plan.num_slots(); }
 
     // The routing of the last forward call: logits [T, E], ids and weights [T, k].
     cmatrix_view<float> last_logits() const noexcept { return {ws_->logits.data(), ws_->last_T, num_experts()}; }
@@ -263,6 +348,21 @@ private:
         parallel::for_each_tile(X.rows, rows, [&](std::size_t t0, std::size_t t1) {
             linear<f32_t>(w, X.sub_rows(t0, t1 - t0), 0, w.rows, logits.sub_rows(t0, t1 - t0));
         });
+    }
+
+    // Routes X by ws_->rules[0..T) with kc ranked columns, then runs the
+    // experts. Rules are already validated.
+    void route_and_run(cmatrix_view<float> X, int kc, matrix_view<float> out, const char* where)
+    {
+        const std::size_t T = X.rows, E = num_experts(), k = std::size_t(kc);
+        detail::check(k * T <= ws_->max_slots(), where, ": T * max k = ", T, " * ", kc, " exceeds the workspace's ",
+                      ws_->max_slots(), " slots");
+        const matrix_view<float> logits(ws_->logits.data(), T, E);
+        compute_router_logits(X, logits);
+        route_token_k(cmatrix_view<float>(logits), std::span<const token_k>(ws_->rules.data(), T), routing_,
+                      matrix_view<std::int32_t>(ws_->ids.data(), T, k), matrix_view<float>(ws_->weights.data(), T, k),
+                      std::span<int>(ws_->kept.data(), T));
+        run_routed(X, k, out);
     }
 
     // Columns per tile for an output of `cols` columns whose column costs

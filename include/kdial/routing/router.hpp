@@ -58,6 +58,26 @@ inline void check_logits_finite(cmatrix_view<float> logits, const char* where)
     }
 }
 
+// The last step for one token's n chosen weights w[0..n): renormalise to
+// sum 1 if asked (summed in rank order), then times the scale. Shared by
+// every routing front end, so a token routed at k = n here or with n kept
+// columns elsewhere (variable_k.hpp) gets bit-identical weights.
+inline void finish_weights(float* w, int n, const router_options& opt) noexcept
+{
+    if (opt.renormalize) {
+        float s = 0.0f;
+        for (int j = 0; j < n; ++j)
+            s += w[j];
+        // +1e-20 only matters if every chosen score underflowed to 0.
+        const float inv = 1.0f / (s + 1e-20f);
+        for (int j = 0; j < n; ++j)
+            w[j] *= inv;
+    }
+    if (opt.scale != 1.0f)
+        for (int j = 0; j < n; ++j)
+            w[j] *= opt.scale;
+}
+
 // Routes tokens [t0, t1) (inputs already validated).
 template <k_extent K>
 void route_rows(cmatrix_view<float> logits, K k, const router_options& opt, matrix_view<std::int32_t> ids,
@@ -85,18 +105,7 @@ void route_rows(cmatrix_view<float> logits, K k, const router_options& opt, matr
         select_topk(key, E, k, id, sel);
         for (int j = 0; j < kk; ++j)
             w[j] = scores[id[j]];
-        if (opt.renormalize) {
-            float s = 0.0f;
-            for (int j = 0; j < kk; ++j)
-                s += w[j];
-            // +1e-20 only matters if every chosen score underflowed to 0.
-            const float inv = 1.0f / (s + 1e-20f);
-            for (int j = 0; j < kk; ++j)
-                w[j] *= inv;
-        }
-        if (opt.scale != 1.0f)
-            for (int j = 0; j < kk; ++j)
-                w[j] *= opt.scale;
+        finish_weights(w, kk, opt);
     }
 }
 

@@ -65,6 +65,13 @@ inline xsimd::batch<float, Arch> load_i8(const std::int8_t* q) noexcept
     }
 }
 
+// Logical elements per storage element (q8: a block of 32).
+template <class S>
+inline constexpr std::size_t weight_group = std::is_same_v<S, q8_block> ? q8_block_size : 1;
+
+// A read hint for the cache line holding p (no effect on results).
+inline void prefetch(const void* p) noexcept { __builtin_prefetch(p, 0, 3); }
+
 // The dequantised value of element i (< q8_block_size) of a q8 block:
 // scale * q, one f32 product. Vector and scalar paths give the same value.
 inline float dequant(const q8_block& b, std::size_t i) noexcept { return b.scale * static_cast<float>(b.q[i]); }

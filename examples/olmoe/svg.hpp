@@ -1,0 +1,153 @@
+// A self-contained SVG scatter plot written without any library: panels of
+// quality against latency, axes with "nice" ticks (1, 2, 5 x 10^n), axis
+// labels, one labelled point per operating point joined in order. Opens in
+// any browser.
+#pragma once
+
+#include <kdial/core/error.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace olmoe::svg {
+
+struct point {
+    double x, y;
+    std::string label;
+};
+
+struct panel {
+    std::string title, x_label, y_label;
+    std::vector<point> points;
+};
+
+namespace detail {
+
+inline std::string esc(const std::string& s)
+{
+    std::string o;
+    for (char c : s)
+        switch (c) {
+        case '<': o += "&lt;"; break;
+        case '>': o += "&gt;"; break;
+        case '&': o += "&amp;"; break;
+        case '"': o += "&quot;"; break;
+        default: o += c;
+        }
+    return o;
+}
+
+inline std::string num(double v)
+{
+    char b[32];
+    std::snprintf(b, sizeof b, "%.4g", v);
+    return b;
+}
+
+// Ticks covering [lo, hi] at a 1/2/5 step, about n of them; widens the range
+// to whole steps.
+inline std::vector<double> nice_ticks(double& lo, double& hi, int n = 5)
+{
+    if (!(hi > lo)) {
+        const double pad = lo != 0 ? std::fabs(lo) * 0.1 : 1.0;
+        lo -= pad;
+        hi += pad;
+    }
+    const double raw = (hi - lo) / n;
+    const double mag = std::pow(10.0, std::floor(std::log10(raw)));
+    const double f = raw / mag;
+    const double step = (f <= 1 ? 1 : f <= 2 ? 2 : f <= 5 ? 5 : 10) * mag;
+    lo = std::floor(lo / step) * step;
+    hi = std::ceil(hi / step) * step;
+    std::vector<double> t;
+    for (double v = lo; v <= hi + step * 1e-9; v += step)
+        t.push_back(std::fabs(v) < step * 1e-9 ? 0.0 : v);
+    return t;
+}
+
+} // namespace detail
+
+// Renders the panels side by side.
+inline std::string render(const std::string& title, const std::vector<panel>& panels)
+{
+    using detail::esc;
+    using detail::num;
+    const double pw = 460, ph = 360, ml = 70, mr = 20, mt = 60, mb = 60;
+    const double width = panels.size() * (pw + ml + mr), height = ph + mt + mb;
+    std::ostringstream o;
+    o << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << width << "\" height=\"" << height
+      << "\" viewBox=\"0 0 " << width << ' ' << height << "\" font-family=\"sans-serif\" font-size=\"12\">\n"
+      << "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+      << "<text x=\"" << width / 2 << "\" y=\"22\" text-anchor=\"middle\" font-size=\"16\" font-weight=\"bold\">"
+      << esc(title) << "</text>\n";
+    for (std::size_t p = 0; p < panels.size(); ++p) {
+        const panel& pn = panels[p];
+        const double x0 = p * (pw + ml + mr) + ml, y0 = mt;
+        double xlo = 1e300, xhi = -1e300, ylo = 1e300, yhi = -1e300;
+        for (const auto& q : pn.points) {
+            if (!std::isfinite(q.x) || !std::isfinite(q.y))
+                continue;
+            xlo = std::min(xlo, q.x);
+            xhi = std::max(xhi, q.x);
+            ylo = std::min(ylo, q.y);
+            yhi = std::max(yhi, q.y);
+        }
+        if (xlo > xhi) {
+            xlo = ylo = 0;
+            xhi = yhi = 1;
+        }
+        xlo = std::min(xlo, 0.0); // latency from 0: cost ratios read directly
+        const auto xt = detail::nice_ticks(xlo, xhi), yt = detail::nice_ticks(ylo, yhi);
+        auto X = [&](double v) { return x0 + (v - xlo) / (xhi - xlo) * pw; };
+        auto Y = [&](double v) { return y0 + ph - (v - ylo) / (yhi - ylo) * ph; };
+        o << "<text x=\"" << x0 + pw / 2 << "\" y=\"" << y0 - 14 << "\" text-anchor=\"middle\" font-size=\"14\">"
+          << esc(pn.title) << "</text>\n";
+        for (double v : xt)
+            o << "<line x1=\"" << X(v) << "\" y1=\"" << y0 << "\" x2=\"" << X(v) << "\" y2=\"" << y0 + ph
+              << "\" stroke=\"#e4e4e4\"/>\n<line x1=\"" << X(v) << "\" y1=\"" << y0 + ph << "\" x2=\"" << X(v)
+              << "\" y2=\"" << y0 + ph + 5 << "\" stroke=\"black\"/>\n<text x=\"" << X(v) << "\" y=\"" << y0 + ph + 18
+              << "\" text-anchor=\"middle\">" << num(v) << "</text>\n";
+        for (double v : yt)
+            o << "<line x1=\"" << x0 << "\" y1=\"" << Y(v) << "\" x2=\"" << x0 + pw << "\" y2=\"" << Y(v)
+              << "\" stroke=\"#e4e4e4\"/>\n<line x1=\"" << x0 - 5 << "\" y1=\"" << Y(v) << "\" x2=\"" << x0
+              << "\" y2=\"" << Y(v) << "\" stroke=\"black\"/>\n<text x=\"" << x0 - 8 << "\" y=\"" << Y(v) + 4
+              << "\" text-anchor=\"end\">" << num(v) << "</text>\n";
+        o << "<rect x=\"" << x0 << "\" y=\"" << y0 << "\" width=\"" << pw << "\" height=\"" << ph
+          << "\" fill=\"none\" stroke=\"black\"/>\n";
+        o << "<text x=\"" << x0 + pw / 2 << "\" y=\"" << y0 + ph + 40 << "\" text-anchor=\"middle\">"
+          << esc(pn.x_label) << "</text>\n";
+        o << "<text transform=\"translate(" << x0 - 52 << ',' << y0 + ph / 2
+          << ") rotate(-90)\" text-anchor=\"middle\">" << esc(pn.y_label) << "</text>\n";
+        std::string path;
+        for (const auto& q : pn.points)
+            if (std::isfinite(q.x) && std::isfinite(q.y))
+                path += (path.empty() ? "M" : " L") + num(X(q.x)) + ',' + num(Y(q.y));
+        if (!path.empty())
+            o << "<path d=\"" << path << "\" fill=\"none\" stroke=\"#7aa6d6\" stroke-width=\"1.5\"/>\n";
+        for (const auto& q : pn.points) {
+            if (!std::isfinite(q.x) || !std::isfinite(q.y))
+                continue;
+            o << "<circle cx=\"" << X(q.x) << "\" cy=\"" << Y(q.y) << "\" r=\"5\" fill=\"#1f5fa8\"><title>"
+              << esc(q.label) << ": " << num(q.x) << ", " << num(q.y) << "</title></circle>\n"
+              << "<text x=\"" << X(q.x) + 8 << "\" y=\"" << Y(q.y) - 8 << "\" font-size=\"11\">" << esc(q.label)
+              << "</text>\n";
+        }
+    }
+    o << "</svg>\n";
+    return o.str();
+}
+
+inline void write(const std::string& path, const std::string& title, const std::vector<panel>& panels)
+{
+    std::ofstream f(path);
+    kdial::detail::check(static_cast<bool>(f), path, ": cannot open for writing");
+    f << render(title, panels);
+    kdial::detail::check(static_cast<bool>(f), path, ": write failed");
+}
+
+} // namespace olmoe::svg
