@@ -613,8 +613,10 @@ int cmd_sweep(const args& a, std::FILE* out = stdout)
             olmoe::svg::panel agr{cat("agreement with ", ref.label, " vs decode latency"), "decode latency (ms / token)",
                                   cat("argmax agreement with ", ref.label), {}};
             for (const auto& r : res) {
-                ppl.points.push_back({r.decode_ms(), r.perplexity, r.point.label});
-                agr.points.push_back({r.decode_ms(), r.agreement, r.point.label});
+                // Global k values form the curve; schedules and thresholds are extra points.
+                const bool curve = !r.point.threshold && r.point.label.rfind("k=", 0) == 0;
+                ppl.points.push_back({r.decode_ms(), r.perplexity, r.point.label, curve});
+                agr.points.push_back({r.decode_ms(), r.agreement, r.point.label, curve});
             }
             olmoe::svg::write(a.get("plot"),
                               cat("olmoe sweep: ", fs::path(a.get("model")).filename().string(), ", ", tokens.size(),

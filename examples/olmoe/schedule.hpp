@@ -86,8 +86,15 @@ inline std::string schedule_label(const std::vector<int>& ks)
         std::size_t b = a;
         while (b + 1 < ks.size() && ks[b + 1] == ks[a])
             ++b;
-        s += (s.empty() ? "" : ",") + std::to_string(ks[a]) + "@" + std::to_string(a) +
-             (b > a ? "-" + std::to_string(b) : "");
+        if (!s.empty())
+            s += ',';
+        s += std::to_string(ks[a]);
+        s += '@';
+        s += std::to_string(a);
+        if (b > a) {
+            s += '-';
+            s += std::to_string(b);
+        }
         a = b + 1;
     }
     return s;

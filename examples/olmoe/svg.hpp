@@ -1,7 +1,7 @@
 // A self-contained SVG scatter plot written without any library: panels of
 // quality against latency, axes with "nice" ticks (1, 2, 5 x 10^n), axis
-// labels, one labelled point per operating point joined in order. Opens in
-// any browser.
+// labels, one labelled point per operating point (the on-curve ones joined
+// in order, the others drawn hollow). Opens in any browser.
 #pragma once
 
 #include <kdial/core/error.hpp>
@@ -19,6 +19,7 @@ namespace olmoe::svg {
 struct point {
     double x, y;
     std::string label;
+    bool on_curve = true; // joined, in order, with the other on-curve points
 };
 
 struct panel {
@@ -45,7 +46,7 @@ inline std::string esc(const std::string& s)
 inline std::string num(double v)
 {
     char b[32];
-    std::snprintf(b, sizeof b, "%.4g", v);
+    std::snprintf(b, sizeof b, "%.6g", v);
     return b;
 }
 
@@ -125,14 +126,15 @@ inline std::string render(const std::string& title, const std::vector<panel>& pa
           << ") rotate(-90)\" text-anchor=\"middle\">" << esc(pn.y_label) << "</text>\n";
         std::string path;
         for (const auto& q : pn.points)
-            if (std::isfinite(q.x) && std::isfinite(q.y))
+            if (q.on_curve && std::isfinite(q.x) && std::isfinite(q.y))
                 path += (path.empty() ? "M" : " L") + num(X(q.x)) + ',' + num(Y(q.y));
         if (!path.empty())
             o << "<path d=\"" << path << "\" fill=\"none\" stroke=\"#7aa6d6\" stroke-width=\"1.5\"/>\n";
         for (const auto& q : pn.points) {
             if (!std::isfinite(q.x) || !std::isfinite(q.y))
                 continue;
-            o << "<circle cx=\"" << X(q.x) << "\" cy=\"" << Y(q.y) << "\" r=\"5\" fill=\"#1f5fa8\"><title>"
+            o << "<circle cx=\"" << X(q.x) << "\" cy=\"" << Y(q.y) << "\" r=\"5\" "
+              << (q.on_curve ? "fill=\"#1f5fa8\"" : "fill=\"white\" stroke=\"#c0392b\" stroke-width=\"2\"") << "><title>"
               << esc(q.label) << ": " << num(q.x) << ", " << num(q.y) << "</title></circle>\n"
               << "<text x=\"" << X(q.x) + 8 << "\" y=\"" << Y(q.y) - 8 << "\" font-size=\"11\">" << esc(q.label)
               << "</text>\n";

@@ -119,7 +119,7 @@ inline std::vector<point_result> run_sweep(model& m, const std::vector<std::int3
     kv_cache cache(c, W);
     const std::size_t max_chunk = m.max_chunk();
     std::vector<float> logits(max_chunk * V);
-    std::vector<float> ref_logp; // [W, V] log-probabilities of the reference in this window
+    std::vector<float> ref_logits; // [W, V] the reference's logits in this window
     std::vector<std::int32_t> ref_arg;
     std::vector<double> lp, lq;
     std::vector<double> agree(points.size(), 0), kl(points.size(), 0), ll(points.size(), 0);
@@ -157,14 +157,13 @@ inline std::vector<point_result> run_sweep(model& m, const std::vector<std::int3
     for (std::size_t w = 0; w < windows; ++w) {
         const std::size_t w0 = w * W, n = std::min(W, tokens.size() - w0);
         // Reference pass.
-        ref_logp.resize(n * V);
+        ref_logits.resize(n * V);
         ref_arg.resize(n);
         double ignore = 0;
         run_window(ref, w0, n, [&](std::size_t t, const float* x) {
             log_softmax(x, V, lp);
             ref_arg[t] = std::int32_t(argmax_of(lp));
-            for (std::size_t i = 0; i < V; ++i)
-                ref_logp[t * V + i] = float(lp[i]);
+            std::copy(x, x + V, ref_logits.begin() + std::ptrdiff_t(t * V));
         }, ignore, nullptr, nullptr);
         tick("reference " + ref.label);
         for (std::size_t i = 0; i < points.size(); ++i) {
@@ -175,7 +174,9 @@ inline std::vector<point_result> run_sweep(model& m, const std::vector<std::int3
                 log_softmax(x, V, lq);
                 ll[i] += lq[std::size_t(tokens[w0 + t + 1])];
                 agree[i] += argmax_of(lq) == std::size_t(ref_arg[t]);
-                lp.assign(ref_logp.begin() + std::ptrdiff_t(t * V), ref_logp.begin() + std::ptrdiff_t((t + 1) * V));
+                // Recomputed from the stored logits, the same way as lq: a
+                // point whose logits equal the reference's has KL exactly 0.
+                log_softmax(ref_logits.data() + t * V, V, lp);
                 kl[i] += kl_divergence(lp, lq);
                 ++r.predicted;
             }, r.prefill_s, &assignments[i], &moe_tokens[i]);

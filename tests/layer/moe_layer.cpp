@@ -1,14 +1,18 @@
 // The MoE layer against a plain double-precision reference (route ->
 // experts -> combine) for every k, every weight format, odd sizes, T up to
 // 600 (two GEMM row chunks), one expert receiving every token, a shared
-// expert; thread-count and repeat independence; bad input.
+// expert; per-token k and threshold routing (uniform k bit-identical to
+// forward(), mixed k against the reference); thread-count and repeat
+// independence; bad input.
 #include <doctest/doctest.h>
 #include <kdial/layer/moe_layer.hpp>
 
 #include "ref/kernels_ref.hpp"
+#include "ref/routing_k_ref.hpp"
 #include "ref/routing_ref.hpp"
 #include "test_util.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <random>
@@ -312,8 +316,6 @@ TEST_CASE("moe_layer: layers sharing one workspace give the results of layers wi
 }
 
 // ---- per-token k, threshold routing, renormalisation override ----
-
-#include "ref/routing_k_ref.hpp"
 
 TEST_CASE_TEMPLATE("moe_layer: forward_variable_k — uniform k is forward() bit for bit; mixed k matches the reference [layer][variable_k]",
                    W, f32_t, bf16_t, q8_t)
