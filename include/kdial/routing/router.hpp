@@ -78,6 +78,25 @@ inline void finish_weights(float* w, int n, const router_options& opt) noexcept
             w[j] *= opt.scale;
 }
 
+// Scores one token's logits [E] into `scores` (softmax or sigmoid) and
+// selects the k best by score + selection bias into id / sel. `keys` is
+// scratch [E] used only with a bias.
+template <k_extent K>
+inline void score_and_select(const float* logits, int E, K k, const router_options& opt, float* scores, float* keys,
+                             std::int32_t* id, float* sel) noexcept
+{
+    for (int e = 0; e < E; ++e)
+        scores[e] = logits[e];
+    score_inplace(opt.score, scores, static_cast<std::size_t>(E));
+    const float* key = scores;
+    if (!opt.selection_bias.empty()) {
+        for (int e = 0; e < E; ++e)
+            keys[e] = scores[e] + opt.selection_bias[static_cast<std::size_t>(e)];
+        key = keys;
+    }
+    select_topk(key, E, k, id, sel);
+}
+
 // Routes tokens [t0, t1) (inputs already validated).
 template <k_extent K>
 void route_rows(cmatrix_view<float> logits, K k, const router_options& opt, matrix_view<std::int32_t> ids,
@@ -85,24 +104,13 @@ void route_rows(cmatrix_view<float> logits, K k, const router_options& opt, matr
 {
     const int E = static_cast<int>(logits.cols);
     const int kk = k.value();
-    const bool biased = !opt.selection_bias.empty();
     float scores[max_experts];
     float keys[max_experts];
     for (std::size_t t = t0; t < t1; ++t) {
-        const float* l = logits.row(t);
-        for (int e = 0; e < E; ++e)
-            scores[e] = l[e];
-        score_inplace(opt.score, scores, static_cast<std::size_t>(E));
-        const float* key = scores;
-        if (biased) {
-            for (int e = 0; e < E; ++e)
-                keys[e] = scores[e] + opt.selection_bias[static_cast<std::size_t>(e)];
-            key = keys;
-        }
         std::int32_t* id = ids.row(t);
         float* w = weights.row(t);
         float sel[K::max_value];
-        select_topk(key, E, k, id, sel);
+        score_and_select(logits.row(t), E, k, opt, scores, keys, id, sel);
         for (int j = 0; j < kk; ++j)
             w[j] = scores[id[j]];
         finish_weights(w, kk, opt);

@@ -69,24 +69,13 @@ void route_rows_kept(cmatrix_view<float> logits, int kc, const router_options& o
 {
     const int E = static_cast<int>(logits.cols);
     const int cols = static_cast<int>(ids.cols);
-    const bool biased = !opt.selection_bias.empty();
     float scores[max_experts];
     float keys[max_experts];
     float sel[max_experts];
     for (std::size_t t = t0; t < t1; ++t) {
-        const float* l = logits.row(t);
-        for (int e = 0; e < E; ++e)
-            scores[e] = l[e];
-        score_inplace(opt.score, scores, static_cast<std::size_t>(E));
-        const float* key = scores;
-        if (biased) {
-            for (int e = 0; e < E; ++e)
-                keys[e] = scores[e] + opt.selection_bias[static_cast<std::size_t>(e)];
-            key = keys;
-        }
         std::int32_t* id = ids.row(t);
         float* w = weights.row(t);
-        select_topk(key, E, dynamic_k{kc}, id, sel);
+        score_and_select(logits.row(t), E, dynamic_k{kc}, opt, scores, keys, id, sel);
         const int n = kept_count(scores, E, id, rule_of(t));
         for (int j = 0; j < n; ++j)
             w[j] = scores[id[j]];
