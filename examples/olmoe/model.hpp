@@ -372,9 +372,9 @@ private:
         const std::size_t T = a.rows, hd = std::size_t(c.head_dim), nh = std::size_t(c.heads),
                           nkv = std::size_t(c.kv_heads), qw = nh * hd, kw = nkv * hd;
         const matrix_view<float> q(q_.data(), T, qw), k(k_.data(), T, kw), v(v_.data(), T, kw);
-        kdial::dense_linear(A.q, a, q, A.q_bias.empty() ? nullptr : A.q_bias.data());
-        kdial::dense_linear(A.k, a, k, A.k_bias.empty() ? nullptr : A.k_bias.data());
-        kdial::dense_linear(A.v, a, v, A.v_bias.empty() ? nullptr : A.v_bias.data());
+        auto bias = [](const std::vector<float>& b) { return b.empty() ? nullptr : b.data(); };
+        const kdial::dense_output qkv[] = {{&A.q, q, bias(A.q_bias)}, {&A.k, k, bias(A.k_bias)}, {&A.v, v, bias(A.v_bias)}};
+        kdial::dense_linear(a, qkv);
         if (c.qk_norm) {
             kdial::rmsnorm(q, A.q_norm.data(), c.rms_norm_eps, q);
             kdial::rmsnorm(k, A.k_norm.data(), c.rms_norm_eps, k);

@@ -3,9 +3,11 @@
 // weight_view of f32, bf16 or q8, and dense_linear() runs Y = X Wᵀ (+ b) in
 // parallel over tiles of output columns sized by the weight bytes (never by
 // the thread count), so results are bit-identical for any thread count.
+// Several layers that read the same input can run in one launch.
 #pragma once
 
 #include <cstddef>
+#include <span>
 #include <variant>
 
 #include "../core/error.hpp"
@@ -35,37 +37,68 @@ inline dtype type_of(const any_weight_view& w) noexcept
     return std::visit([](const auto& v) { return std::decay_t<decltype(v)>::format::id; }, w);
 }
 
+// One output of a dense layer: Y [n, O] = X . W [O, K]ᵀ (+ bias [O]).
+struct dense_output {
+    const any_weight_view* w;
+    matrix_view<float> y;
+    const float* bias = nullptr;
+};
+
+namespace detail {
+// Columns per tile: about 512 KiB of weights, a multiple of 64.
+inline std::size_t dense_cols(const any_weight_view& w)
+{
+    const std::size_t O = rows_of(w);
+    const std::size_t row_bytes = std::max<std::size_t>(1, bytes_of(w) / std::max<std::size_t>(1, O));
+    return std::max<std::size_t>(64, (std::size_t{512} << 10) / row_bytes / 64 * 64);
+}
+} // namespace detail
+
+// Several dense layers reading the same X (e.g. q, k and v) in one parallel
+// launch, so small decode steps pay for one synchronisation instead of one
+// per layer. Tiles: 256-row chunks of X times ~512 KiB column tiles of each
+// weight, in a fixed list, so the result is the same for any thread count.
+inline void dense_linear(cmatrix_view<float> X, std::span<const dense_output> outs)
+{
+    std::size_t tiles = 0;
+    const std::size_t row_chunk = 256, row_tiles = (X.rows + row_chunk - 1) / row_chunk;
+    for (const auto& o : outs) {
+        const std::size_t O = rows_of(*o.w), K = cols_of(*o.w);
+        detail::check(X.cols == K && o.y.rows == X.rows && o.y.cols == O, "kdial::dense_linear: X [", X.rows, ", ",
+                      X.cols, "] . W [", O, ", ", K, "]ᵀ does not fit Y [", o.y.rows, ", ", o.y.cols, "]");
+        tiles += row_tiles * ((O + detail::dense_cols(*o.w) - 1) / detail::dense_cols(*o.w));
+    }
+    if (X.rows == 0 || tiles == 0)
+        return;
+    parallel::for_each_index(tiles, [&](std::size_t i) {
+        // Find the output and the tile within it (outs is short).
+        for (const auto& o : outs) {
+            const std::size_t O = rows_of(*o.w), cols = detail::dense_cols(*o.w);
+            const std::size_t col_tiles = (O + cols - 1) / cols, n = row_tiles * col_tiles;
+            if (i >= n) {
+                i -= n;
+                continue;
+            }
+            const std::size_t rt = i / col_tiles, ct = i % col_tiles;
+            const std::size_t r0 = rt * row_chunk, r1 = std::min(X.rows, r0 + row_chunk);
+            const std::size_t c0 = ct * cols, c1 = std::min(O, c0 + cols);
+            const auto y = o.y.sub_rows(r0, r1 - r0);
+            std::visit([&](const auto& wv) { linear(wv, X.sub_rows(r0, r1 - r0), c0, c1, y); }, *o.w);
+            if (o.bias)
+                for (std::size_t r = 0; r < y.rows; ++r)
+                    for (std::size_t c = c0; c < c1; ++c)
+                        y(r, c) += o.bias[c];
+            return;
+        }
+    });
+}
+
 // Y [n, O] = X [n, K] . W [O, K]ᵀ (+ bias [O] if not null).
 inline void dense_linear(const any_weight_view& w, cmatrix_view<float> X, matrix_view<float> Y,
                          const float* bias = nullptr)
 {
-    const std::size_t O = rows_of(w), K = cols_of(w);
-    detail::check(X.cols == K && Y.rows == X.rows && Y.cols == O, "kdial::dense_linear: X [", X.rows, ", ", X.cols,
-                  "] . W [", O, ", ", K, "]ᵀ does not fit Y [", Y.rows, ", ", Y.cols, "]");
-    if (X.rows == 0 || O == 0)
-        return;
-    // About 256 KiB of weights per tile, a multiple of 64 columns.
-    const std::size_t row_bytes = std::max<std::size_t>(1, bytes_of(w) / std::max<std::size_t>(1, O));
-    std::size_t cols = std::max<std::size_t>(64, (std::size_t{256} << 10) / row_bytes / 64 * 64);
-    // Keep the GEMM's row panel whole; split very tall inputs in 256-row chunks.
-    const std::size_t row_chunk = 256;
-    const std::size_t col_tiles = (O + cols - 1) / cols;
-    const std::size_t row_tiles = (X.rows + row_chunk - 1) / row_chunk;
-    std::visit(
-        [&](const auto& wv) {
-            parallel::for_each_index(col_tiles * row_tiles, [&](std::size_t i) {
-                const std::size_t rt = i / col_tiles, ct = i % col_tiles;
-                const std::size_t r0 = rt * row_chunk, r1 = std::min(X.rows, r0 + row_chunk);
-                const std::size_t c0 = ct * cols, c1 = std::min(O, c0 + cols);
-                const auto y = Y.sub_rows(r0, r1 - r0);
-                linear(wv, X.sub_rows(r0, r1 - r0), c0, c1, y);
-                if (bias)
-                    for (std::size_t r = 0; r < y.rows; ++r)
-                        for (std::size_t c = c0; c < c1; ++c)
-                            y(r, c) += bias[c];
-            });
-        },
-        w);
+    const dense_output o{&w, Y, bias};
+    dense_linear(X, std::span<const dense_output>(&o, 1));
 }
 
 } // namespace kdial
