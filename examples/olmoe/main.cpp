@@ -383,7 +383,8 @@ int cmd_bench(const args& a, std::FILE* out = stdout)
         else
             for (int k : klist)
                 schedules.emplace_back(std::size_t(L.cfg.layers), k);
-        olmoe::prefault(L.m->weights()); // page the mapped checkpoint in before timing
+        if (a.get("weights", "native") == "native")
+            olmoe::prefault(L.m->weights()); // page the mapped checkpoint in before timing
         std::mt19937 rng(7);
         std::vector<std::int32_t> prompt(prompt_len);
         for (auto& t : prompt)

@@ -13,6 +13,8 @@
 #include <kdial/io/safetensors.hpp>
 #include <kdial/kernels/quantize.hpp>
 
+#include <sys/mman.h>
+
 #include <functional>
 #include <memory>
 #include <string>
@@ -82,6 +84,7 @@ public:
                 kdial::quantize_q8(kdial::cmatrix_view<float>(f.data(), rows, cols), q.data(),
                                    kdial::storage_cols<kdial::q8_t>(cols));
             }
+            release(t.bytes.data() + off * kdial::io::st_dtype_size(t.dtype), rows * cols * kdial::io::st_dtype_size(t.dtype));
             return kdial::weight_view<kdial::q8_t>(q.data(), rows, cols);
         }
         if (aligned_bf16)
@@ -96,6 +99,17 @@ public:
     const kdial::io::safetensors_checkpoint& checkpoint() const { return *ck_; }
 
 private:
+    // Drops the mapped pages of a tensor that was copied (quantised) out of
+    // the file, so they stop counting toward the resident set; the mapping
+    // stays valid and would fault them back in from the page cache.
+    static void release(const std::byte* p, std::size_t n)
+    {
+        const std::uintptr_t page = 4096, a = reinterpret_cast<std::uintptr_t>(p);
+        const std::uintptr_t b = (a + page - 1) / page * page, e = (a + n) / page * page;
+        if (e > b)
+            ::madvise(reinterpret_cast<void*>(b), e - b, MADV_DONTNEED);
+    }
+
     static std::vector<float> floats(const kdial::io::tensor_info& t, const std::string& file, std::size_t off,
                                      std::size_t n)
     {
