@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <cstdint>
 #include <cstring>
 
 #include "../core/views.hpp"
@@ -44,11 +45,13 @@ struct gemm_blocking {
     static_assert(kc % q8_block_size == 0 && kc % lanes == 0);
 };
 
-// part[i, 0:NC] (+)= sum_k x[i * ldx + k] * panel[k, 0:NC] for i < MR, k < kc.
-// first: start from zero instead of part.
+// part[i, 0:NC] (+)= sum_k x[i * ldx + k] * panel[k, 0:NC] for i < MR, k < kc,
+// each element one FMA chain in k order. first: start from zero, not part.
+// pf[0:npf]: cache lines to bring into L2, spread evenly over the k loop so
+// they overlap the FMAs (hints only: no effect on results).
 template <class Arch, int MR>
 inline void gemm_micro(std::size_t kc, const float* panel, const float* x, std::size_t ldx, float* part,
-                       bool first) noexcept
+                       bool first, const char* const* pf, std::size_t npf) noexcept
 {
     using B = xsimd::batch<float, Arch>;
     constexpr std::size_t L = B::size;
@@ -58,7 +61,7 @@ inline void gemm_micro(std::size_t kc, const float* panel, const float* x, std::
     for (int i = 0; i < MR; ++i)
         for (int v = 0; v < NV; ++v)
             c[i][v] = first ? B(0.0f) : B::load_aligned(part + i * NC + v * L);
-    for (std::size_t k = 0; k < kc; ++k) {
+    const auto step = [&](std::size_t k) {
         B b[NV];
         for (int v = 0; v < NV; ++v)
             b[v] = B::load_aligned(panel + k * NC + v * L);
@@ -67,39 +70,80 @@ inline void gemm_micro(std::size_t kc, const float* panel, const float* x, std::
             for (int v = 0; v < NV; ++v)
                 c[i][v] = simd::fma(a, b[v], c[i][v]);
         }
+    };
+    std::size_t k = 0;
+    for (std::size_t p = 0; p < npf; ++p) {
+        simd::prefetch_l2(pf[p]);
+        for (const std::size_t ke = (p + 1) * kc / npf; k < ke; ++k)
+            step(k);
     }
+    for (; k < kc; ++k)
+        step(k);
     for (int i = 0; i < MR; ++i)
         for (int v = 0; v < NV; ++v)
             c[i][v].store_aligned(part + i * NC + v * L);
 }
 
-// part[0:m, :] = x[0:m, :] . panel-columns(src)ᵀ over all K, K-block by K-block.
+// Appends to pf the cache lines of src[c][k0, k0 + kn) for the non-null rows.
+template <class S, std::size_t NC>
+inline std::size_t gemm_lines(const S* const* src, std::size_t k0, std::size_t kn, const char** pf,
+                              std::size_t npf) noexcept
+{
+    constexpr std::size_t G = simd::weight_group<S>;
+    for (std::size_t c = 0; c < NC; ++c) {
+        if (src[c] == nullptr)
+            continue;
+        const auto b = reinterpret_cast<std::uintptr_t>(src[c] + k0 / G) & ~std::uintptr_t(63);
+        const auto e = reinterpret_cast<std::uintptr_t>(src[c] + (k0 + kn + G - 1) / G);
+        for (std::uintptr_t p = b; p < e; p += 64)
+            pf[npf++] = reinterpret_cast<const char*>(p);
+    }
+    return npf;
+}
+
+// part[0:m, :] = x[0:m, :] . panel-columns(src)ᵀ over all K, K block by K
+// block. While a block computes, the rows the next pack reads (this panel's
+// next K block, or after the last one the first block of `next`, the next
+// panel's rows, if not null) are prefetched into L2 from inside the micro
+// kernel. Measured (Sapphire Rapids, 1 core, n = 64, cold weights): f32
+// 0.48 -> 0.54 of FMA peak, bf16 0.53 -> 0.57; a burst of prefetches at the
+// start of the pack (the previous scheme) measured no better than none.
 template <class Arch, class S>
-inline void gemm_panel(const S* const* src, std::size_t K, const float* x, std::size_t ldx, std::size_t m,
-                       float* panel, float* part) noexcept
+inline void gemm_panel(const S* const* src, const S* const* next, std::size_t K, const float* x, std::size_t ldx,
+                       std::size_t m, float* panel, float* part) noexcept
 {
     using G = gemm_blocking<Arch>;
     constexpr std::size_t NC = G::nc;
     constexpr int MR = G::mr;
+    constexpr std::size_t max_lines = NC * (G::kc * sizeof(S) / simd::weight_group<S> / 64 + 2);
     if (K == 0) {
         std::fill(part, part + m * NC, 0.0f);
         return;
     }
+    const std::size_t calls = (m + MR - 1) / MR;
     for (std::size_t k0 = 0; k0 < K; k0 += G::kc) {
         const std::size_t kc = std::min(G::kc, K - k0);
         const bool first = k0 == 0;
-        const std::size_t ahead = k0 + kc < K ? std::min(G::kc, K - k0 - kc) : 0;
-        pack_panel<Arch, NC>(src, k0, kc, panel, ahead);
+        pack_panel<Arch, NC>(src, k0, kc, panel);
+        const char* pf[max_lines];
+        std::size_t npf = 0;
+        if (k0 + kc < K)
+            npf = gemm_lines<S, NC>(src, k0 + kc, std::min(G::kc, K - k0 - kc), pf, 0);
+        else if (next != nullptr)
+            npf = gemm_lines<S, NC>(next, 0, std::min(G::kc, K), pf, 0);
+        const auto lo = [&](std::size_t call) { return call * npf / calls; };
         const float* xk = x + k0;
-        std::size_t i = 0;
-        for (; i + MR <= m; i += MR)
-            gemm_micro<Arch, MR>(kc, panel, xk + i * ldx, ldx, part + i * NC, first);
+        std::size_t i = 0, q = 0;
+        for (; i + MR <= m; i += MR, ++q)
+            gemm_micro<Arch, MR>(kc, panel, xk + i * ldx, ldx, part + i * NC, first, pf + lo(q), lo(q + 1) - lo(q));
+        const char* const* pq = pf + lo(q);
+        const std::size_t nq = lo(q + 1) - lo(q);
         switch (m - i) {
-        case 1: gemm_micro<Arch, 1>(kc, panel, xk + i * ldx, ldx, part + i * NC, first); break;
-        case 2: gemm_micro<Arch, 2>(kc, panel, xk + i * ldx, ldx, part + i * NC, first); break;
-        case 3: gemm_micro<Arch, 3>(kc, panel, xk + i * ldx, ldx, part + i * NC, first); break;
-        case 4: gemm_micro<Arch, 4>(kc, panel, xk + i * ldx, ldx, part + i * NC, first); break;
-        case 5: gemm_micro<Arch, 5>(kc, panel, xk + i * ldx, ldx, part + i * NC, first); break;
+        case 1: gemm_micro<Arch, 1>(kc, panel, xk + i * ldx, ldx, part + i * NC, first, pq, nq); break;
+        case 2: gemm_micro<Arch, 2>(kc, panel, xk + i * ldx, ldx, part + i * NC, first, pq, nq); break;
+        case 3: gemm_micro<Arch, 3>(kc, panel, xk + i * ldx, ldx, part + i * NC, first, pq, nq); break;
+        case 4: gemm_micro<Arch, 4>(kc, panel, xk + i * ldx, ldx, part + i * NC, first, pq, nq); break;
+        case 5: gemm_micro<Arch, 5>(kc, panel, xk + i * ldx, ldx, part + i * NC, first, pq, nq); break;
         default: break;
         }
     }
@@ -118,11 +162,15 @@ void linear_gemm(const weight_view<W>& w, cmatrix_view<float> x, std::size_t o0,
     for (std::size_t j = o0; j < o1; j += NC) {
         const std::size_t nc = std::min(NC, o1 - j);
         const S* src[NC];
-        for (std::size_t c = 0; c < NC; ++c)
+        const S* nsrc[NC]; // the next panel's rows
+        for (std::size_t c = 0; c < NC; ++c) {
             src[c] = c < nc ? w.row(j + c) : nullptr;
+            nsrc[c] = j + NC + c < o1 ? w.row(j + NC + c) : nullptr;
+        }
         for (std::size_t r0 = 0; r0 < x.rows; r0 += G::mc) {
             const std::size_t m = std::min(G::mc, x.rows - r0);
-            gemm_panel<Arch>(src, w.cols, x.row(r0), x.stride, m, panel, part);
+            const S* const* next = r0 + G::mc < x.rows ? src : j + NC < o1 ? nsrc : nullptr;
+            gemm_panel<Arch>(src, next, w.cols, x.row(r0), x.stride, m, panel, part);
             for (std::size_t i = 0; i < m; ++i)
                 std::memcpy(y.row(r0 + i) + j, part + i * NC, nc * sizeof(float));
         }
@@ -145,13 +193,17 @@ void gate_up_gemm(const weight_view<W>& gate, const weight_view<W>& up, cmatrix_
     for (std::size_t f = f0; f < f1; f += HC) {
         const std::size_t nf = std::min(HC, f1 - f);
         const S* src[NC];
+        const S* nsrc[NC]; // the next panel's rows
         for (std::size_t c = 0; c < HC; ++c) {
             src[c] = c < nf ? gate.row(f + c) : nullptr;
             src[HC + c] = c < nf ? up.row(f + c) : nullptr;
+            nsrc[c] = f + HC + c < f1 ? gate.row(f + HC + c) : nullptr;
+            nsrc[HC + c] = f + HC + c < f1 ? up.row(f + HC + c) : nullptr;
         }
         for (std::size_t r0 = 0; r0 < x.rows; r0 += G::mc) {
             const std::size_t m = std::min(G::mc, x.rows - r0);
-            gemm_panel<Arch>(src, gate.cols, x.row(r0), x.stride, m, panel, part);
+            const S* const* next = r0 + G::mc < x.rows ? src : f + HC < f1 ? nsrc : nullptr;
+            gemm_panel<Arch>(src, next, gate.cols, x.row(r0), x.stride, m, panel, part);
             // Epilogue: the same vector silu for every column (padding lanes
             // are 0 and give 0), so h does not depend on the panel split.
             for (std::size_t i = 0; i < m; ++i) {

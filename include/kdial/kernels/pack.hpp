@@ -70,31 +70,36 @@ inline void transpose(xsimd::batch<float, Arch>* v) noexcept
     }
 }
 
-// panel[k * NC + c] = src[c][k0 + k] as f32, for k < kc, c < NC (NC a
-// multiple of the lane count); a null src[c] gives a zero column. When
-// `ahead` > 0, the next `ahead` elements of every row after this block are
-// prefetched (the next K block's packing reads them).
+// One L x L group of pack_panel: panel[kk + j, g + t] = src[g + t][k0 + kk + j]
+// for j, t < L, where kk = (idx / (NC / L)) * L and g = (idx % (NC / L)) * L.
+// Only where has_transpose; the same values pack_panel stores there.
 template <class Arch, std::size_t NC, class S>
-inline void pack_panel(const S* const* src, std::size_t k0, std::size_t kc, float* panel, std::size_t ahead) noexcept
+inline void pack_group(const S* const* src, std::size_t k0, std::size_t idx, float* panel) noexcept
+{
+    using B = xsimd::batch<float, Arch>;
+    constexpr std::size_t L = B::size;
+    const std::size_t kk = idx / (NC / L) * L, g = idx % (NC / L) * L;
+    B v[L];
+    for (std::size_t t = 0; t < L; ++t)
+        v[t] = src[g + t] != nullptr ? simd::load_weights<Arch>(src[g + t], k0 + kk) : B(0.0f);
+    transpose<Arch>(v);
+    for (std::size_t j = 0; j < L; ++j)
+        v[j].store_aligned(panel + (kk + j) * NC + g);
+}
+
+// panel[k * NC + c] = src[c][k0 + k] as f32, for k < kc, c < NC (NC a
+// multiple of the lane count); a null src[c] gives a zero column.
+template <class Arch, std::size_t NC, class S>
+inline void pack_panel(const S* const* src, std::size_t k0, std::size_t kc, float* panel) noexcept
 {
     using B = xsimd::batch<float, Arch>;
     constexpr std::size_t L = B::size;
     static_assert(NC % L == 0);
-    for (std::size_t c = 0; c < NC && ahead > 0; ++c)
-        if (src[c] != nullptr)
-            for (std::size_t p = 0; p < ahead / simd::weight_group<S> * sizeof(S); p += 64)
-                simd::prefetch(reinterpret_cast<const char*>(src[c] + (k0 + kc) / simd::weight_group<S>) + p);
     std::size_t k = 0;
     if constexpr (has_transpose<Arch>) {
-        for (; k + L <= kc; k += L)
-            for (std::size_t g = 0; g < NC; g += L) {
-                B v[L];
-                for (std::size_t t = 0; t < L; ++t)
-                    v[t] = src[g + t] != nullptr ? simd::load_weights<Arch>(src[g + t], k0 + k) : B(0.0f);
-                transpose<Arch>(v);
-                for (std::size_t j = 0; j < L; ++j)
-                    v[j].store_aligned(panel + (k + j) * NC + g);
-            }
+        for (std::size_t idx = 0; idx < kc / L * (NC / L); ++idx)
+            pack_group<Arch, NC>(src, k0, idx, panel);
+        k = kc / L * L;
     } else {
         alignas(64) float tmp[L];
         for (std::size_t c = 0; c < NC; ++c)

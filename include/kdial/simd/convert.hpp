@@ -71,6 +71,9 @@ inline constexpr std::size_t weight_group = std::is_same_v<S, q8_block> ? q8_blo
 
 // A read hint for the cache line holding p (no effect on results).
 inline void prefetch(const void* p) noexcept { __builtin_prefetch(p, 0, 3); }
+// A read hint that stops at the second-level cache (prefetcht1 on x86), for
+// data needed after the L1-resident working set has moved on.
+inline void prefetch_l2(const void* p) noexcept { __builtin_prefetch(p, 0, 2); }
 
 // The dequantised value of element i (< q8_block_size) of a q8 block:
 // scale * q, one f32 product. Vector and scalar paths give the same value.
