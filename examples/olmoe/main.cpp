@@ -84,8 +84,8 @@ Writes the logits of every position, float32 [T, vocab], in NumPy .npy format.
     {"bench", R"(usage: olmoe bench --model DIR [--k 1,2,4,8 | --k-schedule S] [--renorm] [--prompt-len 512]
                    [--gen 32] [--threads N] [--weights native|int8] [--json]
 Measures prefill and decode tokens/s for each k, with the fraction of the
-memory-bandwidth roofline decode reached (weight bytes streamed per token /
-read bandwidth measured in the same run) and the peak resident memory.
+memory-bandwidth roofline decode reached (weight and KV-cache bytes read per
+token / read bandwidth measured in the same run) and the peak resident memory.
 --k-schedule measures that one per-layer schedule instead of a list of k.
 )"},
     {"sweep", R"(usage: olmoe sweep --model DIR (--text FILE | --tokens-file FILE) [--k 1,2,4,8] [--ref-k K]
@@ -413,7 +413,10 @@ int cmd_bench(const args& a, std::FILE* out = stdout)
                 const double dt = olmoe::seconds_since(t0);
                 if (g > 0) { // the first decode step warms caches
                     td += dt;
-                    bytes += double(L.m->last_decode_bytes());
+                    // Weights streamed plus the KV cache read by attention
+                    // (keys and values of every cached position, f32).
+                    bytes += double(L.m->last_decode_bytes()) +
+                             2.0 * L.cfg.layers * double(cache.pos) * double(cache.width) * sizeof(float);
                 }
                 next = olmoe::argmax(logits);
                 p(0.5 + 0.5 * (g + 1) / gen);
