@@ -61,7 +61,9 @@ struct kv_cache {
     std::size_t capacity = 0; // positions
     std::size_t pos = 0;      // tokens already cached
     std::size_t width = 0;    // nkv * hd
-    std::vector<std::vector<float>> k, v; // [layers][capacity * width]
+    // [layers][kv_heads][capacity][head_dim]: head-major, so attention reads
+    // each head's keys and values as one contiguous stream.
+    std::vector<std::vector<float>> k, v;
 
     kv_cache() = default;
     kv_cache(const model_config& c, std::size_t cap)
@@ -394,8 +396,14 @@ private:
         for (std::size_t s = 0; s < seqs.size(); ++s) {
             const auto& sq = seqs[s];
             const std::size_t n = sq.tokens.size(), P = sq.cache->pos;
-            std::memcpy(sq.cache->k[l].data() + P * kw, k.row(r0), n * kw * sizeof(float));
-            std::memcpy(sq.cache->v[l].data() + P * kw, v.row(r0), n * kw * sizeof(float));
+            const std::size_t cap = sq.cache->capacity;
+            for (std::size_t r = 0; r < n; ++r)
+                for (std::size_t h = 0; h < nkv; ++h) {
+                    std::memcpy(sq.cache->k[l].data() + (h * cap + P + r) * hd, k.row(r0 + r) + h * hd,
+                                hd * sizeof(float));
+                    std::memcpy(sq.cache->v[l].data() + (h * cap + P + r) * hd, v.row(r0 + r) + h * hd,
+                                hd * sizeof(float));
+                }
             for (std::size_t t0 = 0; t0 < n; t0 += tok_tile)
                 for (std::size_t head = 0; head < nh; ++head) {
                     tiles_.push_back({s, head, r0 + t0, r0 + std::min(n, t0 + tok_tile), r0, score_len});
@@ -414,21 +422,21 @@ private:
             const auto& tl = tiles_[i];
             const kv_cache& cache = *seqs[tl.seq].cache;
             const std::size_t P = cache.pos, head = tl.head, kvh = head / group;
-            const float* K = cache.k[l].data();
-            const float* Vc = cache.v[l].data();
+            const float* K = cache.k[l].data() + kvh * cache.capacity * hd;
+            const float* Vc = cache.v[l].data() + kvh * cache.capacity * hd;
             float* s = scores_.data() + tl.score0;
             for (std::size_t r = tl.r0; r < tl.r1; ++r) {
                 const std::size_t pos = P + (r - tl.first);
                 const std::size_t j0 = window && pos + 1 > window ? pos + 1 - window : 0;
                 const float* qv = q.row(r) + head * hd;
                 for (std::size_t j = j0; j <= pos; ++j)
-                    s[j - j0] = kdial::simd::dot(qv, K + j * kw + kvh * hd, hd) * scale;
+                    s[j - j0] = kdial::simd::dot(qv, K + j * hd, hd) * scale;
                 const std::size_t n = pos + 1 - j0;
                 kdial::softmax_inplace(s, n);
                 float* ov = o.row(r) + head * hd;
                 std::memset(ov, 0, hd * sizeof(float));
                 for (std::size_t j = 0; j < n; ++j)
-                    kdial::simd::axpy(s[j], Vc + (j0 + j) * kw + kvh * hd, ov, hd);
+                    kdial::simd::axpy(s[j], Vc + (j0 + j) * hd, ov, hd);
             }
         });
         kdial::dense_linear(A.o, cmatrix_view<float>(o), out, A.o_bias.empty() ? nullptr : A.o_bias.data());
