@@ -24,17 +24,19 @@
 namespace {
 
 constexpr std::size_t d_model = 2048, d_ffn = 1024;
-constexpr std::size_t pool_bytes = std::size_t{1} << 30;
+constexpr std::size_t pool_bytes = std::size_t { 1 } << 30;
 
 std::uint32_t next(std::uint64_t& s)
 {
     s = s * 6364136223846793005ull + 1442695040888963407ull;
     return static_cast<std::uint32_t>(s >> 33);
 }
-float uniform(std::uint64_t& s) { return float(next(s)) * (2.0f / 2147483648.0f) - 1.0f; } // [-1, 1)
+float uniform(std::uint64_t& s)
+{
+    return float(next(s)) * (2.0f / 2147483648.0f) - 1.0f;
+} // [-1, 1)
 
-template <kdial::weight_type W>
-void fill(typename W::storage* p, std::size_t count, std::uint64_t& s)
+template <kdial::weight_type W> void fill(typename W::storage* p, std::size_t count, std::uint64_t& s)
 {
     for (std::size_t i = 0; i < count; ++i) {
         if constexpr (std::is_same_v<W, kdial::f32_t>) {
@@ -53,8 +55,7 @@ void fill(typename W::storage* p, std::size_t count, std::uint64_t& s)
 struct pool_base {
     virtual ~pool_base() = default;
 };
-template <kdial::weight_type W>
-struct expert_pool : pool_base {
+template <kdial::weight_type W> struct expert_pool : pool_base {
     using S = typename W::storage;
     std::vector<S> store;
     std::vector<kdial::expert_weights<W>> experts;
@@ -69,9 +70,8 @@ struct expert_pool : pool_base {
         fill<W>(store.data(), store.size(), s);
         for (std::size_t e = 0; e < count; ++e) {
             const S* base = store.data() + e * per_expert;
-            kdial::expert_weights<W> ew{{base, d_ffn, d_model},
-                                        {base + d_ffn * per_row_gu, d_ffn, d_model},
-                                        {base + 2 * d_ffn * per_row_gu, d_model, d_ffn}};
+            kdial::expert_weights<W> ew { { base, d_ffn, d_model }, { base + d_ffn * per_row_gu, d_ffn, d_model },
+                { base + 2 * d_ffn * per_row_gu, d_model, d_ffn } };
             kdial::check_expert_weights(ew, d_model, d_ffn, "bench");
             experts.push_back(ew);
         }
@@ -80,8 +80,7 @@ struct expert_pool : pool_base {
 
 std::unique_ptr<pool_base> current_pool;
 
-template <kdial::weight_type W>
-expert_pool<W>& pool()
+template <kdial::weight_type W> expert_pool<W>& pool()
 {
     if (auto* p = dynamic_cast<expert_pool<W>*>(current_pool.get()))
         return *p;
@@ -103,8 +102,7 @@ const kdial::bench::limits& single_thread_limits()
     return lim;
 }
 
-template <kdial::weight_type W>
-void bm_expert(benchmark::State& state)
+template <kdial::weight_type W> void bm_expert(benchmark::State& state)
 {
     const std::size_t n = static_cast<std::size_t>(state.range(0));
     const kdial::bench::limits& lim = single_thread_limits();
@@ -131,14 +129,32 @@ void bm_expert(benchmark::State& state)
     const double gbs = bytes * iters / secs / 1e9, gflops = flops * iters / secs / 1e9;
     state.counters["GBps"] = gbs;
     state.counters["GFLOPps"] = gflops;
-    state.counters["bw_frac"] = gbs / lim.read_gbs;     // of the in-run read bandwidth
+    state.counters["bw_frac"] = gbs / lim.read_gbs; // of the in-run read bandwidth
     state.counters["fma_frac"] = gflops / lim.fma_gflops; // of the in-run FMA peak
-    state.SetLabel(std::string(kdial::dtype_name(W::id)) + " read " + std::to_string(lim.read_gbs).substr(0, 5) +
-                   " GB/s, fma " + std::to_string(lim.fma_gflops).substr(0, 6) + " GFLOP/s (1 thread)");
+    state.SetLabel(std::string(kdial::dtype_name(W::id)) + " read " + std::to_string(lim.read_gbs).substr(0, 5)
+        + " GB/s, fma " + std::to_string(lim.fma_gflops).substr(0, 6) + " GFLOP/s (1 thread)");
 }
 
 } // namespace
 
-BENCHMARK_TEMPLATE(bm_expert, kdial::f32_t)->Arg(1)->Arg(4)->Arg(64)->Arg(512)->Unit(benchmark::kMillisecond)->MinTime(0.3);
-BENCHMARK_TEMPLATE(bm_expert, kdial::bf16_t)->Arg(1)->Arg(4)->Arg(64)->Arg(512)->Unit(benchmark::kMillisecond)->MinTime(0.3);
-BENCHMARK_TEMPLATE(bm_expert, kdial::q8_t)->Arg(1)->Arg(4)->Arg(64)->Arg(512)->Unit(benchmark::kMillisecond)->MinTime(0.3);
+BENCHMARK_TEMPLATE(bm_expert, kdial::f32_t)
+    ->Arg(1)
+    ->Arg(4)
+    ->Arg(64)
+    ->Arg(512)
+    ->Unit(benchmark::kMillisecond)
+    ->MinTime(0.3);
+BENCHMARK_TEMPLATE(bm_expert, kdial::bf16_t)
+    ->Arg(1)
+    ->Arg(4)
+    ->Arg(64)
+    ->Arg(512)
+    ->Unit(benchmark::kMillisecond)
+    ->MinTime(0.3);
+BENCHMARK_TEMPLATE(bm_expert, kdial::q8_t)
+    ->Arg(1)
+    ->Arg(4)
+    ->Arg(64)
+    ->Arg(512)
+    ->Unit(benchmark::kMillisecond)
+    ->MinTime(0.3);

@@ -35,11 +35,13 @@ std::uint64_t mix(std::uint64_t x)
     x ^= x >> 33;
     return x;
 }
-float unit(std::uint64_t i) { return float(mix(i) >> 40) * (2.0f / 16777216.0f) - 1.0f; } // [-1, 1)
+float unit(std::uint64_t i)
+{
+    return float(mix(i) >> 40) * (2.0f / 16777216.0f) - 1.0f;
+} // [-1, 1)
 
 // One layer's storage: E experts, each gate [F,d], up [F,d], down [d,F].
-template <kdial::weight_type W>
-struct layer_storage {
+template <kdial::weight_type W> struct layer_storage {
     using S = typename W::storage;
     std::vector<S> gate, up, down;
     std::vector<float> router;
@@ -48,21 +50,21 @@ struct layer_storage {
     static void fill(std::vector<S>& v, std::size_t n, std::uint64_t seed, float scale)
     {
         v.resize(n);
-        tbb::parallel_for(tbb::blocked_range<std::size_t>(0, n, std::size_t(1) << 16),
-                          [&](const tbb::blocked_range<std::size_t>& r) {
-            for (std::size_t i = r.begin(); i != r.end(); ++i) {
-            const std::uint64_t h = seed * 0x9e3779b97f4a7c15ull + i;
-            if constexpr (std::is_same_v<W, kdial::f32_t>)
-                v[i] = scale * unit(h);
-            else if constexpr (std::is_same_v<W, kdial::bf16_t>)
-                v[i] = kdial::bf16::from_float(scale * unit(h));
-            else {
-                v[i].scale = scale / 127.0f;
-                for (int j = 0; j < kdial::q8_block_size; ++j)
-                    v[i].q[j] = std::int8_t(int(mix(h * 32 + j) % 255) - 127);
-            }
-            }
-        });
+        tbb::parallel_for(
+            tbb::blocked_range<std::size_t>(0, n, std::size_t(1) << 16), [&](const tbb::blocked_range<std::size_t>& r) {
+                for (std::size_t i = r.begin(); i != r.end(); ++i) {
+                    const std::uint64_t h = seed * 0x9e3779b97f4a7c15ull + i;
+                    if constexpr (std::is_same_v<W, kdial::f32_t>)
+                        v[i] = scale * unit(h);
+                    else if constexpr (std::is_same_v<W, kdial::bf16_t>)
+                        v[i] = kdial::bf16::from_float(scale * unit(h));
+                    else {
+                        v[i].scale = scale / 127.0f;
+                        for (int j = 0; j < kdial::q8_block_size; ++j)
+                            v[i].q[j] = std::int8_t(int(mix(h * 32 + j) % 255) - 127);
+                    }
+                }
+            });
     }
 
     layer_storage(std::uint64_t seed, std::size_t max_tokens)
@@ -76,11 +78,11 @@ struct layer_storage {
             router[i] = 0.05f * unit(seed * 1000003 + i);
         std::vector<kdial::expert_weights<W>> ex;
         for (std::size_t e = 0; e < n_experts; ++e)
-            ex.push_back({kdial::weight_view<W>(gate.data() + e * d_ffn * row_d, d_ffn, d_model),
-                          kdial::weight_view<W>(up.data() + e * d_ffn * row_d, d_ffn, d_model),
-                          kdial::weight_view<W>(down.data() + e * d_model * row_f, d_model, d_ffn)});
+            ex.push_back({ kdial::weight_view<W>(gate.data() + e * d_ffn * row_d, d_ffn, d_model),
+                kdial::weight_view<W>(up.data() + e * d_ffn * row_d, d_ffn, d_model),
+                kdial::weight_view<W>(down.data() + e * d_model * row_f, d_model, d_ffn) });
         layer = std::make_unique<kdial::moe_layer>(kdial::cmatrix_view<float>(router.data(), n_experts, d_model),
-                                                   kdial::expert_set(std::move(ex), d_model, d_ffn), max_tokens, 8);
+            kdial::expert_set(std::move(ex), d_model, d_ffn), max_tokens, 8);
     }
 };
 
@@ -100,16 +102,15 @@ std::vector<std::unique_ptr<layer_storage<W>>>& pool(std::size_t layers, std::si
     return p;
 }
 
-template <kdial::weight_type W>
-void bm_moe(benchmark::State& state)
+template <kdial::weight_type W> void bm_moe(benchmark::State& state)
 {
     const auto T = std::size_t(state.range(0));
     const int k = int(state.range(1));
     tbb::task_arena arena(int(state.range(2)));
     kdial::bench::limits lim;
     arena.execute([&] { lim = kdial::bench::machine_limits(); });
-    const std::size_t layer_bytes =
-        n_experts * 3 * d_ffn * kdial::storage_cols<W>(d_model) * sizeof(typename W::storage);
+    const std::size_t layer_bytes
+        = n_experts * 3 * d_ffn * kdial::storage_cols<W>(d_model) * sizeof(typename W::storage);
     const std::size_t layers = T == 1 ? (std::size_t(2) << 30) / layer_bytes + 1 : 1;
     auto& p = pool<W>(layers, T);
     // A few different token batches so routing varies between calls.
@@ -126,8 +127,8 @@ void bm_moe(benchmark::State& state)
         ++it;
         const auto t0 = std::chrono::steady_clock::now();
         arena.execute([&] {
-            L.forward(kdial::cmatrix_view<float>(x.data(), T, d_model), k,
-                      kdial::matrix_view<float>(out.data(), T, d_model));
+            L.forward(
+                kdial::cmatrix_view<float>(x.data(), T, d_model), k, kdial::matrix_view<float>(out.data(), T, d_model));
         });
         secs += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         bytes += double(L.last_weight_bytes());
@@ -149,19 +150,19 @@ void bm_moe(benchmark::State& state)
 
 void decode_args(benchmark::internal::Benchmark* b)
 {
-    for (int threads : {1, 2})
-        for (int k : {1, 2, 4, 8})
-            b->Args({1, k, threads});
-    b->ArgNames({"T", "k", "threads"});
+    for (int threads : { 1, 2 })
+        for (int k : { 1, 2, 4, 8 })
+            b->Args({ 1, k, threads });
+    b->ArgNames({ "T", "k", "threads" });
 }
 
 void prefill_args(benchmark::internal::Benchmark* b)
 {
-    for (int threads : {1, 2})
-        for (int T : {64, 512, 2048})
-            for (int k : {1, 2, 4, 8})
-                b->Args({T, k, threads});
-    b->ArgNames({"T", "k", "threads"});
+    for (int threads : { 1, 2 })
+        for (int T : { 64, 512, 2048 })
+            for (int k : { 1, 2, 4, 8 })
+                b->Args({ T, k, threads });
+    b->ArgNames({ "T", "k", "threads" });
 }
 
 } // namespace

@@ -32,8 +32,7 @@ std::vector<float> normal(std::size_t n, unsigned seed)
 
 constexpr int E = 64;
 
-template <bool Fixed>
-void bm_route(benchmark::State& state)
+template <bool Fixed> void bm_route(benchmark::State& state)
 {
     const auto T = std::size_t(state.range(0));
     const int k = int(state.range(1));
@@ -48,8 +47,8 @@ void bm_route(benchmark::State& state)
         for (auto _ : state) {
             const auto t0 = std::chrono::steady_clock::now();
             arena.execute([&] {
-                kdial::route(kdial::cmatrix_view<float>(logits.data(), T, E), kk, kdial::router_options{},
-                             kdial::matrix_view<std::int32_t>(ids.data(), T, k), kdial::matrix_view<float>(w.data(), T, k));
+                kdial::route(kdial::cmatrix_view<float>(logits.data(), T, E), kk, kdial::router_options {},
+                    kdial::matrix_view<std::int32_t>(ids.data(), T, k), kdial::matrix_view<float>(w.data(), T, k));
             });
             secs += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
             benchmark::DoNotOptimize(w.data());
@@ -58,10 +57,11 @@ void bm_route(benchmark::State& state)
     if constexpr (Fixed)
         kdial::with_k(k, run);
     else
-        run(kdial::dynamic_k{k});
+        run(kdial::dynamic_k { k });
     const double bytes = double(T) * (E * 4 + k * 8);
     state.counters["tok/s"] = benchmark::Counter(double(T), benchmark::Counter::kIsIterationInvariantRate);
-    state.counters["GB/s"] = benchmark::Counter(bytes, benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::kIs1000);
+    state.counters["GB/s"]
+        = benchmark::Counter(bytes, benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::kIs1000);
     state.counters["read_bw_GBs"] = lim.read_gbs;
     state.counters["frac_read_bw"] = bytes * double(state.iterations()) / secs / 1e9 / lim.read_gbs;
     state.SetLabel(Fixed ? "fixed_k" : "dynamic_k");
@@ -81,23 +81,25 @@ void bm_dispatch_combine(benchmark::State& state)
     kdial::bench::limits lim;
     arena.execute([&] {
         lim = kdial::bench::machine_limits();
-        kdial::route(kdial::cmatrix_view<float>(logits.data(), T, E), kdial::dynamic_k{k}, kdial::router_options{},
-                     kdial::matrix_view<std::int32_t>(ids.data(), T, k), kdial::matrix_view<float>(w.data(), T, k));
+        kdial::route(kdial::cmatrix_view<float>(logits.data(), T, E), kdial::dynamic_k { k }, kdial::router_options {},
+            kdial::matrix_view<std::int32_t>(ids.data(), T, k), kdial::matrix_view<float>(w.data(), T, k));
     });
     double secs = 0;
     for (auto _ : state) {
         const auto t0 = std::chrono::steady_clock::now();
         arena.execute([&] {
             plan.build(kdial::cmatrix_view<std::int32_t>(ids.data(), T, k));
-            kdial::gather(plan, kdial::cmatrix_view<float>(x.data(), T, d), kdial::matrix_view<float>(xs.data(), T * k, d));
-            kdial::combine(plan, kdial::cmatrix_view<float>(w.data(), T, k), kdial::cmatrix_view<float>(xs.data(), T * k, d),
-                           kdial::matrix_view<float>(out.data(), T, d));
+            kdial::gather(
+                plan, kdial::cmatrix_view<float>(x.data(), T, d), kdial::matrix_view<float>(xs.data(), T * k, d));
+            kdial::combine(plan, kdial::cmatrix_view<float>(w.data(), T, k),
+                kdial::cmatrix_view<float>(xs.data(), T * k, d), kdial::matrix_view<float>(out.data(), T, d));
         });
         secs += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         benchmark::DoNotOptimize(out.data());
     }
     const double bytes = double(T) * d * 4 * (3.0 * k + 1.0);
-    state.counters["GB/s"] = benchmark::Counter(bytes, benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::kIs1000);
+    state.counters["GB/s"]
+        = benchmark::Counter(bytes, benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::kIs1000);
     state.counters["memcpy_GBs"] = lim.copy_gbs;
     state.counters["frac_memcpy"] = bytes * double(state.iterations()) / secs / 1e9 / lim.copy_gbs;
     state.counters["tok/s"] = benchmark::Counter(double(T), benchmark::Counter::kIsIterationInvariantRate);
@@ -105,11 +107,11 @@ void bm_dispatch_combine(benchmark::State& state)
 
 void route_args(benchmark::internal::Benchmark* b)
 {
-    for (int threads : {1, 2})
-        for (int T : {1, 64, 512, 4096})
-            for (int k : {1, 2, 4, 8})
-                b->Args({T, k, threads});
-    b->ArgNames({"T", "k", "threads"});
+    for (int threads : { 1, 2 })
+        for (int T : { 1, 64, 512, 4096 })
+            for (int k : { 1, 2, 4, 8 })
+                b->Args({ T, k, threads });
+    b->ArgNames({ "T", "k", "threads" });
 }
 
 } // namespace

@@ -20,8 +20,8 @@
 namespace kdial::bench {
 
 struct limits {
-    double read_gbs = 0;  // GB/s (1e9 bytes) streamed by a reading kernel
-    double copy_gbs = 0;  // GB/s of memcpy, counting bytes read + written
+    double read_gbs = 0; // GB/s (1e9 bytes) streamed by a reading kernel
+    double copy_gbs = 0; // GB/s of memcpy, counting bytes read + written
     double fma_gflops = 0; // GFLOP/s (2 flops per FMA) in fp32
 };
 
@@ -33,8 +33,7 @@ inline double seconds_since(std::chrono::steady_clock::time_point t0)
 }
 
 // Best of `reps` runs of f(), in seconds.
-template <class F>
-double best_time(int reps, F&& f)
+template <class F> double best_time(int reps, F&& f)
 {
     double best = 1e30;
     for (int r = 0; r < reps; ++r) {
@@ -64,7 +63,7 @@ inline limits measure()
 {
     limits lim;
     const int threads = tbb::this_task_arena::max_concurrency();
-    const std::size_t bytes = std::size_t{768} << 20; // beyond the last-level cache
+    const std::size_t bytes = std::size_t { 768 } << 20; // beyond the last-level cache
     const std::size_t n = bytes / sizeof(float);
     const std::size_t chunks = 256;
     const std::size_t per = n / chunks;
@@ -73,19 +72,19 @@ inline limits measure()
     };
     std::unique_ptr<float, freer> a(static_cast<float*>(std::aligned_alloc(64, bytes)));
     std::unique_ptr<float, freer> b(static_cast<float*>(std::aligned_alloc(64, bytes)));
-    tbb::parallel_for(std::size_t{0}, chunks, [&](std::size_t c) {
+    tbb::parallel_for(std::size_t { 0 }, chunks, [&](std::size_t c) {
         std::fill(a.get() + c * per, a.get() + (c + 1) * per, 1.0f);
         std::fill(b.get() + c * per, b.get() + (c + 1) * per, 0.0f);
     });
     std::vector<float> sink(chunks);
     double t = best_time(5, [&] {
-        tbb::parallel_for(std::size_t{0}, chunks, [&](std::size_t c) { sink[c] = stream_sum(a.get() + c * per, per); });
+        tbb::parallel_for(
+            std::size_t { 0 }, chunks, [&](std::size_t c) { sink[c] = stream_sum(a.get() + c * per, per); });
     });
     lim.read_gbs = double(chunks * per * sizeof(float)) / t / 1e9;
     t = best_time(5, [&] {
-        tbb::parallel_for(std::size_t{0}, chunks, [&](std::size_t c) {
-            std::memcpy(b.get() + c * per, a.get() + c * per, per * sizeof(float));
-        });
+        tbb::parallel_for(std::size_t { 0 }, chunks,
+            [&](std::size_t c) { std::memcpy(b.get() + c * per, a.get() + c * per, per * sizeof(float)); });
     });
     lim.copy_gbs = 2.0 * double(chunks * per * sizeof(float)) / t / 1e9;
 

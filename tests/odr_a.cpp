@@ -2,4 +2,7 @@
 // into the same executable (every non-template function must be inline).
 #include <kdial/kdial.hpp>
 
-int kdial_odr_a() { return KDIAL_VERSION_MAJOR; }
+int kdial_odr_a()
+{
+    return KDIAL_VERSION_MAJOR;
+}

@@ -32,15 +32,13 @@ inline std::vector<float> random_normal(std::size_t n, std::uint64_t seed, float
 }
 
 // Runs f inside a task_arena limited to `threads` threads.
-template <class F>
-void with_threads(int threads, F&& f)
+template <class F> void with_threads(int threads, F&& f)
 {
     tbb::task_arena arena(threads);
     arena.execute(f);
 }
 
-template <class T>
-bool same_bytes(const std::vector<T>& a, const std::vector<T>& b)
+template <class T> bool same_bytes(const std::vector<T>& a, const std::vector<T>& b)
 {
     return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
 }

@@ -21,7 +21,7 @@ void usage(std::FILE* f)
     std::fputs("usage: kdial_demo [--tokens T] [--experts E] [--hidden d] [--seed S]\n"
                "Routes a random batch of T tokens over E experts at k = 1, 2, 4, 8 and E,\n"
                "dispatches it, combines identity-expert outputs and reports the expert load.\n",
-               f);
+        f);
 }
 
 long parse_positive(const char* flag, const char* v)
@@ -77,23 +77,24 @@ int main(int argc, char** argv)
         for (auto& v : x)
             v = g(rng);
         std::printf("kdial %d.%d.%d demo: T = %zu tokens, E = %d experts, d = %zu\n", KDIAL_VERSION_MAJOR,
-                    KDIAL_VERSION_MINOR, KDIAL_VERSION_PATCH, T, E, d);
+            KDIAL_VERSION_MINOR, KDIAL_VERSION_PATCH, T, E, d);
         std::printf("%4s %12s %12s %12s %14s %12s\n", "k", "slots", "max load", "idle exp.", "mean sum w", "max |err|");
         kdial::dispatch_plan plan(T, E, E);
         std::vector<std::int32_t> ids(T * E);
         std::vector<float> w(T * E), xs(T * E * d), out(T * d);
-        for (int k : {1, 2, 4, 8, E}) {
+        for (int k : { 1, 2, 4, 8, E }) {
             if (k > E)
                 continue;
             const auto t0 = std::chrono::steady_clock::now();
             kdial::with_k(k, [&](auto kk) {
-                kdial::route(kdial::cmatrix_view<float>(logits.data(), T, E), kk, kdial::router_options{},
-                             kdial::matrix_view<std::int32_t>(ids.data(), T, k), kdial::matrix_view<float>(w.data(), T, k));
+                kdial::route(kdial::cmatrix_view<float>(logits.data(), T, E), kk, kdial::router_options {},
+                    kdial::matrix_view<std::int32_t>(ids.data(), T, k), kdial::matrix_view<float>(w.data(), T, k));
             });
             plan.build(kdial::cmatrix_view<std::int32_t>(ids.data(), T, k));
-            kdial::gather(plan, kdial::cmatrix_view<float>(x.data(), T, d), kdial::matrix_view<float>(xs.data(), T * k, d));
+            kdial::gather(
+                plan, kdial::cmatrix_view<float>(x.data(), T, d), kdial::matrix_view<float>(xs.data(), T * k, d));
             kdial::combine(plan, kdial::cmatrix_view<float>(w.data(), T, k),
-                           kdial::cmatrix_view<float>(xs.data(), T * k, d), kdial::matrix_view<float>(out.data(), T, d));
+                kdial::cmatrix_view<float>(xs.data(), T * k, d), kdial::matrix_view<float>(out.data(), T, d));
             const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
             const auto counts = plan.counts();
             const int max_load = *std::max_element(counts.begin(), counts.end());
@@ -108,7 +109,7 @@ int main(int argc, char** argv)
                     err = std::max(err, double(std::abs(out[t * d + i] - s * x[t * d + i])));
             }
             std::printf("%4d %12zu %12d %12ld %14.4f %12.2e   (%.2f ms)\n", k, plan.num_slots(), max_load, idle,
-                        mass / double(T), err, ms);
+                mass / double(T), err, ms);
         }
         std::puts("max |err| compares combine(identity experts) with (sum_j w[t,j]) * x[t]; it is rounding only.");
     } catch (const kdial::error& e) {

@@ -23,9 +23,12 @@ enum class family { olmoe, qwen2_moe, mixtral };
 inline const char* family_name(family f)
 {
     switch (f) {
-    case family::olmoe: return "olmoe";
-    case family::qwen2_moe: return "qwen2_moe";
-    case family::mixtral: return "mixtral";
+    case family::olmoe:
+        return "olmoe";
+    case family::qwen2_moe:
+        return "qwen2_moe";
+    case family::mixtral:
+        return "mixtral";
     }
     return "?";
 }
@@ -33,26 +36,26 @@ inline const char* family_name(family f)
 struct model_config {
     family fam = family::olmoe;
     std::string model_type;
-    int hidden = 0;        // d
+    int hidden = 0; // d
     int layers = 0;
-    int heads = 0;         // nh
-    int kv_heads = 0;      // nkv
-    int head_dim = 0;      // hd
-    int vocab = 0;         // embedding / lm_head rows
-    int experts = 0;       // E
-    int top_k = 0;         // trained k (num_experts_per_tok)
-    int expert_ffn = 0;    // F
-    int shared_ffn = 0;    // Fs (0: no shared expert)
+    int heads = 0; // nh
+    int kv_heads = 0; // nkv
+    int head_dim = 0; // hd
+    int vocab = 0; // embedding / lm_head rows
+    int experts = 0; // E
+    int top_k = 0; // trained k (num_experts_per_tok)
+    int expert_ffn = 0; // F
+    int shared_ffn = 0; // Fs (0: no shared expert)
     bool shared_gate = false;
-    int dense_ffn = 0;     // width of dense MLP layers (qwen2_moe mlp_only_layers)
-    int sparse_step = 1;   // qwen2_moe decoder_sparse_step
+    int dense_ffn = 0; // width of dense MLP layers (qwen2_moe mlp_only_layers)
+    int sparse_step = 1; // qwen2_moe decoder_sparse_step
     std::vector<int> mlp_only_layers;
     bool norm_topk_prob = false;
     double rope_theta = 10000.0;
     float rms_norm_eps = 1e-5f;
-    bool qk_norm = false;        // olmoe: RMSNorm over the whole q / k projection
+    bool qk_norm = false; // olmoe: RMSNorm over the whole q / k projection
     bool attention_bias = false; // olmoe: bias on q, k, v and o
-    bool qkv_bias = false;       // qwen2_moe: bias on q, k, v only
+    bool qkv_bias = false; // qwen2_moe: bias on q, k, v only
     std::optional<float> clip_qkv;
     std::optional<int> sliding_window; // mixtral: attend to the last W positions
     bool tie_word_embeddings = false;
@@ -139,7 +142,7 @@ struct reader {
             return out;
         const json& v = j.at(f);
         if (v.is_number_integer())
-            return {v.get<int>()};
+            return { v.get<int>() };
         if (!v.is_array())
             fail(f, cat("must be an integer or a list of integers, got ", v.dump()));
         for (const auto& e : v) {
@@ -165,7 +168,7 @@ inline model_config parse_config(const std::string& text, const std::string& fil
     }
     if (!j.is_object())
         throw kdial::error(cat(file, ": top level must be a JSON object"));
-    const detail::reader r{j, file};
+    const detail::reader r { j, file };
     model_config c;
     c.model_type = r.string_or("model_type", "");
     if (c.model_type == "olmoe")
@@ -256,7 +259,7 @@ inline model_config parse_config(const std::string& text, const std::string& fil
         const auto& rp = j.at("rope_parameters");
         if (!rp.is_object())
             r.fail("rope_parameters", "must be an object");
-        const detail::reader rr{rp, file + ": rope_parameters"};
+        const detail::reader rr { rp, file + ": rope_parameters" };
         const std::string type = rr.string_or("rope_type", "default");
         if (type != "default")
             r.fail("rope_parameters.rope_type", cat("is '", type, "'; only default RoPE is supported"));
@@ -268,8 +271,8 @@ inline model_config parse_config(const std::string& text, const std::string& fil
         r.fail("rope_theta", cat("must be positive, got ", c.rope_theta));
     if (r.has("rope_scaling")) {
         const auto& rs = j.at("rope_scaling");
-        const std::string type =
-            rs.is_object() ? (rs.contains("rope_type") ? rs.value("rope_type", "") : rs.value("type", "")) : "";
+        const std::string type
+            = rs.is_object() ? (rs.contains("rope_type") ? rs.value("rope_type", "") : rs.value("type", "")) : "";
         if (type != "default")
             r.fail("rope_scaling", cat("is ", rs.dump(), "; only default (unscaled) RoPE is supported"));
     }

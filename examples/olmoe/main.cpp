@@ -62,8 +62,8 @@ commands:
 Run 'olmoe <command> --help' for a command's options.
 )";
 
-const std::map<std::string, std::string> usages = {
-    {"generate", R"(usage: olmoe generate --model DIR [--prompt TEXT | --tokens 1,2,3] [--k K | --k-schedule S]
+const std::map<std::string, std::string> usages
+    = { { "generate", R"(usage: olmoe generate --model DIR [--prompt TEXT | --tokens 1,2,3] [--k K | --k-schedule S]
                       [--renorm] [--max-new N] [--threads N] [--weights native|int8]
 Greedy generation; streams text (or ids when the model has no tokenizer.json).
   --model DIR     checkpoint directory (config.json, *.safetensors, tokenizer.json)
@@ -76,19 +76,19 @@ Greedy generation; streams text (or ids when the model has no tokenizer.json).
   --max-new N     tokens to generate (default 32); stops early at an EOS id
   --threads N     worker threads (default: all cores)
   --weights W     native (as stored, default) or int8 (quantised at load)
-)"},
-    {"logits", R"(usage: olmoe logits --model DIR --tokens 1,2,3 --out FILE.npy [--k K | --k-schedule S]
+)" },
+          { "logits", R"(usage: olmoe logits --model DIR --tokens 1,2,3 --out FILE.npy [--k K | --k-schedule S]
                     [--renorm] [--threads N] [--weights native|int8]
 Writes the logits of every position, float32 [T, vocab], in NumPy .npy format.
-)"},
-    {"bench", R"(usage: olmoe bench --model DIR [--k 1,2,4,8 | --k-schedule S] [--renorm] [--prompt-len 512]
+)" },
+          { "bench", R"(usage: olmoe bench --model DIR [--k 1,2,4,8 | --k-schedule S] [--renorm] [--prompt-len 512]
                    [--gen 32] [--threads N] [--weights native|int8] [--json]
 Measures prefill and decode tokens/s for each k, with the fraction of the
 memory-bandwidth roofline decode reached (weight and KV-cache bytes read per
 token / read bandwidth measured in the same run) and the peak resident memory.
 --k-schedule measures that one per-layer schedule instead of a list of k.
-)"},
-    {"sweep", R"(usage: olmoe sweep --model DIR (--text FILE | --tokens-file FILE) [--k 1,2,4,8] [--ref-k K]
+)" },
+          { "sweep", R"(usage: olmoe sweep --model DIR (--text FILE | --tokens-file FILE) [--k 1,2,4,8] [--ref-k K]
                    [--k-schedule S] [--threshold P[,P...]] [--k-min N] [--k-max N] [--renorm]
                    [--context N] [--decode-tokens N] [--json FILE] [--plot FILE.svg] [--threads N]
                    [--weights native|int8]
@@ -111,8 +111,8 @@ measured in the same run.
   --decode-tokens N   timed single-token decode steps per point (default 32)
   --json FILE         also write the results as JSON
   --plot FILE.svg     write a plot of quality against decode latency
-)"},
-    {"make-synthetic", R"(usage: olmoe make-synthetic --out DIR [--preset NAME] [--layers N] [--dtype bf16|f32]
+)" },
+          { "make-synthetic", R"(usage: olmoe make-synthetic --out DIR [--preset NAME] [--layers N] [--dtype bf16|f32]
                             [--shards N] [--seed S]
 Writes a synthetic checkpoint in the exact Hugging Face layout: config.json,
 model.safetensors (or N shards and model.safetensors.index.json), and a small
@@ -124,11 +124,11 @@ byte-level BPE tokenizer.json. Presets:
                                  dense MLP layer and sets norm_topk_prob
   tiny-mixtral, mixtral          Mixtral-8x7B layout (w1/w2/w3 experts, GQA); the tiny one
                                  has a sliding window of 8
-)"},
-    {"demo", R"(usage: olmoe demo [--dir DIR]
+)" },
+          { "demo", R"(usage: olmoe demo [--dir DIR]
 Makes a tiny synthetic OLMoE checkpoint (default: $XDG_CACHE_HOME/kdial/demo or
 ~/.cache/kdial/demo), then shows generation and a benchmark at several k.
-)"}};
+)" } };
 
 struct args {
     std::string command;
@@ -241,7 +241,7 @@ loaded load(const args& a, std::size_t max_chunk = 256)
     olmoe::load_options o;
     o.int8 = wt == "int8";
     o.max_chunk = max_chunk;
-    progress p{"loading " + dir};
+    progress p { "loading " + dir };
     o.progress = [&](int done, int total) { p(double(done) / total); };
     L.m = std::make_unique<olmoe::model>(olmoe::load_weights(dir, L.cfg, o), max_chunk);
     if (a.flags.count("renorm"))
@@ -288,7 +288,8 @@ std::vector<std::int32_t> prompt_tokens(const args& a, const loaded& L)
 
 int threads_of(const args& a)
 {
-    return a.has("threads") ? int(parse_int("threads", a.get("threads"), 1, 1024)) : tbb::this_task_arena::max_concurrency();
+    return a.has("threads") ? int(parse_int("threads", a.get("threads"), 1, 1024))
+                            : tbb::this_task_arena::max_concurrency();
 }
 
 int cmd_generate(const args& a, std::FILE* out = stdout)
@@ -312,8 +313,7 @@ int cmd_generate(const args& a, std::FILE* out = stdout)
         const auto t1 = std::chrono::steady_clock::now();
         for (; produced < max_new; ++produced) {
             const std::int32_t next = olmoe::argmax(logits);
-            const bool eos =
-                std::find(L.cfg.eos_ids.begin(), L.cfg.eos_ids.end(), next) != L.cfg.eos_ids.end();
+            const bool eos = std::find(L.cfg.eos_ids.begin(), L.cfg.eos_ids.end(), next) != L.cfg.eos_ids.end();
             if (dec && L.tok->is_valid_id(next))
                 std::fputs(dec->push(next).c_str(), out);
             else
@@ -331,8 +331,8 @@ int cmd_generate(const args& a, std::FILE* out = stdout)
         std::fputc('\n', out);
         const double t_dec = olmoe::seconds_since(t1);
         std::fprintf(stderr, "[k=%s: prompt %zu tokens in %.2f s (%.1f tok/s), %d new tokens in %.2f s (%.1f tok/s)]\n",
-                     olmoe::schedule_label(ks).c_str(), ids.size(), t_prefill, double(ids.size()) / t_prefill, produced, t_dec,
-                     produced > 1 ? double(produced - 1) / t_dec : 0.0);
+            olmoe::schedule_label(ks).c_str(), ids.size(), t_prefill, double(ids.size()) / t_prefill, produced, t_dec,
+            produced > 1 ? double(produced - 1) / t_dec : 0.0);
         return 0;
     });
 }
@@ -349,18 +349,18 @@ int cmd_logits(const args& a)
         const std::string outp = a.need("out");
         olmoe::kv_cache cache(L.cfg, ids.size());
         std::vector<float> logits(ids.size() * std::size_t(L.cfg.vocab));
-        olmoe::prefill(*L.m, ids, cache, ks, kdial::matrix_view<float>(logits.data(), ids.size(), std::size_t(L.cfg.vocab)),
-                       true);
+        olmoe::prefill(
+            *L.m, ids, cache, ks, kdial::matrix_view<float>(logits.data(), ids.size(), std::size_t(L.cfg.vocab)), true);
         kdial::io::write_npy(outp, logits, ids.size(), std::size_t(L.cfg.vocab));
         std::fprintf(stderr, "wrote %s: float32 [%zu, %d] at k=%s\n", outp.c_str(), ids.size(), L.cfg.vocab,
-                     olmoe::schedule_label(ks).c_str());
+            olmoe::schedule_label(ks).c_str());
         return 0;
     });
 }
 
 double peak_rss_gib()
 {
-    rusage ru{};
+    rusage ru {};
     getrusage(RUSAGE_SELF, &ru);
     return double(ru.ru_maxrss) / (1024.0 * 1024.0);
 }
@@ -373,7 +373,8 @@ int cmd_bench(const args& a, std::FILE* out = stdout)
         const std::size_t prompt_len = std::size_t(parse_int("prompt-len", a.get("prompt-len", "512"), 1, 1 << 20));
         const int gen = int(parse_int("gen", a.get("gen", "32"), 2, 1 << 20));
         auto L = load(a);
-        std::vector<int> klist = a.has("k") ? parse_int_list("k", a.get("k"), 1, 1 << 20) : std::vector<int>{1, 2, 4, 8};
+        std::vector<int> klist
+            = a.has("k") ? parse_int_list("k", a.get("k"), 1, 1 << 20) : std::vector<int> { 1, 2, 4, 8 };
         for (int k : klist)
             if (k > L.cfg.experts)
                 throw kdial::error(cat("--k ", k, " is outside [1, num_experts = ", L.cfg.experts, "]"));
@@ -399,7 +400,7 @@ int cmd_bench(const args& a, std::FILE* out = stdout)
         std::vector<measured> ms;
         for (const auto& ks : schedules) {
             const std::string k = olmoe::schedule_label(ks);
-            progress p{cat("bench k=", k)};
+            progress p { cat("bench k=", k) };
             cache.reset();
             auto t0 = std::chrono::steady_clock::now();
             olmoe::prefill(*L.m, prompt, cache, ks, lv, false);
@@ -415,13 +416,13 @@ int cmd_bench(const args& a, std::FILE* out = stdout)
                     td += dt;
                     // Weights streamed plus the KV cache read by attention
                     // (keys and values of every cached position, f32).
-                    bytes += double(L.m->last_decode_bytes()) +
-                             2.0 * L.cfg.layers * double(cache.pos) * double(cache.width) * sizeof(float);
+                    bytes += double(L.m->last_decode_bytes())
+                        + 2.0 * L.cfg.layers * double(cache.pos) * double(cache.width) * sizeof(float);
                 }
                 next = olmoe::argmax(logits);
                 p(0.5 + 0.5 * (g + 1) / gen);
             }
-            ms.push_back({k, tp, td, bytes});
+            ms.push_back({ k, tp, td, bytes });
         }
         // Peak memory before the bandwidth probe (which allocates 1.5 GiB).
         const double rss = peak_rss_gib();
@@ -434,43 +435,35 @@ int cmd_bench(const args& a, std::FILE* out = stdout)
         nlohmann::json rows = nlohmann::json::array();
         if (!a.flags.count("json"))
             std::fprintf(out, "%4s %14s %14s %12s %12s %10s\n", "k", "prefill tok/s", "decode tok/s", "GB/token",
-                         "decode GB/s", "roofline");
+                "decode GB/s", "roofline");
         for (const auto& m : ms) {
             const double n = gen - 1;
             const double gbs = m.bytes / m.decode_s / 1e9;
             nlohmann::json kj = m.k;
             if (m.k.find_first_not_of("0123456789") == std::string::npos)
                 kj = std::stoi(m.k);
-            rows.push_back({{"k", kj},
-                            {"prefill_tokens", prompt_len},
-                            {"prefill_tok_s", double(prompt_len) / m.prefill_s},
-                            {"decode_tokens", n},
-                            {"decode_tok_s", n / m.decode_s},
-                            {"decode_bytes_per_token", m.bytes / n},
-                            {"decode_gb_s", gbs},
-                            {"roofline_fraction", gbs / lim.read_gbs}});
+            rows.push_back({ { "k", kj }, { "prefill_tokens", prompt_len },
+                { "prefill_tok_s", double(prompt_len) / m.prefill_s }, { "decode_tokens", n },
+                { "decode_tok_s", n / m.decode_s }, { "decode_bytes_per_token", m.bytes / n }, { "decode_gb_s", gbs },
+                { "roofline_fraction", gbs / lim.read_gbs } });
             if (!a.flags.count("json"))
-                std::fprintf(out, "%4s %14.1f %14.2f %12.4f %12.2f %10.2f\n", m.k.c_str(), double(prompt_len) / m.prefill_s,
-                             n / m.decode_s, m.bytes / n / 1e9, gbs, gbs / lim.read_gbs);
+                std::fprintf(out, "%4s %14.1f %14.2f %12.4f %12.2f %10.2f\n", m.k.c_str(),
+                    double(prompt_len) / m.prefill_s, n / m.decode_s, m.bytes / n / 1e9, gbs, gbs / lim.read_gbs);
         }
-        const nlohmann::json result = {{"model", a.get("model")},
-                                       {"weights", a.get("weights", "native")},
-                                       {"threads", threads},
-                                       {"read_bandwidth_gb_s", lim.read_gbs},
-                                       {"fma_peak_gflop_s", lim.fma_gflops},
-                                       {"peak_rss_gib", rss},
-                                       {"checkpoint_gib", double(ck_bytes) / double(1 << 30)},
-                                       {"results", rows}};
+        const nlohmann::json result = { { "model", a.get("model") }, { "weights", a.get("weights", "native") },
+            { "threads", threads }, { "read_bandwidth_gb_s", lim.read_gbs }, { "fma_peak_gflop_s", lim.fma_gflops },
+            { "peak_rss_gib", rss }, { "checkpoint_gib", double(ck_bytes) / double(1 << 30) }, { "results", rows } };
         if (a.flags.count("json"))
             std::fprintf(out, "%s\n", result.dump(2).c_str());
         else {
             std::fprintf(out,
-                         "limits measured in this run (%d threads): read %.1f GB/s, FMA %.0f GFLOP/s\n"
-                         "peak RSS %.2f GiB, checkpoint %.2f GiB (weights are memory-mapped)\n",
-                         threads, lim.read_gbs, lim.fma_gflops, rss, double(ck_bytes) / double(1 << 30));
+                "limits measured in this run (%d threads): read %.1f GB/s, FMA %.0f GFLOP/s\n"
+                "peak RSS %.2f GiB, checkpoint %.2f GiB (weights are memory-mapped)\n",
+                threads, lim.read_gbs, lim.fma_gflops, rss, double(ck_bytes) / double(1 << 30));
             if (ck_bytes < (std::size_t(256) << 20))
-                std::fprintf(out, "note: this checkpoint fits in the CPU caches, so decode can beat the DRAM "
-                                  "roofline; use --preset olmoe for a meaningful fraction\n");
+                std::fprintf(out,
+                    "note: this checkpoint fits in the CPU caches, so decode can beat the DRAM "
+                    "roofline; use --preset olmoe for a meaningful fraction\n");
         }
         return 0;
     });
@@ -512,14 +505,14 @@ int cmd_sweep(const args& a, std::FILE* out = stdout)
         auto global = [&](int k) {
             if (k < 1 || k > c.experts)
                 throw kdial::error(cat("--k ", k, " is outside [1, num_experts = ", c.experts, "]"));
-            return olmoe::operating_point{cat("k=", k), std::vector<int>(std::size_t(c.layers), k), std::nullopt};
+            return olmoe::operating_point { cat("k=", k), std::vector<int>(std::size_t(c.layers), k), std::nullopt };
         };
         std::vector<olmoe::operating_point> points;
         std::vector<int> klist;
         if (a.has("k"))
             klist = parse_int_list("k", a.get("k"), 1, 1 << 20);
         else {
-            for (int k : {1, 2, 4, 8})
+            for (int k : { 1, 2, 4, 8 })
                 if (k <= c.experts)
                     klist.push_back(k);
             if (std::find(klist.begin(), klist.end(), c.top_k) == klist.end())
@@ -530,7 +523,7 @@ int cmd_sweep(const args& a, std::FILE* out = stdout)
             points.push_back(global(k));
         if (a.has("k-schedule")) {
             auto ks = olmoe::parse_k_schedule(a.get("k-schedule"), c.layers, c.experts);
-            points.push_back({olmoe::schedule_label(ks), ks, std::nullopt});
+            points.push_back({ olmoe::schedule_label(ks), ks, std::nullopt });
         }
         const int kmin = a.has("k-min") ? int(parse_int("k-min", a.get("k-min"), 1, c.experts)) : 1;
         const int kmax = a.has("k-max") ? int(parse_int("k-max", a.get("k-max"), 1, c.experts)) : c.top_k;
@@ -541,8 +534,8 @@ int cmd_sweep(const args& a, std::FILE* out = stdout)
             for (std::size_t p = 0; p <= v.size();) {
                 const std::size_t q = std::min(v.find(',', p), v.size());
                 const double pr = parse_prob("threshold", v.substr(p, q - p));
-                points.push_back({cat("p=", v.substr(p, q - p)), std::vector<int>(std::size_t(c.layers), kmax),
-                                  kdial::threshold_options{float(pr), kmin, kmax}});
+                points.push_back({ cat("p=", v.substr(p, q - p)), std::vector<int>(std::size_t(c.layers), kmax),
+                    kdial::threshold_options { float(pr), kmin, kmax } });
                 p = q + 1;
             }
         }
@@ -555,77 +548,63 @@ int cmd_sweep(const args& a, std::FILE* out = stdout)
             throw kdial::error(cat("--context ", o.context, " exceeds max_position_embeddings = ", c.max_positions));
         o.decode_tokens = std::size_t(parse_int("decode-tokens", a.get("decode-tokens", "32"), 1, 1 << 20));
         std::fprintf(stderr, "sweep: %zu tokens, %zu operating points, reference %s, windows of %zu tokens\n",
-                     tokens.size(), points.size(), ref.label.c_str(), o.context);
-        progress pr{"sweep"};
+            tokens.size(), points.size(), ref.label.c_str(), o.context);
+        progress pr { "sweep" };
         const auto res = olmoe::run_sweep(*L.m, tokens, points, ref, o, [&](double fr, const std::string& what) {
             pr.what = "sweep (" + what + ")";
             pr(fr);
         });
 
-        std::fprintf(out, "%-14s %10s %9s %8s %9s %8s %12s %11s %11s %10s\n", "point", "perplexity", "loglik",
-                     "agree", "KL", "exp/tok", "active Mpar", "prefill t/s", "decode t/s", "decode ms");
+        std::fprintf(out, "%-14s %10s %9s %8s %9s %8s %12s %11s %11s %10s\n", "point", "perplexity", "loglik", "agree",
+            "KL", "exp/tok", "active Mpar", "prefill t/s", "decode t/s", "decode ms");
         nlohmann::json rows = nlohmann::json::array();
         for (const auto& r : res) {
             std::fprintf(out, "%-14s %10.3f %9.4f %8.4f %9.5f %8.2f %12.1f %11.1f %11.2f %10.2f\n",
-                         r.point.label.c_str(), r.perplexity, r.mean_loglik, r.agreement, r.mean_kl,
-                         r.experts_per_token, r.active_params / 1e6, r.prefill_tok_s(), r.decode_tok_s(),
-                         r.decode_ms());
-            nlohmann::json j = {{"label", r.point.label},
-                                {"predicted_tokens", r.predicted},
-                                {"perplexity", r.perplexity},
-                                {"mean_loglik", r.mean_loglik},
-                                {"agreement", r.agreement},
-                                {"mean_kl", r.mean_kl},
-                                {"experts_per_token", r.experts_per_token},
-                                {"active_expert_params_per_token", r.active_expert_params},
-                                {"active_params_per_token", r.active_params},
-                                {"prefill_tokens", r.prefill_tokens},
-                                {"prefill_tok_s", r.prefill_tok_s()},
-                                {"decode_steps", r.decode_steps},
-                                {"decode_tok_s", r.decode_tok_s()},
-                                {"decode_ms_per_token", r.decode_ms()}};
+                r.point.label.c_str(), r.perplexity, r.mean_loglik, r.agreement, r.mean_kl, r.experts_per_token,
+                r.active_params / 1e6, r.prefill_tok_s(), r.decode_tok_s(), r.decode_ms());
+            nlohmann::json j = { { "label", r.point.label }, { "predicted_tokens", r.predicted },
+                { "perplexity", r.perplexity }, { "mean_loglik", r.mean_loglik }, { "agreement", r.agreement },
+                { "mean_kl", r.mean_kl }, { "experts_per_token", r.experts_per_token },
+                { "active_expert_params_per_token", r.active_expert_params },
+                { "active_params_per_token", r.active_params }, { "prefill_tokens", r.prefill_tokens },
+                { "prefill_tok_s", r.prefill_tok_s() }, { "decode_steps", r.decode_steps },
+                { "decode_tok_s", r.decode_tok_s() }, { "decode_ms_per_token", r.decode_ms() } };
             if (r.point.threshold)
-                j["threshold"] = {{"p", r.point.threshold->p},
-                                  {"k_min", r.point.threshold->k_min},
-                                  {"k_max", r.point.threshold->k_max}};
+                j["threshold"] = { { "p", r.point.threshold->p }, { "k_min", r.point.threshold->k_min },
+                    { "k_max", r.point.threshold->k_max } };
             else
                 j["k_per_layer"] = r.point.k_per_layer;
             rows.push_back(j);
         }
-        std::fprintf(out, "agreement and KL against %s; %zu positions; prefill tok/s with logits at every position; "
-                          "active parameters exclude the embedding\n",
-                     ref.label.c_str(), res.empty() ? std::size_t(0) : res[0].predicted);
+        std::fprintf(out,
+            "agreement and KL against %s; %zu positions; prefill tok/s with logits at every position; "
+            "active parameters exclude the embedding\n",
+            ref.label.c_str(), res.empty() ? std::size_t(0) : res[0].predicted);
         if (a.has("json")) {
-            const nlohmann::json doc = {{"model", a.get("model")},
-                                        {"source", src},
-                                        {"tokens", tokens.size()},
-                                        {"reference", ref.label},
-                                        {"renorm", a.flags.count("renorm") != 0},
-                                        {"context", o.context},
-                                        {"threads", threads},
-                                        {"weights", a.get("weights", "native")},
-                                        {"params_per_expert", L.m->params_per_expert()},
-                                        {"always_on_params", L.m->always_on_params()},
-                                        {"points", rows}};
+            const nlohmann::json doc = { { "model", a.get("model") }, { "source", src }, { "tokens", tokens.size() },
+                { "reference", ref.label }, { "renorm", a.flags.count("renorm") != 0 }, { "context", o.context },
+                { "threads", threads }, { "weights", a.get("weights", "native") },
+                { "params_per_expert", L.m->params_per_expert() }, { "always_on_params", L.m->always_on_params() },
+                { "points", rows } };
             std::ofstream jf(a.get("json"));
             if (!(jf << doc.dump(2) << '\n'))
                 throw kdial::error(cat(a.get("json"), ": cannot write"));
             std::fprintf(stderr, "wrote %s\n", a.get("json").c_str());
         }
         if (a.has("plot")) {
-            olmoe::svg::panel ppl{"perplexity vs decode latency", "decode latency (ms / token)", "perplexity", {}};
-            olmoe::svg::panel agr{cat("agreement with ", ref.label, " vs decode latency"), "decode latency (ms / token)",
-                                  cat("argmax agreement with ", ref.label), {}};
+            olmoe::svg::panel ppl { "perplexity vs decode latency", "decode latency (ms / token)", "perplexity", {} };
+            olmoe::svg::panel agr { cat("agreement with ", ref.label, " vs decode latency"),
+                "decode latency (ms / token)", cat("argmax agreement with ", ref.label), {} };
             for (const auto& r : res) {
                 // Global k values form the curve; schedules and thresholds are extra points.
                 const bool curve = !r.point.threshold && r.point.label.rfind("k=", 0) == 0;
-                ppl.points.push_back({r.decode_ms(), r.perplexity, r.point.label, curve});
-                agr.points.push_back({r.decode_ms(), r.agreement, r.point.label, curve});
+                ppl.points.push_back({ r.decode_ms(), r.perplexity, r.point.label, curve });
+                agr.points.push_back({ r.decode_ms(), r.agreement, r.point.label, curve });
             }
             olmoe::svg::write(a.get("plot"),
-                              cat("olmoe sweep: ", fs::path(a.get("model")).filename().string(), ", ", tokens.size(),
-                                  " tokens, ", threads, " threads"),
-                              {ppl, agr});
+                cat("olmoe sweep: ", fs::path(a.get("model")).filename().string(), ", ", tokens.size(), " tokens, ",
+                    threads, " threads"),
+                { ppl, agr });
             std::fprintf(stderr, "wrote %s\n", a.get("plot").c_str());
         }
         return 0;
@@ -641,10 +620,11 @@ int cmd_make_synthetic(const args& a)
     o.shards = int(parse_int("shards", a.get("shards", "1"), 1, 64));
     o.seed = std::uint64_t(parse_int("seed", a.get("seed", "1"), 0, (1L << 62)));
     const std::string dir = a.need("out");
-    progress p{"writing " + dir};
-    const auto c = olmoe::make_synthetic(dir, o, [&](std::size_t done, std::size_t total) { p(double(done) / double(total)); });
+    progress p { "writing " + dir };
+    const auto c
+        = olmoe::make_synthetic(dir, o, [&](std::size_t done, std::size_t total) { p(double(done) / double(total)); });
     std::fprintf(stderr, "wrote %s: %s, %d layers, d %d, %d experts (top-%d), vocab %d, %s, %d shard(s)\n", dir.c_str(),
-                 olmoe::family_name(c.fam), c.layers, c.hidden, c.experts, c.top_k, c.vocab, o.dtype.c_str(), o.shards);
+        olmoe::family_name(c.fam), c.layers, c.hidden, c.experts, c.top_k, c.vocab, o.dtype.c_str(), o.shards);
     return 0;
 }
 
@@ -654,23 +634,25 @@ int cmd_demo(const args& a)
     if (dir.empty()) {
         const char* xdg = std::getenv("XDG_CACHE_HOME");
         const char* home = std::getenv("HOME");
-        dir = xdg && *xdg ? cat(xdg, "/kdial/demo") : home && *home ? cat(home, "/.cache/kdial/demo") : "/tmp/kdial-demo";
+        dir = xdg && *xdg   ? cat(xdg, "/kdial/demo")
+            : home && *home ? cat(home, "/.cache/kdial/demo")
+                            : "/tmp/kdial-demo";
     }
     std::printf("== kdial demo: a tiny synthetic OLMoE checkpoint in %s\n", dir.c_str());
     args mk;
-    mk.opt = {{"out", dir}, {"preset", "tiny"}, {"layers", "2"}, {"dtype", "bf16"}};
+    mk.opt = { { "out", dir }, { "preset", "tiny" }, { "layers", "2" }, { "dtype", "bf16" } };
     cmd_make_synthetic(mk);
     std::printf("\n== greedy generation at several k (synthetic weights: the text is noise, the k dial is real)\n");
-    for (const char* k : {"1", "2", "4", "8"}) {
+    for (const char* k : { "1", "2", "4", "8" }) {
         args g;
-        g.opt = {{"model", dir}, {"prompt", "the experts"}, {"k", k}, {"max-new", "12"}};
+        g.opt = { { "model", dir }, { "prompt", "the experts" }, { "k", k }, { "max-new", "12" } };
         std::printf("k=%s: ", k);
         std::fflush(stdout);
         cmd_generate(g);
     }
     std::printf("\n== bench (prefill 64 tokens, decode 16) at k = 1, 2, 4, 8\n");
     args b;
-    b.opt = {{"model", dir}, {"k", "1,2,4,8"}, {"prompt-len", "64"}, {"gen", "16"}};
+    b.opt = { { "model", dir }, { "k", "1,2,4,8" }, { "prompt-len", "64" }, { "gen", "16" } };
     cmd_bench(b);
     std::printf("\nNext: olmoe make-synthetic --out DIR --preset olmoe --layers 4, then olmoe bench --model DIR\n");
     return 0;
@@ -698,23 +680,23 @@ int main(int argc, char** argv)
     try {
         if (cmd == "generate")
             return cmd_generate(parse_args(argc, argv,
-                                           {"model", "prompt", "tokens", "k", "k-schedule", "max-new", "threads", "weights"},
-                                           {"renorm"}));
+                { "model", "prompt", "tokens", "k", "k-schedule", "max-new", "threads", "weights" }, { "renorm" }));
         if (cmd == "logits")
-            return cmd_logits(
-                parse_args(argc, argv, {"model", "tokens", "k", "k-schedule", "out", "threads", "weights"}, {"renorm"}));
+            return cmd_logits(parse_args(
+                argc, argv, { "model", "tokens", "k", "k-schedule", "out", "threads", "weights" }, { "renorm" }));
         if (cmd == "bench")
-            return cmd_bench(parse_args(argc, argv, {"model", "k", "k-schedule", "prompt-len", "gen", "threads", "weights"},
-                                        {"json", "renorm"}));
+            return cmd_bench(parse_args(argc, argv,
+                { "model", "k", "k-schedule", "prompt-len", "gen", "threads", "weights" }, { "json", "renorm" }));
         if (cmd == "sweep")
             return cmd_sweep(parse_args(argc, argv,
-                                        {"model", "text", "tokens-file", "k", "ref-k", "k-schedule", "threshold", "k-min",
-                                         "k-max", "context", "decode-tokens", "json", "plot", "threads", "weights"},
-                                        {"renorm"}));
+                { "model", "text", "tokens-file", "k", "ref-k", "k-schedule", "threshold", "k-min", "k-max", "context",
+                    "decode-tokens", "json", "plot", "threads", "weights" },
+                { "renorm" }));
         if (cmd == "make-synthetic")
-            return cmd_make_synthetic(parse_args(argc, argv, {"out", "preset", "layers", "dtype", "shards", "seed"}, {}));
+            return cmd_make_synthetic(
+                parse_args(argc, argv, { "out", "preset", "layers", "dtype", "shards", "seed" }, {}));
         if (cmd == "demo")
-            return cmd_demo(parse_args(argc, argv, {"dir"}, {}));
+            return cmd_demo(parse_args(argc, argv, { "dir" }, {}));
     } catch (const usage_error& e) {
         std::fprintf(stderr, "olmoe %s: %s\n\n%s", cmd.c_str(), e.what(), u->second.c_str());
         return 2;

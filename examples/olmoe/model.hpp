@@ -30,26 +30,26 @@ using kdial::cmatrix_view;
 using kdial::matrix_view;
 
 struct attention_weights {
-    any_weight_view q, k, v, o;                      // [nh*hd, d], [nkv*hd, d] x2, [d, nh*hd]
+    any_weight_view q, k, v, o; // [nh*hd, d], [nkv*hd, d] x2, [d, nh*hd]
     std::vector<float> q_bias, k_bias, v_bias, o_bias; // empty when absent
-    std::vector<float> q_norm, k_norm;               // [nh*hd], [nkv*hd] when qk_norm
+    std::vector<float> q_norm, k_norm; // [nh*hd], [nkv*hd] when qk_norm
 };
 
 struct layer_weights {
     std::vector<float> input_norm, post_norm; // [d]
     attention_weights attn;
-    std::vector<float> router;   // [E, d] f32 (or [1, d] zeros for a dense layer)
+    std::vector<float> router; // [E, d] f32 (or [1, d] zeros for a dense layer)
     std::unique_ptr<kdial::moe_layer> moe;
-    bool dense = false;          // a dense MLP run as a one-expert layer
+    bool dense = false; // a dense MLP run as a one-expert layer
 };
 
 // Everything the forward pass reads. Views may point into a memory-mapped
 // checkpoint held by `keep_alive`; converted copies live in `owned_*`.
 struct model_weights {
     model_config cfg;
-    any_weight_view embed;       // [V, d] (f32 or bf16)
+    any_weight_view embed; // [V, d] (f32 or bf16)
     std::vector<float> final_norm;
-    any_weight_view lm_head;     // [V, d]
+    any_weight_view lm_head; // [V, d]
     std::vector<layer_weights> layers;
     std::shared_ptr<void> keep_alive;
     std::vector<std::vector<kdial::q8_block>> owned_q8;
@@ -59,17 +59,18 @@ struct model_weights {
 // The KV cache of one sequence: post-RoPE keys and values per layer.
 struct kv_cache {
     std::size_t capacity = 0; // positions
-    std::size_t pos = 0;      // tokens already cached
-    std::size_t width = 0;    // nkv * hd
+    std::size_t pos = 0; // tokens already cached
+    std::size_t width = 0; // nkv * hd
     // [layers][kv_heads][capacity][head_dim]: head-major, so attention reads
     // each head's keys and values as one contiguous stream.
     std::vector<std::vector<float>> k, v;
 
     kv_cache() = default;
     kv_cache(const model_config& c, std::size_t cap)
-        : capacity(cap), width(std::size_t(c.kv_heads) * std::size_t(c.head_dim)),
-          k(std::size_t(c.layers), std::vector<float>(cap * std::size_t(c.kv_heads) * std::size_t(c.head_dim))),
-          v(std::size_t(c.layers), std::vector<float>(cap * std::size_t(c.kv_heads) * std::size_t(c.head_dim)))
+        : capacity(cap)
+        , width(std::size_t(c.kv_heads) * std::size_t(c.head_dim))
+        , k(std::size_t(c.layers), std::vector<float>(cap * std::size_t(c.kv_heads) * std::size_t(c.head_dim)))
+        , v(std::size_t(c.layers), std::vector<float>(cap * std::size_t(c.kv_heads) * std::size_t(c.head_dim)))
     {
     }
     void reset() { pos = 0; }
@@ -78,7 +79,7 @@ struct kv_cache {
 // How one sequence's tokens are routed in every layer: a k per layer, or
 // threshold routing (then k_per_layer is not read).
 struct route_spec {
-    std::span<const int> k_per_layer;                   // [layers]; dense layers ignore it
+    std::span<const int> k_per_layer; // [layers]; dense layers ignore it
     std::optional<kdial::threshold_options> threshold; // per-token threshold routing in every MoE layer
 };
 
@@ -96,7 +97,8 @@ public:
     // max_chunk: most tokens per forward call (longer prompts are chunked by
     // the caller); max_k: the largest k any layer will be asked for.
     model(model_weights&& w, std::size_t max_chunk)
-        : w_(std::move(w)), max_chunk_(max_chunk)
+        : w_(std::move(w))
+        , max_chunk_(max_chunk)
     {
         const auto& c = w_.cfg;
         const std::size_t d = std::size_t(c.hidden), qw = std::size_t(c.heads * c.head_dim),
@@ -124,17 +126,17 @@ public:
     //   all_positions: logits [T, V], else logits [1, V] for the last token.
     // k_per_layer: k for every layer ([layers]; dense layers ignore it).
     void forward(std::span<const std::int32_t> tokens, kv_cache& cache, std::span<const int> k_per_layer,
-                 matrix_view<float> logits, bool all_positions)
+        matrix_view<float> logits, bool all_positions)
     {
-        const sequence_step s{tokens, &cache, route_spec{k_per_layer, std::nullopt}, all_positions};
+        const sequence_step s { tokens, &cache, route_spec { k_per_layer, std::nullopt }, all_positions };
         forward_batch(std::span<const sequence_step>(&s, 1), logits);
     }
 
     // The same with any routing (a k per layer or threshold routing).
     void forward(std::span<const std::int32_t> tokens, kv_cache& cache, const route_spec& route,
-                 matrix_view<float> logits, bool all_positions)
+        matrix_view<float> logits, bool all_positions)
     {
-        const sequence_step s{tokens, &cache, route, all_positions};
+        const sequence_step s { tokens, &cache, route, all_positions };
         forward_batch(std::span<const sequence_step>(&s, 1), logits);
     }
 
@@ -165,13 +167,13 @@ public:
             check_sequence(q, s);
             T += q.tokens.size();
             R += q.all_positions ? q.tokens.size() : 1;
-            uniform = uniform && !q.route.threshold && !seqs[0].route.threshold &&
-                      std::equal(q.route.k_per_layer.begin(), q.route.k_per_layer.end(),
-                                 seqs[0].route.k_per_layer.begin(), seqs[0].route.k_per_layer.end());
+            uniform = uniform && !q.route.threshold && !seqs[0].route.threshold
+                && std::equal(q.route.k_per_layer.begin(), q.route.k_per_layer.end(), seqs[0].route.k_per_layer.begin(),
+                    seqs[0].route.k_per_layer.end());
         }
         check(T <= max_chunk_, "forward: ", T, " tokens in the batch, at most ", max_chunk_, " per call");
         check(logits.cols == V && logits.rows == R, "forward: logits view is [", logits.rows, ", ", logits.cols,
-              "], expected [", R, ", ", V, "]");
+            "], expected [", R, ", ", V, "]");
 
         const matrix_view<float> h(h_.data(), T, d), a(a_.data(), T, d), tmp(tmp_.data(), T, d);
         std::size_t r0 = 0;
@@ -179,7 +181,7 @@ public:
             embed(q.tokens, h.sub_rows(r0, q.tokens.size()));
             const std::size_t half = std::size_t(c.head_dim / 2);
             kdial::rope_tables(q.cache->pos, q.tokens.size(), inv_freq_.data(), std::size_t(c.head_dim),
-                               cos_.data() + r0 * half, sin_.data() + r0 * half);
+                cos_.data() + r0 * half, sin_.data() + r0 * half);
             r0 += q.tokens.size();
         }
         last_assignments_ = 0;
@@ -199,9 +201,9 @@ public:
                 for (const auto& q : seqs)
                     for (std::size_t i = 0; i < q.tokens.size(); ++i, ++t) {
                         const int k = q.route.threshold ? 0 : q.route.k_per_layer[l];
-                        rules_[t] = q.route.threshold ? kdial::token_k{q.route.threshold->k_min, q.route.threshold->k_max,
-                                                                       q.route.threshold->p}
-                                                      : kdial::token_k{k, k, 1.0f};
+                        rules_[t] = q.route.threshold ? kdial::token_k { q.route.threshold->k_min,
+                            q.route.threshold->k_max, q.route.threshold->p }
+                                                      : kdial::token_k { k, k, 1.0f };
                     }
                 L.moe->forward_token_k(a, std::span<const kdial::token_k>(rules_.data(), T), tmp);
             }
@@ -213,8 +215,8 @@ public:
         std::size_t src = 0, dst = 0;
         for (const auto& q : seqs) {
             const std::size_t n = q.tokens.size(), first = q.all_positions ? 0 : n - 1;
-            kdial::rmsnorm(h.sub_rows(src + first, n - first), w_.final_norm.data(), c.rms_norm_eps,
-                           a.sub_rows(dst, n - first));
+            kdial::rmsnorm(
+                h.sub_rows(src + first, n - first), w_.final_norm.data(), c.rms_norm_eps, a.sub_rows(dst, n - first));
             src += n;
             dst += n - first;
             q.cache->pos += n;
@@ -252,10 +254,10 @@ public:
         std::size_t n = kdial::rows_of(w_.lm_head) * kdial::cols_of(w_.lm_head) + d;
         for (const auto& L : w_.layers) {
             const auto& A = L.attn;
-            for (const auto* w : {&A.q, &A.k, &A.v, &A.o})
+            for (const auto* w : { &A.q, &A.k, &A.v, &A.o })
                 n += kdial::rows_of(*w) * kdial::cols_of(*w);
-            n += A.q_bias.size() + A.k_bias.size() + A.v_bias.size() + A.o_bias.size() + A.q_norm.size() +
-                 A.k_norm.size() + L.input_norm.size() + L.post_norm.size();
+            n += A.q_bias.size() + A.k_bias.size() + A.v_bias.size() + A.o_bias.size() + A.q_norm.size()
+                + A.k_norm.size() + L.input_norm.size() + L.post_norm.size();
             if (L.dense)
                 n += 3 * d * L.moe->experts().ffn();
             else {
@@ -275,8 +277,8 @@ public:
     {
         std::size_t b = kdial::bytes_of(w_.lm_head);
         for (const auto& L : w_.layers) {
-            b += kdial::bytes_of(L.attn.q) + kdial::bytes_of(L.attn.k) + kdial::bytes_of(L.attn.v) +
-                 kdial::bytes_of(L.attn.o);
+            b += kdial::bytes_of(L.attn.q) + kdial::bytes_of(L.attn.k) + kdial::bytes_of(L.attn.v)
+                + kdial::bytes_of(L.attn.o);
             b += L.moe->last_weight_bytes();
         }
         return b;
@@ -310,8 +312,8 @@ private:
                             out[i] = row[i].to_float();
                     else
                         for (std::size_t i = 0; i < h.cols; ++i)
-                            out[i] = row[i / kdial::q8_block_size].scale *
-                                     float(row[i / kdial::q8_block_size].q[i % kdial::q8_block_size]);
+                            out[i] = row[i / kdial::q8_block_size].scale
+                                * float(row[i / kdial::q8_block_size].q[i % kdial::q8_block_size]);
                 }
             },
             w_.embed);
@@ -342,26 +344,25 @@ private:
         const kv_cache& cache = *q.cache;
         check(T >= 1, "forward: sequence ", s, " has no tokens");
         check(cache.pos + T <= cache.capacity, "forward: the KV cache holds ", cache.capacity, " positions, ",
-              cache.pos, " used, ", T, " more requested");
+            cache.pos, " used, ", T, " more requested");
         check(cache.k.size() == std::size_t(c.layers) && cache.width == std::size_t(c.kv_heads * c.head_dim),
-              "forward: KV cache does not match the model");
+            "forward: KV cache does not match the model");
         if (q.route.threshold) {
             const auto& th = *q.route.threshold;
             check(th.p >= 0.0f && th.p <= 1.0f, "threshold p = ", th.p, " is outside [0, 1]");
-            check(th.k_min >= 1 && th.k_min <= th.k_max && th.k_max <= c.experts, "threshold k range [", th.k_min,
-                  ", ", th.k_max, "] must satisfy 1 <= k_min <= k_max <= num_experts = ", c.experts);
+            check(th.k_min >= 1 && th.k_min <= th.k_max && th.k_max <= c.experts, "threshold k range [", th.k_min, ", ",
+                th.k_max, "] must satisfy 1 <= k_min <= k_max <= num_experts = ", c.experts);
         } else {
             const auto ks = q.route.k_per_layer;
-            check(ks.size() == std::size_t(c.layers), "forward: ", ks.size(), " k values for ", c.layers,
-                  " layers");
+            check(ks.size() == std::size_t(c.layers), "forward: ", ks.size(), " k values for ", c.layers, " layers");
             for (std::size_t l = 0; l < ks.size(); ++l)
                 if (!w_.layers[l].dense)
                     check(ks[l] >= 1 && ks[l] <= c.experts, "k = ", ks[l], " for layer ", l,
-                          " is outside [1, num_experts = ", c.experts, "]");
+                        " is outside [1, num_experts = ", c.experts, "]");
         }
         for (std::size_t t = 0; t < T; ++t)
             check(q.tokens[t] >= 0 && std::size_t(q.tokens[t]) < V, "token id ", q.tokens[t], " at position ", t,
-                  " is outside [0, vocab_size = ", V, ")");
+                " is outside [0, vocab_size = ", V, ")");
     }
 
     // out [T, d] = o_proj(attention(a)) for the batch: the projections run
@@ -375,7 +376,8 @@ private:
                           nkv = std::size_t(c.kv_heads), qw = nh * hd, kw = nkv * hd;
         const matrix_view<float> q(q_.data(), T, qw), k(k_.data(), T, kw), v(v_.data(), T, kw);
         auto bias = [](const std::vector<float>& b) { return b.empty() ? nullptr : b.data(); };
-        const kdial::dense_output qkv[] = {{&A.q, q, bias(A.q_bias)}, {&A.k, k, bias(A.k_bias)}, {&A.v, v, bias(A.v_bias)}};
+        const kdial::dense_output qkv[]
+            = { { &A.q, q, bias(A.q_bias) }, { &A.k, k, bias(A.k_bias) }, { &A.v, v, bias(A.v_bias) } };
         kdial::dense_linear(a, qkv);
         if (c.qk_norm) {
             kdial::rmsnorm(q, A.q_norm.data(), c.rms_norm_eps, q);
@@ -399,14 +401,14 @@ private:
             const std::size_t cap = sq.cache->capacity;
             for (std::size_t r = 0; r < n; ++r)
                 for (std::size_t h = 0; h < nkv; ++h) {
-                    std::memcpy(sq.cache->k[l].data() + (h * cap + P + r) * hd, k.row(r0 + r) + h * hd,
-                                hd * sizeof(float));
-                    std::memcpy(sq.cache->v[l].data() + (h * cap + P + r) * hd, v.row(r0 + r) + h * hd,
-                                hd * sizeof(float));
+                    std::memcpy(
+                        sq.cache->k[l].data() + (h * cap + P + r) * hd, k.row(r0 + r) + h * hd, hd * sizeof(float));
+                    std::memcpy(
+                        sq.cache->v[l].data() + (h * cap + P + r) * hd, v.row(r0 + r) + h * hd, hd * sizeof(float));
                 }
             for (std::size_t t0 = 0; t0 < n; t0 += tok_tile)
                 for (std::size_t head = 0; head < nh; ++head) {
-                    tiles_.push_back({s, head, r0 + t0, r0 + std::min(n, t0 + tok_tile), r0, score_len});
+                    tiles_.push_back({ s, head, r0 + t0, r0 + std::min(n, t0 + tok_tile), r0, score_len });
                     score_len += P + n;
                 }
             r0 += n;
@@ -444,9 +446,9 @@ private:
 
     struct att_tile {
         std::size_t seq, head;
-        std::size_t r0, r1;   // rows of the batch
-        std::size_t first;    // the sequence's first row
-        std::size_t score0;   // offset of this tile's score row
+        std::size_t r0, r1; // rows of the batch
+        std::size_t first; // the sequence's first row
+        std::size_t score0; // offset of this tile's score row
     };
 
     model_weights w_;

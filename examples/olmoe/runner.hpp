@@ -29,7 +29,7 @@ inline std::size_t chunk_for(const model& m, std::span<const int> ks)
 // Feeds tokens after the cache's contents in chunks. If all_logits, logits
 // is [T, V] (every position), else [1, V] (the last position).
 inline void prefill(model& m, std::span<const std::int32_t> tokens, kv_cache& cache, std::span<const int> ks,
-                    kdial::matrix_view<float> logits, bool all_logits)
+    kdial::matrix_view<float> logits, bool all_logits)
 {
     const std::size_t chunk = chunk_for(m, ks);
     for (std::size_t t0 = 0; t0 < tokens.size(); t0 += chunk) {

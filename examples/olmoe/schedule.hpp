@@ -19,8 +19,8 @@ inline long schedule_int(const std::string& item, const std::string& s)
     char* end = nullptr;
     errno = 0;
     const long x = std::strtol(s.c_str(), &end, 10);
-    kdial::detail::check(!s.empty() && !*end && !errno && s[0] != '+' && s[0] != ' ', "--k-schedule: '", item,
-                         "': '", s, "' is not an integer");
+    kdial::detail::check(!s.empty() && !*end && !errno && s[0] != '+' && s[0] != ' ', "--k-schedule: '", item, "': '",
+        s, "' is not an integer");
     return x;
 }
 } // namespace detail
@@ -40,8 +40,8 @@ inline std::vector<int> parse_k_schedule(const std::string& spec, int layers, in
     const bool ranges = spec.find('@') != std::string::npos;
     if (!ranges)
         check(items.size() == std::size_t(layers), "--k-schedule '", spec, "' has ", items.size(),
-              " entries; the model has ", layers, " layers (give one k per layer, or ranges such as 4@0-",
-              layers - 1, ")");
+            " entries; the model has ", layers, " layers (give one k per layer, or ranges such as 4@0-", layers - 1,
+            ")");
     for (std::size_t i = 0; i < items.size(); ++i) {
         const std::string& it = items[i];
         long k;
@@ -56,11 +56,11 @@ inline std::vector<int> parse_k_schedule(const std::string& spec, int layers, in
             last = dash == std::string::npos ? first : detail::schedule_int(it, r.substr(dash + 1));
             check(first <= last, "--k-schedule: '", it, "': range ", first, "-", last, " is empty");
             check(first >= 0 && last < layers, "--k-schedule: '", it, "': layers ", first, "-", last,
-                  " are outside [0, ", layers - 1, "]");
+                " are outside [0, ", layers - 1, "]");
         } else
             k = detail::schedule_int(it, it);
         check(k >= 1 && k <= experts, "--k-schedule: '", it, "': k = ", k, " is outside [1, num_experts = ", experts,
-              "]");
+            "]");
         for (long l = first; l <= last; ++l) {
             check(ks[std::size_t(l)] == 0, "--k-schedule: layer ", l, " is given twice (again in '", it, "')");
             ks[std::size_t(l)] = int(k);

@@ -34,11 +34,20 @@ inline std::string esc(const std::string& s)
     std::string o;
     for (char c : s)
         switch (c) {
-        case '<': o += "&lt;"; break;
-        case '>': o += "&gt;"; break;
-        case '&': o += "&amp;"; break;
-        case '"': o += "&quot;"; break;
-        default: o += c;
+        case '<':
+            o += "&lt;";
+            break;
+        case '>':
+            o += "&gt;";
+            break;
+        case '&':
+            o += "&amp;";
+            break;
+        case '"':
+            o += "&quot;";
+            break;
+        default:
+            o += c;
         }
     return o;
 }
@@ -120,8 +129,8 @@ inline std::string render(const std::string& title, const std::vector<panel>& pa
               << "\" text-anchor=\"end\">" << num(v) << "</text>\n";
         o << "<rect x=\"" << x0 << "\" y=\"" << y0 << "\" width=\"" << pw << "\" height=\"" << ph
           << "\" fill=\"none\" stroke=\"black\"/>\n";
-        o << "<text x=\"" << x0 + pw / 2 << "\" y=\"" << y0 + ph + 40 << "\" text-anchor=\"middle\">"
-          << esc(pn.x_label) << "</text>\n";
+        o << "<text x=\"" << x0 + pw / 2 << "\" y=\"" << y0 + ph + 40 << "\" text-anchor=\"middle\">" << esc(pn.x_label)
+          << "</text>\n";
         o << "<text transform=\"translate(" << x0 - 52 << ',' << y0 + ph / 2
           << ") rotate(-90)\" text-anchor=\"middle\">" << esc(pn.y_label) << "</text>\n";
         std::string path;
@@ -134,8 +143,8 @@ inline std::string render(const std::string& title, const std::vector<panel>& pa
             if (!std::isfinite(q.x) || !std::isfinite(q.y))
                 continue;
             o << "<circle cx=\"" << X(q.x) << "\" cy=\"" << Y(q.y) << "\" r=\"5\" "
-              << (q.on_curve ? "fill=\"#1f5fa8\"" : "fill=\"white\" stroke=\"#c0392b\" stroke-width=\"2\"") << "><title>"
-              << esc(q.label) << ": " << num(q.x) << ", " << num(q.y) << "</title></circle>\n"
+              << (q.on_curve ? "fill=\"#1f5fa8\"" : "fill=\"white\" stroke=\"#c0392b\" stroke-width=\"2\"")
+              << "><title>" << esc(q.label) << ": " << num(q.x) << ", " << num(q.y) << "</title></circle>\n"
               << "<text x=\"" << X(q.x) + 8 << "\" y=\"" << Y(q.y) - 8 << "\" font-size=\"11\">" << esc(q.label)
               << "</text>\n";
         }

@@ -28,11 +28,11 @@ namespace olmoe {
 
 // One operating point: a k per layer, or threshold routing.
 struct operating_point {
-    std::string label;                                 // "k=4", "4@0-7,2@8-15", "p=0.5"
-    std::vector<int> k_per_layer;                      // [layers] (ignored with a threshold)
+    std::string label; // "k=4", "4@0-7,2@8-15", "p=0.5"
+    std::vector<int> k_per_layer; // [layers] (ignored with a threshold)
     std::optional<kdial::threshold_options> threshold; // per-token threshold routing
 
-    route_spec spec() const { return route_spec{k_per_layer, threshold}; }
+    route_spec spec() const { return route_spec { k_per_layer, threshold }; }
     int max_k() const
     {
         return threshold ? threshold->k_max : *std::max_element(k_per_layer.begin(), k_per_layer.end());
@@ -40,24 +40,24 @@ struct operating_point {
 };
 
 struct sweep_options {
-    std::size_t context = 1024;      // window length (tokens per fresh cache)
-    std::size_t decode_prompt = 16;  // tokens prefilled before the timed decode
-    std::size_t decode_tokens = 32;  // teacher-forced single-token steps timed (the first is a warm-up)
+    std::size_t context = 1024; // window length (tokens per fresh cache)
+    std::size_t decode_prompt = 16; // tokens prefilled before the timed decode
+    std::size_t decode_tokens = 32; // teacher-forced single-token steps timed (the first is a warm-up)
 };
 
 struct point_result {
     operating_point point;
-    std::size_t predicted = 0;        // next-token predictions scored
-    double mean_loglik = 0;           // mean log p(next token), nats
-    double perplexity = 0;            // exp(-mean_loglik)
-    double agreement = 0;             // share of positions with argmax == the reference's
-    double mean_kl = 0;               // mean KL(ref || point), nats
-    double experts_per_token = 0;     // mean over tokens and MoE layers of experts used
-    double active_expert_params = 0;  // per token: sum over layers of experts used x params per expert
-    double active_params = 0;         // active_expert_params + the always-on parameters
+    std::size_t predicted = 0; // next-token predictions scored
+    double mean_loglik = 0; // mean log p(next token), nats
+    double perplexity = 0; // exp(-mean_loglik)
+    double agreement = 0; // share of positions with argmax == the reference's
+    double mean_kl = 0; // mean KL(ref || point), nats
+    double experts_per_token = 0; // mean over tokens and MoE layers of experts used
+    double active_expert_params = 0; // per token: sum over layers of experts used x params per expert
+    double active_params = 0; // active_expert_params + the always-on parameters
     std::size_t prefill_tokens = 0;
-    double prefill_s = 0;             // teacher-forced prefill (logits at every position)
-    std::size_t decode_steps = 0;     // timed steps
+    double prefill_s = 0; // teacher-forced prefill (logits at every position)
+    std::size_t decode_steps = 0; // timed steps
     double decode_s = 0;
     double prefill_tok_s() const { return prefill_s > 0 ? double(prefill_tokens) / prefill_s : 0; }
     double decode_tok_s() const { return decode_s > 0 ? double(decode_steps) / decode_s : 0; }
@@ -98,9 +98,8 @@ inline std::size_t argmax_of(const std::vector<double>& v)
 // agreement columns (evaluated as its own pass, so a point equal to it
 // checks determinism: agreement 1, KL 0). progress(fraction, what).
 inline std::vector<point_result> run_sweep(model& m, const std::vector<std::int32_t>& tokens,
-                                           const std::vector<operating_point>& points, const operating_point& ref,
-                                           const sweep_options& o,
-                                           const std::function<void(double, const std::string&)>& progress = {})
+    const std::vector<operating_point>& points, const operating_point& ref, const sweep_options& o,
+    const std::function<void(double, const std::string&)>& progress = {})
 {
     using kdial::detail::check;
     const auto& c = m.config();
@@ -143,7 +142,7 @@ inline std::vector<point_result> run_sweep(model& m, const std::vector<std::int3
             const std::size_t len = std::min(chunk, n - t0);
             const auto t_start = std::chrono::steady_clock::now();
             m.forward(std::span<const std::int32_t>(tokens.data() + w0 + t0, len), cache, spec,
-                      kdial::matrix_view<float>(logits.data(), len, V), true);
+                kdial::matrix_view<float>(logits.data(), len, V), true);
             seconds += seconds_since(t_start);
             if (assign) {
                 *assign += m.last_assignments();
@@ -160,26 +159,32 @@ inline std::vector<point_result> run_sweep(model& m, const std::vector<std::int3
         ref_logits.resize(n * V);
         ref_arg.resize(n);
         double ignore = 0;
-        run_window(ref, w0, n, [&](std::size_t t, const float* x) {
-            log_softmax(x, V, lp);
-            ref_arg[t] = std::int32_t(argmax_of(lp));
-            std::copy(x, x + V, ref_logits.begin() + std::ptrdiff_t(t * V));
-        }, ignore, nullptr, nullptr);
+        run_window(
+            ref, w0, n,
+            [&](std::size_t t, const float* x) {
+                log_softmax(x, V, lp);
+                ref_arg[t] = std::int32_t(argmax_of(lp));
+                std::copy(x, x + V, ref_logits.begin() + std::ptrdiff_t(t * V));
+            },
+            ignore, nullptr, nullptr);
         tick("reference " + ref.label);
         for (std::size_t i = 0; i < points.size(); ++i) {
             auto& r = res[i];
-            run_window(points[i], w0, n, [&](std::size_t t, const float* x) {
-                if (t + 1 >= n)
-                    return; // the window's last token predicts nothing in it
-                log_softmax(x, V, lq);
-                ll[i] += lq[std::size_t(tokens[w0 + t + 1])];
-                agree[i] += argmax_of(lq) == std::size_t(ref_arg[t]);
-                // Recomputed from the stored logits, the same way as lq: a
-                // point whose logits equal the reference's has KL exactly 0.
-                log_softmax(ref_logits.data() + t * V, V, lp);
-                kl[i] += kl_divergence(lp, lq);
-                ++r.predicted;
-            }, r.prefill_s, &assignments[i], &moe_tokens[i]);
+            run_window(
+                points[i], w0, n,
+                [&](std::size_t t, const float* x) {
+                    if (t + 1 >= n)
+                        return; // the window's last token predicts nothing in it
+                    log_softmax(x, V, lq);
+                    ll[i] += lq[std::size_t(tokens[w0 + t + 1])];
+                    agree[i] += argmax_of(lq) == std::size_t(ref_arg[t]);
+                    // Recomputed from the stored logits, the same way as lq: a
+                    // point whose logits equal the reference's has KL exactly 0.
+                    log_softmax(ref_logits.data() + t * V, V, lp);
+                    kl[i] += kl_divergence(lp, lq);
+                    ++r.predicted;
+                },
+                r.prefill_s, &assignments[i], &moe_tokens[i]);
             r.prefill_tokens += n;
             tick(points[i].label);
         }
@@ -199,12 +204,12 @@ inline std::vector<point_result> run_sweep(model& m, const std::vector<std::int3
         for (std::size_t t0 = 0; t0 < P; t0 += chunk) {
             const std::size_t len = std::min(chunk, P - t0);
             m.forward(std::span<const std::int32_t>(tokens.data() + t0, len), dcache, spec,
-                      kdial::matrix_view<float>(logits.data(), 1, V), false);
+                kdial::matrix_view<float>(logits.data(), 1, V), false);
         }
         for (std::size_t s = 0; s < D; ++s) {
             const auto t_start = std::chrono::steady_clock::now();
             m.forward(std::span<const std::int32_t>(tokens.data() + P + s, 1), dcache, spec,
-                      kdial::matrix_view<float>(logits.data(), 1, V), false);
+                kdial::matrix_view<float>(logits.data(), 1, V), false);
             const double dt = seconds_since(t_start);
             if (s > 0 || D == 1) {
                 r.decode_s += dt;
@@ -249,7 +254,7 @@ inline std::vector<std::int32_t> parse_token_ids(const std::string& text, const 
         errno = 0;
         const long v = std::strtol(s.c_str(), &end, 10);
         check(!*end && !errno && v >= 0 && v < vocab, name, ": '", s, "' (token ", ids.size(),
-              ") is not a token id in [0, vocab_size = ", vocab, ")");
+            ") is not a token id in [0, vocab_size = ", vocab, ")");
         ids.push_back(std::int32_t(v));
         i = j;
     }

@@ -31,8 +31,8 @@ namespace olmoe {
 
 struct synthetic_options {
     std::string preset = "tiny"; // tiny | olmoe | tiny-qwen2-moe | qwen2-moe | tiny-mixtral | mixtral
-    int layers = 0;               // 0: the preset's default
-    std::string dtype = "bf16";   // bf16 | f32
+    int layers = 0; // 0: the preset's default
+    std::string dtype = "bf16"; // bf16 | f32
     int shards = 1;
     std::uint64_t seed = 1;
 };
@@ -126,7 +126,7 @@ inline std::pair<std::string, int> tokenizer_json(int merges, bool qwen = false)
         std::map<std::pair<std::string, std::string>, int> counts;
         for (const auto& w : words)
             for (std::size_t i = 0; i + 1 < w.size(); ++i)
-                ++counts[{w[i], w[i + 1]}];
+                ++counts[{ w[i], w[i + 1] }];
         if (counts.empty())
             break;
         auto best = counts.begin();
@@ -151,16 +151,15 @@ inline std::pair<std::string, int> tokenizer_json(int merges, bool qwen = false)
         }
     }
     auto added = [](int id, const char* content) {
-        return nlohmann::ordered_json{{"id", id},          {"content", content}, {"single_word", false},
-                                      {"lstrip", false},   {"rstrip", false},    {"normalized", false},
-                                      {"special", true}};
+        return nlohmann::ordered_json { { "id", id }, { "content", content }, { "single_word", false },
+            { "lstrip", false }, { "rstrip", false }, { "normalized", false }, { "special", true } };
     };
-    const nlohmann::ordered_json byte_level = {
-        {"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", !qwen}};
-    nlohmann::ordered_json added_tokens = {added(0, "<|endoftext|>"), added(1, "<|padding|>")};
+    const nlohmann::ordered_json byte_level
+        = { { "type", "ByteLevel" }, { "add_prefix_space", false }, { "trim_offsets", true }, { "use_regex", !qwen } };
+    nlohmann::ordered_json added_tokens = { added(0, "<|endoftext|>"), added(1, "<|padding|>") };
     nlohmann::ordered_json pre = byte_level;
     if (qwen) {
-        added_tokens = {added(next, "<|endoftext|>"), added(next + 1, "<|im_start|>"), added(next + 2, "<|im_end|>")};
+        added_tokens = { added(next, "<|endoftext|>"), added(next + 1, "<|im_start|>"), added(next + 2, "<|im_end|>") };
         next += 3;
         nlohmann::ordered_json split = nlohmann::ordered_json::object();
         split["type"] = "Split";
@@ -170,28 +169,16 @@ inline std::pair<std::string, int> tokenizer_json(int merges, bool qwen = false)
         split["invert"] = false;
         pre = nlohmann::ordered_json::object();
         pre["type"] = "Sequence";
-        pre["pretokenizers"] = nlohmann::ordered_json::array({split, byte_level});
+        pre["pretokenizers"] = nlohmann::ordered_json::array({ split, byte_level });
     }
-    nlohmann::ordered_json j = {
-        {"version", "1.0"},
-        {"truncation", nullptr},
-        {"padding", nullptr},
-        {"added_tokens", added_tokens},
-        {"normalizer", {{"type", "NFC"}}},
-        {"pre_tokenizer", pre},
-        {"post_processor", byte_level},
-        {"decoder", byte_level},
-        {"model",
-         {{"type", "BPE"},
-          {"dropout", nullptr},
-          {"unk_token", nullptr},
-          {"continuing_subword_prefix", nullptr},
-          {"end_of_word_suffix", nullptr},
-          {"fuse_unk", false},
-          {"byte_fallback", false},
-          {"vocab", vocab},
-          {"merges", merge_list}}}};
-    return {j.dump(1), next};
+    nlohmann::ordered_json j = { { "version", "1.0" }, { "truncation", nullptr }, { "padding", nullptr },
+        { "added_tokens", added_tokens }, { "normalizer", { { "type", "NFC" } } }, { "pre_tokenizer", pre },
+        { "post_processor", byte_level }, { "decoder", byte_level },
+        { "model",
+            { { "type", "BPE" }, { "dropout", nullptr }, { "unk_token", nullptr },
+                { "continuing_subword_prefix", nullptr }, { "end_of_word_suffix", nullptr }, { "fuse_unk", false },
+                { "byte_fallback", false }, { "vocab", vocab }, { "merges", merge_list } } } };
+    return { j.dump(1), next };
 }
 
 } // namespace synth
@@ -199,7 +186,7 @@ inline std::pair<std::string, int> tokenizer_json(int merges, bool qwen = false)
 // Writes a synthetic checkpoint to `dir`; `progress(done, total)` is called
 // as tensors are generated. Returns the config written.
 inline model_config make_synthetic(const std::string& dir, const synthetic_options& o,
-                                   const std::function<void(std::size_t, std::size_t)>& progress = {})
+    const std::function<void(std::size_t, std::size_t)>& progress = {})
 {
     using kdial::detail::cat;
     using kdial::detail::check;
@@ -213,130 +200,99 @@ inline model_config make_synthetic(const std::string& dir, const synthetic_optio
     const char* torch_dtype = o.dtype == "bf16" ? "bfloat16" : "float32";
     nlohmann::ordered_json cfg;
     if (o.preset == "tiny" || o.preset == "olmoe") {
-        cfg = {{"architectures", {"OlmoeForCausalLM"}},
-               {"model_type", "olmoe"},
-               {"hidden_size", tiny ? 64 : 2048},
-               {"intermediate_size", tiny ? 32 : 1024},
-               {"num_hidden_layers", o.layers ? o.layers : tiny ? 2 : 16},
-               {"num_attention_heads", tiny ? 4 : 16},
-               {"num_key_value_heads", tiny ? 4 : 16},
-               {"num_experts", tiny ? 8 : 64},
-               {"num_experts_per_tok", tiny ? 4 : 8},
-               {"norm_topk_prob", false},
-               {"rope_theta", 10000.0},
-               {"rope_scaling", nullptr},
-               {"clip_qkv", nullptr},
-               {"attention_bias", false},
-               {"hidden_act", "silu"},
-               {"vocab_size", tiny ? (tok_vocab + 63) / 64 * 64 : 50304},
-               {"max_position_embeddings", 4096},
-               {"tie_word_embeddings", false},
-               {"eos_token_id", 0},
-               {"pad_token_id", 1},
-               {"bos_token_id", nullptr},
-               {"router_aux_loss_coef", 0.01},
-               {"output_router_logits", false},
-               {"torch_dtype", torch_dtype}};
+        cfg = { { "architectures", { "OlmoeForCausalLM" } }, { "model_type", "olmoe" },
+            { "hidden_size", tiny ? 64 : 2048 }, { "intermediate_size", tiny ? 32 : 1024 },
+            { "num_hidden_layers",
+                o.layers   ? o.layers
+                    : tiny ? 2
+                           : 16 },
+            { "num_attention_heads", tiny ? 4 : 16 }, { "num_key_value_heads", tiny ? 4 : 16 },
+            { "num_experts", tiny ? 8 : 64 }, { "num_experts_per_tok", tiny ? 4 : 8 }, { "norm_topk_prob", false },
+            { "rope_theta", 10000.0 }, { "rope_scaling", nullptr }, { "clip_qkv", nullptr },
+            { "attention_bias", false }, { "hidden_act", "silu" },
+            { "vocab_size", tiny ? (tok_vocab + 63) / 64 * 64 : 50304 }, { "max_position_embeddings", 4096 },
+            { "tie_word_embeddings", false }, { "eos_token_id", 0 }, { "pad_token_id", 1 }, { "bos_token_id", nullptr },
+            { "router_aux_loss_coef", 0.01 }, { "output_router_logits", false }, { "torch_dtype", torch_dtype } };
     } else if (qwen) {
         // tiny: a dense MLP layer mixed in (mlp_only_layers) and renormalised routing.
-        cfg = {{"architectures", {"Qwen2MoeForCausalLM"}},
-               {"model_type", "qwen2_moe"},
-               {"hidden_size", tiny ? 64 : 2048},
-               {"intermediate_size", tiny ? 128 : 5632},
-               {"moe_intermediate_size", tiny ? 32 : 1408},
-               {"shared_expert_intermediate_size", tiny ? 96 : 5632},
-               {"num_hidden_layers", o.layers ? o.layers : tiny ? 3 : 24},
-               {"num_attention_heads", tiny ? 4 : 16},
-               {"num_key_value_heads", tiny ? 4 : 16},
-               {"num_experts", tiny ? 8 : 60},
-               {"num_experts_per_tok", tiny ? 2 : 4},
-               {"norm_topk_prob", tiny},
-               {"decoder_sparse_step", 1},
-               {"mlp_only_layers", tiny ? nlohmann::ordered_json::array({1}) : nlohmann::ordered_json::array()},
-               {"rope_theta", 1000000.0},
-               {"rms_norm_eps", 1e-6},
-               {"hidden_act", "silu"},
-               {"use_sliding_window", false},
-               {"sliding_window", 32768},
-               {"max_window_layers", 21},
-               {"vocab_size", tiny ? (tok_vocab + 63) / 64 * 64 : 151936},
-               {"max_position_embeddings", 8192},
-               {"tie_word_embeddings", false},
-               {"bos_token_id", tok_vocab - 3},
-               {"eos_token_id", tok_vocab - 3},
-               {"router_aux_loss_coef", 0.001},
-               {"output_router_logits", false},
-               {"torch_dtype", torch_dtype}};
+        cfg = { { "architectures", { "Qwen2MoeForCausalLM" } }, { "model_type", "qwen2_moe" },
+            { "hidden_size", tiny ? 64 : 2048 }, { "intermediate_size", tiny ? 128 : 5632 },
+            { "moe_intermediate_size", tiny ? 32 : 1408 }, { "shared_expert_intermediate_size", tiny ? 96 : 5632 },
+            { "num_hidden_layers",
+                o.layers   ? o.layers
+                    : tiny ? 3
+                           : 24 },
+            { "num_attention_heads", tiny ? 4 : 16 }, { "num_key_value_heads", tiny ? 4 : 16 },
+            { "num_experts", tiny ? 8 : 60 }, { "num_experts_per_tok", tiny ? 2 : 4 }, { "norm_topk_prob", tiny },
+            { "decoder_sparse_step", 1 },
+            { "mlp_only_layers", tiny ? nlohmann::ordered_json::array({ 1 }) : nlohmann::ordered_json::array() },
+            { "rope_theta", 1000000.0 }, { "rms_norm_eps", 1e-6 }, { "hidden_act", "silu" },
+            { "use_sliding_window", false }, { "sliding_window", 32768 }, { "max_window_layers", 21 },
+            { "vocab_size", tiny ? (tok_vocab + 63) / 64 * 64 : 151936 }, { "max_position_embeddings", 8192 },
+            { "tie_word_embeddings", false }, { "bos_token_id", tok_vocab - 3 }, { "eos_token_id", tok_vocab - 3 },
+            { "router_aux_loss_coef", 0.001 }, { "output_router_logits", false }, { "torch_dtype", torch_dtype } };
     } else if (o.preset == "mixtral" || o.preset == "tiny-mixtral") {
         // tiny: GQA (8 query heads on 2 kv heads) and a sliding window of 8.
-        cfg = {{"architectures", {"MixtralForCausalLM"}},
-               {"model_type", "mixtral"},
-               {"hidden_size", tiny ? 64 : 4096},
-               {"intermediate_size", tiny ? 48 : 14336},
-               {"num_hidden_layers", o.layers ? o.layers : tiny ? 2 : 32},
-               {"num_attention_heads", tiny ? 8 : 32},
-               {"num_key_value_heads", tiny ? 2 : 8},
-               {"num_local_experts", tiny ? 4 : 8},
-               {"num_experts_per_tok", 2},
-               {"rope_theta", 1000000.0},
-               {"rms_norm_eps", 1e-5},
-               {"hidden_act", "silu"},
-               {"sliding_window", tiny ? nlohmann::ordered_json(8) : nlohmann::ordered_json(nullptr)},
-               {"vocab_size", tiny ? (tok_vocab + 63) / 64 * 64 : 32000},
-               {"max_position_embeddings", 32768},
-               {"tie_word_embeddings", false},
-               {"bos_token_id", 1},
-               {"eos_token_id", 0},
-               {"router_aux_loss_coef", 0.02},
-               {"output_router_logits", false},
-               {"torch_dtype", torch_dtype}};
+        cfg = { { "architectures", { "MixtralForCausalLM" } }, { "model_type", "mixtral" },
+            { "hidden_size", tiny ? 64 : 4096 }, { "intermediate_size", tiny ? 48 : 14336 },
+            { "num_hidden_layers",
+                o.layers   ? o.layers
+                    : tiny ? 2
+                           : 32 },
+            { "num_attention_heads", tiny ? 8 : 32 }, { "num_key_value_heads", tiny ? 2 : 8 },
+            { "num_local_experts", tiny ? 4 : 8 }, { "num_experts_per_tok", 2 }, { "rope_theta", 1000000.0 },
+            { "rms_norm_eps", 1e-5 }, { "hidden_act", "silu" },
+            { "sliding_window", tiny ? nlohmann::ordered_json(8) : nlohmann::ordered_json(nullptr) },
+            { "vocab_size", tiny ? (tok_vocab + 63) / 64 * 64 : 32000 }, { "max_position_embeddings", 32768 },
+            { "tie_word_embeddings", false }, { "bos_token_id", 1 }, { "eos_token_id", 0 },
+            { "router_aux_loss_coef", 0.02 }, { "output_router_logits", false }, { "torch_dtype", torch_dtype } };
     } else
         throw kdial::error(cat("make-synthetic: unknown --preset '", o.preset,
-                               "' (tiny, olmoe, tiny-qwen2-moe, qwen2-moe, tiny-mixtral, mixtral)"));
+            "' (tiny, olmoe, tiny-qwen2-moe, qwen2-moe, tiny-mixtral, mixtral)"));
     const model_config c = parse_config(cfg.dump(), "synthetic config");
 
     // The tensor list, in Hugging Face names, with an init scale each.
     struct spec {
         std::string name;
         std::vector<std::size_t> shape;
-        float scale;  // standard deviation
+        float scale; // standard deviation
         float offset; // added (norm weights sit around 1)
     };
     std::vector<spec> specs;
     const std::size_t d = std::size_t(c.hidden), V = std::size_t(c.vocab), F = std::size_t(c.expert_ffn),
                       qw = std::size_t(c.heads * c.head_dim), kw = std::size_t(c.kv_heads * c.head_dim);
     const float sd = 1.0f / std::sqrt(float(d));
-    specs.push_back({"model.embed_tokens.weight", {V, d}, 1.0f, 0.0f});
+    specs.push_back({ "model.embed_tokens.weight", { V, d }, 1.0f, 0.0f });
     const std::string moe = c.fam == family::mixtral ? "block_sparse_moe" : "mlp";
     auto mlp = [&](const std::string& pre, std::size_t width, const char* g, const char* u, const char* dn) {
-        specs.push_back({pre + g, {width, d}, sd, 0.0f});
-        specs.push_back({pre + u, {width, d}, sd, 0.0f});
-        specs.push_back({pre + dn, {d, width}, 1.0f / std::sqrt(float(width)), 0.0f});
+        specs.push_back({ pre + g, { width, d }, sd, 0.0f });
+        specs.push_back({ pre + u, { width, d }, sd, 0.0f });
+        specs.push_back({ pre + dn, { d, width }, 1.0f / std::sqrt(float(width)), 0.0f });
     };
     for (int l = 0; l < c.layers; ++l) {
         const std::string p = cat("model.layers.", l, ".");
-        specs.push_back({p + "input_layernorm.weight", {d}, 0.1f, 1.0f});
-        specs.push_back({p + "self_attn.q_proj.weight", {qw, d}, sd, 0.0f});
-        specs.push_back({p + "self_attn.k_proj.weight", {kw, d}, sd, 0.0f});
-        specs.push_back({p + "self_attn.v_proj.weight", {kw, d}, sd, 0.0f});
-        specs.push_back({p + "self_attn.o_proj.weight", {d, qw}, 1.0f / std::sqrt(float(qw)), 0.0f});
+        specs.push_back({ p + "input_layernorm.weight", { d }, 0.1f, 1.0f });
+        specs.push_back({ p + "self_attn.q_proj.weight", { qw, d }, sd, 0.0f });
+        specs.push_back({ p + "self_attn.k_proj.weight", { kw, d }, sd, 0.0f });
+        specs.push_back({ p + "self_attn.v_proj.weight", { kw, d }, sd, 0.0f });
+        specs.push_back({ p + "self_attn.o_proj.weight", { d, qw }, 1.0f / std::sqrt(float(qw)), 0.0f });
         if (c.qkv_bias || c.attention_bias) {
-            specs.push_back({p + "self_attn.q_proj.bias", {qw}, 0.1f, 0.0f});
-            specs.push_back({p + "self_attn.k_proj.bias", {kw}, 0.1f, 0.0f});
-            specs.push_back({p + "self_attn.v_proj.bias", {kw}, 0.1f, 0.0f});
+            specs.push_back({ p + "self_attn.q_proj.bias", { qw }, 0.1f, 0.0f });
+            specs.push_back({ p + "self_attn.k_proj.bias", { kw }, 0.1f, 0.0f });
+            specs.push_back({ p + "self_attn.v_proj.bias", { kw }, 0.1f, 0.0f });
         }
         if (c.attention_bias)
-            specs.push_back({p + "self_attn.o_proj.bias", {d}, 0.1f, 0.0f});
+            specs.push_back({ p + "self_attn.o_proj.bias", { d }, 0.1f, 0.0f });
         if (c.qk_norm) {
-            specs.push_back({p + "self_attn.q_norm.weight", {qw}, 0.1f, 1.0f});
-            specs.push_back({p + "self_attn.k_norm.weight", {kw}, 0.1f, 1.0f});
+            specs.push_back({ p + "self_attn.q_norm.weight", { qw }, 0.1f, 1.0f });
+            specs.push_back({ p + "self_attn.k_norm.weight", { kw }, 0.1f, 1.0f });
         }
-        specs.push_back({p + "post_attention_layernorm.weight", {d}, 0.1f, 1.0f});
+        specs.push_back({ p + "post_attention_layernorm.weight", { d }, 0.1f, 1.0f });
         if (!c.is_moe_layer(l)) {
             mlp(p + "mlp.", std::size_t(c.dense_ffn), "gate_proj.weight", "up_proj.weight", "down_proj.weight");
             continue;
         }
-        specs.push_back({p + moe + ".gate.weight", {std::size_t(c.experts), d}, 3.0f * sd, 0.0f});
+        specs.push_back({ p + moe + ".gate.weight", { std::size_t(c.experts), d }, 3.0f * sd, 0.0f });
         for (int e = 0; e < c.experts; ++e) {
             const std::string ep = cat(p, moe, ".experts.", e, ".");
             if (c.fam == family::mixtral)
@@ -347,18 +303,18 @@ inline model_config make_synthetic(const std::string& dir, const synthetic_optio
         if (c.shared_ffn > 0) {
             mlp(p + "mlp.shared_expert.", std::size_t(c.shared_ffn), "gate_proj.weight", "up_proj.weight",
                 "down_proj.weight");
-            specs.push_back({p + "mlp.shared_expert_gate.weight", {1, d}, sd, 0.0f});
+            specs.push_back({ p + "mlp.shared_expert_gate.weight", { 1, d }, sd, 0.0f });
         }
     }
-    specs.push_back({"model.norm.weight", {d}, 0.1f, 1.0f});
-    specs.push_back({"lm_head.weight", {V, d}, 2.0f * sd, 0.0f});
+    specs.push_back({ "model.norm.weight", { d }, 0.1f, 1.0f });
+    specs.push_back({ "lm_head.weight", { V, d }, 2.0f * sd, 0.0f });
 
     fs::create_directories(dir);
     // Remove an earlier checkpoint's files so no stale shard or index remains.
     for (const auto& entry : fs::directory_iterator(dir)) {
         const std::string n = entry.path().filename().string();
-        if ((n.rfind("model", 0) == 0 && n.size() > 12 && n.substr(n.size() - 12) == ".safetensors") ||
-            n == "model.safetensors.index.json")
+        if ((n.rfind("model", 0) == 0 && n.size() > 12 && n.substr(n.size() - 12) == ".safetensors")
+            || n == "model.safetensors.index.json")
             fs::remove(entry.path());
     }
     const bool bf = o.dtype == "bf16";
@@ -385,10 +341,9 @@ inline model_config make_synthetic(const std::string& dir, const synthetic_optio
     nlohmann::ordered_json weight_map = nlohmann::ordered_json::object();
     std::size_t done = 0;
     for (int sh = 0; sh < S; ++sh) {
-        const std::string file =
-            S == 1 ? std::string("model.safetensors") : cat("model-", std::string(5 - std::to_string(sh + 1).size(), '0'),
-                                                            sh + 1, "-of-", std::string(5 - std::to_string(S).size(), '0'),
-                                                            S, ".safetensors");
+        const std::string file = S == 1 ? std::string("model.safetensors")
+                                        : cat("model-", std::string(5 - std::to_string(sh + 1).size(), '0'), sh + 1,
+                                            "-of-", std::string(5 - std::to_string(S).size(), '0'), S, ".safetensors");
         std::vector<std::vector<float>> f32s;
         std::vector<std::vector<kdial::bf16>> bf16s;
         std::vector<kdial::io::tensor_data> tensors;
@@ -402,18 +357,18 @@ inline model_config make_synthetic(const std::string& dir, const synthetic_optio
             const std::uint64_t key = synth::hash_name(s.name) ^ synth::splitmix(o.seed);
             std::vector<float> v(n);
             tbb::parallel_for(tbb::blocked_range<std::size_t>(0, n, std::size_t(1) << 14),
-                              [&](const tbb::blocked_range<std::size_t>& r) {
-                                  for (std::size_t j = r.begin(); j != r.end(); ++j)
-                                      v[j] = s.offset + s.scale * synth::normal(key, j);
-                              });
+                [&](const tbb::blocked_range<std::size_t>& r) {
+                    for (std::size_t j = r.begin(); j != r.end(); ++j)
+                        v[j] = s.offset + s.scale * synth::normal(key, j);
+                });
             // Special tokens and padded vocabulary rows never win the argmax
             // (so the demo's generation does not stop at once).
             if (s.name == "lm_head.weight")
                 for (std::size_t row = 0; row < s.shape[0]; ++row)
-                    if ((!qwen && row < 2) || (qwen && row + 3 >= std::size_t(tok_vocab)) ||
-                        row >= std::size_t(tok_vocab))
+                    if ((!qwen && row < 2) || (qwen && row + 3 >= std::size_t(tok_vocab))
+                        || row >= std::size_t(tok_vocab))
                         std::fill(v.begin() + std::ptrdiff_t(row * s.shape[1]),
-                                  v.begin() + std::ptrdiff_t((row + 1) * s.shape[1]), 0.0f);
+                            v.begin() + std::ptrdiff_t((row + 1) * s.shape[1]), 0.0f);
             if (bf) {
                 std::vector<kdial::bf16> b(n);
                 for (std::size_t j = 0; j < n; ++j)
@@ -429,10 +384,11 @@ inline model_config make_synthetic(const std::string& dir, const synthetic_optio
             if (progress)
                 progress(done, total_bytes);
         }
-        kdial::io::write_safetensors(fs::path(dir) / file, tensors, {{"format", "pt"}});
+        kdial::io::write_safetensors(fs::path(dir) / file, tensors, { { "format", "pt" } });
     }
     if (S > 1) {
-        nlohmann::ordered_json index = {{"metadata", {{"total_size", total_bytes}}}, {"weight_map", weight_map}};
+        nlohmann::ordered_json index
+            = { { "metadata", { { "total_size", total_bytes } } }, { "weight_map", weight_map } };
         std::ofstream(fs::path(dir) / "model.safetensors.index.json") << index.dump(2) << "\n";
     } else {
         std::error_code ec;

@@ -22,9 +22,9 @@
 namespace olmoe {
 
 struct load_options {
-    bool int8 = false;            // quantise linear weights to q8 at load
-    std::size_t max_chunk = 256;  // most tokens per forward call
-    std::size_t k_budget = 8;     // workspace slots = max_chunk * max(k_budget, trained k)
+    bool int8 = false; // quantise linear weights to q8 at load
+    std::size_t max_chunk = 256; // most tokens per forward call
+    std::size_t k_budget = 8; // workspace slots = max_chunk * max(k_budget, trained k)
     std::function<void(int, int)> progress; // (layers bound, total layers)
 };
 
@@ -37,7 +37,9 @@ using kdial::io::st_dtype;
 class binder {
 public:
     binder(std::shared_ptr<kdial::io::safetensors_checkpoint> ck, model_weights& w, bool int8)
-        : ck_(std::move(ck)), w_(w), int8_(int8)
+        : ck_(std::move(ck))
+        , w_(w)
+        , int8_(int8)
     {
     }
 
@@ -45,12 +47,12 @@ public:
 
     std::vector<float> vec(const std::string& name, std::size_t n) const
     {
-        ck_->expect(name, {n});
+        ck_->expect(name, { n });
         return ck_->read_floats(name);
     }
     std::vector<float> mat_f32(const std::string& name, std::size_t rows, std::size_t cols) const
     {
-        ck_->expect(name, {rows, cols});
+        ck_->expect(name, { rows, cols });
         return ck_->read_floats(name);
     }
 
@@ -58,38 +60,40 @@ public:
     // whose shape is given in full by `shape`) as a weight view.
     any_weight_view linear(const std::string& name, std::size_t rows, std::size_t cols, bool quantise = true)
     {
-        ck_->expect(name, {rows, cols});
+        ck_->expect(name, { rows, cols });
         return slice(name, 0, rows, cols, quantise);
     }
 
-    any_weight_view slice(const std::string& name, std::size_t row0, std::size_t rows, std::size_t cols,
-                          bool quantise = true)
+    any_weight_view slice(
+        const std::string& name, std::size_t row0, std::size_t rows, std::size_t cols, bool quantise = true)
     {
         const auto ref = ck_->find(name);
         const auto& t = *ref.info;
         const std::string& file = ref.file->name();
         const std::size_t off = row0 * cols;
-        const bool aligned_bf16 = t.dtype == st_dtype::bf16 && reinterpret_cast<std::uintptr_t>(t.bytes.data()) % 2 == 0;
+        const bool aligned_bf16
+            = t.dtype == st_dtype::bf16 && reinterpret_cast<std::uintptr_t>(t.bytes.data()) % 2 == 0;
         const bool aligned_f32 = t.dtype == st_dtype::f32 && reinterpret_cast<std::uintptr_t>(t.bytes.data()) % 4 == 0;
         check(t.dtype == st_dtype::bf16 || t.dtype == st_dtype::f32 || t.dtype == st_dtype::f16, file, ": tensor '",
-              name, "' has dtype ", kdial::io::st_dtype_name(t.dtype), "; weights must be BF16, F16 or F32");
+            name, "' has dtype ", kdial::io::st_dtype_name(t.dtype), "; weights must be BF16, F16 or F32");
         if (int8_ && quantise) {
             auto& q = w_.owned_q8.emplace_back(rows * kdial::storage_cols<kdial::q8_t>(cols));
             if (aligned_bf16)
                 kdial::quantize_q8(kdial::cmatrix_view<kdial::bf16>(
                                        reinterpret_cast<const kdial::bf16*>(t.bytes.data()) + off, rows, cols),
-                                   q.data(), kdial::storage_cols<kdial::q8_t>(cols));
+                    q.data(), kdial::storage_cols<kdial::q8_t>(cols));
             else {
                 const auto f = floats(t, file, off, rows * cols);
-                kdial::quantize_q8(kdial::cmatrix_view<float>(f.data(), rows, cols), q.data(),
-                                   kdial::storage_cols<kdial::q8_t>(cols));
+                kdial::quantize_q8(
+                    kdial::cmatrix_view<float>(f.data(), rows, cols), q.data(), kdial::storage_cols<kdial::q8_t>(cols));
             }
-            release(t.bytes.data() + off * kdial::io::st_dtype_size(t.dtype), rows * cols * kdial::io::st_dtype_size(t.dtype));
+            release(t.bytes.data() + off * kdial::io::st_dtype_size(t.dtype),
+                rows * cols * kdial::io::st_dtype_size(t.dtype));
             return kdial::weight_view<kdial::q8_t>(q.data(), rows, cols);
         }
         if (aligned_bf16)
-            return kdial::weight_view<kdial::bf16_t>(reinterpret_cast<const kdial::bf16*>(t.bytes.data()) + off, rows,
-                                                     cols);
+            return kdial::weight_view<kdial::bf16_t>(
+                reinterpret_cast<const kdial::bf16*>(t.bytes.data()) + off, rows, cols);
         if (aligned_f32)
             return kdial::weight_view<kdial::f32_t>(reinterpret_cast<const float*>(t.bytes.data()) + off, rows, cols);
         auto& f = w_.owned_f32.emplace_back(floats(t, file, off, rows * cols));
@@ -110,8 +114,8 @@ private:
             ::madvise(reinterpret_cast<void*>(b), e - b, MADV_DONTNEED);
     }
 
-    static std::vector<float> floats(const kdial::io::tensor_info& t, const std::string& file, std::size_t off,
-                                     std::size_t n)
+    static std::vector<float> floats(
+        const kdial::io::tensor_info& t, const std::string& file, std::size_t off, std::size_t n)
     {
         std::vector<float> all(t.numel());
         kdial::io::detail::read_floats(t, all, file);
@@ -124,20 +128,20 @@ private:
 };
 
 // Builds an expert_set from per-expert weight views (all of one format).
-inline kdial::expert_set make_set(const std::vector<std::array<any_weight_view, 3>>& ex, std::size_t d, std::size_t F,
-                                  const std::string& where)
+inline kdial::expert_set make_set(
+    const std::vector<std::array<any_weight_view, 3>>& ex, std::size_t d, std::size_t F, const std::string& where)
 {
     const kdial::dtype t = kdial::type_of(ex[0][0]);
     for (std::size_t e = 0; e < ex.size(); ++e)
         for (const auto& m : ex[e])
             check(kdial::type_of(m) == t, where, ": expert ", e, " mixes weight formats (",
-                  kdial::dtype_name(kdial::type_of(m)), " vs ", kdial::dtype_name(t), ")");
+                kdial::dtype_name(kdial::type_of(m)), " vs ", kdial::dtype_name(t), ")");
     return kdial::visit_dtype(t, [&](auto W) {
         using WT = decltype(W);
         std::vector<kdial::expert_weights<WT>> v;
         for (const auto& m : ex)
-            v.push_back({std::get<kdial::weight_view<WT>>(m[0]), std::get<kdial::weight_view<WT>>(m[1]),
-                         std::get<kdial::weight_view<WT>>(m[2])});
+            v.push_back({ std::get<kdial::weight_view<WT>>(m[0]), std::get<kdial::weight_view<WT>>(m[1]),
+                std::get<kdial::weight_view<WT>>(m[2]) });
         return kdial::expert_set(std::move(v), d, F);
     });
 }
@@ -197,35 +201,33 @@ inline model_weights load_weights(const std::string& dir, const model_config& c,
             std::vector<std::array<any_weight_view, 3>> ex(E);
             const std::string fused = p + moe + ".experts.gate_up_proj";
             if (b.has(fused)) { // transformers v5: [E, 2F, d] (gate rows, then up) and [E, d, F]
-                b.checkpoint().expect(fused, {E, 2 * F, d});
-                b.checkpoint().expect(p + moe + ".experts.down_proj", {E, d, F});
+                b.checkpoint().expect(fused, { E, 2 * F, d });
+                b.checkpoint().expect(p + moe + ".experts.down_proj", { E, d, F });
                 for (std::size_t e = 0; e < E; ++e)
-                    ex[e] = {b.slice(fused, e * 2 * F, F, d), b.slice(fused, e * 2 * F + F, F, d),
-                             b.slice(p + moe + ".experts.down_proj", e * d, d, F)};
+                    ex[e] = { b.slice(fused, e * 2 * F, F, d), b.slice(fused, e * 2 * F + F, F, d),
+                        b.slice(p + moe + ".experts.down_proj", e * d, d, F) };
             } else {
                 const bool mix = c.fam == family::mixtral;
                 for (std::size_t e = 0; e < E; ++e) {
                     const std::string ep = cat(p, moe, ".experts.", e, ".");
-                    ex[e] = {b.linear(ep + (mix ? "w1.weight" : "gate_proj.weight"), F, d),
-                             b.linear(ep + (mix ? "w3.weight" : "up_proj.weight"), F, d),
-                             b.linear(ep + (mix ? "w2.weight" : "down_proj.weight"), d, F)};
+                    ex[e] = { b.linear(ep + (mix ? "w1.weight" : "gate_proj.weight"), F, d),
+                        b.linear(ep + (mix ? "w3.weight" : "up_proj.weight"), F, d),
+                        b.linear(ep + (mix ? "w2.weight" : "down_proj.weight"), d, F) };
                 }
             }
             std::optional<kdial::shared_expert> sh;
             if (Fs > 0) {
                 const std::string sp = p + "mlp.shared_expert.";
-                std::vector<std::array<any_weight_view, 3>> s1{{b.linear(sp + "gate_proj.weight", Fs, d),
-                                                                b.linear(sp + "up_proj.weight", Fs, d),
-                                                                b.linear(sp + "down_proj.weight", d, Fs)}};
-                sh = kdial::shared_expert{detail::make_set(s1, d, Fs, p + "mlp.shared_expert"), {}};
+                std::vector<std::array<any_weight_view, 3>> s1 { { b.linear(sp + "gate_proj.weight", Fs, d),
+                    b.linear(sp + "up_proj.weight", Fs, d), b.linear(sp + "down_proj.weight", d, Fs) } };
+                sh = kdial::shared_expert { detail::make_set(s1, d, Fs, p + "mlp.shared_expert"), {} };
                 if (c.shared_gate) {
                     auto& g = w.owned_f32.emplace_back(b.mat_f32(p + "mlp.shared_expert_gate.weight", 1, d));
                     sh->gate = kdial::cmatrix_view<float>(g.data(), 1, d);
                 }
             }
             L.moe = std::make_unique<kdial::moe_layer>(kdial::cmatrix_view<float>(L.router.data(), E, d),
-                                                       detail::make_set(ex, d, F, p + moe + ".experts"), ws, ropt,
-                                                       std::move(sh));
+                detail::make_set(ex, d, F, p + moe + ".experts"), ws, ropt, std::move(sh));
         } else {
             // A dense MLP, run as a one-expert layer whose router gives weight 1.
             const std::size_t Fd = std::size_t(c.dense_ffn);
@@ -233,11 +235,10 @@ inline model_weights load_weights(const std::string& dir, const model_config& c,
                 dense_ws = std::make_shared<kdial::moe_workspace>(o.max_chunk, o.max_chunk, 1, d, Fd);
             L.dense = true;
             L.router.assign(d, 0.0f);
-            std::vector<std::array<any_weight_view, 3>> ex{{b.linear(p + "mlp.gate_proj.weight", Fd, d),
-                                                            b.linear(p + "mlp.up_proj.weight", Fd, d),
-                                                            b.linear(p + "mlp.down_proj.weight", d, Fd)}};
-            L.moe = std::make_unique<kdial::moe_layer>(kdial::cmatrix_view<float>(L.router.data(), 1, d),
-                                                       detail::make_set(ex, d, Fd, p + "mlp"), dense_ws);
+            std::vector<std::array<any_weight_view, 3>> ex { { b.linear(p + "mlp.gate_proj.weight", Fd, d),
+                b.linear(p + "mlp.up_proj.weight", Fd, d), b.linear(p + "mlp.down_proj.weight", d, Fd) } };
+            L.moe = std::make_unique<kdial::moe_layer>(
+                kdial::cmatrix_view<float>(L.router.data(), 1, d), detail::make_set(ex, d, Fd, p + "mlp"), dense_ws);
         }
         if (o.progress)
             o.progress(l + 1, c.layers);

@@ -13,10 +13,10 @@
 #include "simd/compat.hpp"
 #include "simd/vec.hpp"
 
-#include "routing/router.hpp"   // 1. route
-#include "dispatch/plan.hpp"    // 2. dispatch
-#include "combine/combine.hpp"  // 4. combine
-#include "kernels/linear.hpp"       // 3. experts: GEMV / GEMM kernels
-#include "experts/swiglu.hpp"       // 3. experts: one SwiGLU expert
-#include "experts/expert_set.hpp"   // 3. experts: the E experts of a layer
-#include "layer/moe_layer.hpp"      // the whole layer
+#include "routing/router.hpp" // 1. route
+#include "dispatch/plan.hpp" // 2. dispatch
+#include "combine/combine.hpp" // 4. combine
+#include "kernels/linear.hpp" // 3. experts: GEMV / GEMM kernels
+#include "experts/swiglu.hpp" // 3. experts: one SwiGLU expert
+#include "experts/expert_set.hpp" // 3. experts: the E experts of a layer
+#include "layer/moe_layer.hpp" // the whole layer

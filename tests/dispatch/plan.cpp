@@ -60,9 +60,9 @@ void check_plan(const dispatch_plan& plan, const std::vector<std::int32_t>& ids,
 TEST_CASE("dispatch_plan: stable counting sort for many shapes, reused without reallocation [dispatch]")
 {
     dispatch_plan plan(1000, 256, 256);
-    for (int E : {1, 2, 7, 8, 60, 64, 128, 256})
-        for (std::size_t T : {std::size_t(0), std::size_t(1), std::size_t(3), std::size_t(17), std::size_t(1000)})
-            for (int k : {1, 2, 3, 8, E}) {
+    for (int E : { 1, 2, 7, 8, 60, 64, 128, 256 })
+        for (std::size_t T : { std::size_t(0), std::size_t(1), std::size_t(3), std::size_t(17), std::size_t(1000) })
+            for (int k : { 1, 2, 3, 8, E }) {
                 if (k > E || T * k > 1000 * 64)
                     continue;
                 const auto ids = random_ids(T, k, E, T * 1000 + k * 7 + E);
@@ -84,8 +84,8 @@ TEST_CASE("dispatch_plan: every k from 1 to E from the router, one expert taking
     for (int k = 1; k <= E; ++k) {
         std::vector<std::int32_t> ids(T * k);
         std::vector<float> w(T * k);
-        route(cmatrix_view<float>(logits.data(), T, E), dynamic_k{k}, router_options{},
-              matrix_view<std::int32_t>(ids.data(), T, k), matrix_view<float>(w.data(), T, k));
+        route(cmatrix_view<float>(logits.data(), T, E), dynamic_k { k }, router_options {},
+            matrix_view<std::int32_t>(ids.data(), T, k), matrix_view<float>(w.data(), T, k));
         const auto* storage = plan.slot_token().data();
         plan.build(cmatrix_view<std::int32_t>(ids.data(), T, k));
         CHECK(plan.slot_token().data() == storage); // no reallocation
@@ -119,8 +119,10 @@ TEST_CASE("gather: rows land in slot order, identical for 1 and 2 threads [dispa
     dispatch_plan plan(T, E, k);
     plan.build(cmatrix_view<std::int32_t>(ids.data(), T, k));
     std::vector<float> one(T * k * d), two(T * k * d);
-    test::with_threads(1, [&] { gather(plan, cmatrix_view<float>(X.data(), T, d), matrix_view<float>(one.data(), T * k, d)); });
-    test::with_threads(2, [&] { gather(plan, cmatrix_view<float>(X.data(), T, d), matrix_view<float>(two.data(), T * k, d)); });
+    test::with_threads(
+        1, [&] { gather(plan, cmatrix_view<float>(X.data(), T, d), matrix_view<float>(one.data(), T * k, d)); });
+    test::with_threads(
+        2, [&] { gather(plan, cmatrix_view<float>(X.data(), T, d), matrix_view<float>(two.data(), T * k, d)); });
     CHECK(test::same_bytes(one, two));
     for (std::size_t s = 0; s < plan.num_slots(); ++s)
         for (std::size_t i = 0; i < d; ++i)
@@ -131,21 +133,20 @@ TEST_CASE("dispatch_plan: bad input throws and leaves the plan as it was [dispat
 {
     const int E = 8;
     dispatch_plan plan(4, E, 2);
-    std::vector<std::int32_t> good{0, 1, 2, 3, 4, 5, 6, 7};
+    std::vector<std::int32_t> good { 0, 1, 2, 3, 4, 5, 6, 7 };
     plan.build(cmatrix_view<std::int32_t>(good.data(), 4, 2));
-    std::vector<std::int32_t> bad{0, 1, 2, 8, 4, 5, 6, 7};
+    std::vector<std::int32_t> bad { 0, 1, 2, 8, 4, 5, 6, 7 };
     CHECK_THROWS_WITH_AS(plan.build(cmatrix_view<std::int32_t>(bad.data(), 4, 2)),
-                         "kdial::dispatch_plan::build: ids[1, 1] = 8 is not an expert in [0, 8) nor no_expert (-1)",
-                         kdial::error);
+        "kdial::dispatch_plan::build: ids[1, 1] = 8 is not an expert in [0, 8) nor no_expert (-1)", kdial::error);
     bad[3] = -2;
     CHECK_THROWS_AS(plan.build(cmatrix_view<std::int32_t>(bad.data(), 4, 2)), kdial::error);
     check_plan(plan, good, 4, 2, E);
     std::vector<std::int32_t> many(5 * 2, 0);
     CHECK_THROWS_WITH_AS(plan.build(cmatrix_view<std::int32_t>(many.data(), 5, 2)),
-                         "kdial::dispatch_plan::build: T = 5 exceeds the plan's max_tokens = 4", kdial::error);
+        "kdial::dispatch_plan::build: T = 5 exceeds the plan's max_tokens = 4", kdial::error);
     std::vector<std::int32_t> widek(4 * 3, 0);
     CHECK_THROWS_WITH_AS(plan.build(cmatrix_view<std::int32_t>(widek.data(), 4, 3)),
-                         "kdial::dispatch_plan::build: k = 3 outside [1, max_k = 2]", kdial::error);
+        "kdial::dispatch_plan::build: k = 3 outside [1, max_k = 2]", kdial::error);
     check_plan(plan, good, 4, 2, E);
     CHECK_THROWS_AS(dispatch_plan(4, 0, 2), kdial::error);
     dispatch_plan empty;

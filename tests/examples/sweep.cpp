@@ -20,7 +20,7 @@ namespace {
 
 olmoe::operating_point global_k(int k, int layers)
 {
-    return {"k=" + std::to_string(k), std::vector<int>(std::size_t(layers), k), std::nullopt};
+    return { "k=" + std::to_string(k), std::vector<int>(std::size_t(layers), k), std::nullopt };
 }
 
 // Mean next-token log-likelihood of rows [0, n - 1) of logits [n, V].
@@ -44,7 +44,7 @@ TEST_CASE("sweep: perplexity matches the PyTorch reference; a k agrees with itse
     const int L = m->config().layers;
     const std::size_t V = std::size_t(m->config().vocab), T = tok.size();
     std::vector<olmoe::operating_point> pts;
-    for (int k : {1, 2, 4})
+    for (int k : { 1, 2, 4 })
         pts.push_back(global_k(k, L));
     olmoe::sweep_options o;
     o.context = T;
@@ -60,8 +60,8 @@ TEST_CASE("sweep: perplexity matches the PyTorch reference; a k agrees with itse
         // The golden bound: every logit within 1e-4 of the float64 reference,
         // so every log-softmax within 2e-4, and so is their mean.
         const double want = mean_loglik(ref.data.data(), T, V, tok);
-        CHECK_MESSAGE(std::fabs(res[i].mean_loglik - want) <= 2e-4, "k=", k, ": ", res[i].mean_loglik, " vs reference ",
-                      want);
+        CHECK_MESSAGE(
+            std::fabs(res[i].mean_loglik - want) <= 2e-4, "k=", k, ": ", res[i].mean_loglik, " vs reference ", want);
         CHECK(std::fabs(std::log(res[i].perplexity) + want) <= 2e-4);
         CHECK(res[i].predicted == T - 1);
         CHECK(res[i].prefill_tokens == T);
@@ -90,9 +90,8 @@ TEST_CASE("sweep: windows, thresholds, schedules and token files [examples][swee
     auto m = test::load_golden();
     const auto tok = test::golden_tokens();
     const int L = m->config().layers;
-    std::vector<olmoe::operating_point> pts = {global_k(2, L), {"4@0,1@1", {4, 1}, std::nullopt},
-                                               {"p=1", {}, threshold_options{1.0f, 1, 3}},
-                                               {"p=0", {}, threshold_options{0.0f, 1, 3}}};
+    std::vector<olmoe::operating_point> pts = { global_k(2, L), { "4@0,1@1", { 4, 1 }, std::nullopt },
+        { "p=1", {}, threshold_options { 1.0f, 1, 3 } }, { "p=0", {}, threshold_options { 0.0f, 1, 3 } } };
     olmoe::sweep_options o;
     o.context = 6; // windows of 6, 6 and 4 tokens: 5 + 5 + 3 predictions
     o.decode_tokens = 2;
@@ -107,35 +106,36 @@ TEST_CASE("sweep: windows, thresholds, schedules and token files [examples][swee
     olmoe::sweep_options one;
     double ll = 0;
     for (std::size_t w0 = 0; w0 < tok.size(); w0 += 6) {
-        const std::vector<std::int32_t> part(tok.begin() + std::ptrdiff_t(w0),
-                                             tok.begin() + std::ptrdiff_t(std::min(tok.size(), w0 + 6)));
+        const std::vector<std::int32_t> part(
+            tok.begin() + std::ptrdiff_t(w0), tok.begin() + std::ptrdiff_t(std::min(tok.size(), w0 + 6)));
         one.context = part.size();
         one.decode_tokens = 1;
-        const auto r = olmoe::run_sweep(*m, part, {pts[0]}, pts[0], one);
+        const auto r = olmoe::run_sweep(*m, part, { pts[0] }, pts[0], one);
         ll += r[0].mean_loglik * double(r[0].predicted);
     }
     CHECK(res[0].mean_loglik == doctest::Approx(ll / 13.0).epsilon(1e-12));
 
-    CHECK(olmoe::parse_token_ids("1, 2,3\n 4\t5,,", "ids.txt", 384) == std::vector<std::int32_t>{1, 2, 3, 4, 5});
+    CHECK(olmoe::parse_token_ids("1, 2,3\n 4\t5,,", "ids.txt", 384) == std::vector<std::int32_t> { 1, 2, 3, 4, 5 });
     CHECK_THROWS_WITH_AS(olmoe::parse_token_ids("1,384", "ids.txt", 384),
-                         "ids.txt: '384' (token 1) is not a token id in [0, vocab_size = 384)", kdial::error);
+        "ids.txt: '384' (token 1) is not a token id in [0, vocab_size = 384)", kdial::error);
     CHECK_THROWS_WITH_AS(olmoe::parse_token_ids("1,x2", "ids.txt", 384),
-                         "ids.txt: 'x2' (token 1) is not a token id in [0, vocab_size = 384)", kdial::error);
-    CHECK_THROWS_WITH_AS(olmoe::run_sweep(*m, {5}, pts, pts[0], o), "sweep: the text has 1 tokens, at least 2 are needed",
-                         kdial::error);
+        "ids.txt: 'x2' (token 1) is not a token id in [0, vocab_size = 384)", kdial::error);
+    CHECK_THROWS_WITH_AS(olmoe::run_sweep(*m, { 5 }, pts, pts[0], o),
+        "sweep: the text has 1 tokens, at least 2 are needed", kdial::error);
 }
 
-TEST_CASE("svg: a self-contained plot with axes, ticks, labels and one labelled point per operating point [examples][svg]")
+TEST_CASE(
+    "svg: a self-contained plot with axes, ticks, labels and one labelled point per operating point [examples][svg]")
 {
-    olmoe::svg::panel p{"perplexity vs decode latency", "decode latency (ms / token)", "perplexity",
-                        {{12.5, 30.1, "k=1"}, {20.0, 21.7, "k=2"}, {35.2, 20.3, "k=4 <ref>"}}};
-    const std::string s = olmoe::svg::render("sweep", {p, p});
+    olmoe::svg::panel p { "perplexity vs decode latency", "decode latency (ms / token)", "perplexity",
+        { { 12.5, 30.1, "k=1" }, { 20.0, 21.7, "k=2" }, { 35.2, 20.3, "k=4 <ref>" } } };
+    const std::string s = olmoe::svg::render("sweep", { p, p });
     CHECK(s.rfind("<svg xmlns=\"http://www.w3.org/2000/svg\"", 0) == 0);
     CHECK(s.find("</svg>") != std::string::npos);
     CHECK(s.find(">k=4 &lt;ref&gt;</text>") != std::string::npos);
     CHECK(s.find("decode latency (ms / token)") != std::string::npos);
     CHECK(s.find(">40</text>") != std::string::npos); // x ticks reach past 35.2 at a 1/2/5 step
-    CHECK(s.find(">0</text>") != std::string::npos);  // latency from 0
+    CHECK(s.find(">0</text>") != std::string::npos); // latency from 0
     std::size_t circles = 0;
     for (std::size_t at = s.find("<circle"); at != std::string::npos; at = s.find("<circle", at + 1))
         ++circles;

@@ -21,8 +21,8 @@ int main(int argc, char** argv)
         const auto want = kdial::io::read_npy(argv[2]);
         const double atol = std::atof(argv[3]);
         if (got.shape != want.shape) {
-            std::fprintf(stderr, "shape mismatch: [%zu, %zu] vs [%zu, %zu]\n", got.rows(), got.cols(), want.rows(),
-                         want.cols());
+            std::fprintf(
+                stderr, "shape mismatch: [%zu, %zu] vs [%zu, %zu]\n", got.rows(), got.cols(), want.rows(), want.cols());
             return 1;
         }
         double worst = 0;
@@ -45,7 +45,7 @@ int main(int argc, char** argv)
             argmax_diff += ag != aw;
         }
         std::printf("max |diff| = %.3g at [%zu, %zu] (atol %.3g); argmax differs at %zu of %zu positions\n", worst, wr,
-                    wc, atol, argmax_diff, got.rows());
+            wc, atol, argmax_diff, got.rows());
         return worst <= atol && (any_argmax || argmax_diff == 0) ? 0 : 1;
     } catch (const std::exception& e) {
         std::fprintf(stderr, "kdial_npy_compare: %s\n", e.what());

@@ -32,17 +32,23 @@ std::string u8(char32_t cp)
 }
 
 // The byte-level spelling of raw text, e.g. bl(" w") == "Ġw".
-std::string bl(std::string_view raw) { return byte_level_encode(raw); }
+std::string bl(std::string_view raw)
+{
+    return byte_level_encode(raw);
+}
 
-std::vector<std::string> strs(const std::vector<std::string_view>& v) { return {v.begin(), v.end()}; }
+std::vector<std::string> strs(const std::vector<std::string_view>& v)
+{
+    return { v.begin(), v.end() };
+}
 
 enum class style { neox, qwen2 };
 
 // A tokenizer.json in the layout HF writes: vocab = the 256 byte symbols
 // (id = byte value), then one id per merge result in merge order; merges are
 // given in raw text (spelled in the byte-level alphabet here).
-json make_tokenizer_json(style st, const std::vector<std::pair<std::string, std::string>>& merges,
-                         bool merges_as_pairs = false)
+json make_tokenizer_json(
+    style st, const std::vector<std::pair<std::string, std::string>>& merges, bool merges_as_pairs = false)
 {
     json vocab = json::object();
     for (int b = 0; b < 256; ++b)
@@ -54,23 +60,25 @@ json make_tokenizer_json(style st, const std::vector<std::pair<std::string, std:
         if (!vocab.contains(ab))
             vocab[ab] = next++;
         if (merges_as_pairs)
-            jm.push_back(json::array({bl(a), bl(b)}));
+            jm.push_back(json::array({ bl(a), bl(b) }));
         else
             jm.push_back(bl(a) + " " + bl(b));
     }
-    json model = {{"type", "BPE"},         {"dropout", nullptr},       {"unk_token", nullptr},
-                  {"fuse_unk", false},     {"byte_fallback", false},   {"ignore_merges", false},
-                  {"vocab", vocab},        {"merges", jm}};
-    json bytelevel_off = {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", false}, {"use_regex", false}};
-    json j = {{"version", "1.0"}, {"truncation", nullptr}, {"padding", nullptr}, {"normalizer", {{"type", "NFC"}}},
-              {"post_processor", bytelevel_off}, {"decoder", bytelevel_off}, {"model", model}};
+    json model = { { "type", "BPE" }, { "dropout", nullptr }, { "unk_token", nullptr }, { "fuse_unk", false },
+        { "byte_fallback", false }, { "ignore_merges", false }, { "vocab", vocab }, { "merges", jm } };
+    json bytelevel_off
+        = { { "type", "ByteLevel" }, { "add_prefix_space", false }, { "trim_offsets", false }, { "use_regex", false } };
+    json j = { { "version", "1.0" }, { "truncation", nullptr }, { "padding", nullptr },
+        { "normalizer", { { "type", "NFC" } } }, { "post_processor", bytelevel_off }, { "decoder", bytelevel_off },
+        { "model", model } };
     auto added = [&](int id, std::string content, bool special, bool normalized) {
-        return json{{"id", id},          {"content", content},  {"single_word", false}, {"lstrip", false},
-                    {"rstrip", false},   {"normalized", normalized}, {"special", special}};
+        return json { { "id", id }, { "content", content }, { "single_word", false }, { "lstrip", false },
+            { "rstrip", false }, { "normalized", normalized }, { "special", special } };
     };
     j["added_tokens"] = json::array();
     if (st == style::neox) {
-        j["pre_tokenizer"] = {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", true}};
+        j["pre_tokenizer"] = { { "type", "ByteLevel" }, { "add_prefix_space", false }, { "trim_offsets", true },
+            { "use_regex", true } };
         // OLMoE's layout (spec §3.4), shifted: <|padding|>, whitespace runs of 24..2 spaces, <|endoftext|>.
         j["added_tokens"].push_back(added(1000, "<|padding|>", true, false));
         for (int n = 24; n >= 2; --n)
@@ -78,13 +86,11 @@ json make_tokenizer_json(style st, const std::vector<std::pair<std::string, std:
         j["added_tokens"].push_back(added(1100, "<|endoftext|>", true, false));
         j["added_tokens"].push_back(added(1101, "|||EMAIL_ADDRESS|||", false, true));
     } else {
-        j["pre_tokenizer"] = {{"type", "Sequence"},
-                              {"pretokenizers",
-                               json::array({{{"type", "Split"},
-                                             {"pattern", {{"Regex", std::string(qwen2_split_pattern)}}},
-                                             {"behavior", "Isolated"},
-                                             {"invert", false}},
-                                            bytelevel_off})}};
+        j["pre_tokenizer"] = { { "type", "Sequence" },
+            { "pretokenizers",
+                json::array({ { { "type", "Split" }, { "pattern", { { "Regex", std::string(qwen2_split_pattern) } } },
+                                  { "behavior", "Isolated" }, { "invert", false } },
+                    bytelevel_off }) } };
         j["added_tokens"].push_back(added(2000, "<|endoftext|>", true, false));
         j["added_tokens"].push_back(added(2001, "<|im_start|>", true, false));
         j["added_tokens"].push_back(added(2002, "<|im_end|>", true, false));
@@ -98,9 +104,9 @@ bpe_tokenizer make_tokenizer(style st, const std::vector<std::pair<std::string, 
 }
 
 // Merges that build a few words, so BPE output is not just bytes.
-const std::vector<std::pair<std::string, std::string>> word_merges = {
-    {"h", "e"}, {"l", "l"}, {"he", "ll"}, {"hell", "o"}, {" ", "w"}, {"o", "r"}, {" w", "or"}, {" wor", "l"},
-    {" worl", "d"}, {"\xC3", "\xA9"}, {"a", "b"}, {" ", "t"}, {" t", "he"}};
+const std::vector<std::pair<std::string, std::string>> word_merges
+    = { { "h", "e" }, { "l", "l" }, { "he", "ll" }, { "hell", "o" }, { " ", "w" }, { "o", "r" }, { " w", "or" },
+          { " wor", "l" }, { " worl", "d" }, { "\xC3", "\xA9" }, { "a", "b" }, { " ", "t" }, { " t", "he" } };
 
 std::vector<std::int32_t> ids_of(const bpe_tokenizer& t, std::initializer_list<std::string_view> raw_tokens)
 {
@@ -118,481 +124,486 @@ std::vector<std::int32_t> ids_of(const bpe_tokenizer& t, std::initializer_list<s
 TEST_SUITE("io/tokenizer")
 {
 
-// ---------------------------------------------------------------------------
-// Unicode
+    // ---------------------------------------------------------------------------
+    // Unicode
 
-TEST_CASE("byte-level table: GPT-2 bytes_to_unicode [io][tokenizer]")
-{
-    CHECK(byte_level_chars[' '] == 0x120);
-    CHECK(byte_level_chars['\n'] == 0x10A);
-    CHECK(byte_level_chars[0x00] == 0x100);
-    CHECK(byte_level_chars['!'] == '!');
-    CHECK(byte_level_chars[0xAD] == 0x143); // the last of the 68 remapped bytes
-    CHECK(byte_level_chars[0xFF] == 0xFF);
-    for (int b = 0; b < 256; ++b)
-        CHECK(byte_level_bytes[byte_level_chars[std::size_t(b)]] == b);
-    CHECK(bl(" hello\n") == "\xC4\xA0hello\xC4\x8A");
-    CHECK(byte_level_decode(bl("\xE4\xB8\xAD x")) == "\xE4\xB8\xAD x");
-    CHECK(byte_level_decode("   ") == "   "); // raw spaces are outside the table: own bytes
-}
+    TEST_CASE("byte-level table: GPT-2 bytes_to_unicode [io][tokenizer]")
+    {
+        CHECK(byte_level_chars[' '] == 0x120);
+        CHECK(byte_level_chars['\n'] == 0x10A);
+        CHECK(byte_level_chars[0x00] == 0x100);
+        CHECK(byte_level_chars['!'] == '!');
+        CHECK(byte_level_chars[0xAD] == 0x143); // the last of the 68 remapped bytes
+        CHECK(byte_level_chars[0xFF] == 0xFF);
+        for (int b = 0; b < 256; ++b)
+            CHECK(byte_level_bytes[byte_level_chars[std::size_t(b)]] == b);
+        CHECK(bl(" hello\n") == "\xC4\xA0hello\xC4\x8A");
+        CHECK(byte_level_decode(bl("\xE4\xB8\xAD x")) == "\xE4\xB8\xAD x");
+        CHECK(byte_level_decode("   ") == "   "); // raw spaces are outside the table: own bytes
+    }
 
-TEST_CASE("utf8: decode, maximal-subpart U+FFFD policy, incomplete suffix [io][tokenizer]")
-{
-    const std::string fffd = u8(0xFFFD);
-    CHECK(utf8_decode("\xE4\xB8\xAD", 0).cp == 0x4E2D);
-    CHECK(utf8_decode("\xF0\x9F\x91\x8B", 0).cp == 0x1F44B);
-    CHECK(utf8_sanitize("a\xE2\x82z") == "a" + fffd + "z");             // truncated 3-byte: one U+FFFD
-    CHECK(utf8_sanitize("\xC0\x80") == fffd + fffd);                     // overlong lead is 1 byte
-    CHECK(utf8_sanitize("\xED\xA0\x80") == fffd + fffd + fffd);          // surrogate: ED then 2 strays
-    CHECK(utf8_sanitize("\xF4\x90\x80\x80") == fffd + fffd + fffd + fffd); // > U+10FFFF
-    CHECK(utf8_sanitize("\xFF\xFE") == fffd + fffd);
-    CHECK(utf8_sanitize("ok \xC3\xA9") == "ok \xC3\xA9");
-    CHECK(utf8_incomplete_suffix("a\xE2\x82") == 2);
-    CHECK(utf8_incomplete_suffix("a\xF0\x9F\x91") == 3);
-    CHECK(utf8_incomplete_suffix("a\xF0") == 1);
-    CHECK(utf8_incomplete_suffix("a\xE2\x82\xAC") == 0); // complete
-    CHECK(utf8_incomplete_suffix("a\xE0\x80") == 0);     // can never become valid
-    CHECK(utf8_incomplete_suffix("\x80\x80") == 0);
-    std::string s;
-    utf8_append(s, 0xD800);
-    CHECK(s == fffd);
-}
+    TEST_CASE("utf8: decode, maximal-subpart U+FFFD policy, incomplete suffix [io][tokenizer]")
+    {
+        const std::string fffd = u8(0xFFFD);
+        CHECK(utf8_decode("\xE4\xB8\xAD", 0).cp == 0x4E2D);
+        CHECK(utf8_decode("\xF0\x9F\x91\x8B", 0).cp == 0x1F44B);
+        CHECK(utf8_sanitize("a\xE2\x82z") == "a" + fffd + "z"); // truncated 3-byte: one U+FFFD
+        CHECK(utf8_sanitize("\xC0\x80") == fffd + fffd); // overlong lead is 1 byte
+        CHECK(utf8_sanitize("\xED\xA0\x80") == fffd + fffd + fffd); // surrogate: ED then 2 strays
+        CHECK(utf8_sanitize("\xF4\x90\x80\x80") == fffd + fffd + fffd + fffd); // > U+10FFFF
+        CHECK(utf8_sanitize("\xFF\xFE") == fffd + fffd);
+        CHECK(utf8_sanitize("ok \xC3\xA9") == "ok \xC3\xA9");
+        CHECK(utf8_incomplete_suffix("a\xE2\x82") == 2);
+        CHECK(utf8_incomplete_suffix("a\xF0\x9F\x91") == 3);
+        CHECK(utf8_incomplete_suffix("a\xF0") == 1);
+        CHECK(utf8_incomplete_suffix("a\xE2\x82\xAC") == 0); // complete
+        CHECK(utf8_incomplete_suffix("a\xE0\x80") == 0); // can never become valid
+        CHECK(utf8_incomplete_suffix("\x80\x80") == 0);
+        std::string s;
+        utf8_append(s, 0xD800);
+        CHECK(s == fffd);
+    }
 
-TEST_CASE("unicode classes: letters, numbers, White_Space [io][tokenizer]")
-{
-    CHECK(unicode_class(U'a') == char_class::letter);
-    CHECK(unicode_class(0xE9) == char_class::letter);   // é
-    CHECK(unicode_class(0x4E2D) == char_class::letter); // 中
-    CHECK(unicode_class(0xAC00) == char_class::letter); // 가
-    CHECK(unicode_class(0x02B0) == char_class::letter); // Lm
-    CHECK(unicode_class(0x0663) == char_class::number); // Arabic-Indic 3 (Nd)
-    CHECK(unicode_class(0x216B) == char_class::number); // Roman numeral twelve (Nl)
-    CHECK(unicode_class(0x00BD) == char_class::number); // ½ (No)
-    CHECK(unicode_class(0x00A0) == char_class::space);
-    CHECK(unicode_class(0x3000) == char_class::space);
-    CHECK(unicode_class(0x0085) == char_class::space);
-    CHECK(unicode_class(0x200B) == char_class::other); // ZERO WIDTH SPACE is not White_Space
-    CHECK(unicode_class(0x0301) == char_class::other); // combining mark (Mn)
-    CHECK(unicode_class(0x1F44B) == char_class::other); // emoji (So)
-    CHECK(unicode_class(0x10FFFF) == char_class::other);
-    CHECK(canonical_combining_class(0x0301) == 230);
-    CHECK(canonical_combining_class(0x0323) == 220);
-    CHECK(canonical_combining_class('a') == 0);
-}
+    TEST_CASE("unicode classes: letters, numbers, White_Space [io][tokenizer]")
+    {
+        CHECK(unicode_class(U'a') == char_class::letter);
+        CHECK(unicode_class(0xE9) == char_class::letter); // é
+        CHECK(unicode_class(0x4E2D) == char_class::letter); // 中
+        CHECK(unicode_class(0xAC00) == char_class::letter); // 가
+        CHECK(unicode_class(0x02B0) == char_class::letter); // Lm
+        CHECK(unicode_class(0x0663) == char_class::number); // Arabic-Indic 3 (Nd)
+        CHECK(unicode_class(0x216B) == char_class::number); // Roman numeral twelve (Nl)
+        CHECK(unicode_class(0x00BD) == char_class::number); // ½ (No)
+        CHECK(unicode_class(0x00A0) == char_class::space);
+        CHECK(unicode_class(0x3000) == char_class::space);
+        CHECK(unicode_class(0x0085) == char_class::space);
+        CHECK(unicode_class(0x200B) == char_class::other); // ZERO WIDTH SPACE is not White_Space
+        CHECK(unicode_class(0x0301) == char_class::other); // combining mark (Mn)
+        CHECK(unicode_class(0x1F44B) == char_class::other); // emoji (So)
+        CHECK(unicode_class(0x10FFFF) == char_class::other);
+        CHECK(canonical_combining_class(0x0301) == 230);
+        CHECK(canonical_combining_class(0x0323) == 220);
+        CHECK(canonical_combining_class('a') == 0);
+    }
 
-TEST_CASE("NFC: composition, Hangul, reordering, exclusions, fast path [io][tokenizer]")
-{
-    CHECK(nfc_normalize("e\xCC\x81") == "\xC3\xA9");                             // e + U+0301 -> é
-    CHECK(nfc_normalize("\xC3\xA9") == "\xC3\xA9");                             // already NFC
-    CHECK(nfc_normalize(u8(0x1100) + u8(0x1161)) == u8(0xAC00));                // L V -> 가
-    CHECK(nfc_normalize(u8(0x1100) + u8(0x1161) + u8(0x11A8)) == u8(0xAC01));   // L V T -> 각
-    CHECK(nfc_normalize(u8(0xAC00) + u8(0x11A8)) == u8(0xAC01));                // LV T -> LVT
-    CHECK(nfc_normalize(u8(0x212B)) == u8(0x00C5));                             // Angstrom sign (singleton)
-    CHECK(nfc_normalize(u8(0x1E0B) + u8(0x0323)) == u8(0x1E0D) + u8(0x0307));   // UAX #15: ḋ + dot below
-    CHECK(nfc_normalize("a" + u8(0x0301) + u8(0x0323)) == u8(0x1EA1) + u8(0x0301)); // reorder, then compose
-    CHECK(nfc_normalize(u8(0x0958)) == u8(0x0915) + u8(0x093C));                // excluded from composition
-    CHECK(nfc_normalize(u8(0x0301) + "e") == u8(0x0301) + "e");                 // no starter before the mark
-    CHECK(nfc_normalize("x\xFF" + u8(0x0301)) == "x\xFF" + u8(0x0301));         // ill-formed byte blocks
-    const std::string ascii = "plain ASCII text, 123!";
-    CHECK(is_nfc_quick(ascii));
-    CHECK(nfc_normalize(ascii) == ascii);
-    CHECK_FALSE(is_nfc_quick("e\xCC\x81"));
-}
+    TEST_CASE("NFC: composition, Hangul, reordering, exclusions, fast path [io][tokenizer]")
+    {
+        CHECK(nfc_normalize("e\xCC\x81") == "\xC3\xA9"); // e + U+0301 -> é
+        CHECK(nfc_normalize("\xC3\xA9") == "\xC3\xA9"); // already NFC
+        CHECK(nfc_normalize(u8(0x1100) + u8(0x1161)) == u8(0xAC00)); // L V -> 가
+        CHECK(nfc_normalize(u8(0x1100) + u8(0x1161) + u8(0x11A8)) == u8(0xAC01)); // L V T -> 각
+        CHECK(nfc_normalize(u8(0xAC00) + u8(0x11A8)) == u8(0xAC01)); // LV T -> LVT
+        CHECK(nfc_normalize(u8(0x212B)) == u8(0x00C5)); // Angstrom sign (singleton)
+        CHECK(nfc_normalize(u8(0x1E0B) + u8(0x0323)) == u8(0x1E0D) + u8(0x0307)); // UAX #15: ḋ + dot below
+        CHECK(nfc_normalize("a" + u8(0x0301) + u8(0x0323)) == u8(0x1EA1) + u8(0x0301)); // reorder, then compose
+        CHECK(nfc_normalize(u8(0x0958)) == u8(0x0915) + u8(0x093C)); // excluded from composition
+        CHECK(nfc_normalize(u8(0x0301) + "e") == u8(0x0301) + "e"); // no starter before the mark
+        CHECK(nfc_normalize("x\xFF" + u8(0x0301)) == "x\xFF" + u8(0x0301)); // ill-formed byte blocks
+        const std::string ascii = "plain ASCII text, 123!";
+        CHECK(is_nfc_quick(ascii));
+        CHECK(nfc_normalize(ascii) == ascii);
+        CHECK_FALSE(is_nfc_quick("e\xCC\x81"));
+    }
 
-// ---------------------------------------------------------------------------
-// Pre-tokenisation
+    // ---------------------------------------------------------------------------
+    // Pre-tokenisation
 
-TEST_CASE("split GPT-2 / NeoX regex on tricky strings [io][tokenizer]")
-{
-    using V = std::vector<std::string>;
-    auto sp = [](std::string_view s) { return strs(split_with_regex(split_regex::gpt2, s)); };
-    CHECK(sp("Hello world") == V{"Hello", " world"});
-    // Contractions are case-sensitive: 'LL is "'" (punctuation run) then "LL".
-    CHECK(sp("I'm don't we'LL") == V{"I", "'m", " don", "'t", " we", "'", "LL"});
-    CHECK(sp("'s'") == V{"'s", "'"});
-    CHECK(sp("'''s") == V{"'''", "s"}); // the punctuation run wins at position 0
-    // \s+(?!\S) gives the last space of a run to the next word.
-    CHECK(sp("a  b") == V{"a", " ", " b"});
-    CHECK(sp("a   b") == V{"a", "  ", " b"});
-    CHECK(sp("a   ") == V{"a", "   "}); // at the end the run stays whole
-    CHECK(sp("  leading") == V{" ", " leading"});
-    // A newline is not a literal space, so it never prefixes a word.
-    CHECK(sp("a\n\nb") == V{"a", "\n", "\n", "b"});
-    CHECK(sp("a\nb") == V{"a", "\n", "b"});
-    CHECK(sp("x\t\ty") == V{"x", "\t", "\t", "y"});
-    CHECK(sp("x \ty") == V{"x", " ", "\t", "y"});
-    // Digits stay in runs.
-    CHECK(sp("123 4567") == V{"123", " 4567"});
-    CHECK(sp("$1.5!!") == V{"$", "1", ".", "5", "!!"});
-    CHECK(sp("abc123") == V{"abc", "123"});
-    // Non-ASCII letters, CJK, emoji (So and Sk are punctuation here), NBSP.
-    CHECK(sp("h\xC3\xA9llo w\xC3\xB6rld") == V{"h\xC3\xA9llo", " w\xC3\xB6rld"});
-    CHECK(sp("\xE4\xBD\xA0\xE5\xA5\xBD\xE4\xB8\x96\xE7\x95\x8C") == V{"\xE4\xBD\xA0\xE5\xA5\xBD\xE4\xB8\x96\xE7\x95\x8C"});
-    const std::string wave = u8(0x1F44B) + u8(0x1F3FD);
-    CHECK(sp("hi " + wave + " there") == V{"hi", " " + wave, " there"});
-    CHECK(sp("a" + u8(0xA0) + "b") == V{"a", u8(0xA0), "b"}); // NBSP is \s but not the literal ' '
-    CHECK(sp("") == V{});
-}
+    TEST_CASE("split GPT-2 / NeoX regex on tricky strings [io][tokenizer]")
+    {
+        using V = std::vector<std::string>;
+        auto sp = [](std::string_view s) { return strs(split_with_regex(split_regex::gpt2, s)); };
+        CHECK(sp("Hello world") == V { "Hello", " world" });
+        // Contractions are case-sensitive: 'LL is "'" (punctuation run) then "LL".
+        CHECK(sp("I'm don't we'LL") == V { "I", "'m", " don", "'t", " we", "'", "LL" });
+        CHECK(sp("'s'") == V { "'s", "'" });
+        CHECK(sp("'''s") == V { "'''", "s" }); // the punctuation run wins at position 0
+        // \s+(?!\S) gives the last space of a run to the next word.
+        CHECK(sp("a  b") == V { "a", " ", " b" });
+        CHECK(sp("a   b") == V { "a", "  ", " b" });
+        CHECK(sp("a   ") == V { "a", "   " }); // at the end the run stays whole
+        CHECK(sp("  leading") == V { " ", " leading" });
+        // A newline is not a literal space, so it never prefixes a word.
+        CHECK(sp("a\n\nb") == V { "a", "\n", "\n", "b" });
+        CHECK(sp("a\nb") == V { "a", "\n", "b" });
+        CHECK(sp("x\t\ty") == V { "x", "\t", "\t", "y" });
+        CHECK(sp("x \ty") == V { "x", " ", "\t", "y" });
+        // Digits stay in runs.
+        CHECK(sp("123 4567") == V { "123", " 4567" });
+        CHECK(sp("$1.5!!") == V { "$", "1", ".", "5", "!!" });
+        CHECK(sp("abc123") == V { "abc", "123" });
+        // Non-ASCII letters, CJK, emoji (So and Sk are punctuation here), NBSP.
+        CHECK(sp("h\xC3\xA9llo w\xC3\xB6rld") == V { "h\xC3\xA9llo", " w\xC3\xB6rld" });
+        CHECK(sp("\xE4\xBD\xA0\xE5\xA5\xBD\xE4\xB8\x96\xE7\x95\x8C")
+            == V { "\xE4\xBD\xA0\xE5\xA5\xBD\xE4\xB8\x96\xE7\x95\x8C" });
+        const std::string wave = u8(0x1F44B) + u8(0x1F3FD);
+        CHECK(sp("hi " + wave + " there") == V { "hi", " " + wave, " there" });
+        CHECK(sp("a" + u8(0xA0) + "b") == V { "a", u8(0xA0), "b" }); // NBSP is \s but not the literal ' '
+        CHECK(sp("") == V {});
+    }
 
-TEST_CASE("split Qwen2 regex on tricky strings [io][tokenizer]")
-{
-    using V = std::vector<std::string>;
-    auto sp = [](std::string_view s) { return strs(split_with_regex(split_regex::qwen2, s)); };
-    CHECK(sp("Hello world") == V{"Hello", " world"});
-    // (?i:...) contractions: any case.
-    CHECK(sp("I'M DON'T we'Ll") == V{"I", "'M", " DON", "'T", " we", "'Ll"});
-    CHECK(sp("it's") == V{"it", "'s"});
-    // U+017F (long s) case-folds to 's' in Unicode, so (?i)'s matches it;
-    // this follows from Oniguruma's case folding and is not cross-checked.
-    CHECK(sp("it'" + u8(0x17F)) == V{"it", "'" + u8(0x17F)});
-    // [^\r\n\p{L}\p{N}]?\p{L}+: one non-letter, non-digit, non-newline char prefixes a word.
-    CHECK(sp("'hello") == V{"'hello"});
-    CHECK(sp("hello.world") == V{"hello", ".world"});
-    CHECK(sp("\tfoo") == V{"\tfoo"});
-    CHECK(sp("...abc") == V{"...", "abc"}); // punctuation run first, then the word
-    // \p{N}: digits one per piece, and a space before a digit stands alone.
-    CHECK(sp("12345") == V{"1", "2", "3", "4", "5"});
-    CHECK(sp("x 42") == V{"x", " ", "4", "2"});
-    CHECK(sp("abc123") == V{"abc", "1", "2", "3"});
-    CHECK(sp("\xD9\xA3\xD9\xA4") == V{"\xD9\xA3", "\xD9\xA4"}); // Arabic-Indic digits
-    // ' ?[^\s\p{L}\p{N}]+[\r\n]*': punctuation keeps the newlines after it.
-    CHECK(sp("end.\n\nNext") == V{"end", ".\n\n", "Next"});
-    CHECK(sp("a !!b") == V{"a", " !!", "b"});
-    // \s*[\r\n]+: whitespace up to and including the last newline of the run.
-    CHECK(sp("a\n\nb") == V{"a", "\n\n", "b"});
-    CHECK(sp("x \n y") == V{"x", " \n", " y"});
-    CHECK(sp("x\r\n  y") == V{"x", "\r\n", " ", " y"});
-    // \s+(?!\S) and \s+.
-    CHECK(sp("a  b") == V{"a", " ", " b"});
-    CHECK(sp("a  ") == V{"a", "  "});
-    const std::string wave = u8(0x1F44B);
-    CHECK(sp("hi " + wave + " there") == V{"hi", " " + wave, " there"});
-    CHECK(sp(wave + "x") == V{wave + "x"}); // the emoji is the optional prefix char
-}
+    TEST_CASE("split Qwen2 regex on tricky strings [io][tokenizer]")
+    {
+        using V = std::vector<std::string>;
+        auto sp = [](std::string_view s) { return strs(split_with_regex(split_regex::qwen2, s)); };
+        CHECK(sp("Hello world") == V { "Hello", " world" });
+        // (?i:...) contractions: any case.
+        CHECK(sp("I'M DON'T we'Ll") == V { "I", "'M", " DON", "'T", " we", "'Ll" });
+        CHECK(sp("it's") == V { "it", "'s" });
+        // U+017F (long s) case-folds to 's' in Unicode, so (?i)'s matches it;
+        // this follows from Oniguruma's case folding and is not cross-checked.
+        CHECK(sp("it'" + u8(0x17F)) == V { "it", "'" + u8(0x17F) });
+        // [^\r\n\p{L}\p{N}]?\p{L}+: one non-letter, non-digit, non-newline char prefixes a word.
+        CHECK(sp("'hello") == V { "'hello" });
+        CHECK(sp("hello.world") == V { "hello", ".world" });
+        CHECK(sp("\tfoo") == V { "\tfoo" });
+        CHECK(sp("...abc") == V { "...", "abc" }); // punctuation run first, then the word
+        // \p{N}: digits one per piece, and a space before a digit stands alone.
+        CHECK(sp("12345") == V { "1", "2", "3", "4", "5" });
+        CHECK(sp("x 42") == V { "x", " ", "4", "2" });
+        CHECK(sp("abc123") == V { "abc", "1", "2", "3" });
+        CHECK(sp("\xD9\xA3\xD9\xA4") == V { "\xD9\xA3", "\xD9\xA4" }); // Arabic-Indic digits
+        // ' ?[^\s\p{L}\p{N}]+[\r\n]*': punctuation keeps the newlines after it.
+        CHECK(sp("end.\n\nNext") == V { "end", ".\n\n", "Next" });
+        CHECK(sp("a !!b") == V { "a", " !!", "b" });
+        // \s*[\r\n]+: whitespace up to and including the last newline of the run.
+        CHECK(sp("a\n\nb") == V { "a", "\n\n", "b" });
+        CHECK(sp("x \n y") == V { "x", " \n", " y" });
+        CHECK(sp("x\r\n  y") == V { "x", "\r\n", " ", " y" });
+        // \s+(?!\S) and \s+.
+        CHECK(sp("a  b") == V { "a", " ", " b" });
+        CHECK(sp("a  ") == V { "a", "  " });
+        const std::string wave = u8(0x1F44B);
+        CHECK(sp("hi " + wave + " there") == V { "hi", " " + wave, " there" });
+        CHECK(sp(wave + "x") == V { wave + "x" }); // the emoji is the optional prefix char
+    }
 
-TEST_CASE("pre_tokenize: the configured pipeline, incl. add_prefix_space [io][tokenizer]")
-{
-    using V = std::vector<std::string>;
-    const auto neox = make_tokenizer(style::neox);
-    CHECK(neox.pre_tokenize("a 12") == V{"a", " 12"});
-    const auto qwen = make_tokenizer(style::qwen2);
-    CHECK(qwen.pre_tokenize("a 12") == V{"a", " ", "1", "2"});
+    TEST_CASE("pre_tokenize: the configured pipeline, incl. add_prefix_space [io][tokenizer]")
+    {
+        using V = std::vector<std::string>;
+        const auto neox = make_tokenizer(style::neox);
+        CHECK(neox.pre_tokenize("a 12") == V { "a", " 12" });
+        const auto qwen = make_tokenizer(style::qwen2);
+        CHECK(qwen.pre_tokenize("a 12") == V { "a", " ", "1", "2" });
 
-    auto j = make_tokenizer_json(style::neox, {});
-    j["pre_tokenizer"]["add_prefix_space"] = true;
-    const auto pre = bpe_tokenizer::from_json(j.dump());
-    CHECK(pre.pre_tokenize("hi there") == V{" hi", " there"});
-    CHECK(pre.pre_tokenize(" hi") == V{" hi"}); // already starts with a space
+        auto j = make_tokenizer_json(style::neox, {});
+        j["pre_tokenizer"]["add_prefix_space"] = true;
+        const auto pre = bpe_tokenizer::from_json(j.dump());
+        CHECK(pre.pre_tokenize("hi there") == V { " hi", " there" });
+        CHECK(pre.pre_tokenize(" hi") == V { " hi" }); // already starts with a space
 
-    // Split with the GPT-2 regex inside a Sequence is recognised too.
-    auto k = make_tokenizer_json(style::qwen2, {});
-    k["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = std::string(gpt2_split_pattern);
-    CHECK(bpe_tokenizer::from_json(k.dump()).pre_tokenize("a 12") == V{"a", " 12"});
-}
+        // Split with the GPT-2 regex inside a Sequence is recognised too.
+        auto k = make_tokenizer_json(style::qwen2, {});
+        k["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = std::string(gpt2_split_pattern);
+        CHECK(bpe_tokenizer::from_json(k.dump()).pre_tokenize("a 12") == V { "a", " 12" });
+    }
 
-// ---------------------------------------------------------------------------
-// BPE
+    // ---------------------------------------------------------------------------
+    // BPE
 
-TEST_CASE("BPE: lowest rank first, leftmost on ties [io][tokenizer]")
-{
-    // b+c has rank 0, a+b rank 1: "abc" -> a|bc -> abc (a+b first would strand c).
-    const auto t = make_tokenizer(style::neox, {{"b", "c"}, {"a", "b"}, {"a", "bc"}});
-    CHECK(t.encode("abc") == ids_of(t, {"abc"}));
-    CHECK(t.encode("abd") == ids_of(t, {"ab", "d"}));
+    TEST_CASE("BPE: lowest rank first, leftmost on ties [io][tokenizer]")
+    {
+        // b+c has rank 0, a+b rank 1: "abc" -> a|bc -> abc (a+b first would strand c).
+        const auto t = make_tokenizer(style::neox, { { "b", "c" }, { "a", "b" }, { "a", "bc" } });
+        CHECK(t.encode("abc") == ids_of(t, { "abc" }));
+        CHECK(t.encode("abd") == ids_of(t, { "ab", "d" }));
 
-    const auto u = make_tokenizer(style::neox, {{"a", "a"}});
-    CHECK(u.encode("aaa") == ids_of(u, {"aa", "a"})); // leftmost pair merges first
-    CHECK(u.encode("aaaaa") == ids_of(u, {"aa", "aa", "a"}));
-    const auto w = make_tokenizer(style::neox, {{"a", "a"}, {"aa", "aa"}});
-    CHECK(w.encode("aaaa") == ids_of(w, {"aaaa"}));
-    CHECK(w.encode("aaaaaa") == ids_of(w, {"aaaa", "aa"}));
-    // A later, lower-priority merge does not pre-empt an earlier one:
-    // rank 0 x+y, rank 1 y+z: "xyz" -> xy|z.
-    const auto v = make_tokenizer(style::neox, {{"x", "y"}, {"y", "z"}});
-    CHECK(v.encode("xyz") == ids_of(v, {"xy", "z"}));
-}
+        const auto u = make_tokenizer(style::neox, { { "a", "a" } });
+        CHECK(u.encode("aaa") == ids_of(u, { "aa", "a" })); // leftmost pair merges first
+        CHECK(u.encode("aaaaa") == ids_of(u, { "aa", "aa", "a" }));
+        const auto w = make_tokenizer(style::neox, { { "a", "a" }, { "aa", "aa" } });
+        CHECK(w.encode("aaaa") == ids_of(w, { "aaaa" }));
+        CHECK(w.encode("aaaaaa") == ids_of(w, { "aaaa", "aa" }));
+        // A later, lower-priority merge does not pre-empt an earlier one:
+        // rank 0 x+y, rank 1 y+z: "xyz" -> xy|z.
+        const auto v = make_tokenizer(style::neox, { { "x", "y" }, { "y", "z" } });
+        CHECK(v.encode("xyz") == ids_of(v, { "xy", "z" }));
+    }
 
-TEST_CASE("BPE: words, spaces, multi-byte characters, merge formats [io][tokenizer]")
-{
-    const auto t = make_tokenizer(style::neox, word_merges);
-    CHECK(t.encode("hello world") == ids_of(t, {"hello", " world"}));
-    CHECK(t.encode("hello the") == ids_of(t, {"hello", " the"}));
-    CHECK(t.encode("\xC3\xA9") == ids_of(t, {"\xC3\xA9"}));
-    CHECK(t.encode("e\xCC\x81") == ids_of(t, {"\xC3\xA9"})); // NFC before BPE
-    CHECK(t.decode(t.encode("hello world")) == "hello world");
-    CHECK(t.merge_count() == word_merges.size());
+    TEST_CASE("BPE: words, spaces, multi-byte characters, merge formats [io][tokenizer]")
+    {
+        const auto t = make_tokenizer(style::neox, word_merges);
+        CHECK(t.encode("hello world") == ids_of(t, { "hello", " world" }));
+        CHECK(t.encode("hello the") == ids_of(t, { "hello", " the" }));
+        CHECK(t.encode("\xC3\xA9") == ids_of(t, { "\xC3\xA9" }));
+        CHECK(t.encode("e\xCC\x81") == ids_of(t, { "\xC3\xA9" })); // NFC before BPE
+        CHECK(t.decode(t.encode("hello world")) == "hello world");
+        CHECK(t.merge_count() == word_merges.size());
 
-    const auto pairs = bpe_tokenizer::from_json(make_tokenizer_json(style::neox, word_merges, true).dump());
-    CHECK(pairs.encode("hello world") == t.encode("hello world"));
-}
+        const auto pairs = bpe_tokenizer::from_json(make_tokenizer_json(style::neox, word_merges, true).dump());
+        CHECK(pairs.encode("hello world") == t.encode("hello world"));
+    }
 
-TEST_CASE("BPE: ignore_merges emits a whole-vocab piece directly [io][tokenizer]")
-{
-    auto j = make_tokenizer_json(style::neox, {{"a", "b"}});
-    j["model"]["vocab"][bl("xyz")] = 900; // reachable by no merge
-    CHECK(bpe_tokenizer::from_json(j.dump()).encode("xyz") == std::vector<std::int32_t>{'x', 'y', 'z'});
-    j["model"]["ignore_merges"] = true;
-    CHECK(bpe_tokenizer::from_json(j.dump()).encode("xyz") == std::vector<std::int32_t>{900});
-}
+    TEST_CASE("BPE: ignore_merges emits a whole-vocab piece directly [io][tokenizer]")
+    {
+        auto j = make_tokenizer_json(style::neox, { { "a", "b" } });
+        j["model"]["vocab"][bl("xyz")] = 900; // reachable by no merge
+        CHECK(bpe_tokenizer::from_json(j.dump()).encode("xyz") == std::vector<std::int32_t> { 'x', 'y', 'z' });
+        j["model"]["ignore_merges"] = true;
+        CHECK(bpe_tokenizer::from_json(j.dump()).encode("xyz") == std::vector<std::int32_t> { 900 });
+    }
 
-// ---------------------------------------------------------------------------
-// Added tokens
+    // ---------------------------------------------------------------------------
+    // Added tokens
 
-TEST_CASE("added tokens: OLMoE whitespace runs and specials before BPE [io][tokenizer]")
-{
-    const auto t = make_tokenizer(style::neox, word_merges);
-    const auto sp = [&](int n) { return *t.token_to_id(std::string(std::size_t(n), ' ')); };
-    CHECK(sp(2) == 1023);
-    CHECK(sp(24) == 1001);
-    // "a  b": the 2-space token, then "b" without a leading space.
-    CHECK(t.encode("a  b") == std::vector<std::int32_t>{'a', sp(2), 'b'});
-    // A 30-space run: leftmost-longest gives 24 then 6.
-    CHECK(t.encode(std::string(30, ' ') + "x") == std::vector<std::int32_t>{sp(24), sp(6), 'x'});
-    // A single space is no added token: ordinary BPE.
-    CHECK(t.encode("hello world") == ids_of(t, {"hello", " world"}));
-    // Special tokens in text: matched by default, plain text otherwise.
-    CHECK(t.encode("hello<|endoftext|>") == std::vector<std::int32_t>{ids_of(t, {"hello"})[0], 1100});
-    const auto lit = t.encode("<|endoftext|>", false);
-    CHECK(lit.size() > 1);
-    CHECK(t.decode(lit) == "<|endoftext|>");
-    // Non-special added tokens are matched either way.
-    CHECK(t.encode("a|||EMAIL_ADDRESS|||", false) == std::vector<std::int32_t>{'a', 1101});
-    // Decoding: raw-space token bytes, special skipping.
-    const std::vector<std::int32_t> ids{'a', sp(3), 1100, 'b'};
-    CHECK(t.decode(ids) == "a   <|endoftext|>b");
-    CHECK(t.decode(ids, true) == "a   b");
-    CHECK(t.is_special(1100));
-    CHECK_FALSE(t.is_special(sp(3)));
-}
+    TEST_CASE("added tokens: OLMoE whitespace runs and specials before BPE [io][tokenizer]")
+    {
+        const auto t = make_tokenizer(style::neox, word_merges);
+        const auto sp = [&](int n) { return *t.token_to_id(std::string(std::size_t(n), ' ')); };
+        CHECK(sp(2) == 1023);
+        CHECK(sp(24) == 1001);
+        // "a  b": the 2-space token, then "b" without a leading space.
+        CHECK(t.encode("a  b") == std::vector<std::int32_t> { 'a', sp(2), 'b' });
+        // A 30-space run: leftmost-longest gives 24 then 6.
+        CHECK(t.encode(std::string(30, ' ') + "x") == std::vector<std::int32_t> { sp(24), sp(6), 'x' });
+        // A single space is no added token: ordinary BPE.
+        CHECK(t.encode("hello world") == ids_of(t, { "hello", " world" }));
+        // Special tokens in text: matched by default, plain text otherwise.
+        CHECK(t.encode("hello<|endoftext|>") == std::vector<std::int32_t> { ids_of(t, { "hello" })[0], 1100 });
+        const auto lit = t.encode("<|endoftext|>", false);
+        CHECK(lit.size() > 1);
+        CHECK(t.decode(lit) == "<|endoftext|>");
+        // Non-special added tokens are matched either way.
+        CHECK(t.encode("a|||EMAIL_ADDRESS|||", false) == std::vector<std::int32_t> { 'a', 1101 });
+        // Decoding: raw-space token bytes, special skipping.
+        const std::vector<std::int32_t> ids { 'a', sp(3), 1100, 'b' };
+        CHECK(t.decode(ids) == "a   <|endoftext|>b");
+        CHECK(t.decode(ids, true) == "a   b");
+        CHECK(t.is_special(1100));
+        CHECK_FALSE(t.is_special(sp(3)));
+    }
 
-TEST_CASE("added tokens: leftmost-longest, normalized ones match after NFC [io][tokenizer]")
-{
-    auto j = make_tokenizer_json(style::qwen2, {});
-    j["added_tokens"].push_back({{"id", 3000}, {"content", "ab"}, {"special", false}, {"normalized", true}});
-    j["added_tokens"].push_back({{"id", 3001}, {"content", "abc"}, {"special", false}, {"normalized", true}});
-    j["added_tokens"].push_back({{"id", 3002}, {"content", "\xC3\xA9t\xC3\xA9"}, {"special", false}, {"normalized", true}});
-    const auto t = bpe_tokenizer::from_json(j.dump());
-    CHECK(t.encode("xabcx") == std::vector<std::int32_t>{'x', 3001, 'x'});
-    CHECK(t.encode("xabx") == std::vector<std::int32_t>{'x', 3000, 'x'});
-    CHECK(t.encode("e\xCC\x81te\xCC\x81") == std::vector<std::int32_t>{3002}); // NFC first
-    // ChatML around ordinary text (Qwen2).
-    const auto ids = t.encode("<|im_start|>user\nhi<|im_end|>");
-    CHECK(ids == std::vector<std::int32_t>{2001, 'u', 's', 'e', 'r', '\n', 'h', 'i', 2002});
-    CHECK(t.decode(ids) == "<|im_start|>user\nhi<|im_end|>");
-    CHECK(t.decode(ids, true) == "user\nhi");
-}
+    TEST_CASE("added tokens: leftmost-longest, normalized ones match after NFC [io][tokenizer]")
+    {
+        auto j = make_tokenizer_json(style::qwen2, {});
+        j["added_tokens"].push_back(
+            { { "id", 3000 }, { "content", "ab" }, { "special", false }, { "normalized", true } });
+        j["added_tokens"].push_back(
+            { { "id", 3001 }, { "content", "abc" }, { "special", false }, { "normalized", true } });
+        j["added_tokens"].push_back(
+            { { "id", 3002 }, { "content", "\xC3\xA9t\xC3\xA9" }, { "special", false }, { "normalized", true } });
+        const auto t = bpe_tokenizer::from_json(j.dump());
+        CHECK(t.encode("xabcx") == std::vector<std::int32_t> { 'x', 3001, 'x' });
+        CHECK(t.encode("xabx") == std::vector<std::int32_t> { 'x', 3000, 'x' });
+        CHECK(t.encode("e\xCC\x81te\xCC\x81") == std::vector<std::int32_t> { 3002 }); // NFC first
+        // ChatML around ordinary text (Qwen2).
+        const auto ids = t.encode("<|im_start|>user\nhi<|im_end|>");
+        CHECK(ids == std::vector<std::int32_t> { 2001, 'u', 's', 'e', 'r', '\n', 'h', 'i', 2002 });
+        CHECK(t.decode(ids) == "<|im_start|>user\nhi<|im_end|>");
+        CHECK(t.decode(ids, true) == "user\nhi");
+    }
 
-// ---------------------------------------------------------------------------
-// Round trips and streaming
+    // ---------------------------------------------------------------------------
+    // Round trips and streaming
 
-TEST_CASE("encode -> decode round trip on random text incl. ill-formed bytes [io][tokenizer]")
-{
-    const std::vector<std::string> pool = {
-        "a", "b", "Z", "e", "'", "s", "L", " ", " ", " ", "  ", "\n", "\r\n", "\t", "0", "7", ".", "!", "<|endoftext|>",
-        u8(0xE9), u8(0x4E2D), u8(0x1F44B), u8(0x0301), u8(0x1100), u8(0x1161), u8(0xA0), u8(0x3000), u8(0x0663),
-        u8(0x212B), "\xFF", "\xC3", "\xE2\x82", "\x80"};
-    for (const style st : {style::neox, style::qwen2}) {
-        const auto t = make_tokenizer(st, word_merges);
-        std::mt19937 rng(st == style::neox ? 11 : 12);
-        for (int trial = 0; trial < 300; ++trial) {
-            std::string s;
-            const int len = int(rng() % 24);
-            for (int k = 0; k < len; ++k)
-                s += pool[rng() % pool.size()];
-            const auto ids = t.encode(s);
-            for (auto id : ids)
-                REQUIRE(t.is_valid_id(id));
-            const std::string want = nfc_normalize(s);
-            REQUIRE_MESSAGE(t.decode_bytes(ids) == want, "input ", json(utf8_sanitize(s)).dump());
-            REQUIRE(t.decode(ids) == utf8_sanitize(want));
+    TEST_CASE("encode -> decode round trip on random text incl. ill-formed bytes [io][tokenizer]")
+    {
+        const std::vector<std::string> pool = { "a", "b", "Z", "e", "'", "s", "L", " ", " ", " ", "  ", "\n", "\r\n",
+            "\t", "0", "7", ".", "!", "<|endoftext|>", u8(0xE9), u8(0x4E2D), u8(0x1F44B), u8(0x0301), u8(0x1100),
+            u8(0x1161), u8(0xA0), u8(0x3000), u8(0x0663), u8(0x212B), "\xFF", "\xC3", "\xE2\x82", "\x80" };
+        for (const style st : { style::neox, style::qwen2 }) {
+            const auto t = make_tokenizer(st, word_merges);
+            std::mt19937 rng(st == style::neox ? 11 : 12);
+            for (int trial = 0; trial < 300; ++trial) {
+                std::string s;
+                const int len = int(rng() % 24);
+                for (int k = 0; k < len; ++k)
+                    s += pool[rng() % pool.size()];
+                const auto ids = t.encode(s);
+                for (auto id : ids)
+                    REQUIRE(t.is_valid_id(id));
+                const std::string want = nfc_normalize(s);
+                REQUIRE_MESSAGE(t.decode_bytes(ids) == want, "input ", json(utf8_sanitize(s)).dump());
+                REQUIRE(t.decode(ids) == utf8_sanitize(want));
+            }
         }
     }
-}
 
-TEST_CASE("stream decoder holds back a split multi-byte character [io][tokenizer]")
-{
-    const auto t = make_tokenizer(style::qwen2); // no merges: one id per byte
-    const std::string wave = u8(0x1F44B);        // 4 bytes, so 4 ids
-    const auto ids = t.encode("hi " + wave + "!");
-    REQUIRE(ids.size() == 3 + 4 + 1);
-    bpe_stream_decoder d(t);
-    std::string got;
-    CHECK(d.push(ids[0]) == "h");
-    CHECK(d.push(ids[1]) == "i");
-    CHECK(d.push(ids[2]) == " ");
-    CHECK(d.push(ids[3]).empty());
-    CHECK(d.push(ids[4]).empty());
-    CHECK(d.push(ids[5]).empty());
-    CHECK(d.pending_bytes() == 3);
-    CHECK(d.push(ids[6]) == wave);
-    CHECK(d.push(ids[7]) == "!");
-    CHECK(d.flush().empty());
+    TEST_CASE("stream decoder holds back a split multi-byte character [io][tokenizer]")
+    {
+        const auto t = make_tokenizer(style::qwen2); // no merges: one id per byte
+        const std::string wave = u8(0x1F44B); // 4 bytes, so 4 ids
+        const auto ids = t.encode("hi " + wave + "!");
+        REQUIRE(ids.size() == 3 + 4 + 1);
+        bpe_stream_decoder d(t);
+        std::string got;
+        CHECK(d.push(ids[0]) == "h");
+        CHECK(d.push(ids[1]) == "i");
+        CHECK(d.push(ids[2]) == " ");
+        CHECK(d.push(ids[3]).empty());
+        CHECK(d.push(ids[4]).empty());
+        CHECK(d.push(ids[5]).empty());
+        CHECK(d.pending_bytes() == 3);
+        CHECK(d.push(ids[6]) == wave);
+        CHECK(d.push(ids[7]) == "!");
+        CHECK(d.flush().empty());
 
-    // A stray byte is emitted as U+FFFD at once; an unfinished one at flush.
-    CHECK(d.push(0xFF) == u8(0xFFFD));
-    CHECK(d.push(0xE2).empty());
-    CHECK(d.push('a') == u8(0xFFFD) + "a"); // E2 then 'a': the E2 can no longer complete
-    CHECK(d.push(0xF0).empty());
-    CHECK(d.flush() == u8(0xFFFD));
+        // A stray byte is emitted as U+FFFD at once; an unfinished one at flush.
+        CHECK(d.push(0xFF) == u8(0xFFFD));
+        CHECK(d.push(0xE2).empty());
+        CHECK(d.push('a') == u8(0xFFFD) + "a"); // E2 then 'a': the E2 can no longer complete
+        CHECK(d.push(0xF0).empty());
+        CHECK(d.flush() == u8(0xFFFD));
 
-    // Any id sequence: concatenated output equals decode().
-    std::mt19937 rng(5);
-    for (int trial = 0; trial < 200; ++trial) {
-        std::vector<std::int32_t> seq;
-        for (int k = int(rng() % 16); k > 0; --k)
-            seq.push_back(std::int32_t(rng() % 256));
-        bpe_stream_decoder s(t);
-        std::string out;
-        for (auto id : seq)
-            out += s.push(id);
-        out += s.flush();
-        REQUIRE(out == t.decode(seq));
+        // Any id sequence: concatenated output equals decode().
+        std::mt19937 rng(5);
+        for (int trial = 0; trial < 200; ++trial) {
+            std::vector<std::int32_t> seq;
+            for (int k = int(rng() % 16); k > 0; --k)
+                seq.push_back(std::int32_t(rng() % 256));
+            bpe_stream_decoder s(t);
+            std::string out;
+            for (auto id : seq)
+                out += s.push(id);
+            out += s.flush();
+            REQUIRE(out == t.decode(seq));
+        }
     }
-}
 
-TEST_CASE("encode is safe from several threads (shared cache) [io][tokenizer]")
-{
-    const auto t = make_tokenizer(style::neox, word_merges);
-    const std::string text = "hello world, hello the world 123 \xC3\xA9t\xC3\xA9  ok\n";
-    const auto want = t.encode(text);
-    std::vector<std::vector<std::int32_t>> got(4);
-    std::vector<std::thread> th;
-    for (std::size_t i = 0; i < got.size(); ++i)
-        th.emplace_back([&, i] {
-            for (int r = 0; r < 200; ++r)
-                got[i] = t.encode(text + std::to_string(r % 7));
-        });
-    for (auto& x : th)
-        x.join();
-    for (const auto& g : got)
-        CHECK(t.decode(g).substr(0, text.size()) == text);
-    const bpe_tokenizer copy = t; // copies get a fresh cache
-    CHECK(copy.encode(text) == want);
-}
+    TEST_CASE("encode is safe from several threads (shared cache) [io][tokenizer]")
+    {
+        const auto t = make_tokenizer(style::neox, word_merges);
+        const std::string text = "hello world, hello the world 123 \xC3\xA9t\xC3\xA9  ok\n";
+        const auto want = t.encode(text);
+        std::vector<std::vector<std::int32_t>> got(4);
+        std::vector<std::thread> th;
+        for (std::size_t i = 0; i < got.size(); ++i)
+            th.emplace_back([&, i] {
+                for (int r = 0; r < 200; ++r)
+                    got[i] = t.encode(text + std::to_string(r % 7));
+            });
+        for (auto& x : th)
+            x.join();
+        for (const auto& g : got)
+            CHECK(t.decode(g).substr(0, text.size()) == text);
+        const bpe_tokenizer copy = t; // copies get a fresh cache
+        CHECK(copy.encode(text) == want);
+    }
 
-// ---------------------------------------------------------------------------
-// Ids and errors
+    // ---------------------------------------------------------------------------
+    // Ids and errors
 
-TEST_CASE("ids: vocab size, holes, bad ids name the id [io][tokenizer]")
-{
-    const auto t = make_tokenizer(style::qwen2);
-    CHECK(t.vocab_size() == 2003);
-    CHECK(t.is_valid_id(0));
-    CHECK(t.is_valid_id(2002));
-    CHECK_FALSE(t.is_valid_id(1500)); // a hole between the vocab and the added tokens
-    CHECK_FALSE(t.is_valid_id(2003));
-    CHECK_FALSE(t.is_valid_id(-1));
-    CHECK(t.id_to_token(32) == u8(0x120));
-    CHECK(t.id_to_token(2001) == "<|im_start|>");
-    CHECK(t.token_to_id("<|im_end|>") == 2002);
-    CHECK_FALSE(t.token_to_id("nope").has_value());
-    const std::vector<std::int32_t> bad{'a', 151900};
-    CHECK_THROWS_WITH_AS(t.decode(bad), doctest::Contains("token id 151900 has no token"), kdial::error);
-    CHECK_THROWS_WITH_AS(t.id_to_token(-3), doctest::Contains("token id -3"), kdial::error);
-    bpe_stream_decoder d(t);
-    CHECK_THROWS_AS(d.push(1500), kdial::error);
-}
+    TEST_CASE("ids: vocab size, holes, bad ids name the id [io][tokenizer]")
+    {
+        const auto t = make_tokenizer(style::qwen2);
+        CHECK(t.vocab_size() == 2003);
+        CHECK(t.is_valid_id(0));
+        CHECK(t.is_valid_id(2002));
+        CHECK_FALSE(t.is_valid_id(1500)); // a hole between the vocab and the added tokens
+        CHECK_FALSE(t.is_valid_id(2003));
+        CHECK_FALSE(t.is_valid_id(-1));
+        CHECK(t.id_to_token(32) == u8(0x120));
+        CHECK(t.id_to_token(2001) == "<|im_start|>");
+        CHECK(t.token_to_id("<|im_end|>") == 2002);
+        CHECK_FALSE(t.token_to_id("nope").has_value());
+        const std::vector<std::int32_t> bad { 'a', 151900 };
+        CHECK_THROWS_WITH_AS(t.decode(bad), doctest::Contains("token id 151900 has no token"), kdial::error);
+        CHECK_THROWS_WITH_AS(t.id_to_token(-3), doctest::Contains("token id -3"), kdial::error);
+        bpe_stream_decoder d(t);
+        CHECK_THROWS_AS(d.push(1500), kdial::error);
+    }
 
-TEST_CASE("load errors name the file and the field [io][tokenizer]")
-{
-    auto throws = [](const json& j, const char* needle) {
-        CHECK_THROWS_WITH_AS(bpe_tokenizer::from_json(j.dump(), "bad.json"), doctest::Contains(needle), kdial::error);
-        CHECK_THROWS_WITH_AS(bpe_tokenizer::from_json(j.dump(), "bad.json"), doctest::Contains("bad.json: "),
-                             kdial::error);
-    };
-    const json good = make_tokenizer_json(style::qwen2, {{"a", "b"}});
-    CHECK_NOTHROW(bpe_tokenizer::from_json(good.dump()));
+    TEST_CASE("load errors name the file and the field [io][tokenizer]")
     {
-        auto j = good;
-        j["model"]["type"] = "WordPiece";
-        throws(j, "model.type: \"WordPiece\" is not supported");
+        auto throws = [](const json& j, const char* needle) {
+            CHECK_THROWS_WITH_AS(
+                bpe_tokenizer::from_json(j.dump(), "bad.json"), doctest::Contains(needle), kdial::error);
+            CHECK_THROWS_WITH_AS(
+                bpe_tokenizer::from_json(j.dump(), "bad.json"), doctest::Contains("bad.json: "), kdial::error);
+        };
+        const json good = make_tokenizer_json(style::qwen2, { { "a", "b" } });
+        CHECK_NOTHROW(bpe_tokenizer::from_json(good.dump()));
+        {
+            auto j = good;
+            j["model"]["type"] = "WordPiece";
+            throws(j, "model.type: \"WordPiece\" is not supported");
+        }
+        {
+            auto j = good;
+            j["model"]["byte_fallback"] = true;
+            throws(j, "model.byte_fallback: true is not supported");
+        }
+        {
+            auto j = good; // Llama 3's regex: not one of the two known patterns
+            j["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"]
+                = R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
+            throws(j, "pre_tokenizer.pretokenizers[0].pattern.Regex: unknown split regex");
+        }
+        {
+            auto j = good;
+            j["pre_tokenizer"]["pretokenizers"][0]["behavior"] = "MergedWithNext";
+            throws(j, "pre_tokenizer.pretokenizers[0].behavior");
+        }
+        {
+            auto j = good;
+            j["pre_tokenizer"] = { { "type", "Whitespace" } };
+            throws(j, "pre_tokenizer.type: \"Whitespace\" is not supported");
+        }
+        for (const json& m : { json("a b c"), json("ab"), json(" b"), json::array({ "a" }), json(42) }) {
+            auto j = good;
+            j["model"]["merges"] = json::array({ m });
+            throws(j, "model.merges[0]: malformed merge");
+        }
+        {
+            auto j = good;
+            j["model"]["merges"].push_back("q \xC4\xA0zz");
+            throws(j, "model.merges[1]: merge");
+        }
+        {
+            auto j = good;
+            j["added_tokens"][0]["lstrip"] = true;
+            throws(j, "added_tokens[0].lstrip: true is not supported");
+        }
+        {
+            auto j = good;
+            j["normalizer"] = { { "type", "NFKC" } };
+            throws(j, "normalizer.type: \"NFKC\" is not supported");
+        }
+        {
+            auto j = good;
+            j["normalizer"] = { { "type", "Sequence" },
+                { "normalizers", json::array({ { { "type", "NFC" } }, { { "type", "Lowercase" } } }) } };
+            throws(j, "normalizer.normalizers[1].type: \"Lowercase\"");
+        }
+        {
+            auto j = good;
+            j["decoder"] = { { "type", "WordPiece" } };
+            throws(j, "decoder.type");
+        }
+        {
+            auto j = good;
+            j["post_processor"] = { { "type", "TemplateProcessing" } };
+            throws(j, "post_processor.type: \"TemplateProcessing\"");
+        }
+        {
+            auto j = good;
+            j["model"]["vocab"]["dup"] = 5;
+            throws(j, "model.vocab: id 5 is used by");
+        }
+        {
+            auto j = good;
+            j["model"]["vocab"]["neg"] = -2;
+            throws(j, "expected a token id");
+        }
+        CHECK_THROWS_WITH_AS(bpe_tokenizer::from_json("{not json", "bad.json"),
+            doctest::Contains("bad.json: (document): not valid JSON"), kdial::error);
+        CHECK_THROWS_WITH_AS(bpe_tokenizer::from_file("/nonexistent/tokenizer.json"),
+            doctest::Contains("/nonexistent/tokenizer.json: cannot open"), kdial::error);
     }
-    {
-        auto j = good;
-        j["model"]["byte_fallback"] = true;
-        throws(j, "model.byte_fallback: true is not supported");
-    }
-    {
-        auto j = good; // Llama 3's regex: not one of the two known patterns
-        j["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] =
-            R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
-        throws(j, "pre_tokenizer.pretokenizers[0].pattern.Regex: unknown split regex");
-    }
-    {
-        auto j = good;
-        j["pre_tokenizer"]["pretokenizers"][0]["behavior"] = "MergedWithNext";
-        throws(j, "pre_tokenizer.pretokenizers[0].behavior");
-    }
-    {
-        auto j = good;
-        j["pre_tokenizer"] = {{"type", "Whitespace"}};
-        throws(j, "pre_tokenizer.type: \"Whitespace\" is not supported");
-    }
-    for (const json& m : {json("a b c"), json("ab"), json(" b"), json::array({"a"}), json(42)}) {
-        auto j = good;
-        j["model"]["merges"] = json::array({m});
-        throws(j, "model.merges[0]: malformed merge");
-    }
-    {
-        auto j = good;
-        j["model"]["merges"].push_back("q \xC4\xA0zz");
-        throws(j, "model.merges[1]: merge");
-    }
-    {
-        auto j = good;
-        j["added_tokens"][0]["lstrip"] = true;
-        throws(j, "added_tokens[0].lstrip: true is not supported");
-    }
-    {
-        auto j = good;
-        j["normalizer"] = {{"type", "NFKC"}};
-        throws(j, "normalizer.type: \"NFKC\" is not supported");
-    }
-    {
-        auto j = good;
-        j["normalizer"] = {{"type", "Sequence"}, {"normalizers", json::array({{{"type", "NFC"}}, {{"type", "Lowercase"}}})}};
-        throws(j, "normalizer.normalizers[1].type: \"Lowercase\"");
-    }
-    {
-        auto j = good;
-        j["decoder"] = {{"type", "WordPiece"}};
-        throws(j, "decoder.type");
-    }
-    {
-        auto j = good;
-        j["post_processor"] = {{"type", "TemplateProcessing"}};
-        throws(j, "post_processor.type: \"TemplateProcessing\"");
-    }
-    {
-        auto j = good;
-        j["model"]["vocab"]["dup"] = 5;
-        throws(j, "model.vocab: id 5 is used by");
-    }
-    {
-        auto j = good;
-        j["model"]["vocab"]["neg"] = -2;
-        throws(j, "expected a token id");
-    }
-    CHECK_THROWS_WITH_AS(bpe_tokenizer::from_json("{not json", "bad.json"), doctest::Contains("bad.json: (document): not valid JSON"),
-                         kdial::error);
-    CHECK_THROWS_WITH_AS(bpe_tokenizer::from_file("/nonexistent/tokenizer.json"),
-                         doctest::Contains("/nonexistent/tokenizer.json: cannot open"), kdial::error);
-}
 
-TEST_CASE("from_file reads a tokenizer.json [io][tokenizer]")
-{
-    const auto dir = std::filesystem::temp_directory_path() /
-                     ("kdial_tokenizer_test_" + std::to_string(std::random_device{}()));
-    std::filesystem::create_directories(dir);
-    const auto path = dir / "tokenizer.json";
+    TEST_CASE("from_file reads a tokenizer.json [io][tokenizer]")
     {
-        std::ofstream out(path, std::ios::binary);
-        out << make_tokenizer_json(style::neox, word_merges).dump(2);
+        const auto dir = std::filesystem::temp_directory_path()
+            / ("kdial_tokenizer_test_" + std::to_string(std::random_device {}()));
+        std::filesystem::create_directories(dir);
+        const auto path = dir / "tokenizer.json";
+        {
+            std::ofstream out(path, std::ios::binary);
+            out << make_tokenizer_json(style::neox, word_merges).dump(2);
+        }
+        const auto t = bpe_tokenizer::from_file(path);
+        CHECK(t.source_name() == path.string());
+        CHECK(t.decode(t.encode("hello world")) == "hello world");
+        std::filesystem::remove_all(dir);
     }
-    const auto t = bpe_tokenizer::from_file(path);
-    CHECK(t.source_name() == path.string());
-    CHECK(t.decode(t.encode("hello world")) == "hello world");
-    std::filesystem::remove_all(dir);
-}
 
 } // TEST_SUITE

@@ -17,18 +17,17 @@ namespace {
 
 // One weight format on one SIMD arch. The AVX2 path is tested too where the
 // build targets AVX-512 (the project's reference machine is AVX2).
-template <class W_, class A_>
-struct cfg {
+template <class W_, class A_> struct cfg {
     using W = W_;
     using Arch = A_;
 };
 
-const std::size_t row_counts[] = {0, 1, 2, 3, 4, 5, 17, 64, 300};
+const std::size_t row_counts[] = { 0, 1, 2, 3, 4, 5, 17, 64, 300 };
 
 // Runs linear over [0, O) split at the given cut points, into y.
 template <class C>
 void linear_split(const weight_view<typename C::W>& w, cmatrix_view<float> x, matrix_view<float> y,
-                  const std::vector<std::size_t>& cuts)
+    const std::vector<std::size_t>& cuts)
 {
     std::size_t o0 = 0;
     for (std::size_t c : cuts) {
@@ -58,16 +57,17 @@ bool padding_intact(const ref::owned_matrix& m)
 } // namespace
 
 #if XSIMD_WITH_AVX512F && XSIMD_WITH_FMA3_AVX2
-#define KDIAL_KERNEL_CONFIGS                                                                                   \
-    cfg<f32_t, xsimd::default_arch>, cfg<bf16_t, xsimd::default_arch>, cfg<q8_t, xsimd::default_arch>,         \
-        cfg<f32_t, xsimd::fma3<xsimd::avx2>>, cfg<bf16_t, xsimd::fma3<xsimd::avx2>>,                           \
+#define KDIAL_KERNEL_CONFIGS                                                                                           \
+    cfg<f32_t, xsimd::default_arch>, cfg<bf16_t, xsimd::default_arch>, cfg<q8_t, xsimd::default_arch>,                 \
+        cfg<f32_t, xsimd::fma3<xsimd::avx2>>, cfg<bf16_t, xsimd::fma3<xsimd::avx2>>,                                   \
         cfg<q8_t, xsimd::fma3<xsimd::avx2>>
 #else
-#define KDIAL_KERNEL_CONFIGS cfg<f32_t, xsimd::default_arch>, cfg<bf16_t, xsimd::default_arch>, cfg<q8_t, xsimd::default_arch>
+#define KDIAL_KERNEL_CONFIGS                                                                                           \
+    cfg<f32_t, xsimd::default_arch>, cfg<bf16_t, xsimd::default_arch>, cfg<q8_t, xsimd::default_arch>
 #endif
 
-TEST_CASE_TEMPLATE("linear: matches reference within gamma_K bound, odd shapes [kernels][linear]", C,
-                   KDIAL_KERNEL_CONFIGS)
+TEST_CASE_TEMPLATE(
+    "linear: matches reference within gamma_K bound, odd shapes [kernels][linear]", C, KDIAL_KERNEL_CONFIGS)
 {
     using W = typename C::W;
     std::mt19937 rng(11);
@@ -75,8 +75,8 @@ TEST_CASE_TEMPLATE("linear: matches reference within gamma_K bound, odd shapes [
         std::size_t O, K;
     };
     // K = 1..531: not multiples of 8 or 32; 257 and 531 cross the GEMM K block.
-    for (shape s : {shape{1, 1}, shape{7, 3}, shape{13, 31}, shape{37, 33}, shape{45, 67}, shape{33, 257},
-                    shape{19, 531}}) {
+    for (shape s : { shape { 1, 1 }, shape { 7, 3 }, shape { 13, 31 }, shape { 37, 33 }, shape { 45, 67 },
+             shape { 33, 257 }, shape { 19, 531 } }) {
         const auto w = ref::random_weights<W>(s.O, s.K, rng, /*pad*/ 3, /*offset*/ 1);
         const std::vector<float> wf = ref::dequantize(w.view);
         for (std::size_t n : row_counts) {
@@ -104,16 +104,16 @@ TEST_CASE_TEMPLATE("linear: matches reference within gamma_K bound, odd shapes [
             for (std::size_t i = 0; i < abs.size(); ++i)
                 tol[i] = ref::gamma(s.K) * abs[i] + 1e-30;
             const ref::worst wo = ref::compare(y.view, want, tol);
-            INFO("worst element [", wo.i, ", ", wo.j, "]: got ", wo.got, " want ", wo.want, " tol ", wo.tol,
-                 " (", wo.ratio, " x tol)");
+            INFO("worst element [", wo.i, ", ", wo.j, "]: got ", wo.got, " want ", wo.want, " tol ", wo.tol, " (",
+                wo.ratio, " x tol)");
             CHECK(wo.ratio <= 1.0);
             CHECK(padding_intact(y));
         }
     }
 }
 
-TEST_CASE_TEMPLATE("linear: every column split gives identical bytes [kernels][linear][determinism]", C,
-                   KDIAL_KERNEL_CONFIGS)
+TEST_CASE_TEMPLATE(
+    "linear: every column split gives identical bytes [kernels][linear][determinism]", C, KDIAL_KERNEL_CONFIGS)
 {
     using W = typename C::W;
     std::mt19937 rng(12);
@@ -131,7 +131,7 @@ TEST_CASE_TEMPLATE("linear: every column split gives identical bytes [kernels][l
         for (std::size_t o = 1; o < O; ++o)
             each.push_back(o);
         splits.push_back(each);
-        for (std::size_t t : {3u, 5u, 16u, 17u, 33u}) {
+        for (std::size_t t : { 3u, 5u, 16u, 17u, 33u }) {
             std::vector<std::size_t> cuts;
             for (std::size_t o = t; o < O; o += t)
                 cuts.push_back(o);
@@ -151,8 +151,8 @@ TEST_CASE_TEMPLATE("linear: every column split gives identical bytes [kernels][l
     }
 }
 
-TEST_CASE_TEMPLATE("linear: GEMM rows do not depend on the row count [kernels][linear][determinism]", C,
-                   KDIAL_KERNEL_CONFIGS)
+TEST_CASE_TEMPLATE(
+    "linear: GEMM rows do not depend on the row count [kernels][linear][determinism]", C, KDIAL_KERNEL_CONFIGS)
 {
     using W = typename C::W;
     std::mt19937 rng(13);
@@ -161,8 +161,8 @@ TEST_CASE_TEMPLATE("linear: GEMM rows do not depend on the row count [kernels][l
     const auto x = ref::random_matrix(n, K, rng);
     auto full = ref::filled_matrix(n, O);
     linear<W, typename C::Arch>(w.view, x.view, 0, O, full.view);
-    for (std::size_t m : {5u, 6u, 7u, 13u, 299u}) {
-        for (std::size_t r0 : {std::size_t{0}, std::size_t{1}, n - m}) {
+    for (std::size_t m : { 5u, 6u, 7u, 13u, 299u }) {
+        for (std::size_t r0 : { std::size_t { 0 }, std::size_t { 1 }, n - m }) {
             auto part = ref::filled_matrix(m, O);
             linear<W, typename C::Arch>(w.view, x.view.sub_rows(r0, m), 0, O, part.view);
             CHECK(same_bytes(part.view, cmatrix_view<float>(full.view.sub_rows(r0, m))));
@@ -170,8 +170,8 @@ TEST_CASE_TEMPLATE("linear: GEMM rows do not depend on the row count [kernels][l
     }
 }
 
-TEST_CASE_TEMPLATE("swiglu_gate_up: matches reference and splits are bit-identical [kernels][swiglu]", C,
-                   KDIAL_KERNEL_CONFIGS)
+TEST_CASE_TEMPLATE(
+    "swiglu_gate_up: matches reference and splits are bit-identical [kernels][swiglu]", C, KDIAL_KERNEL_CONFIGS)
 {
     using W = typename C::W;
     using A = typename C::Arch;
@@ -199,15 +199,15 @@ TEST_CASE_TEMPLATE("swiglu_gate_up: matches reference and splits are bit-identic
         for (std::size_t i = 0; i < n * F; ++i) {
             want[i] = ref::silu(gw[i]) * uw[i];
             const double eg = gam * ga[i], eu = gam * ua[i];
-            tol[i] = 1.1 * eg * (std::fabs(uw[i]) + eu) + (std::fabs(gw[i]) + eg) * eu + 16 * ulp * std::fabs(want[i]) +
-                     1e-30;
+            tol[i] = 1.1 * eg * (std::fabs(uw[i]) + eu) + (std::fabs(gw[i]) + eg) * eu + 16 * ulp * std::fabs(want[i])
+                + 1e-30;
         }
         const ref::worst wo = ref::compare(h.view, want, tol);
-        INFO("worst element [", wo.i, ", ", wo.j, "]: got ", wo.got, " want ", wo.want, " tol ", wo.tol, " (",
-             wo.ratio, " x tol)");
+        INFO("worst element [", wo.i, ", ", wo.j, "]: got ", wo.got, " want ", wo.want, " tol ", wo.tol, " (", wo.ratio,
+            " x tol)");
         CHECK(wo.ratio <= 1.0);
 
-        for (std::size_t t : {1u, 4u, 7u, 8u, 16u, 20u}) {
+        for (std::size_t t : { 1u, 4u, 7u, 8u, 16u, 20u }) {
             auto hs = ref::filled_matrix(n, F, 1, 1);
             for (std::size_t f = 0; f < F; f += t)
                 swiglu_gate_up<W, A>(g.view, u.view, x.view, f, std::min(F, f + t), hs.view);

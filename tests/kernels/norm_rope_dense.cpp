@@ -16,7 +16,7 @@ using namespace kdial;
 
 TEST_CASE("rmsnorm: matches double precision, eps inside the square root, in place [kernels][rmsnorm]")
 {
-    for (std::size_t n : {std::size_t(1), std::size_t(7), std::size_t(16), std::size_t(67), std::size_t(2048)}) {
+    for (std::size_t n : { std::size_t(1), std::size_t(7), std::size_t(16), std::size_t(67), std::size_t(2048) }) {
         const std::size_t T = 5;
         auto x = test::random_floats(T * n, n, -3.0f, 3.0f);
         x[0] = 0.0f;
@@ -30,7 +30,8 @@ TEST_CASE("rmsnorm: matches double precision, eps inside the square root, in pla
                 ss += double(x[t * n + i]) * x[t * n + i];
             const double r = 1.0 / std::sqrt(ss / double(n) + eps);
             for (std::size_t i = 0; i < n; ++i)
-                REQUIRE(std::fabs(y[t * n + i] - g[i] * x[t * n + i] * r) <= 4e-6 * std::fabs(g[i] * x[t * n + i] * r) + 1e-30);
+                REQUIRE(std::fabs(y[t * n + i] - g[i] * x[t * n + i] * r)
+                    <= 4e-6 * std::fabs(g[i] * x[t * n + i] * r) + 1e-30);
         }
         auto inplace = x;
         rmsnorm(cmatrix_view<float>(inplace.data(), T, n), g.data(), eps, matrix_view<float>(inplace.data(), T, n));
@@ -65,8 +66,8 @@ TEST_CASE("rope: rotate-half pairs (i, i + rot/2), angles pos * theta^(-2i/rot),
                 REQUIRE(x[t * heads * hd + h * hd + i] == doctest::Approx(ya).epsilon(1e-5).scale(1));
                 REQUIRE(x[t * heads * hd + h * hd + i + hd / 2] == doctest::Approx(yb).epsilon(1e-5).scale(1));
                 n0 += xa * xa + xb * xb;
-                n1 += double(x[t * heads * hd + h * hd + i]) * x[t * heads * hd + h * hd + i] +
-                      double(x[t * heads * hd + h * hd + i + hd / 2]) * x[t * heads * hd + h * hd + i + hd / 2];
+                n1 += double(x[t * heads * hd + h * hd + i]) * x[t * heads * hd + h * hd + i]
+                    + double(x[t * heads * hd + h * hd + i + hd / 2]) * x[t * heads * hd + h * hd + i + hd / 2];
             }
             CHECK(n1 == doctest::Approx(n0).epsilon(1e-5));
         }
@@ -79,11 +80,11 @@ TEST_CASE("rope: rotate-half pairs (i, i + rot/2), angles pos * theta^(-2i/rot),
     CHECK(test::same_bytes(y, y0));
 }
 
-TEST_CASE_TEMPLATE("dense_linear: matches the reference with bias, bit-identical for 1 and 2 threads [kernels][dense]", W,
-                   f32_t, bf16_t, q8_t)
+TEST_CASE_TEMPLATE("dense_linear: matches the reference with bias, bit-identical for 1 and 2 threads [kernels][dense]",
+    W, f32_t, bf16_t, q8_t)
 {
     std::mt19937 rng(5);
-    for (std::size_t n : {std::size_t(1), std::size_t(3), std::size_t(70), std::size_t(300)}) {
+    for (std::size_t n : { std::size_t(1), std::size_t(3), std::size_t(70), std::size_t(300) }) {
         const std::size_t O = 333, K = 129;
         auto w = ref::random_weights<W>(O, K, rng);
         const auto X = test::random_floats(n * K, n);
@@ -113,6 +114,7 @@ TEST_CASE_TEMPLATE("dense_linear: matches the reference with bias, bit-identical
     std::vector<float> X(4 * 5), Y(4 * 6);
     std::mt19937 r2(1);
     auto w = ref::random_weights<W>(7, 5, r2);
-    CHECK_THROWS_AS(dense_linear(any_weight_view(w.view), cmatrix_view<float>(X.data(), 4, 5), matrix_view<float>(Y.data(), 4, 6)),
-                    kdial::error);
+    CHECK_THROWS_AS(
+        dense_linear(any_weight_view(w.view), cmatrix_view<float>(X.data(), 4, 5), matrix_view<float>(Y.data(), 4, 6)),
+        kdial::error);
 }

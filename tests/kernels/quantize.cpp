@@ -14,8 +14,8 @@ using namespace kdial;
 namespace {
 
 // Checks every block of q [rows, ceil(cols/32)] against the f32 source.
-void check_q8_rows(const std::vector<float>& w, std::size_t rows, std::size_t cols, const std::vector<q8_block>& q,
-                   std::size_t stride)
+void check_q8_rows(
+    const std::vector<float>& w, std::size_t rows, std::size_t cols, const std::vector<q8_block>& q, std::size_t stride)
 {
     double worst = 0;
     for (std::size_t r = 0; r < rows; ++r)
@@ -53,7 +53,7 @@ void check_q8_rows(const std::vector<float>& w, std::size_t rows, std::size_t co
 TEST_CASE("quantize_q8: error within the documented bound, odd widths [kernels][quantize]")
 {
     std::mt19937 rng(7);
-    for (std::size_t cols : {1u, 5u, 31u, 32u, 33u, 64u, 95u, 257u}) {
+    for (std::size_t cols : { 1u, 5u, 31u, 32u, 33u, 64u, 95u, 257u }) {
         const std::size_t rows = 5, stride = storage_cols<q8_t>(cols) + 2;
         std::vector<float> w(rows * cols);
         std::uniform_real_distribution<float> U(-3.f, 3.f);
@@ -87,7 +87,7 @@ TEST_CASE("quantize_q8: rejects mismatched strides [kernels][quantize][errors]")
     std::vector<float> w(2 * 40, 1.0f);
     std::vector<q8_block> q(4);
     CHECK_THROWS_WITH_AS(quantize_q8(cmatrix_view<float>(w.data(), 2, 40), q.data(), 1),
-                         "quantize_q8: destination row stride 1 < 2 blocks", kdial::error);
+        "quantize_q8: destination row stride 1 < 2 blocks", kdial::error);
 }
 
 TEST_CASE("bf16: round trip and narrowing error [kernels][convert]")

@@ -15,12 +15,17 @@
 
 namespace kdial::ref {
 
-inline float to_f32(float v) { return v; }
-inline float to_f32(bf16 v) { return v.to_float(); }
+inline float to_f32(float v)
+{
+    return v;
+}
+inline float to_f32(bf16 v)
+{
+    return v.to_float();
+}
 
 // The f32 values of a weight matrix [rows, cols], row-major.
-template <weight_type W>
-std::vector<float> dequantize(const weight_view<W>& w)
+template <weight_type W> std::vector<float> dequantize(const weight_view<W>& w)
 {
     std::vector<float> out(w.rows * w.cols);
     for (std::size_t r = 0; r < w.rows; ++r)
@@ -38,7 +43,7 @@ std::vector<float> dequantize(const weight_view<W>& w)
 // y[i, o] = sum_k x[i, k] * w[o, k] (double), and abs[i, o] = sum_k |x||w|.
 // w: [O, K] f32 row-major; x: [n, K] with row stride ldx.
 inline void linear(const std::vector<float>& w, std::size_t O, std::size_t K, const float* x, std::size_t n,
-                   std::size_t ldx, std::vector<double>& y, std::vector<double>& abs)
+    std::size_t ldx, std::vector<double>& y, std::vector<double>& abs)
 {
     y.assign(n * O, 0.0);
     abs.assign(n * O, 0.0);
@@ -55,7 +60,10 @@ inline void linear(const std::vector<float>& w, std::size_t O, std::size_t K, co
         }
 }
 
-inline double silu(double z) { return z / (1.0 + std::exp(-z)); }
+inline double silu(double z)
+{
+    return z / (1.0 + std::exp(-z));
+}
 
 // The SwiGLU expert in double: g = x gateᵀ, u = x upᵀ, h = silu(g) * u,
 // y = h downᵀ. Returns h [n, F] and y [n, d], and the intermediate g, u and
@@ -66,7 +74,7 @@ struct swiglu_result {
 
 template <weight_type W>
 swiglu_result swiglu_expert(const weight_view<W>& gate, const weight_view<W>& up, const weight_view<W>& down,
-                            const float* x, std::size_t n, std::size_t ldx)
+    const float* x, std::size_t n, std::size_t ldx)
 {
     const std::size_t F = gate.rows, d = gate.cols;
     swiglu_result r;
@@ -92,15 +100,14 @@ swiglu_result swiglu_expert(const weight_view<W>& gate, const weight_view<W>& up
 // A weight matrix that owns its storage: rows of `row_stride` storage
 // elements (>= the dense width; the extra is filled with garbage) starting
 // `offset` elements into the buffer, values uniform in [-scale, scale].
-template <weight_type W>
-struct owned_weights {
+template <weight_type W> struct owned_weights {
     std::vector<typename W::storage> buf;
     weight_view<W> view;
 };
 
 template <weight_type W>
 owned_weights<W> random_weights(std::size_t rows, std::size_t cols, std::mt19937& rng, std::size_t pad = 0,
-                                std::size_t offset = 0, float scale = 1.0f)
+    std::size_t offset = 0, float scale = 1.0f)
 {
     std::uniform_real_distribution<float> U(-scale, scale);
     std::vector<float> f(rows * cols);
@@ -149,7 +156,7 @@ struct owned_matrix {
 inline constexpr float sentinel = -12345.0f;
 
 inline owned_matrix random_matrix(std::size_t rows, std::size_t cols, std::mt19937& rng, std::size_t pad = 0,
-                                  std::size_t offset = 0, float scale = 1.0f)
+    std::size_t offset = 0, float scale = 1.0f)
 {
     owned_matrix m;
     const std::size_t stride = cols + pad;
@@ -186,8 +193,8 @@ struct worst {
     double got = 0, want = 0, tol = 0;
 };
 
-inline worst compare(cmatrix_view<float> got, const std::vector<double>& want, const std::vector<double>& tol,
-                     std::size_t col0 = 0)
+inline worst compare(
+    cmatrix_view<float> got, const std::vector<double>& want, const std::vector<double>& tol, std::size_t col0 = 0)
 {
     worst w;
     const std::size_t ld = got.cols;
@@ -198,7 +205,7 @@ inline worst compare(cmatrix_view<float> got, const std::vector<double>& want, c
             if (!(r == r))
                 r = INFINITY;
             if (r > w.ratio)
-                w = {r, i, j, g, e, t};
+                w = { r, i, j, g, e, t };
         }
     return w;
 }

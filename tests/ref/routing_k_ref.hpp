@@ -44,7 +44,7 @@ inline int kept_count(const float* logits_row, int E, const token_k& r, const ro
 
 // ids / weights [T, kc] and the kept counts [T] for per-token rules.
 inline routing route_token_k(const std::vector<float>& logits, std::size_t T, int E, const std::vector<token_k>& rules,
-                             int kc, const router_options& opt, std::vector<int>* kept = nullptr)
+    int kc, const router_options& opt, std::vector<int>* kept = nullptr)
 {
     routing r;
     r.ids.assign(T * std::size_t(kc), no_expert);
@@ -53,7 +53,8 @@ inline routing route_token_k(const std::vector<float>& logits, std::size_t T, in
         kept->assign(T, 0);
     for (std::size_t t = 0; t < T; ++t) {
         const int n = kept_count(logits.data() + t * E, E, rules[t], opt);
-        const std::vector<float> row(logits.begin() + std::ptrdiff_t(t * E), logits.begin() + std::ptrdiff_t((t + 1) * E));
+        const std::vector<float> row(
+            logits.begin() + std::ptrdiff_t(t * E), logits.begin() + std::ptrdiff_t((t + 1) * E));
         const auto one = route(row, 1, E, n, opt);
         for (int j = 0; j < n; ++j) {
             r.ids[t * kc + j] = one.ids[j];

@@ -16,7 +16,7 @@ namespace kdial::ref {
 
 struct routing {
     std::vector<std::int32_t> ids; // [T, k]
-    std::vector<float> weights;    // [T, k]
+    std::vector<float> weights; // [T, k]
 };
 
 inline routing route(const std::vector<float>& logits, std::size_t T, int E, int k, const router_options& opt)
@@ -70,7 +70,7 @@ inline std::vector<double> softmax(const float* x, std::size_t n)
 // y_j for token t is ys(t, j) (a callable returning a row pointer or nullptr if dropped).
 template <class RowOf>
 std::vector<float> combine(std::size_t T, std::size_t k, std::size_t d, const std::vector<float>& w, RowOf ys,
-                           const float* shared, const float* gate)
+    const float* shared, const float* gate)
 {
     std::vector<float> out(T * d, 0.0f);
     for (std::size_t t = 0; t < T; ++t) {

@@ -25,20 +25,20 @@ struct routed {
 };
 
 routed run_rules(const std::vector<float>& logits, std::size_t T, int E, const std::vector<token_k>& rules, int kc,
-                 const router_options& opt)
+    const router_options& opt)
 {
-    routed r{std::vector<std::int32_t>(T * kc, -7), std::vector<float>(T * kc, -7.0f), std::vector<int>(T, -7)};
+    routed r { std::vector<std::int32_t>(T * kc, -7), std::vector<float>(T * kc, -7.0f), std::vector<int>(T, -7) };
     route_token_k(cmatrix_view<float>(logits.data(), T, E), rules, opt, matrix_view<std::int32_t>(r.ids.data(), T, kc),
-                  matrix_view<float>(r.weights.data(), T, kc), r.kept);
+        matrix_view<float>(r.weights.data(), T, kc), r.kept);
     return r;
 }
 
 routed run_threshold(const std::vector<float>& logits, std::size_t T, int E, const threshold_options& th, int kc,
-                     const router_options& opt)
+    const router_options& opt)
 {
-    routed r{std::vector<std::int32_t>(T * kc, -7), std::vector<float>(T * kc, -7.0f), std::vector<int>(T, -7)};
+    routed r { std::vector<std::int32_t>(T * kc, -7), std::vector<float>(T * kc, -7.0f), std::vector<int>(T, -7) };
     route_threshold(cmatrix_view<float>(logits.data(), T, E), th, opt, matrix_view<std::int32_t>(r.ids.data(), T, kc),
-                    matrix_view<float>(r.weights.data(), T, kc), r.kept);
+        matrix_view<float>(r.weights.data(), T, kc), r.kept);
     return r;
 }
 
@@ -58,17 +58,17 @@ std::vector<router_options> option_sets(int E, std::vector<float>& bias)
     scaled.scale = 2.5f;
     biased.selection_bias = bias;
     sig.score = scoring::sigmoid;
-    return {plain, renorm, scaled, biased, sig};
+    return { plain, renorm, scaled, biased, sig };
 }
 
 } // namespace
 
 TEST_CASE("route_variable_k: each token gets route() at its own k, bit for bit, then no_expert [routing][variable_k]")
 {
-    for (int E : {1, 8, 60, 64}) {
+    for (int E : { 1, 8, 60, 64 }) {
         std::vector<float> bias;
         for (const auto& opt : option_sets(E, bias))
-            for (std::size_t T : {std::size_t(0), std::size_t(1), std::size_t(5), std::size_t(70)}) {
+            for (std::size_t T : { std::size_t(0), std::size_t(1), std::size_t(5), std::size_t(70) }) {
                 const auto logits = test::random_normal(T * E, 7u * E + T, 2.0f);
                 std::mt19937 rng(unsigned(E + T));
                 std::vector<int> k(T);
@@ -77,14 +77,13 @@ TEST_CASE("route_variable_k: each token gets route() at its own k, bit for bit, 
                     x = 1 + int(rng() % unsigned(E));
                     kmax = std::max(kmax, x);
                 }
-                for (int kc : {kmax, std::min(E, kmax + 3)}) {
-                    routed r{std::vector<std::int32_t>(T * kc, -7), std::vector<float>(T * kc, -7.0f), {}};
+                for (int kc : { kmax, std::min(E, kmax + 3) }) {
+                    routed r { std::vector<std::int32_t>(T * kc, -7), std::vector<float>(T * kc, -7.0f), {} };
                     route_variable_k(cmatrix_view<float>(logits.data(), T, E), k, opt,
-                                     matrix_view<std::int32_t>(r.ids.data(), T, kc),
-                                     matrix_view<float>(r.weights.data(), T, kc));
+                        matrix_view<std::int32_t>(r.ids.data(), T, kc), matrix_view<float>(r.weights.data(), T, kc));
                     std::vector<token_k> rules;
                     for (int x : k)
-                        rules.push_back({x, x, 1.0f});
+                        rules.push_back({ x, x, 1.0f });
                     std::vector<int> kept;
                     const auto want = ref::route_token_k(logits, T, E, rules, kc, opt, &kept);
                     r.kept = kept;
@@ -95,10 +94,9 @@ TEST_CASE("route_variable_k: each token gets route() at its own k, bit for bit, 
                         std::vector<std::int32_t> ids(T * k[0]), ids2(T * k[0]);
                         std::vector<float> w(T * k[0]), w2(T * k[0]);
                         route_variable_k(cmatrix_view<float>(logits.data(), T, E), same, opt,
-                                         matrix_view<std::int32_t>(ids.data(), T, k[0]),
-                                         matrix_view<float>(w.data(), T, k[0]));
-                        route(cmatrix_view<float>(logits.data(), T, E), dynamic_k{k[0]}, opt,
-                              matrix_view<std::int32_t>(ids2.data(), T, k[0]), matrix_view<float>(w2.data(), T, k[0]));
+                            matrix_view<std::int32_t>(ids.data(), T, k[0]), matrix_view<float>(w.data(), T, k[0]));
+                        route(cmatrix_view<float>(logits.data(), T, E), dynamic_k { k[0] }, opt,
+                            matrix_view<std::int32_t>(ids2.data(), T, k[0]), matrix_view<float>(w2.data(), T, k[0]));
                         REQUIRE(ids == ids2);
                         REQUIRE(test::same_bytes(w, w2));
                     }
@@ -109,41 +107,41 @@ TEST_CASE("route_variable_k: each token gets route() at its own k, bit for bit, 
 
 TEST_CASE("route_threshold: p -> 0 keeps k_min, p = 1 keeps k_max, between matches the reference [routing][threshold]")
 {
-    for (int E : {8, 60, 64}) {
+    for (int E : { 8, 60, 64 }) {
         std::vector<float> bias;
         for (const auto& opt : option_sets(E, bias)) {
             const std::size_t T = 50;
             // Peaked and flat routers: both ends of the kept-count range occur.
-            for (float sigma : {0.3f, 4.0f}) {
+            for (float sigma : { 0.3f, 4.0f }) {
                 const auto logits = test::random_normal(T * E, 11u * E + unsigned(sigma * 10), sigma);
-                for (int kmin : {1, 2})
-                    for (int kmax : {kmin, 4, E}) {
+                for (int kmin : { 1, 2 })
+                    for (int kmax : { kmin, 4, E }) {
                         if (kmax < kmin)
                             continue;
-                        const std::string what = "E=" + std::to_string(E) + " k in [" + std::to_string(kmin) + ", " +
-                                                 std::to_string(kmax) + "] sigma=" + std::to_string(sigma);
-                        for (float p : {0.0f, 1e-12f, 1e-6f}) {
-                            const auto r = run_threshold(logits, T, E, {p, kmin, kmax}, kmax, opt);
+                        const std::string what = "E=" + std::to_string(E) + " k in [" + std::to_string(kmin) + ", "
+                            + std::to_string(kmax) + "] sigma=" + std::to_string(sigma);
+                        for (float p : { 0.0f, 1e-12f, 1e-6f }) {
+                            const auto r = run_threshold(logits, T, E, { p, kmin, kmax }, kmax, opt);
                             REQUIRE_MESSAGE(r.kept == std::vector<int>(T, kmin), what, " p=", p);
                             // And exactly route() at k_min.
-                            const auto want = ref::route_token_k(logits, T, E, std::vector<token_k>(T, {kmin, kmin, 1}),
-                                                                 kmax, opt);
+                            const auto want = ref::route_token_k(
+                                logits, T, E, std::vector<token_k>(T, { kmin, kmin, 1 }), kmax, opt);
                             REQUIRE(r.ids == want.ids);
                             REQUIRE(test::same_bytes(r.weights, want.weights));
                         }
                         {
-                            const auto r = run_threshold(logits, T, E, {1.0f, kmin, kmax}, kmax, opt);
+                            const auto r = run_threshold(logits, T, E, { 1.0f, kmin, kmax }, kmax, opt);
                             REQUIRE_MESSAGE(r.kept == std::vector<int>(T, kmax), what, " p=1");
                             const auto want = ref::route(logits, T, E, kmax, opt);
                             REQUIRE(r.ids == want.ids);
                             REQUIRE(test::same_bytes(r.weights, want.weights));
                         }
                         int prev_sum = 0;
-                        for (float p : {0.1f, 0.3f, 0.5f, 0.7f, 0.9f, 0.99f}) {
-                            const auto r = run_threshold(logits, T, E, {p, kmin, kmax}, kmax, opt);
+                        for (float p : { 0.1f, 0.3f, 0.5f, 0.7f, 0.9f, 0.99f }) {
+                            const auto r = run_threshold(logits, T, E, { p, kmin, kmax }, kmax, opt);
                             std::vector<int> kept;
-                            const auto want = ref::route_token_k(logits, T, E, std::vector<token_k>(T, {kmin, kmax, p}),
-                                                                 kmax, opt, &kept);
+                            const auto want = ref::route_token_k(
+                                logits, T, E, std::vector<token_k>(T, { kmin, kmax, p }), kmax, opt, &kept);
                             require_same(r, want, kept, what + " p=" + std::to_string(p));
                             int sum = 0;
                             for (int n : kept) {
@@ -160,14 +158,16 @@ TEST_CASE("route_threshold: p -> 0 keeps k_min, p = 1 keeps k_max, between match
     }
 }
 
-TEST_CASE("route_token_k: mixed rules in one batch; byte-identical with 1 and 2 threads [routing][variable_k][determinism]")
+TEST_CASE(
+    "route_token_k: mixed rules in one batch; byte-identical with 1 and 2 threads [routing][variable_k][determinism]")
 {
     const int E = 64;
     const std::size_t T = 777;
     const auto logits = test::random_normal(T * E, 5, 1.5f);
     std::vector<token_k> rules(T);
     for (std::size_t t = 0; t < T; ++t)
-        rules[t] = t % 3 == 0 ? token_k{int(1 + t % 8), int(1 + t % 8), 1.0f} : token_k{1, 8, float(t % 10) / 10.0f};
+        rules[t]
+            = t % 3 == 0 ? token_k { int(1 + t % 8), int(1 + t % 8), 1.0f } : token_k { 1, 8, float(t % 10) / 10.0f };
     router_options opt;
     opt.renormalize = true;
     routed a, b;
@@ -181,7 +181,8 @@ TEST_CASE("route_token_k: mixed rules in one batch; byte-identical with 1 and 2 
     REQUIRE(a.kept == b.kept);
 }
 
-TEST_CASE("route_variable_k / route_threshold: bad input throws a clear kdial::error, nothing written [routing][errors]")
+TEST_CASE(
+    "route_variable_k / route_threshold: bad input throws a clear kdial::error, nothing written [routing][errors]")
 {
     const int E = 8;
     const std::size_t T = 3;
@@ -191,21 +192,22 @@ TEST_CASE("route_variable_k / route_threshold: bad input throws a clear kdial::e
     const matrix_view<std::int32_t> iv(ids.data(), T, 4);
     const matrix_view<float> wv(w.data(), T, 4);
     const cmatrix_view<float> lv(logits.data(), T, E);
-    const std::vector<int> k_bad{1, 0, 2}, k_big{1, 9, 2}, k_wide{1, 5, 2}, k_short{1, 2};
+    const std::vector<int> k_bad { 1, 0, 2 }, k_big { 1, 9, 2 }, k_wide { 1, 5, 2 }, k_short { 1, 2 };
     CHECK_THROWS_WITH(route_variable_k(lv, k_bad, {}, iv, wv),
-                      doctest::Contains("token 1 asks for k in [0, 0], which must satisfy 1 <= k_min <= k_max <= E = 8"));
+        doctest::Contains("token 1 asks for k in [0, 0], which must satisfy 1 <= k_min <= k_max <= E = 8"));
     CHECK_THROWS_WITH(route_variable_k(lv, k_big, {}, iv, wv), doctest::Contains("token 1 asks for k in [9, 9]"));
-    CHECK_THROWS_WITH(route_variable_k(lv, k_wide, {}, iv, wv),
-                      doctest::Contains("ids has 4 columns, the largest k is 5"));
+    CHECK_THROWS_WITH(
+        route_variable_k(lv, k_wide, {}, iv, wv), doctest::Contains("ids has 4 columns, the largest k is 5"));
     CHECK_THROWS_WITH(route_variable_k(lv, k_short, {}, iv, wv), doctest::Contains("2 k values for T = 3 tokens"));
-    CHECK_THROWS_WITH(route_threshold(lv, {1.5f, 1, 4}, {}, iv, wv), doctest::Contains("threshold p = 1.5 outside [0, 1]"));
-    CHECK_THROWS_WITH(route_threshold(lv, {std::numeric_limits<float>::quiet_NaN(), 1, 4}, {}, iv, wv),
-                      doctest::Contains("outside [0, 1]"));
-    CHECK_THROWS_WITH(route_threshold(lv, {0.5f, 3, 2}, {}, iv, wv),
-                      doctest::Contains("k range [3, 2] must satisfy 1 <= k_min <= k_max <= E = 8"));
+    CHECK_THROWS_WITH(
+        route_threshold(lv, { 1.5f, 1, 4 }, {}, iv, wv), doctest::Contains("threshold p = 1.5 outside [0, 1]"));
+    CHECK_THROWS_WITH(route_threshold(lv, { std::numeric_limits<float>::quiet_NaN(), 1, 4 }, {}, iv, wv),
+        doctest::Contains("outside [0, 1]"));
+    CHECK_THROWS_WITH(route_threshold(lv, { 0.5f, 3, 2 }, {}, iv, wv),
+        doctest::Contains("k range [3, 2] must satisfy 1 <= k_min <= k_max <= E = 8"));
     logits[5] = std::numeric_limits<float>::infinity();
-    CHECK_THROWS_WITH(route_threshold(lv, {0.5f, 1, 4}, {}, iv, wv),
-                      doctest::Contains("router logit of token 0, expert 5 is non-finite"));
+    CHECK_THROWS_WITH(route_threshold(lv, { 0.5f, 1, 4 }, {}, iv, wv),
+        doctest::Contains("router logit of token 0, expert 5 is non-finite"));
     CHECK(ids == std::vector<std::int32_t>(T * 4, -7));
     CHECK(w == std::vector<float>(T * 4, -7.0f));
 }

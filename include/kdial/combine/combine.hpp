@@ -21,8 +21,8 @@ namespace kdial {
 
 // The optional shared-expert term of combine.
 struct shared_expert_term {
-    cmatrix_view<float> output{};         // [T, d] the shared expert's output S
-    std::span<const float> gate_logits{}; // [T] g; the term is sigmoid(g[t]) * S[t]; empty -> factor 1
+    cmatrix_view<float> output {}; // [T, d] the shared expert's output S
+    std::span<const float> gate_logits {}; // [T] g; the term is sigmoid(g[t]) * S[t]; empty -> factor 1
     bool present() const noexcept { return output.data != nullptr; }
 };
 
@@ -32,18 +32,18 @@ struct shared_expert_term {
 //   out     [T, d]            out (fully overwritten)
 template <class Arch = xsimd::default_arch>
 void combine(const dispatch_plan& plan, cmatrix_view<float> weights, cmatrix_view<float> Y, matrix_view<float> out,
-             const shared_expert_term& shared = {})
+    const shared_expert_term& shared = {})
 {
     constexpr const char* where = "kdial::combine";
     const std::size_t T = plan.tokens(), k = plan.k(), d = out.cols;
     detail::check_shape(weights, T, k, where, "weights");
     detail::check(Y.rows >= plan.num_slots() && Y.cols == d, where, ": Y has shape [", Y.rows, ", ", Y.cols,
-                  "], needs at least [", plan.num_slots(), ", ", d, "]");
+        "], needs at least [", plan.num_slots(), ", ", d, "]");
     detail::check_shape(out, T, d, where, "out");
     if (shared.present()) {
         detail::check_shape(shared.output, T, d, where, "shared expert output");
-        detail::check(shared.gate_logits.empty() || shared.gate_logits.size() == T, where,
-                      ": shared expert gate has ", shared.gate_logits.size(), " entries, expected T = ", T);
+        detail::check(shared.gate_logits.empty() || shared.gate_logits.size() == T, where, ": shared expert gate has ",
+            shared.gate_logits.size(), " entries, expected T = ", T);
     }
     if (d == 0)
         return;

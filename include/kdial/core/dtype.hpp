@@ -54,9 +54,12 @@ enum class dtype { f32, bf16, q8 };
 inline std::string_view dtype_name(dtype t) noexcept
 {
     switch (t) {
-    case dtype::f32: return "f32";
-    case dtype::bf16: return "bf16";
-    case dtype::q8: return "q8";
+    case dtype::f32:
+        return "f32";
+    case dtype::bf16:
+        return "bf16";
+    case dtype::q8:
+        return "q8";
     }
     return "?";
 }
@@ -79,13 +82,15 @@ template <class W>
 concept weight_type = std::same_as<W, f32_t> || std::same_as<W, bf16_t> || std::same_as<W, q8_t>;
 
 // Calls f(f32_t{}), f(bf16_t{}) or f(q8_t{}) for the runtime dtype.
-template <class F>
-decltype(auto) visit_dtype(dtype t, F&& f)
+template <class F> decltype(auto) visit_dtype(dtype t, F&& f)
 {
     switch (t) {
-    case dtype::f32: return std::forward<F>(f)(f32_t{});
-    case dtype::bf16: return std::forward<F>(f)(bf16_t{});
-    case dtype::q8: return std::forward<F>(f)(q8_t{});
+    case dtype::f32:
+        return std::forward<F>(f)(f32_t {});
+    case dtype::bf16:
+        return std::forward<F>(f)(bf16_t {});
+    case dtype::q8:
+        return std::forward<F>(f)(q8_t {});
     }
     throw error(detail::cat("unsupported dtype value ", static_cast<int>(t)));
 }

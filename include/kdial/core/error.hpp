@@ -23,8 +23,7 @@ public:
 namespace detail {
 
 // Concatenates streamable values into one message.
-template <class... Args>
-std::string cat(Args&&... args)
+template <class... Args> std::string cat(Args&&... args)
 {
     std::ostringstream os;
     (os << ... << std::forward<Args>(args));
@@ -32,8 +31,7 @@ std::string cat(Args&&... args)
 }
 
 // Throws kdial::error with the concatenated message unless `ok`.
-template <class... Args>
-inline void check(bool ok, Args&&... args)
+template <class... Args> inline void check(bool ok, Args&&... args)
 {
     if (!ok) [[unlikely]]
         throw error(cat(std::forward<Args>(args)...));

@@ -50,14 +50,14 @@ public:
         const std::size_t T = ids.rows, k = ids.cols;
         detail::check(num_experts_ >= 1, where, ": plan was default-constructed (no sizes)");
         detail::check(T <= max_tokens_, where, ": T = ", T, " exceeds the plan's max_tokens = ", max_tokens_);
-        detail::check(k >= 1 && k <= static_cast<std::size_t>(max_k_), where, ": k = ", k, " outside [1, max_k = ",
-                      max_k_, "]");
+        detail::check(
+            k >= 1 && k <= static_cast<std::size_t>(max_k_), where, ": k = ", k, " outside [1, max_k = ", max_k_, "]");
         detail::check(ids.stride >= k && (ids.data != nullptr || T == 0), where, ": bad ids view");
         for (std::size_t t = 0; t < T; ++t)
             for (std::size_t j = 0; j < k; ++j) {
                 const std::int32_t e = ids(t, j);
-                detail::check(e == no_expert || (e >= 0 && e < num_experts_), where, ": ids[", t, ", ", j,
-                              "] = ", e, " is not an expert in [0, ", num_experts_, ") nor no_expert (-1)");
+                detail::check(e == no_expert || (e >= 0 && e < num_experts_), where, ": ids[", t, ", ", j, "] = ", e,
+                    " is not an expert in [0, ", num_experts_, ") nor no_expert (-1)");
             }
         tokens_ = T;
         k_ = k;
@@ -90,8 +90,8 @@ public:
     int num_experts() const noexcept { return num_experts_; }
     std::size_t max_tokens() const noexcept { return max_tokens_; }
     int max_k() const noexcept { return max_k_; }
-    std::size_t tokens() const noexcept { return tokens_; }                   // T of the last build
-    std::size_t k() const noexcept { return k_; }                            // k of the last build
+    std::size_t tokens() const noexcept { return tokens_; } // T of the last build
+    std::size_t k() const noexcept { return k_; } // k of the last build
     std::size_t num_slots() const noexcept { return static_cast<std::size_t>(offsets_.empty() ? 0 : offsets_.back()); }
 
     // [E] assignments per expert.
@@ -99,9 +99,9 @@ public:
     // [E + 1] first slot of each expert; expert e owns slots [offsets[e], offsets[e+1]).
     std::span<const std::int32_t> offsets() const noexcept { return offsets_; }
     // [num_slots] the token each slot came from (ascending within an expert).
-    std::span<const std::int32_t> slot_token() const noexcept { return {slot_token_.data(), num_slots()}; }
+    std::span<const std::int32_t> slot_token() const noexcept { return { slot_token_.data(), num_slots() }; }
     // [T * k] the slot of assignment (t, j), or -1 if dropped.
-    std::span<const std::int32_t> slot_of() const noexcept { return {slot_of_.data(), tokens_ * k_}; }
+    std::span<const std::int32_t> slot_of() const noexcept { return { slot_of_.data(), tokens_ * k_ }; }
     std::int32_t slot_of(std::size_t t, std::size_t j) const noexcept { return slot_of_[t * k_ + j]; }
 
 private:
@@ -119,20 +119,19 @@ private:
 inline void gather(const dispatch_plan& plan, cmatrix_view<float> X, matrix_view<float> Xs)
 {
     constexpr const char* where = "kdial::gather";
-    detail::check(X.rows == plan.tokens(), where, ": X has ", X.rows, " rows, the plan was built for T = ",
-                  plan.tokens());
-    detail::check(Xs.rows >= plan.num_slots() && Xs.cols == X.cols, where, ": Xs has shape [", Xs.rows, ", ",
-                  Xs.cols, "], needs at least [", plan.num_slots(), ", ", X.cols, "]");
+    detail::check(
+        X.rows == plan.tokens(), where, ": X has ", X.rows, " rows, the plan was built for T = ", plan.tokens());
+    detail::check(Xs.rows >= plan.num_slots() && Xs.cols == X.cols, where, ": Xs has shape [", Xs.rows, ", ", Xs.cols,
+        "], needs at least [", plan.num_slots(), ", ", X.cols, "]");
     const std::size_t d = X.cols;
     if (d == 0)
         return;
     const auto tok = plan.slot_token();
-    parallel::for_each_tile(plan.num_slots(), parallel::tile_items(d * sizeof(float)),
-                            [&](std::size_t s0, std::size_t s1) {
-                                for (std::size_t s = s0; s < s1; ++s)
-                                    std::memcpy(Xs.row(s), X.row(static_cast<std::size_t>(tok[s])),
-                                                d * sizeof(float));
-                            });
+    parallel::for_each_tile(
+        plan.num_slots(), parallel::tile_items(d * sizeof(float)), [&](std::size_t s0, std::size_t s1) {
+            for (std::size_t s = s0; s < s1; ++s)
+                std::memcpy(Xs.row(s), X.row(static_cast<std::size_t>(tok[s])), d * sizeof(float));
+        });
 }
 
 } // namespace kdial

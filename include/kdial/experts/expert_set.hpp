@@ -26,7 +26,8 @@ public:
     // kdial::error naming the expert and tensor on a shape mismatch.
     template <weight_type W>
     expert_set(std::vector<expert_weights<W>> experts, std::size_t d, std::size_t F)
-        : d_(d), F_(F)
+        : d_(d)
+        , F_(F)
     {
         detail::check(!experts.empty(), "kdial::expert_set: no experts");
         for (std::size_t e = 0; e < experts.size(); ++e) {
@@ -42,7 +43,7 @@ public:
     }
     bool empty() const noexcept { return size() == 0; }
     std::size_t hidden() const noexcept { return d_; } // d
-    std::size_t ffn() const noexcept { return F_; }    // F
+    std::size_t ffn() const noexcept { return F_; } // F
     dtype type() const noexcept
     {
         return std::visit(
@@ -65,15 +66,10 @@ public:
     }
 
     // Calls f(const std::vector<expert_weights<W>>&) for the set's format.
-    template <class F>
-    decltype(auto) visit(F&& f) const
-    {
-        return std::visit(std::forward<F>(f), experts_);
-    }
+    template <class F> decltype(auto) visit(F&& f) const { return std::visit(std::forward<F>(f), experts_); }
 
 private:
-    template <weight_type W>
-    using list = std::vector<expert_weights<W>>;
+    template <weight_type W> using list = std::vector<expert_weights<W>>;
     std::variant<list<f32_t>, list<bf16_t>, list<q8_t>> experts_;
     std::size_t d_ = 0, F_ = 0;
 };

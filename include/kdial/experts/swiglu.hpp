@@ -15,14 +15,13 @@
 
 namespace kdial {
 
-template <weight_type W>
-struct expert_weights {
+template <weight_type W> struct expert_weights {
     weight_view<W> gate; // [F, d]
-    weight_view<W> up;   // [F, d]
+    weight_view<W> up; // [F, d]
     weight_view<W> down; // [d, F]
 
     std::size_t hidden() const noexcept { return gate.cols; } // d
-    std::size_t ffn() const noexcept { return gate.rows; }    // F
+    std::size_t ffn() const noexcept { return gate.rows; } // F
 };
 
 // Throws kdial::error, naming the tensor and the shapes, unless gate and up
@@ -42,7 +41,7 @@ void check_expert_weights(const expert_weights<W>& w, std::size_t d, std::size_t
 // check_swiglu_expert at the edge.
 template <weight_type W, class Arch = xsimd::default_arch>
 void swiglu_expert(const expert_weights<W>& w, cmatrix_view<float> x /*[n, d]*/, matrix_view<float> h /*[n, F]*/,
-                   matrix_view<float> y /*[n, d]*/) noexcept
+    matrix_view<float> y /*[n, d]*/) noexcept
 {
     swiglu_gate_up<W, Arch>(w.gate, w.up, x, 0, w.gate.rows, h);
     linear<W, Arch>(w.down, cmatrix_view<float>(h), 0, w.down.rows, y);
@@ -50,9 +49,8 @@ void swiglu_expert(const expert_weights<W>& w, cmatrix_view<float> x /*[n, d]*/,
 
 // Validates the weights and the views of a swiglu_expert call.
 template <weight_type W>
-void check_swiglu_expert(const expert_weights<W>& w, cmatrix_view<float> x /*[n, d]*/,
-                         matrix_view<float> h /*[n, F]*/, matrix_view<float> y /*[n, d]*/,
-                         const char* where = "swiglu_expert")
+void check_swiglu_expert(const expert_weights<W>& w, cmatrix_view<float> x /*[n, d]*/, matrix_view<float> h /*[n, F]*/,
+    matrix_view<float> y /*[n, d]*/, const char* where = "swiglu_expert")
 {
     const std::size_t d = w.gate.cols, F = w.gate.rows;
     check_expert_weights(w, d, F, where);

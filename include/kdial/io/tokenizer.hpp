@@ -49,7 +49,7 @@ namespace kdial::io {
 // Bytes 0x21..0x7E, 0xA1..0xAC, 0xAE..0xFF map to the same code point; the
 // other 68 bytes, in increasing order, to U+0100, U+0101, ... (0x20 -> U+0120 'Ġ').
 inline constexpr std::array<char32_t, 256> byte_level_chars = [] {
-    std::array<char32_t, 256> t{};
+    std::array<char32_t, 256> t {};
     char32_t next = 0x100;
     for (int b = 0; b < 256; ++b) {
         const bool same = (b >= 0x21 && b <= 0x7E) || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
@@ -60,7 +60,7 @@ inline constexpr std::array<char32_t, 256> byte_level_chars = [] {
 
 // Inverse of byte_level_chars over U+0000..U+0143: the byte, or -1.
 inline constexpr std::array<std::int16_t, 0x144> byte_level_bytes = [] {
-    std::array<std::int16_t, 0x144> t{};
+    std::array<std::int16_t, 0x144> t {};
     t.fill(-1);
     for (int b = 0; b < 256; ++b)
         t[byte_level_chars[b]] = static_cast<std::int16_t>(b);
@@ -99,14 +99,15 @@ inline std::string byte_level_decode(std::string_view token)
 // ---------------------------------------------------------------------------
 
 enum class split_regex : std::uint8_t {
-    gpt2,  // 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
-    qwen2, // (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+
+    gpt2, // 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+    qwen2, // (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|
+           // ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+
 };
 
-inline constexpr std::string_view gpt2_split_pattern =
-    R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)";
-inline constexpr std::string_view qwen2_split_pattern =
-    R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
+inline constexpr std::string_view gpt2_split_pattern
+    = R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)";
+inline constexpr std::string_view qwen2_split_pattern
+    = R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
 
 inline std::optional<split_regex> recognise_split_pattern(std::string_view pattern) noexcept
 {
@@ -135,7 +136,7 @@ inline void tok_chars(std::string_view s, std::vector<tok_char>& out)
     out.clear();
     for (std::size_t i = 0; i < s.size();) {
         const auto c = utf8_decode(s, i);
-        out.push_back({c.cp, c.valid ? unicode_class(c.cp) : char_class::other, static_cast<std::uint32_t>(i)});
+        out.push_back({ c.cp, c.valid ? unicode_class(c.cp) : char_class::other, static_cast<std::uint32_t>(i) });
         i += c.size;
     }
 }
@@ -244,7 +245,7 @@ inline std::vector<std::string_view> split_with_regex(split_regex re, std::strin
 {
     std::vector<detail::tok_char> chars;
     detail::tok_chars(text, chars);
-    const detail::split_matcher m{chars};
+    const detail::split_matcher m { chars };
     std::vector<std::string_view> out;
     for (std::size_t i = 0; i < chars.size();) {
         const std::size_t e = re == split_regex::gpt2 ? m.gpt2(i) : m.qwen2(i);
@@ -289,7 +290,10 @@ public:
         return t;
     }
 
-    bpe_tokenizer(const bpe_tokenizer& o) : bpe_tokenizer(copy_tag{}, o) {}
+    bpe_tokenizer(const bpe_tokenizer& o)
+        : bpe_tokenizer(copy_tag {}, o)
+    {
+    }
     bpe_tokenizer(bpe_tokenizer&&) noexcept = default;
     bpe_tokenizer& operator=(const bpe_tokenizer& o)
     {
@@ -314,8 +318,8 @@ public:
             if (seg.empty())
                 return;
             const std::string norm = nfc_ ? nfc_normalize(seg) : std::string(seg);
-            for_each_added_split(norm_trie_, norm, parse_special, ids,
-                                 [&](std::string_view s) { encode_segment(s, ids, sc); });
+            for_each_added_split(
+                norm_trie_, norm, parse_special, ids, [&](std::string_view s) { encode_segment(s, ids, sc); });
         });
         return ids;
     }
@@ -393,20 +397,21 @@ private:
     struct trie {
         struct node {
             std::vector<std::pair<unsigned char, std::int32_t>> next; // sorted by byte
-            std::int32_t token = -1;                                  // index into added_
+            std::int32_t token = -1; // index into added_
         };
-        std::vector<node> nodes{1};
-        std::array<bool, 256> first{};
+        std::vector<node> nodes { 1 };
+        std::array<bool, 256> first {};
 
         void insert(std::string_view s, std::int32_t token)
         {
             std::int32_t n = 0;
             for (unsigned char b : s) {
                 auto& nx = nodes[std::size_t(n)].next;
-                auto it = std::lower_bound(nx.begin(), nx.end(), b, [](const auto& p, unsigned char x) { return p.first < x; });
+                auto it = std::lower_bound(
+                    nx.begin(), nx.end(), b, [](const auto& p, unsigned char x) { return p.first < x; });
                 if (it == nx.end() || it->first != b) {
                     const auto child = static_cast<std::int32_t>(nodes.size());
-                    it = nx.insert(it, {b, child});
+                    it = nx.insert(it, { b, child });
                     nodes.emplace_back();
                 }
                 n = it->second;
@@ -439,7 +444,7 @@ private:
     std::string source_;
     std::unordered_map<std::string, std::int32_t> vocab_; // byte-level spelling -> id
     std::unordered_map<std::uint64_t, merge_info> merges_; // (left id << 32 | right id)
-    std::array<std::int32_t, 256> byte_id_{};              // id of each single-byte symbol, or -1
+    std::array<std::int32_t, 256> byte_id_ {}; // id of each single-byte symbol, or -1
     std::vector<id_entry> id_entries_;
     std::vector<added_token> added_;
     trie raw_trie_, norm_trie_;
@@ -449,27 +454,36 @@ private:
     std::int32_t unk_id_ = -1;
     std::unique_ptr<bpe_cache> cache_ = std::make_unique<bpe_cache>();
 
-    struct copy_tag {};
+    struct copy_tag { };
     bpe_tokenizer() = default;
     bpe_tokenizer(copy_tag, const bpe_tokenizer& o)
-        : source_(o.source_), vocab_(o.vocab_), merges_(o.merges_), byte_id_(o.byte_id_), id_entries_(o.id_entries_),
-          added_(o.added_), raw_trie_(o.raw_trie_), norm_trie_(o.norm_trie_), stages_(o.stages_), nfc_(o.nfc_),
-          ignore_merges_(o.ignore_merges_), unk_id_(o.unk_id_)
+        : source_(o.source_)
+        , vocab_(o.vocab_)
+        , merges_(o.merges_)
+        , byte_id_(o.byte_id_)
+        , id_entries_(o.id_entries_)
+        , added_(o.added_)
+        , raw_trie_(o.raw_trie_)
+        , norm_trie_(o.norm_trie_)
+        , stages_(o.stages_)
+        , nfc_(o.nfc_)
+        , ignore_merges_(o.ignore_merges_)
+        , unk_id_(o.unk_id_)
     {
     }
 
     const id_entry& entry(std::int32_t id) const
     {
         detail::check(is_valid_id(id), source_, ": token id ", id, " has no token (valid ids lie in [0, ",
-                      id_entries_.size(), ") and are defined by model.vocab or added_tokens)");
+            id_entries_.size(), ") and are defined by model.vocab or added_tokens)");
         return id_entries_[std::size_t(id)];
     }
 
     // Splits `text` on the added tokens of `t` (leftmost-longest): matched
     // spans append their id to `ids`, the text between goes to `f` in order.
     template <class F>
-    void for_each_added_split(const trie& t, std::string_view text, bool parse_special, std::vector<std::int32_t>& ids,
-                              F&& f) const
+    void for_each_added_split(
+        const trie& t, std::string_view text, bool parse_special, std::vector<std::int32_t>& ids, F&& f) const
     {
         if (t.empty()) {
             f(text);
@@ -486,7 +500,8 @@ private:
             for (std::size_t k = i; k < text.size(); ++k) {
                 const auto& nx = t.nodes[std::size_t(n)].next;
                 const auto b = static_cast<unsigned char>(text[k]);
-                auto it = std::lower_bound(nx.begin(), nx.end(), b, [](const auto& p, unsigned char x) { return p.first < x; });
+                auto it = std::lower_bound(
+                    nx.begin(), nx.end(), b, [](const auto& p, unsigned char x) { return p.first < x; });
                 if (it == nx.end() || it->first != b)
                     break;
                 n = it->second;
@@ -523,7 +538,7 @@ private:
             sc.next.clear();
             for (const auto& p : pieces) {
                 detail::tok_chars(p, sc.chars);
-                const detail::split_matcher m{sc.chars};
+                const detail::split_matcher m { sc.chars };
                 for (std::size_t i = 0; i < sc.chars.size();) {
                     const std::size_t e = st.regex == split_regex::gpt2 ? m.gpt2(i) : m.qwen2(i);
                     const std::size_t b0 = sc.chars[i].offset, b1 = e < sc.chars.size() ? sc.chars[e].offset : p.size();
@@ -604,7 +619,7 @@ private:
             if (pos < 0 || next[std::size_t(pos)] < 0)
                 return;
             if (const auto* m = rank_of(sym[std::size_t(pos)], sym[std::size_t(next[std::size_t(pos)])]))
-                heap.push({m->rank, pos});
+                heap.push({ m->rank, pos });
         };
         for (std::size_t k = 0; k + 1 < n; ++k)
             push(static_cast<std::int32_t>(k));
@@ -713,7 +728,7 @@ private:
         if (const json* d = member(*model, "dropout"))
             if (!(d->is_number() && d->get<double>() == 0.0))
                 fail("model.dropout", brief(*d) + " is not supported (BPE dropout is random; use null)");
-        for (const char* key : {"continuing_subword_prefix", "end_of_word_suffix"})
+        for (const char* key : { "continuing_subword_prefix", "end_of_word_suffix" })
             if (const json* v = member(*model, key))
                 if (!(v->is_string() && v->get_ref<const std::string&>().empty()))
                     fail(detail::cat("model.", key), brief(*v) + " is not supported (null or \"\" only)");
@@ -754,7 +769,8 @@ private:
             if (m.is_string()) { // "a b": exactly one space (HF splits on ' ' and wants 2 parts)
                 const auto& s = m.get_ref<const std::string&>();
                 const auto sp = s.find(' ');
-                if (sp == std::string::npos || s.find(' ', sp + 1) != std::string::npos || sp == 0 || sp + 1 == s.size())
+                if (sp == std::string::npos || s.find(' ', sp + 1) != std::string::npos || sp == 0
+                    || sp + 1 == s.size())
                     fail(where, "malformed merge " + brief(m) + " (expected \"left right\" with one space)");
                 a = s.substr(0, sp);
                 b = s.substr(sp + 1);
@@ -768,12 +784,15 @@ private:
             }
             const auto ia = vocab_.find(a), ib = vocab_.find(b), iab = vocab_.find(a + b);
             if (ia == vocab_.end() || ib == vocab_.end() || iab == vocab_.end())
-                fail(where, "merge " + brief(m) + ": " +
-                                brief(json(ia == vocab_.end() ? a : ib == vocab_.end() ? b : a + b)) +
-                                " is not in model.vocab");
+                fail(where,
+                    "merge " + brief(m) + ": "
+                        + brief(json(ia == vocab_.end() ? a
+                                : ib == vocab_.end()    ? b
+                                                        : a + b))
+                        + " is not in model.vocab");
             // A repeated pair keeps its last rank, as HF's HashMap collect does.
             merges_.insert_or_assign((std::uint64_t(std::uint32_t(ia->second)) << 32) | std::uint32_t(ib->second),
-                                     merge_info{rank, iab->second});
+                merge_info { rank, iab->second });
             ++rank;
         }
     }
@@ -803,10 +822,10 @@ private:
                 fail(where + ".content", "is not valid UTF-8");
             a.special = get_bool(t, "special", where, false);
             a.normalized = get_bool(t, "normalized", where, !a.special); // HF's default: !special
-            for (const char* key : {"lstrip", "rstrip", "single_word"})
+            for (const char* key : { "lstrip", "rstrip", "single_word" })
                 if (get_bool(t, key, where, false))
                     fail(detail::cat(where, ".", key),
-                         detail::cat("true is not supported (token ", brief(json(a.content)), ")"));
+                        detail::cat("true is not supported (token ", brief(json(a.content)), ")"));
             added_.push_back(std::move(a));
         }
     }
@@ -862,9 +881,9 @@ private:
                     fail(where, "ByteLevel must be the last pre-tokenizer (it maps bytes to the BPE alphabet)");
                 // HF's ByteLevel defaults: add_prefix_space true, use_regex true.
                 if (get_bool(st, "add_prefix_space", where, true))
-                    stages_.push_back({stage_kind::prefix_space});
+                    stages_.push_back({ stage_kind::prefix_space });
                 if (get_bool(st, "use_regex", where, true))
-                    stages_.push_back({stage_kind::split, split_regex::gpt2, false});
+                    stages_.push_back({ stage_kind::split, split_regex::gpt2, false });
             } else if (type == "Split") {
                 const json* pat = member(st, "pattern");
                 const json* re = pat ? member(*pat, "Regex") : nullptr;
@@ -873,18 +892,19 @@ private:
                 const auto known = recognise_split_pattern(re->get_ref<const std::string&>());
                 if (!known)
                     fail(where + ".pattern.Regex",
-                         "unknown split regex " + brief(*re) +
-                             " (only the GPT-2 and Qwen2 patterns are implemented, as hand-written matchers)");
+                        "unknown split regex " + brief(*re)
+                            + " (only the GPT-2 and Qwen2 patterns are implemented, as hand-written matchers)");
                 const json* beh = member(st, "behavior");
                 const std::string behavior = beh && beh->is_string() ? beh->get<std::string>() : "";
                 if (behavior != "Isolated" && behavior != "Removed")
-                    fail(where + ".behavior", (beh ? brief(*beh) : std::string("missing")) +
-                                                  " is not supported (Isolated or Removed only)");
+                    fail(where + ".behavior",
+                        (beh ? brief(*beh) : std::string("missing")) + " is not supported (Isolated or Removed only)");
                 if (get_bool(st, "invert", where, false))
                     fail(where + ".invert", "true is not supported");
-                stages_.push_back({stage_kind::split, *known, behavior == "Removed"});
+                stages_.push_back({ stage_kind::split, *known, behavior == "Removed" });
             } else {
-                fail(where + ".type", "\"" + type + "\" is not supported (ByteLevel, or a Sequence of Split then ByteLevel)");
+                fail(where + ".type",
+                    "\"" + type + "\" is not supported (ByteLevel, or a Sequence of Split then ByteLevel)");
             }
             if (i + 1 == list.size() && type != "ByteLevel")
                 fail(where, "the last pre-tokenizer must be ByteLevel (the vocabulary is byte-level)");
@@ -926,12 +946,12 @@ private:
             n = std::max(n, std::size_t(id) + 1);
         for (const auto& a : added_)
             n = std::max(n, std::size_t(a.id) + 1);
-        id_entries_.assign(n, id_entry{});
+        id_entries_.assign(n, id_entry {});
         for (const auto& [tok, id] : vocab_) {
             auto& e = id_entries_[std::size_t(id)];
             if (e.present)
-                fail("model.vocab", detail::cat("id ", id, " is used by ", brief(json(e.token)), " and ",
-                                                brief(json(tok))));
+                fail("model.vocab",
+                    detail::cat("id ", id, " is used by ", brief(json(e.token)), " and ", brief(json(tok))));
             e.token = tok;
             e.present = true;
         }
@@ -961,7 +981,8 @@ private:
 class bpe_stream_decoder {
 public:
     explicit bpe_stream_decoder(const bpe_tokenizer& tok, bool skip_special = false) noexcept
-        : tok_(&tok), skip_special_(skip_special)
+        : tok_(&tok)
+        , skip_special_(skip_special)
     {
     }
 

@@ -39,7 +39,7 @@ inline utf8_char utf8_decode(std::string_view s, std::size_t i) noexcept
     const auto b = [&](std::size_t k) { return static_cast<unsigned char>(s[k]); };
     const unsigned char c0 = b(i);
     if (c0 < 0x80)
-        return {c0, 1, true};
+        return { c0, 1, true };
     int need;
     char32_t cp;
     unsigned char lo = 0x80, hi = 0xBF; // allowed range of the second byte (Table 3-7)
@@ -61,20 +61,20 @@ inline utf8_char utf8_decode(std::string_view s, std::size_t i) noexcept
         else if (c0 == 0xF4)
             hi = 0x8F; // <= U+10FFFF
     } else {
-        return {unicode_replacement_char, 1, false}; // 80..C1, F5..FF
+        return { unicode_replacement_char, 1, false }; // 80..C1, F5..FF
     }
     std::uint32_t n = 1;
     for (int k = 0; k < need; ++k, ++n) {
         if (i + n >= s.size())
-            return {unicode_replacement_char, n, false};
+            return { unicode_replacement_char, n, false };
         const unsigned char c = b(i + n);
         if (c < lo || c > hi)
-            return {unicode_replacement_char, n, false};
+            return { unicode_replacement_char, n, false };
         cp = (cp << 6) | (c & 0x3F);
         lo = 0x80;
         hi = 0xBF;
     }
-    return {cp, n, true};
+    return { cp, n, true };
 }
 
 // Appends the UTF-8 encoding of cp (a scalar value; surrogates and values
@@ -150,16 +150,15 @@ inline std::size_t utf8_incomplete_suffix(std::string_view s) noexcept
 // Character classes of the split regexes.
 
 enum class char_class : std::uint8_t {
-    other = 0,  // none of the below
+    other = 0, // none of the below
     letter = 1, // \p{L}: general category Lu Ll Lt Lm Lo
     number = 2, // \p{N}: Nd Nl No
-    space = 3,  // \s: the White_Space property
+    space = 3, // \s: the White_Space property
 };
 
 namespace detail {
 
-template <class Row, std::size_t N>
-const Row* find_range(const Row (&table)[N], char32_t cp) noexcept
+template <class Row, std::size_t N> const Row* find_range(const Row (&table)[N], char32_t cp) noexcept
 {
     const Row* it = std::upper_bound(table, table + N, cp, [](char32_t c, const Row& r) { return c < r.first; });
     if (it == table)
@@ -223,7 +222,7 @@ inline void canonical_decompose(char32_t cp, std::vector<char32_t>& out)
     if (cp >= 0xC0) {
         const auto& t = unicode_tables::canonical_decompositions;
         const auto* it = std::lower_bound(std::begin(t), std::end(t), cp,
-                                          [](const unicode_tables::decomposition& d, char32_t c) { return d.cp < c; });
+            [](const unicode_tables::decomposition& d, char32_t c) { return d.cp < c; });
         if (it != std::end(t) && it->cp == cp) {
             canonical_decompose(it->first, out);
             if (it->second != 0)
@@ -237,17 +236,17 @@ inline void canonical_decompose(char32_t cp, std::vector<char32_t>& out)
 // The primary composite of a + b, or 0 if none.
 inline char32_t canonical_compose(char32_t a, char32_t b) noexcept
 {
-    if (a >= hangul_l_base && a < hangul_l_base + hangul_l_count && b >= hangul_v_base &&
-        b < hangul_v_base + hangul_v_count)
+    if (a >= hangul_l_base && a < hangul_l_base + hangul_l_count && b >= hangul_v_base
+        && b < hangul_v_base + hangul_v_count)
         return hangul_s_base + ((a - hangul_l_base) * hangul_v_count + (b - hangul_v_base)) * hangul_t_count;
-    if (a >= hangul_s_base && a < hangul_s_base + hangul_s_count && (a - hangul_s_base) % hangul_t_count == 0 &&
-        b > hangul_t_base && b < hangul_t_base + hangul_t_count)
+    if (a >= hangul_s_base && a < hangul_s_base + hangul_s_count && (a - hangul_s_base) % hangul_t_count == 0
+        && b > hangul_t_base && b < hangul_t_base + hangul_t_count)
         return a + (b - hangul_t_base);
     const auto& t = unicode_tables::canonical_compositions;
-    const auto* it = std::lower_bound(std::begin(t), std::end(t), std::pair{a, b},
-                                      [](const unicode_tables::composition& c, std::pair<char32_t, char32_t> k) {
-                                          return c.first != k.first ? c.first < k.first : c.second < k.second;
-                                      });
+    const auto* it = std::lower_bound(std::begin(t), std::end(t), std::pair { a, b },
+        [](const unicode_tables::composition& c, std::pair<char32_t, char32_t> k) {
+            return c.first != k.first ? c.first < k.first : c.second < k.second;
+        });
     return (it != std::end(t) && it->first == a && it->second == b) ? it->composite : 0;
 }
 

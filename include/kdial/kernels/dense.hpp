@@ -50,7 +50,7 @@ inline std::size_t dense_cols(const any_weight_view& w)
 {
     const std::size_t O = rows_of(w);
     const std::size_t row_bytes = std::max<std::size_t>(1, bytes_of(w) / std::max<std::size_t>(1, O));
-    return std::max<std::size_t>(64, (std::size_t{512} << 10) / row_bytes / 64 * 64);
+    return std::max<std::size_t>(64, (std::size_t { 512 } << 10) / row_bytes / 64 * 64);
 }
 } // namespace detail
 
@@ -65,7 +65,7 @@ inline void dense_linear(cmatrix_view<float> X, std::span<const dense_output> ou
     for (const auto& o : outs) {
         const std::size_t O = rows_of(*o.w), K = cols_of(*o.w);
         detail::check(X.cols == K && o.y.rows == X.rows && o.y.cols == O, "kdial::dense_linear: X [", X.rows, ", ",
-                      X.cols, "] . W [", O, ", ", K, "]ᵀ does not fit Y [", o.y.rows, ", ", o.y.cols, "]");
+            X.cols, "] . W [", O, ", ", K, "]ᵀ does not fit Y [", o.y.rows, ", ", o.y.cols, "]");
         tiles += row_tiles * ((O + detail::dense_cols(*o.w) - 1) / detail::dense_cols(*o.w));
     }
     if (X.rows == 0 || tiles == 0)
@@ -94,10 +94,10 @@ inline void dense_linear(cmatrix_view<float> X, std::span<const dense_output> ou
 }
 
 // Y [n, O] = X [n, K] . W [O, K]ᵀ (+ bias [O] if not null).
-inline void dense_linear(const any_weight_view& w, cmatrix_view<float> X, matrix_view<float> Y,
-                         const float* bias = nullptr)
+inline void dense_linear(
+    const any_weight_view& w, cmatrix_view<float> X, matrix_view<float> Y, const float* bias = nullptr)
 {
-    const dense_output o{&w, Y, bias};
+    const dense_output o { &w, Y, bias };
     dense_linear(X, std::span<const dense_output>(&o, 1));
 }
 

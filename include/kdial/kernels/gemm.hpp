@@ -34,8 +34,7 @@ namespace kdial::detail {
 // 128, 8x3/KC=128 and 12x2/KC=256 all measured 148-157 GFLOP/s (noise
 // larger than the differences), so 6 x 2 stays on every arch. The micro
 // kernel alone on an L1-hot panel reached about 180 GFLOP/s (0.75 of peak).
-template <class Arch>
-struct gemm_blocking {
+template <class Arch> struct gemm_blocking {
     static constexpr std::size_t lanes = xsimd::batch<float, Arch>::size;
     static constexpr int nv = 2;
     static constexpr std::size_t nc = nv * lanes;
@@ -50,8 +49,8 @@ struct gemm_blocking {
 // pf[0:npf]: cache lines to bring into L2, spread evenly over the k loop so
 // they overlap the FMAs (hints only: no effect on results).
 template <class Arch, int MR>
-inline void gemm_micro(std::size_t kc, const float* panel, const float* x, std::size_t ldx, float* part,
-                       bool first, const char* const* pf, std::size_t npf) noexcept
+inline void gemm_micro(std::size_t kc, const float* panel, const float* x, std::size_t ldx, float* part, bool first,
+    const char* const* pf, std::size_t npf) noexcept
 {
     using B = xsimd::batch<float, Arch>;
     constexpr std::size_t L = B::size;
@@ -86,8 +85,8 @@ inline void gemm_micro(std::size_t kc, const float* panel, const float* x, std::
 
 // Appends to pf the cache lines of src[c][k0, k0 + kn) for the non-null rows.
 template <class S, std::size_t NC>
-inline std::size_t gemm_lines(const S* const* src, std::size_t k0, std::size_t kn, const char** pf,
-                              std::size_t npf) noexcept
+inline std::size_t gemm_lines(
+    const S* const* src, std::size_t k0, std::size_t kn, const char** pf, std::size_t npf) noexcept
 {
     constexpr std::size_t G = simd::weight_group<S>;
     for (std::size_t c = 0; c < NC; ++c) {
@@ -110,7 +109,7 @@ inline std::size_t gemm_lines(const S* const* src, std::size_t k0, std::size_t k
 // start of the pack (the previous scheme) measured no better than none.
 template <class Arch, class S>
 inline void gemm_panel(const S* const* src, const S* const* next, std::size_t K, const float* x, std::size_t ldx,
-                       std::size_t m, float* panel, float* part) noexcept
+    std::size_t m, float* panel, float* part) noexcept
 {
     using G = gemm_blocking<Arch>;
     constexpr std::size_t NC = G::nc;
@@ -139,20 +138,31 @@ inline void gemm_panel(const S* const* src, const S* const* next, std::size_t K,
         const char* const* pq = pf + lo(q);
         const std::size_t nq = lo(q + 1) - lo(q);
         switch (m - i) {
-        case 1: gemm_micro<Arch, 1>(kc, panel, xk + i * ldx, ldx, part + i * NC, first, pq, nq); break;
-        case 2: gemm_micro<Arch, 2>(kc, panel, xk + i * ldx, ldx, part + i * NC, first, pq, nq); break;
-        case 3: gemm_micro<Arch, 3>(kc, panel, xk + i * ldx, ldx, part + i * NC, first, pq, nq); break;
-        case 4: gemm_micro<Arch, 4>(kc, panel, xk + i * ldx, ldx, part + i * NC, first, pq, nq); break;
-        case 5: gemm_micro<Arch, 5>(kc, panel, xk + i * ldx, ldx, part + i * NC, first, pq, nq); break;
-        default: break;
+        case 1:
+            gemm_micro<Arch, 1>(kc, panel, xk + i * ldx, ldx, part + i * NC, first, pq, nq);
+            break;
+        case 2:
+            gemm_micro<Arch, 2>(kc, panel, xk + i * ldx, ldx, part + i * NC, first, pq, nq);
+            break;
+        case 3:
+            gemm_micro<Arch, 3>(kc, panel, xk + i * ldx, ldx, part + i * NC, first, pq, nq);
+            break;
+        case 4:
+            gemm_micro<Arch, 4>(kc, panel, xk + i * ldx, ldx, part + i * NC, first, pq, nq);
+            break;
+        case 5:
+            gemm_micro<Arch, 5>(kc, panel, xk + i * ldx, ldx, part + i * NC, first, pq, nq);
+            break;
+        default:
+            break;
         }
     }
 }
 
 // y[:, o] = x . w[o]ᵀ for o in [o0, o1).
 template <class Arch, weight_type W>
-void linear_gemm(const weight_view<W>& w, cmatrix_view<float> x, std::size_t o0, std::size_t o1,
-                 matrix_view<float> y) noexcept
+void linear_gemm(
+    const weight_view<W>& w, cmatrix_view<float> x, std::size_t o0, std::size_t o1, matrix_view<float> y) noexcept
 {
     using S = typename W::storage;
     using G = gemm_blocking<Arch>;
@@ -181,7 +191,7 @@ void linear_gemm(const weight_view<W>& w, cmatrix_view<float> x, std::size_t o0,
 // NC/2 gate columns then the same NC/2 up columns, so X is read once for both.
 template <class Arch, weight_type W>
 void gate_up_gemm(const weight_view<W>& gate, const weight_view<W>& up, cmatrix_view<float> x, std::size_t f0,
-                  std::size_t f1, matrix_view<float> h) noexcept
+    std::size_t f1, matrix_view<float> h) noexcept
 {
     using S = typename W::storage;
     using B = xsimd::batch<float, Arch>;

@@ -24,8 +24,7 @@ namespace kdial::detail {
 // of X and R weight rows in flight, R * NR * chains accumulators (<= 8 here)
 // hide the 4-cycle FMA latency on two FMA ports without spilling on AVX2's 16
 // registers. Depends on NR only, so every output of a call sums the same way.
-template <int NR>
-inline constexpr int gemv_chains = NR <= 2 ? 2 : 1;
+template <int NR> inline constexpr int gemv_chains = NR <= 2 ? 2 : 1;
 
 // out[r * NR + i] = dot(rows[r][0:cols], x[i * ldx + 0:cols]) for r < R, i < NR.
 // Summation order for each pair: lane-wise over vector index v in chain
@@ -35,8 +34,8 @@ inline constexpr int gemv_chains = NR <= 2 ? 2 : 1;
 // in them, so they are in cache when their pass starts. A hint only; it does
 // not change any result.
 template <class Arch, class S, int NR, int R>
-inline void gemv_rows(const S* const* rows, const S* const* next, std::size_t cols, const float* x, std::size_t ldx,
-                      float* out) noexcept
+inline void gemv_rows(
+    const S* const* rows, const S* const* next, std::size_t cols, const float* x, std::size_t ldx, float* out) noexcept
 {
     using B = xsimd::batch<float, Arch>;
     constexpr std::size_t L = B::size;
@@ -115,13 +114,12 @@ inline void gemv_rows(const S* const* rows, const S* const* next, std::size_t co
 }
 
 // Weight rows per pass for NR rows of X (register budget, see gemv_chains).
-template <int NR>
-inline constexpr int gemv_rows_per_pass = NR == 1 ? 4 : 2;
+template <int NR> inline constexpr int gemv_rows_per_pass = NR == 1 ? 4 : 2;
 
 // y[i, o] = x[i, :] . w[o, :] for o in [o0, o1), i < NR.
 template <class Arch, weight_type W, int NR>
-void linear_gemv(const weight_view<W>& w, const float* x, std::size_t ldx, std::size_t o0, std::size_t o1,
-                 float* y, std::size_t ldy) noexcept
+void linear_gemv(const weight_view<W>& w, const float* x, std::size_t ldx, std::size_t o0, std::size_t o1, float* y,
+    std::size_t ldy) noexcept
 {
     using S = typename W::storage;
     constexpr int R = gemv_rows_per_pass<NR>;
@@ -141,7 +139,7 @@ void linear_gemv(const weight_view<W>& w, const float* x, std::size_t ldx, std::
                 y[i * ldy + o + r] = out[r * NR + i];
     }
     for (; o < o1; ++o) {
-        const S* rows[1] = {w.row(o)};
+        const S* rows[1] = { w.row(o) };
         gemv_rows<Arch, S, NR, 1>(rows, rows, w.cols, x, ldx, out);
         for (int i = 0; i < NR; ++i)
             y[i * ldy + o] = out[i];
@@ -151,8 +149,8 @@ void linear_gemv(const weight_view<W>& w, const float* x, std::size_t ldx, std::
 // h[i, f] = silu(x[i] . gate[f]) * (x[i] . up[f]) for f in [f0, f1), i < NR.
 // The gate and up rows of a feature go through one pass over x.
 template <class Arch, weight_type W, int NR>
-void gate_up_gemv(const weight_view<W>& gate, const weight_view<W>& up, const float* x, std::size_t ldx,
-                  std::size_t f0, std::size_t f1, float* h, std::size_t ldh) noexcept
+void gate_up_gemv(const weight_view<W>& gate, const weight_view<W>& up, const float* x, std::size_t ldx, std::size_t f0,
+    std::size_t f1, float* h, std::size_t ldh) noexcept
 {
     using S = typename W::storage;
     constexpr int P = gemv_rows_per_pass<NR> / 2; // features per pass
@@ -176,8 +174,8 @@ void gate_up_gemv(const weight_view<W>& gate, const weight_view<W>& up, const fl
         }
     }
     for (; f < f1; ++f) {
-        const S* rows[2] = {gate.row(f), up.row(f)};
-        const S* next[2] = {gate.row(f + 1 < f1 ? f + 1 : f), up.row(f + 1 < f1 ? f + 1 : f)};
+        const S* rows[2] = { gate.row(f), up.row(f) };
+        const S* next[2] = { gate.row(f + 1 < f1 ? f + 1 : f), up.row(f + 1 < f1 ? f + 1 : f) };
         gemv_rows<Arch, S, NR, 2>(rows, next, gate.cols, x, ldx, out);
         for (int i = 0; i < NR; ++i)
             h[i * ldh + f] = simd::silu(out[i]) * out[NR + i];

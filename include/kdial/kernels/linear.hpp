@@ -26,16 +26,26 @@ inline constexpr std::size_t gemv_max_rows = 4;
 // o1 <= Y.cols.
 template <weight_type W, class Arch = xsimd::default_arch>
 void linear(const weight_view<W>& w /*[O, K]*/, cmatrix_view<float> x /*[n, K]*/, std::size_t o0, std::size_t o1,
-            matrix_view<float> y /*[n, O]*/) noexcept
+    matrix_view<float> y /*[n, O]*/) noexcept
 {
     if (x.rows == 0 || o0 >= o1)
         return;
     switch (x.rows) {
-    case 1: detail::linear_gemv<Arch, W, 1>(w, x.data, x.stride, o0, o1, y.data, y.stride); break;
-    case 2: detail::linear_gemv<Arch, W, 2>(w, x.data, x.stride, o0, o1, y.data, y.stride); break;
-    case 3: detail::linear_gemv<Arch, W, 3>(w, x.data, x.stride, o0, o1, y.data, y.stride); break;
-    case 4: detail::linear_gemv<Arch, W, 4>(w, x.data, x.stride, o0, o1, y.data, y.stride); break;
-    default: detail::linear_gemm<Arch, W>(w, x, o0, o1, y); break;
+    case 1:
+        detail::linear_gemv<Arch, W, 1>(w, x.data, x.stride, o0, o1, y.data, y.stride);
+        break;
+    case 2:
+        detail::linear_gemv<Arch, W, 2>(w, x.data, x.stride, o0, o1, y.data, y.stride);
+        break;
+    case 3:
+        detail::linear_gemv<Arch, W, 3>(w, x.data, x.stride, o0, o1, y.data, y.stride);
+        break;
+    case 4:
+        detail::linear_gemv<Arch, W, 4>(w, x.data, x.stride, o0, o1, y.data, y.stride);
+        break;
+    default:
+        detail::linear_gemm<Arch, W>(w, x, o0, o1, y);
+        break;
     }
 }
 
@@ -44,17 +54,26 @@ void linear(const weight_view<W>& w /*[O, K]*/, cmatrix_view<float> x /*[n, K]*/
 // X.cols == d, f0 <= f1 <= F, H.rows == X.rows, f1 <= H.cols.
 template <weight_type W, class Arch = xsimd::default_arch>
 void swiglu_gate_up(const weight_view<W>& gate /*[F, d]*/, const weight_view<W>& up /*[F, d]*/,
-                    cmatrix_view<float> x /*[n, d]*/, std::size_t f0, std::size_t f1,
-                    matrix_view<float> h /*[n, F]*/) noexcept
+    cmatrix_view<float> x /*[n, d]*/, std::size_t f0, std::size_t f1, matrix_view<float> h /*[n, F]*/) noexcept
 {
     if (x.rows == 0 || f0 >= f1)
         return;
     switch (x.rows) {
-    case 1: detail::gate_up_gemv<Arch, W, 1>(gate, up, x.data, x.stride, f0, f1, h.data, h.stride); break;
-    case 2: detail::gate_up_gemv<Arch, W, 2>(gate, up, x.data, x.stride, f0, f1, h.data, h.stride); break;
-    case 3: detail::gate_up_gemv<Arch, W, 3>(gate, up, x.data, x.stride, f0, f1, h.data, h.stride); break;
-    case 4: detail::gate_up_gemv<Arch, W, 4>(gate, up, x.data, x.stride, f0, f1, h.data, h.stride); break;
-    default: detail::gate_up_gemm<Arch, W>(gate, up, x, f0, f1, h); break;
+    case 1:
+        detail::gate_up_gemv<Arch, W, 1>(gate, up, x.data, x.stride, f0, f1, h.data, h.stride);
+        break;
+    case 2:
+        detail::gate_up_gemv<Arch, W, 2>(gate, up, x.data, x.stride, f0, f1, h.data, h.stride);
+        break;
+    case 3:
+        detail::gate_up_gemv<Arch, W, 3>(gate, up, x.data, x.stride, f0, f1, h.data, h.stride);
+        break;
+    case 4:
+        detail::gate_up_gemv<Arch, W, 4>(gate, up, x.data, x.stride, f0, f1, h.data, h.stride);
+        break;
+    default:
+        detail::gate_up_gemm<Arch, W>(gate, up, x, f0, f1, h);
+        break;
     }
 }
 

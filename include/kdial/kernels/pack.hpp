@@ -17,13 +17,11 @@
 namespace kdial::detail {
 
 template <class Arch>
-inline constexpr bool has_transpose =
-    (simd::is_avx512_arch<Arch> && xsimd::batch<float, Arch>::size == 16) ||
-    (simd::is_avx2_arch<Arch> && xsimd::batch<float, Arch>::size == 8);
+inline constexpr bool has_transpose = (simd::is_avx512_arch<Arch> && xsimd::batch<float, Arch>::size == 16)
+    || (simd::is_avx2_arch<Arch> && xsimd::batch<float, Arch>::size == 8);
 
 // v[i][j] <- v[j][i] for i, j < L (L = batch size); only where has_transpose.
-template <class Arch>
-inline void transpose(xsimd::batch<float, Arch>* v) noexcept
+template <class Arch> inline void transpose(xsimd::batch<float, Arch>* v) noexcept
 {
     using B = xsimd::batch<float, Arch>;
     if constexpr (simd::is_avx512_arch<Arch> && B::size == 16) {

@@ -35,7 +35,7 @@ inline void quantize_block(const float* w, std::size_t n, q8_block& out) noexcep
 namespace detail {
 template <class T>
 void quantize_rows(const T* src, std::size_t src_stride, std::size_t rows, std::size_t cols, q8_block* dst,
-                   std::size_t dst_stride) noexcept
+    std::size_t dst_stride) noexcept
 {
     float buf[q8_block_size];
     for (std::size_t r = 0; r < rows; ++r) {
@@ -55,14 +55,14 @@ void quantize_rows(const T* src, std::size_t src_stride, std::size_t rows, std::
 }
 
 template <class T>
-void check_quantize(const matrix_view<const T>& src, std::size_t dst_rows, std::size_t dst_cols,
-                    std::size_t dst_stride, bool dst_null)
+void check_quantize(
+    const matrix_view<const T>& src, std::size_t dst_rows, std::size_t dst_cols, std::size_t dst_stride, bool dst_null)
 {
     check_shape(src, src.rows, src.cols, "quantize_q8", "source");
     check(dst_rows == src.rows && dst_cols == src.cols, "quantize_q8: destination has shape [", dst_rows, ", ",
-          dst_cols, "], source has [", src.rows, ", ", src.cols, "]");
+        dst_cols, "], source has [", src.rows, ", ", src.cols, "]");
     check(dst_stride >= storage_cols<q8_t>(dst_cols), "quantize_q8: destination row stride ", dst_stride, " < ",
-          storage_cols<q8_t>(dst_cols), " blocks");
+        storage_cols<q8_t>(dst_cols), " blocks");
     check(!dst_null || dst_rows == 0 || dst_cols == 0, "quantize_q8: destination is null");
 }
 } // namespace detail

@@ -36,7 +36,7 @@ inline void rmsnorm_row(const float* x, const float* g, float eps, float* y, std
 inline void rmsnorm(cmatrix_view<float> X, const float* g, float eps, matrix_view<float> Y)
 {
     detail::check(X.rows == Y.rows && X.cols == Y.cols, "kdial::rmsnorm: X is [", X.rows, ", ", X.cols, "], Y is [",
-                  Y.rows, ", ", Y.cols, "]");
+        Y.rows, ", ", Y.cols, "]");
     parallel::for_each_tile(X.rows, parallel::tile_items(X.cols * 8), [&](std::size_t t0, std::size_t t1) {
         for (std::size_t t = t0; t < t1; ++t)
             rmsnorm_row(X.row(t), g, eps, Y.row(t), X.cols);

@@ -24,8 +24,8 @@ inline void rope_inv_freq(double theta, std::size_t rot_dim, float* inv_freq) no
 }
 
 // cos/sin tables [T, rot_dim/2] for positions pos0 .. pos0 + T - 1.
-inline void rope_tables(std::size_t pos0, std::size_t T, const float* inv_freq, std::size_t rot_dim, float* cos_t,
-                        float* sin_t) noexcept
+inline void rope_tables(
+    std::size_t pos0, std::size_t T, const float* inv_freq, std::size_t rot_dim, float* cos_t, float* sin_t) noexcept
 {
     const std::size_t h = rot_dim / 2;
     for (std::size_t t = 0; t < T; ++t)
@@ -39,7 +39,7 @@ inline void rope_tables(std::size_t pos0, std::size_t T, const float* inv_freq, 
 // Rotates the first rot_dim dims of every head of X [T, heads * head_dim]
 // in place, row t with the angles of table row t.
 inline void apply_rope(matrix_view<float> X, std::size_t heads, std::size_t head_dim, std::size_t rot_dim,
-                       const float* cos_t, const float* sin_t) noexcept
+    const float* cos_t, const float* sin_t) noexcept
 {
     const std::size_t h = rot_dim / 2;
     for (std::size_t t = 0; t < X.rows; ++t) {

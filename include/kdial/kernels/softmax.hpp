@@ -12,8 +12,7 @@
 namespace kdial {
 
 // Largest element of x[0..n). n >= 1.
-template <class Arch = xsimd::default_arch>
-inline float max_of(const float* x, std::size_t n) noexcept
+template <class Arch = xsimd::default_arch> inline float max_of(const float* x, std::size_t n) noexcept
 {
     using B = xsimd::batch<float, Arch>;
     constexpr std::size_t W = B::size;
@@ -32,8 +31,7 @@ inline float max_of(const float* x, std::size_t n) noexcept
 
 // x <- softmax(x) over n >= 1 finite values. Exponentials use xsimd's exp
 // (within 1-2 ulp of std::exp); the sum runs lane-wise then in lane order.
-template <class Arch = xsimd::default_arch>
-inline void softmax_inplace(float* x, std::size_t n) noexcept
+template <class Arch = xsimd::default_arch> inline void softmax_inplace(float* x, std::size_t n) noexcept
 {
     using B = xsimd::batch<float, Arch>;
     constexpr std::size_t W = B::size;

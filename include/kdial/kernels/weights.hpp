@@ -13,8 +13,7 @@
 namespace kdial {
 
 // Storage elements needed for `cols` logical inputs of format W.
-template <weight_type W>
-constexpr std::size_t storage_cols(std::size_t cols) noexcept
+template <weight_type W> constexpr std::size_t storage_cols(std::size_t cols) noexcept
 {
     if constexpr (std::is_same_v<W, q8_t>)
         return (cols + q8_block_size - 1) / q8_block_size;
@@ -22,24 +21,29 @@ constexpr std::size_t storage_cols(std::size_t cols) noexcept
         return cols;
 }
 
-template <weight_type W>
-struct weight_view {
+template <weight_type W> struct weight_view {
     using format = W;
     using storage = typename W::storage;
 
     const storage* data = nullptr;
-    std::size_t rows = 0;       // out
-    std::size_t cols = 0;       // in (logical elements)
+    std::size_t rows = 0; // out
+    std::size_t cols = 0; // in (logical elements)
     std::size_t row_stride = 0; // in storage elements (q8: blocks)
 
     constexpr weight_view() = default;
     // A dense matrix: row_stride = storage_cols<W>(cols).
     constexpr weight_view(const storage* p, std::size_t r, std::size_t c) noexcept
-        : data(p), rows(r), cols(c), row_stride(storage_cols<W>(c))
+        : data(p)
+        , rows(r)
+        , cols(c)
+        , row_stride(storage_cols<W>(c))
     {
     }
     constexpr weight_view(const storage* p, std::size_t r, std::size_t c, std::size_t stride) noexcept
-        : data(p), rows(r), cols(c), row_stride(stride)
+        : data(p)
+        , rows(r)
+        , cols(c)
+        , row_stride(stride)
     {
     }
 
@@ -51,13 +55,13 @@ struct weight_view {
 namespace detail {
 // Throws unless w is [rows, cols] with a valid stride.
 template <weight_type W>
-void check_weight_shape(const weight_view<W>& w, std::size_t rows, std::size_t cols, const char* where,
-                        const char* name)
+void check_weight_shape(
+    const weight_view<W>& w, std::size_t rows, std::size_t cols, const char* where, const char* name)
 {
-    check(w.rows == rows && w.cols == cols, where, ": ", name, " (", dtype_name(W::id), ") has shape [", w.rows,
-          ", ", w.cols, "], expected [", rows, ", ", cols, "]");
+    check(w.rows == rows && w.cols == cols, where, ": ", name, " (", dtype_name(W::id), ") has shape [", w.rows, ", ",
+        w.cols, "], expected [", rows, ", ", cols, "]");
     check(w.row_stride >= storage_cols<W>(w.cols), where, ": ", name, " has row stride ", w.row_stride, " < ",
-          storage_cols<W>(w.cols), " storage elements per row");
+        storage_cols<W>(w.cols), " storage elements per row");
     check(w.data != nullptr || w.rows == 0 || w.cols == 0, where, ": ", name, " is null");
 }
 } // namespace detail

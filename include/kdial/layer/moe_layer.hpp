@@ -36,8 +36,8 @@ namespace kdial {
 
 // The optional shared expert: a one-expert set of width Fs and its gate.
 struct shared_expert {
-    expert_set expert;                 // size 1: gate/up [Fs, d], down [d, Fs]
-    cmatrix_view<float> gate{};        // [1, d] sigmoid gate weight, or empty (factor 1)
+    expert_set expert; // size 1: gate/up [Fs, d], down [d, Fs]
+    cmatrix_view<float> gate {}; // [1, d] sigmoid gate weight, or empty (factor 1)
 };
 
 // The scratch memory of MoE layers, sized once. Several layers that run one
@@ -48,15 +48,20 @@ public:
     // max_tokens: most tokens per call; max_slots: most (token, expert)
     // assignments per call (T * k); E experts of hidden size d, routed
     // expert width F, shared expert width Fs (0: none).
-    moe_workspace(std::size_t max_tokens, std::size_t max_slots, std::size_t E, std::size_t d, std::size_t F,
-                  std::size_t Fs = 0)
-        : max_tokens_(max_tokens), max_slots_(max_slots), E_(E), d_(d), F_(F), Fs_(Fs)
+    moe_workspace(
+        std::size_t max_tokens, std::size_t max_slots, std::size_t E, std::size_t d, std::size_t F, std::size_t Fs = 0)
+        : max_tokens_(max_tokens)
+        , max_slots_(max_slots)
+        , E_(E)
+        , d_(d)
+        , F_(F)
+        , Fs_(Fs)
     {
         constexpr const char* where = "kdial::moe_workspace";
         detail::check(max_tokens >= 1, where, ": max_tokens must be >= 1");
         detail::check(max_slots >= 1, where, ": max_slots must be >= 1");
         detail::check(E >= 1 && E <= std::size_t(max_experts), where, ": expert count E = ", E, " outside [1, ",
-                      max_experts, "]");
+            max_experts, "]");
         logits.resize(max_tokens * E);
         ids.resize(max_slots);
         weights.resize(max_slots);
@@ -85,7 +90,7 @@ public:
 private:
     friend class moe_layer;
     struct tile {
-        std::int32_t expert;  // [0, E) routed, E = shared expert
+        std::int32_t expert; // [0, E) routed, E = shared expert
         std::uint32_t r0, r1; // rows within the expert's block
         std::uint32_t c0, c1; // output columns
     };
@@ -94,7 +99,7 @@ private:
     std::vector<float> logits, weights, xs, h, ys, hs, s, gate_logits;
     std::vector<std::int32_t> ids;
     std::vector<token_k> rules; // [max_tokens] per-token rules of forward_token_k callers
-    std::vector<int> kept;      // [max_tokens] experts each token kept in the last call
+    std::vector<int> kept; // [max_tokens] experts each token kept in the last call
     dispatch_plan plan;
     std::vector<tile> tiles_up, tiles_down;
 };
@@ -105,7 +110,7 @@ public:
     // for up to max_tokens tokens and k <= max_k. `router` is [E, d] f32; the
     // router options' selection_bias (if any) must outlive the layer.
     moe_layer(cmatrix_view<float> router, expert_set experts, std::size_t max_tokens, int max_k,
-              router_options routing = {}, std::optional<shared_expert> shared = std::nullopt)
+        router_options routing = {}, std::optional<shared_expert> shared = std::nullopt)
         : moe_layer(router, std::move(experts), nullptr, routing, std::move(shared), max_tokens, max_k)
     {
     }
@@ -113,7 +118,7 @@ public:
     // The same, on a workspace shared with other layers (it must be at least
     // as large as this layer's d, F, E and shared width).
     moe_layer(cmatrix_view<float> router, expert_set experts, std::shared_ptr<moe_workspace> ws,
-              router_options routing = {}, std::optional<shared_expert> shared = std::nullopt)
+        router_options routing = {}, std::optional<shared_expert> shared = std::nullopt)
         : moe_layer(router, std::move(experts), std::move(ws), routing, std::move(shared), 0, 0)
     {
     }
@@ -136,19 +141,18 @@ public:
     //   out [T, d]  fully overwritten; untouched if an error is thrown
     // Throws kdial::error on shapes, k outside [1, min(E, max_k)] or a
     // non-finite router logit (see router.hpp).
-    template <k_extent K>
-    void forward(cmatrix_view<float> X, K k, matrix_view<float> out)
+    template <k_extent K> void forward(cmatrix_view<float> X, K k, matrix_view<float> out)
     {
         constexpr const char* where = "kdial::moe_layer::forward";
         check_io(X, out, where);
         check_k(k, int(num_experts()), where);
         detail::check(std::size_t(k.value()) * X.rows <= ws_->max_slots(), where, ": T * k = ", X.rows, " * ",
-                      k.value(), " exceeds the workspace's ", ws_->max_slots(), " slots");
+            k.value(), " exceeds the workspace's ", ws_->max_slots(), " slots");
         const std::size_t T = X.rows, E = num_experts(), kk = std::size_t(k.value());
         const matrix_view<float> logits(ws_->logits.data(), T, E);
         compute_router_logits(X, logits);
         route(cmatrix_view<float>(logits), k, routing_, matrix_view<std::int32_t>(ws_->ids.data(), T, kk),
-              matrix_view<float>(ws_->weights.data(), T, kk));
+            matrix_view<float>(ws_->weights.data(), T, kk));
         std::fill(ws_->kept.begin(), ws_->kept.begin() + std::ptrdiff_t(T), int(kk));
         run_routed(X, kk, out);
     }
@@ -162,21 +166,21 @@ public:
     // forward() with a routing computed by the caller (per-request k,
     // threshold routing): ids [T, kc] in [0, E) or no_expert, weights [T, kc].
     // kc <= max_k.
-    void forward_routed(cmatrix_view<float> X, cmatrix_view<std::int32_t> ids, cmatrix_view<float> weights,
-                        matrix_view<float> out)
+    void forward_routed(
+        cmatrix_view<float> X, cmatrix_view<std::int32_t> ids, cmatrix_view<float> weights, matrix_view<float> out)
     {
         constexpr const char* where = "kdial::moe_layer::forward_routed";
         check_io(X, out, where);
         const std::size_t T = X.rows, kc = ids.cols;
-        detail::check(kc >= 1 && kc * T <= ws_->max_slots(), where, ": routing has ", kc, " columns; T * k = ",
-                      T * kc, " must be in [1, ", ws_->max_slots(), "] (the workspace's slots)");
+        detail::check(kc >= 1 && kc * T <= ws_->max_slots(), where, ": routing has ", kc, " columns; T * k = ", T * kc,
+            " must be in [1, ", ws_->max_slots(), "] (the workspace's slots)");
         detail::check_shape(ids, T, kc, where, "ids");
         detail::check_shape(weights, T, kc, where, "weights");
         for (std::size_t t = 0; t < T; ++t)
             for (std::size_t j = 0; j < kc; ++j) {
                 const std::int32_t e = ids(t, j);
-                detail::check(e == no_expert || (e >= 0 && std::size_t(e) < num_experts()), where, ": ids[", t, ", ",
-                              j, "] = ", e, " is not an expert in [0, ", num_experts(), ") nor no_expert (-1)");
+                detail::check(e == no_expert || (e >= 0 && std::size_t(e) < num_experts()), where, ": ids[", t, ", ", j,
+                    "] = ", e, " is not an expert in [0, ", num_experts(), ") nor no_expert (-1)");
             }
         for (std::size_t t = 0; t < T; ++t) {
             int n = 0;
@@ -203,16 +207,16 @@ public:
     {
         constexpr const char* where = "kdial::moe_layer::forward_variable_k";
         check_io(X, out, where);
-        detail::check(k_per_token.size() == X.rows, where, ": ", k_per_token.size(), " k values for T = ", X.rows,
-                      " tokens");
+        detail::check(
+            k_per_token.size() == X.rows, where, ": ", k_per_token.size(), " k values for T = ", X.rows, " tokens");
         int kc = 1;
         for (std::size_t t = 0; t < X.rows; ++t) {
-            detail::check(k_per_token[t] >= 1 && std::size_t(k_per_token[t]) <= num_experts(), where, ": k = ",
-                          k_per_token[t], " for token ", t, " outside [1, E = ", num_experts(), "]");
+            detail::check(k_per_token[t] >= 1 && std::size_t(k_per_token[t]) <= num_experts(), where,
+                ": k = ", k_per_token[t], " for token ", t, " outside [1, E = ", num_experts(), "]");
             kc = std::max(kc, k_per_token[t]);
         }
         for (std::size_t t = 0; t < X.rows; ++t)
-            ws_->rules[t] = token_k{k_per_token[t], k_per_token[t], 1.0f};
+            ws_->rules[t] = token_k { k_per_token[t], k_per_token[t], 1.0f };
         route_and_run(X, kc, out, where);
     }
 
@@ -225,10 +229,9 @@ public:
         check_io(X, out, where);
         detail::check(th.p >= 0.0f && th.p <= 1.0f, where, ": threshold p = ", th.p, " outside [0, 1]");
         detail::check(th.k_min >= 1 && th.k_min <= th.k_max && std::size_t(th.k_max) <= num_experts(), where,
-                      ": k range [", th.k_min, ", ", th.k_max, "] must satisfy 1 <= k_min <= k_max <= E = ",
-                      num_experts());
+            ": k range [", th.k_min, ", ", th.k_max, "] must satisfy 1 <= k_min <= k_max <= E = ", num_experts());
         for (std::size_t t = 0; t < X.rows; ++t)
-            ws_->rules[t] = token_k{th.k_min, th.k_max, th.p};
+            ws_->rules[t] = token_k { th.k_min, th.k_max, th.p };
         route_and_run(X, th.k_max, out, where);
     }
 
@@ -244,8 +247,8 @@ public:
         for (std::size_t t = 0; t < X.rows; ++t) {
             const token_k& r = rules[t];
             detail::check(r.k_min >= 1 && r.k_min <= r.k_max && std::size_t(r.k_max) <= num_experts(), where,
-                          ": token ", t, " asks for k in [", r.k_min, ", ", r.k_max,
-                          "], which must satisfy 1 <= k_min <= k_max <= E = ", num_experts());
+                ": token ", t, " asks for k in [", r.k_min, ", ", r.k_max,
+                "], which must satisfy 1 <= k_min <= k_max <= E = ", num_experts());
             kc = std::max(kc, r.k_max);
             ws_->rules[t] = r;
         }
@@ -260,14 +263,14 @@ public:
     // Experts each token used in the last forward call [T] (k for forward(),
     // the kept count for the per-token forms, non-dropped ids for
     // forward_routed).
-    std::span<const int> last_kept() const noexcept { return {ws_->kept.data(), ws_->last_T}; }
+    std::span<const int> last_kept() const noexcept { return { ws_->kept.data(), ws_->last_T }; }
     // (token, expert) assignments the last forward call ran: sum of last_kept().
     std::size_t last_assignments() const noexcept { return ws_->plan.num_slots(); }
 
     // The routing of the last forward call: logits [T, E], ids and weights [T, k].
-    cmatrix_view<float> last_logits() const noexcept { return {ws_->logits.data(), ws_->last_T, num_experts()}; }
-    cmatrix_view<std::int32_t> last_ids() const noexcept { return {ws_->ids.data(), ws_->last_T, ws_->last_k}; }
-    cmatrix_view<float> last_weights() const noexcept { return {ws_->weights.data(), ws_->last_T, ws_->last_k}; }
+    cmatrix_view<float> last_logits() const noexcept { return { ws_->logits.data(), ws_->last_T, num_experts() }; }
+    cmatrix_view<std::int32_t> last_ids() const noexcept { return { ws_->ids.data(), ws_->last_T, ws_->last_k }; }
+    cmatrix_view<float> last_weights() const noexcept { return { ws_->weights.data(), ws_->last_T, ws_->last_k }; }
     const dispatch_plan& last_plan() const noexcept { return ws_->plan; }
 
     // Weight bytes the last forward call streamed: router, every expert that
@@ -285,41 +288,43 @@ public:
 
 private:
     moe_layer(cmatrix_view<float> router, expert_set experts, std::shared_ptr<moe_workspace> ws, router_options routing,
-              std::optional<shared_expert> shared, std::size_t max_tokens, int max_k)
-        : router_(router), experts_(std::move(experts)), routing_(routing), shared_(std::move(shared))
+        std::optional<shared_expert> shared, std::size_t max_tokens, int max_k)
+        : router_(router)
+        , experts_(std::move(experts))
+        , routing_(routing)
+        , shared_(std::move(shared))
     {
         constexpr const char* where = "kdial::moe_layer";
         const std::size_t E = router.rows, d = router.cols;
         detail::check(!experts_.empty(), where, ": no experts");
-        detail::check(E == experts_.size(), where, ": router weight has ", E, " rows but there are ",
-                      experts_.size(), " experts");
-        detail::check(E >= 1 && E <= std::size_t(max_experts), where, ": expert count E = ", E,
-                      " outside [1, ", max_experts, "]");
+        detail::check(E == experts_.size(), where, ": router weight has ", E, " rows but there are ", experts_.size(),
+            " experts");
+        detail::check(E >= 1 && E <= std::size_t(max_experts), where, ": expert count E = ", E, " outside [1, ",
+            max_experts, "]");
         detail::check_shape(router, E, d, where, "router weight");
-        detail::check(experts_.hidden() == d, where, ": experts have hidden size ", experts_.hidden(),
-                      ", router weight has ", d);
+        detail::check(
+            experts_.hidden() == d, where, ": experts have hidden size ", experts_.hidden(), ", router weight has ", d);
         detail::check_router_options(routing_, E, where);
         if (shared_) {
             detail::check(shared_->expert.size() == 1, where, ": shared expert set has ", shared_->expert.size(),
-                          " experts, expected 1");
+                " experts, expected 1");
             detail::check(shared_->expert.hidden() == d, where, ": shared expert has hidden size ",
-                          shared_->expert.hidden(), ", expected d = ", d);
+                shared_->expert.hidden(), ", expected d = ", d);
             if (shared_->gate.data)
                 detail::check_shape(shared_->gate, 1, d, where, "shared expert gate");
         }
         const std::size_t F = experts_.ffn(), Fs = shared_ ? shared_->expert.ffn() : 0;
         if (!ws) {
-            detail::check(max_k >= 1 && std::size_t(max_k) <= E, where, ": max_k = ", max_k, " outside [1, E = ", E,
-                          "]");
+            detail::check(
+                max_k >= 1 && std::size_t(max_k) <= E, where, ": max_k = ", max_k, " outside [1, E = ", E, "]");
             detail::check(max_tokens >= 1, where, ": max_tokens must be >= 1");
             ws = std::make_shared<moe_workspace>(max_tokens, max_tokens * std::size_t(max_k), E, d, F, Fs);
         }
         detail::check(ws->experts() >= E && ws->hidden() == d && ws->ffn() >= F && ws->shared_ffn() >= Fs, where,
-                      ": workspace (E ", ws->experts(), ", d ", ws->hidden(), ", F ", ws->ffn(), ", Fs ",
-                      ws->shared_ffn(), ") is too small for this layer (E ", E, ", d ", d, ", F ", F, ", Fs ", Fs,
-                      ")");
-        detail::check(ws->experts() == E, where, ": workspace is for E = ", ws->experts(),
-                      " experts, this layer has ", E);
+            ": workspace (E ", ws->experts(), ", d ", ws->hidden(), ", F ", ws->ffn(), ", Fs ", ws->shared_ffn(),
+            ") is too small for this layer (E ", E, ", d ", d, ", F ", F, ", Fs ", Fs, ")");
+        detail::check(
+            ws->experts() == E, where, ": workspace is for E = ", ws->experts(), " experts, this layer has ", E);
         ws_ = std::move(ws);
     }
 
@@ -327,8 +332,8 @@ private:
     static constexpr std::size_t gemm_rows = 512;
     static constexpr std::size_t min_cols = 16;
     // Target work per tile: 256 KiB of weights (GEMV) or 4 MFLOP (GEMM).
-    static constexpr std::size_t tile_bytes = std::size_t{256} << 10;
-    static constexpr std::size_t tile_flops = std::size_t{4} << 20;
+    static constexpr std::size_t tile_bytes = std::size_t { 256 } << 10;
+    static constexpr std::size_t tile_flops = std::size_t { 4 } << 20;
 
     using tile = moe_workspace::tile;
 
@@ -336,7 +341,7 @@ private:
     {
         const std::size_t d = hidden();
         detail::check(X.rows <= ws_->max_tokens(), where, ": T = ", X.rows,
-                      " exceeds the workspace's max_tokens = ", ws_->max_tokens());
+            " exceeds the workspace's max_tokens = ", ws_->max_tokens());
         detail::check_shape(X, X.rows, d, where, "X");
         detail::check_shape(out, X.rows, d, where, "out");
     }
@@ -356,12 +361,12 @@ private:
     {
         const std::size_t T = X.rows, E = num_experts(), k = std::size_t(kc);
         detail::check(k * T <= ws_->max_slots(), where, ": T * max k = ", T, " * ", kc, " exceeds the workspace's ",
-                      ws_->max_slots(), " slots");
+            ws_->max_slots(), " slots");
         const matrix_view<float> logits(ws_->logits.data(), T, E);
         compute_router_logits(X, logits);
         route_token_k(cmatrix_view<float>(logits), std::span<const token_k>(ws_->rules.data(), T), routing_,
-                      matrix_view<std::int32_t>(ws_->ids.data(), T, k), matrix_view<float>(ws_->weights.data(), T, k),
-                      std::span<int>(ws_->kept.data(), T));
+            matrix_view<std::int32_t>(ws_->ids.data(), T, k), matrix_view<float>(ws_->weights.data(), T, k),
+            std::span<int>(ws_->kept.data(), T));
         run_routed(X, k, out);
     }
 
@@ -381,14 +386,14 @@ private:
     }
 
     static void add_tiles(std::vector<tile>& tiles, std::int32_t e, std::size_t n, std::size_t cols,
-                          std::size_t col_bytes, std::size_t col_flops)
+        std::size_t col_bytes, std::size_t col_flops)
     {
         for (std::size_t r0 = 0; r0 < n; r0 += gemm_rows) {
             const std::size_t r1 = std::min(n, r0 + gemm_rows);
             const std::size_t cc = col_chunk(cols, r1 - r0, col_bytes, col_flops);
             for (std::size_t c0 = 0; c0 < cols; c0 += cc)
-                tiles.push_back({e, std::uint32_t(r0), std::uint32_t(r1), std::uint32_t(c0),
-                                 std::uint32_t(std::min(cols, c0 + cc))});
+                tiles.push_back({ e, std::uint32_t(r0), std::uint32_t(r1), std::uint32_t(c0),
+                    std::uint32_t(std::min(cols, c0 + cc)) });
         }
     }
 
@@ -413,7 +418,10 @@ private:
     }
 
     // Approximate bytes per weight, for tile sizing only.
-    static std::size_t dtype_bytes_per_weight(dtype t) noexcept { return t == dtype::f32 ? 4 : t == dtype::bf16 ? 2 : 1; }
+    static std::size_t dtype_bytes_per_weight(dtype t) noexcept
+    {
+        return t == dtype::f32 ? 4 : t == dtype::bf16 ? 2 : 1;
+    }
 
     void run_routed(cmatrix_view<float> X, std::size_t kc, matrix_view<float> out)
     {
@@ -428,8 +436,8 @@ private:
         if (shared_ && shared_->gate.data) {
             const weight_view<f32_t> g(shared_->gate.data, 1, d, shared_->gate.stride);
             parallel::for_each_tile(T, 64, [&](std::size_t t0, std::size_t t1) {
-                linear<f32_t>(g, X.sub_rows(t0, t1 - t0), 0, 1,
-                              matrix_view<float>(ws_->gate_logits.data() + t0, t1 - t0, 1));
+                linear<f32_t>(
+                    g, X.sub_rows(t0, t1 - t0), 0, 1, matrix_view<float>(ws_->gate_logits.data() + t0, t1 - t0, 1));
             });
         }
         build_tiles(T);
@@ -444,7 +452,8 @@ private:
                 const std::size_t r = std::size_t(offsets[std::size_t(tl.expert)]) + tl.r0;
                 experts_.visit([&](const auto& list) {
                     const auto& ew = list[std::size_t(tl.expert)];
-                    swiglu_gate_up(ew.gate, ew.up, cmatrix_view<float>(xs.sub_rows(r, n)), tl.c0, tl.c1, h.sub_rows(r, n));
+                    swiglu_gate_up(
+                        ew.gate, ew.up, cmatrix_view<float>(xs.sub_rows(r, n)), tl.c0, tl.c1, h.sub_rows(r, n));
                 });
             } else {
                 shared_->expert.visit([&](const auto& list) {
@@ -460,11 +469,12 @@ private:
                 const std::size_t r = std::size_t(offsets[std::size_t(tl.expert)]) + tl.r0;
                 experts_.visit([&](const auto& list) {
                     linear(list[std::size_t(tl.expert)].down, cmatrix_view<float>(h.sub_rows(r, n)), tl.c0, tl.c1,
-                           ys.sub_rows(r, n));
+                        ys.sub_rows(r, n));
                 });
             } else {
                 shared_->expert.visit([&](const auto& list) {
-                    linear(list[0].down, cmatrix_view<float>(hs.sub_rows(tl.r0, n)), tl.c0, tl.c1, s.sub_rows(tl.r0, n));
+                    linear(
+                        list[0].down, cmatrix_view<float>(hs.sub_rows(tl.r0, n)), tl.c0, tl.c1, s.sub_rows(tl.r0, n));
                 });
             }
         });

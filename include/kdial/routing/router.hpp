@@ -29,9 +29,9 @@ namespace kdial {
 // Per-model routing options (config fields in brackets).
 struct router_options {
     scoring score = scoring::softmax;
-    bool renormalize = false;                 // [norm_topk_prob] weights /= sum of the k weights
-    float scale = 1.0f;                       // [routed_scaling_factor] applied last
-    std::span<const float> selection_bias{}; // [E] added to scores for selection only, or empty
+    bool renormalize = false; // [norm_topk_prob] weights /= sum of the k weights
+    float scale = 1.0f; // [routed_scaling_factor] applied last
+    std::span<const float> selection_bias {}; // [E] added to scores for selection only, or empty
 };
 
 namespace detail {
@@ -39,11 +39,11 @@ namespace detail {
 inline void check_router_options(const router_options& opt, std::size_t num_experts, const char* where)
 {
     check(opt.selection_bias.empty() || opt.selection_bias.size() == num_experts, where, ": selection_bias has ",
-          opt.selection_bias.size(), " entries, expected E = ", num_experts);
+        opt.selection_bias.size(), " entries, expected E = ", num_experts);
     if (!opt.selection_bias.empty()) {
         const std::size_t bad = find_non_finite(opt.selection_bias.data(), opt.selection_bias.size());
         check(bad == opt.selection_bias.size(), where, ": selection_bias[", bad, "] is non-finite (",
-              bad < opt.selection_bias.size() ? opt.selection_bias[bad] : 0.0f, ")");
+            bad < opt.selection_bias.size() ? opt.selection_bias[bad] : 0.0f, ")");
     }
     check(std::isfinite(opt.scale), where, ": scale is non-finite (", opt.scale, ")");
 }
@@ -54,7 +54,7 @@ inline void check_logits_finite(cmatrix_view<float> logits, const char* where)
     for (std::size_t t = 0; t < logits.rows; ++t) {
         const std::size_t e = find_non_finite(logits.row(t), logits.cols);
         check(e == logits.cols, where, ": router logit of token ", t, ", expert ", e, " is non-finite (",
-              e < logits.cols ? logits(t, e) : 0.0f, ")");
+            e < logits.cols ? logits(t, e) : 0.0f, ")");
     }
 }
 
@@ -83,7 +83,7 @@ inline void finish_weights(float* w, int n, const router_options& opt) noexcept
 // scratch [E] used only with a bias.
 template <k_extent K>
 inline void score_and_select(const float* logits, int E, K k, const router_options& opt, float* scores, float* keys,
-                             std::int32_t* id, float* sel) noexcept
+    std::int32_t* id, float* sel) noexcept
 {
     for (int e = 0; e < E; ++e)
         scores[e] = logits[e];
@@ -100,7 +100,7 @@ inline void score_and_select(const float* logits, int E, K k, const router_optio
 // Routes tokens [t0, t1) (inputs already validated).
 template <k_extent K>
 void route_rows(cmatrix_view<float> logits, K k, const router_options& opt, matrix_view<std::int32_t> ids,
-                matrix_view<float> weights, std::size_t t0, std::size_t t1) noexcept
+    matrix_view<float> weights, std::size_t t0, std::size_t t1) noexcept
 {
     const int E = static_cast<int>(logits.cols);
     const int kk = k.value();
@@ -127,7 +127,7 @@ void route_rows(cmatrix_view<float> logits, K k, const router_options& opt, matr
 // mismatches, a bad bias or a non-finite logit.
 template <k_extent K>
 void route(cmatrix_view<float> logits, K k, const router_options& opt, matrix_view<std::int32_t> ids,
-           matrix_view<float> weights)
+    matrix_view<float> weights)
 {
     constexpr const char* where = "kdial::route";
     const std::size_t T = logits.rows, E = logits.cols;
@@ -139,9 +139,8 @@ void route(cmatrix_view<float> logits, K k, const router_options& opt, matrix_vi
     detail::check_logits_finite(logits, where);
     // About 40 ns of work per expert per token (exp + select).
     const std::size_t tile = parallel::tile_items(E * 16);
-    parallel::for_each_tile(T, tile, [&](std::size_t t0, std::size_t t1) {
-        detail::route_rows(logits, k, opt, ids, weights, t0, t1);
-    });
+    parallel::for_each_tile(
+        T, tile, [&](std::size_t t0, std::size_t t1) { detail::route_rows(logits, k, opt, ids, weights, t0, t1); });
 }
 
 // Router logits from hidden states: logits[t, e] = X[t, :] . W[e, :].
@@ -168,7 +167,7 @@ void router_logits(cmatrix_view<float> X, cmatrix_view<float> W, matrix_view<flo
 // caller-owned scratch (it holds the logits afterwards).
 template <k_extent K>
 void route(cmatrix_view<float> X, cmatrix_view<float> W, K k, const router_options& opt, matrix_view<float> logits,
-           matrix_view<std::int32_t> ids, matrix_view<float> weights)
+    matrix_view<std::int32_t> ids, matrix_view<float> weights)
 {
     constexpr const char* where = "kdial::route";
     check_k(k, static_cast<int>(W.rows), where);

@@ -19,8 +19,7 @@ enum class scoring {
 };
 
 // x <- 1 / (1 + exp(-x)) element-wise.
-template <class Arch = xsimd::default_arch>
-inline void sigmoid_inplace(float* x, std::size_t n) noexcept
+template <class Arch = xsimd::default_arch> inline void sigmoid_inplace(float* x, std::size_t n) noexcept
 {
     using B = xsimd::batch<float, Arch>;
     constexpr std::size_t W = B::size;
@@ -33,8 +32,7 @@ inline void sigmoid_inplace(float* x, std::size_t n) noexcept
 }
 
 // Applies the chosen scoring to one row in place.
-template <class Arch = xsimd::default_arch>
-inline void score_inplace(scoring s, float* x, std::size_t n) noexcept
+template <class Arch = xsimd::default_arch> inline void score_inplace(scoring s, float* x, std::size_t n) noexcept
 {
     if (s == scoring::softmax)
         softmax_inplace<Arch>(x, n);
@@ -45,8 +43,7 @@ inline void score_inplace(scoring s, float* x, std::size_t n) noexcept
 // Index of the first non-finite value in x[0..n), or n if all are finite.
 // Fast path: sum of x*0 is 0 exactly when every x is finite (inf*0 and NaN
 // give NaN).
-template <class Arch = xsimd::default_arch>
-inline std::size_t find_non_finite(const float* x, std::size_t n) noexcept
+template <class Arch = xsimd::default_arch> inline std::size_t find_non_finite(const float* x, std::size_t n) noexcept
 {
     using B = xsimd::batch<float, Arch>;
     constexpr std::size_t W = B::size;

@@ -20,8 +20,8 @@ namespace kdial {
 
 struct threshold_options {
     float p = 0.5f; // probability mass to reach, in [0, 1]
-    int k_min = 1;  // fewest experts per token
-    int k_max = 8;  // most experts per token (<= E)
+    int k_min = 1; // fewest experts per token
+    int k_max = 8; // most experts per token (<= E)
 };
 
 // Routes T tokens by threshold.
@@ -34,14 +34,13 @@ struct threshold_options {
 // k_min/k_max outside 1 <= k_min <= k_max <= E, shapes, a bad bias or a
 // non-finite logit.
 inline void route_threshold(cmatrix_view<float> logits, const threshold_options& th, const router_options& opt,
-                            matrix_view<std::int32_t> ids, matrix_view<float> weights, std::span<int> kept = {})
+    matrix_view<std::int32_t> ids, matrix_view<float> weights, std::span<int> kept = {})
 {
     constexpr const char* where = "kdial::route_threshold";
     detail::check(th.p >= 0.0f && th.p <= 1.0f, where, ": threshold p = ", th.p, " outside [0, 1]");
-    detail::check(th.k_min >= 1 && th.k_min <= th.k_max && std::size_t(th.k_max) <= logits.cols, where,
-                  ": k range [", th.k_min, ", ", th.k_max, "] must satisfy 1 <= k_min <= k_max <= E = ",
-                  logits.cols);
-    const token_k rule{th.k_min, th.k_max, th.p};
+    detail::check(th.k_min >= 1 && th.k_min <= th.k_max && std::size_t(th.k_max) <= logits.cols, where, ": k range [",
+        th.k_min, ", ", th.k_max, "] must satisfy 1 <= k_min <= k_max <= E = ", logits.cols);
+    const token_k rule { th.k_min, th.k_max, th.p };
     detail::route_kept(
         logits, [&](std::size_t) { return rule; }, opt, ids, weights, kept, where);
 }

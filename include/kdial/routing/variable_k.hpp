@@ -64,8 +64,8 @@ inline int kept_count(const float* scores, int E, const std::int32_t* ranked, co
 // prefix, drop the rest of the ids/weights row (which has >= kc columns).
 template <class RuleOf>
 void route_rows_kept(cmatrix_view<float> logits, int kc, const router_options& opt, RuleOf rule_of,
-                     matrix_view<std::int32_t> ids, matrix_view<float> weights, std::span<int> kept, std::size_t t0,
-                     std::size_t t1) noexcept
+    matrix_view<std::int32_t> ids, matrix_view<float> weights, std::span<int> kept, std::size_t t0,
+    std::size_t t1) noexcept
 {
     const int E = static_cast<int>(logits.cols);
     const int cols = static_cast<int>(ids.cols);
@@ -75,7 +75,7 @@ void route_rows_kept(cmatrix_view<float> logits, int kc, const router_options& o
     for (std::size_t t = t0; t < t1; ++t) {
         std::int32_t* id = ids.row(t);
         float* w = weights.row(t);
-        score_and_select(logits.row(t), E, dynamic_k{kc}, opt, scores, keys, id, sel);
+        score_and_select(logits.row(t), E, dynamic_k { kc }, opt, scores, keys, id, sel);
         const int n = kept_count(scores, E, id, rule_of(t));
         for (int j = 0; j < n; ++j)
             w[j] = scores[id[j]];
@@ -92,20 +92,18 @@ void route_rows_kept(cmatrix_view<float> logits, int kc, const router_options& o
 // Validation shared by the front ends; returns the largest k_max.
 template <class RuleOf>
 int check_token_rules(cmatrix_view<float> logits, std::size_t T, RuleOf rule_of, const router_options& opt,
-                      cmatrix_view<std::int32_t> ids_shape, cmatrix_view<float> w_shape, std::span<int> kept,
-                      const char* where)
+    cmatrix_view<std::int32_t> ids_shape, cmatrix_view<float> w_shape, std::span<int> kept, const char* where)
 {
     const std::size_t E = logits.cols;
-    check(E >= 1 && E <= std::size_t(max_experts), where, ": expert count E = ", E, " outside [1, ", max_experts,
-          "]");
+    check(E >= 1 && E <= std::size_t(max_experts), where, ": expert count E = ", E, " outside [1, ", max_experts, "]");
     check_shape(logits, T, E, where, "logits");
     int kc = 1;
     for (std::size_t t = 0; t < T; ++t) {
         const token_k r = rule_of(t);
         check(r.k_min >= 1 && r.k_min <= r.k_max && std::size_t(r.k_max) <= E, where, ": token ", t, " asks for k in [",
-              r.k_min, ", ", r.k_max, "], which must satisfy 1 <= k_min <= k_max <= E = ", E);
+            r.k_min, ", ", r.k_max, "], which must satisfy 1 <= k_min <= k_max <= E = ", E);
         check(r.k_min == r.k_max || (r.p >= 0.0f && r.p <= 1.0f), where, ": token ", t, ": threshold p = ", r.p,
-              " outside [0, 1]");
+            " outside [0, 1]");
         kc = r.k_max > kc ? r.k_max : kc;
     }
     check(ids_shape.cols >= std::size_t(kc), where, ": ids has ", ids_shape.cols, " columns, the largest k is ", kc);
@@ -119,15 +117,14 @@ int check_token_rules(cmatrix_view<float> logits, std::size_t T, RuleOf rule_of,
 
 template <class RuleOf>
 void route_kept(cmatrix_view<float> logits, RuleOf rule_of, const router_options& opt, matrix_view<std::int32_t> ids,
-                matrix_view<float> weights, std::span<int> kept, const char* where)
+    matrix_view<float> weights, std::span<int> kept, const char* where)
 {
     const std::size_t T = logits.rows, E = logits.cols;
-    const int kc = check_token_rules(logits, T, rule_of, opt, cmatrix_view<std::int32_t>(ids),
-                                     cmatrix_view<float>(weights), kept, where);
+    const int kc = check_token_rules(
+        logits, T, rule_of, opt, cmatrix_view<std::int32_t>(ids), cmatrix_view<float>(weights), kept, where);
     const std::size_t tile = parallel::tile_items(E * 16);
-    parallel::for_each_tile(T, tile, [&](std::size_t t0, std::size_t t1) {
-        route_rows_kept(logits, kc, opt, rule_of, ids, weights, kept, t0, t1);
-    });
+    parallel::for_each_tile(T, tile,
+        [&](std::size_t t0, std::size_t t1) { route_rows_kept(logits, kc, opt, rule_of, ids, weights, kept, t0, t1); });
 }
 
 } // namespace detail
@@ -142,12 +139,16 @@ void route_kept(cmatrix_view<float> logits, RuleOf rule_of, const router_options
 // Throws kdial::error (writing nothing) on a k outside [1, E], shapes, a bad
 // bias or a non-finite logit.
 inline void route_variable_k(cmatrix_view<float> logits, std::span<const int> k, const router_options& opt,
-                             matrix_view<std::int32_t> ids, matrix_view<float> weights)
+    matrix_view<std::int32_t> ids, matrix_view<float> weights)
 {
     constexpr const char* where = "kdial::route_variable_k";
     detail::check(k.size() == logits.rows, where, ": ", k.size(), " k values for T = ", logits.rows, " tokens");
     detail::route_kept(
-        logits, [&](std::size_t t) { return token_k{k[t], k[t], 1.0f}; }, opt, ids, weights, {}, where);
+        logits,
+        [&](std::size_t t) {
+            return token_k { k[t], k[t], 1.0f };
+        },
+        opt, ids, weights, {}, where);
 }
 
 // Routes T tokens, token t by its own rule (a k, or a threshold in a range).
@@ -156,7 +157,7 @@ inline void route_variable_k(cmatrix_view<float> logits, std::span<const int> k,
 //   weights [T, kc]  out
 //   kept    [T]      out (optional): how many experts each token kept
 inline void route_token_k(cmatrix_view<float> logits, std::span<const token_k> rules, const router_options& opt,
-                          matrix_view<std::int32_t> ids, matrix_view<float> weights, std::span<int> kept = {})
+    matrix_view<std::int32_t> ids, matrix_view<float> weights, std::span<int> kept = {})
 {
     constexpr const char* where = "kdial::route_token_k";
     detail::check(rules.size() == logits.rows, where, ": ", rules.size(), " rules for T = ", logits.rows, " tokens");

@@ -10,16 +10,15 @@
 
 namespace kdial::simd {
 
-template <class Arch = xsimd::default_arch>
-using fbatch = xsimd::batch<float, Arch>;
+template <class Arch = xsimd::default_arch> using fbatch = xsimd::batch<float, Arch>;
 
 // Fused multiply-add x * y + z with one rounding, on every arch.
 // xsimd 8.1 has no avx512f fma kernel and falls back to x * y + z, which
 // the compiler may or may not contract (it differs between -O2 and -O3), so
 // results would depend on the optimiser. This wrapper always fuses.
 template <class A>
-inline xsimd::batch<float, A> fma(const xsimd::batch<float, A>& x, const xsimd::batch<float, A>& y,
-                                  const xsimd::batch<float, A>& z) noexcept
+inline xsimd::batch<float, A> fma(
+    const xsimd::batch<float, A>& x, const xsimd::batch<float, A>& y, const xsimd::batch<float, A>& z) noexcept
 {
 #if XSIMD_VERSION_MAJOR < 9 && defined(__AVX512F__)
     if constexpr (std::is_base_of_v<xsimd::avx512f, A>)
@@ -30,8 +29,7 @@ inline xsimd::batch<float, A> fma(const xsimd::batch<float, A>& x, const xsimd::
 }
 
 // Sum of the lanes of b.
-template <class T, class A>
-inline T hsum(const xsimd::batch<T, A>& b) noexcept
+template <class T, class A> inline T hsum(const xsimd::batch<T, A>& b) noexcept
 {
 #if XSIMD_VERSION_MAJOR >= 9
     return xsimd::reduce_add(b);
@@ -41,8 +39,7 @@ inline T hsum(const xsimd::batch<T, A>& b) noexcept
 }
 
 // Largest lane of b.
-template <class T, class A>
-inline T hmax(const xsimd::batch<T, A>& b) noexcept
+template <class T, class A> inline T hmax(const xsimd::batch<T, A>& b) noexcept
 {
 #if XSIMD_VERSION_MAJOR >= 9
     return xsimd::reduce_max(b);

@@ -17,14 +17,11 @@
 
 namespace kdial::simd {
 
-template <class Arch>
-inline constexpr bool is_avx512_arch = std::is_base_of_v<xsimd::avx512f, Arch>;
-template <class Arch>
-inline constexpr bool is_avx2_arch = std::is_base_of_v<xsimd::avx2, Arch>;
+template <class Arch> inline constexpr bool is_avx512_arch = std::is_base_of_v<xsimd::avx512f, Arch>;
+template <class Arch> inline constexpr bool is_avx2_arch = std::is_base_of_v<xsimd::avx2, Arch>;
 
 // batch::size consecutive bf16 values from p (any alignment), widened to f32.
-template <class Arch = xsimd::default_arch>
-inline xsimd::batch<float, Arch> load_bf16(const bf16* p) noexcept
+template <class Arch = xsimd::default_arch> inline xsimd::batch<float, Arch> load_bf16(const bf16* p) noexcept
 {
     using B = xsimd::batch<float, Arch>;
     if constexpr (is_avx512_arch<Arch> && B::size == 16) {
@@ -45,8 +42,7 @@ inline xsimd::batch<float, Arch> load_bf16(const bf16* p) noexcept
 }
 
 // batch::size consecutive int8 values from q (any alignment), as f32.
-template <class Arch = xsimd::default_arch>
-inline xsimd::batch<float, Arch> load_i8(const std::int8_t* q) noexcept
+template <class Arch = xsimd::default_arch> inline xsimd::batch<float, Arch> load_i8(const std::int8_t* q) noexcept
 {
     using B = xsimd::batch<float, Arch>;
     if constexpr (is_avx512_arch<Arch> && B::size == 16) {
@@ -66,18 +62,26 @@ inline xsimd::batch<float, Arch> load_i8(const std::int8_t* q) noexcept
 }
 
 // Logical elements per storage element (q8: a block of 32).
-template <class S>
-inline constexpr std::size_t weight_group = std::is_same_v<S, q8_block> ? q8_block_size : 1;
+template <class S> inline constexpr std::size_t weight_group = std::is_same_v<S, q8_block> ? q8_block_size : 1;
 
 // A read hint for the cache line holding p (no effect on results).
-inline void prefetch(const void* p) noexcept { __builtin_prefetch(p, 0, 3); }
+inline void prefetch(const void* p) noexcept
+{
+    __builtin_prefetch(p, 0, 3);
+}
 // A read hint that stops at the second-level cache (prefetcht1 on x86), for
 // data needed after the L1-resident working set has moved on.
-inline void prefetch_l2(const void* p) noexcept { __builtin_prefetch(p, 0, 2); }
+inline void prefetch_l2(const void* p) noexcept
+{
+    __builtin_prefetch(p, 0, 2);
+}
 
 // The dequantised value of element i (< q8_block_size) of a q8 block:
 // scale * q, one f32 product. Vector and scalar paths give the same value.
-inline float dequant(const q8_block& b, std::size_t i) noexcept { return b.scale * static_cast<float>(b.q[i]); }
+inline float dequant(const q8_block& b, std::size_t i) noexcept
+{
+    return b.scale * static_cast<float>(b.q[i]);
+}
 
 // Elements [i, i + batch::size) of a q8 block, dequantised (scale * q).
 // Requires i + batch::size <= q8_block_size.
@@ -89,8 +93,14 @@ inline xsimd::batch<float, Arch> load_q8(const q8_block& b, std::size_t i) noexc
 
 // Element k of a weight row in storage format W, as f32 (scalar tails,
 // packing and references).
-inline float weight_at(const float* row, std::size_t k) noexcept { return row[k]; }
-inline float weight_at(const bf16* row, std::size_t k) noexcept { return row[k].to_float(); }
+inline float weight_at(const float* row, std::size_t k) noexcept
+{
+    return row[k];
+}
+inline float weight_at(const bf16* row, std::size_t k) noexcept
+{
+    return row[k].to_float();
+}
 inline float weight_at(const q8_block* row, std::size_t k) noexcept
 {
     return dequant(row[k / q8_block_size], k % q8_block_size);

@@ -13,8 +13,7 @@
 namespace kdial::simd {
 
 // sum_i a[i] * b[i]
-template <class Arch = xsimd::default_arch>
-inline float dot(const float* a, const float* b, std::size_t n) noexcept
+template <class Arch = xsimd::default_arch> inline float dot(const float* a, const float* b, std::size_t n) noexcept
 {
     using B = xsimd::batch<float, Arch>;
     constexpr std::size_t W = B::size;
@@ -61,13 +60,15 @@ inline void scale_to(float alpha, const float* x, float* y, std::size_t n) noexc
 }
 
 // silu(z) = z / (1 + exp(-z)), on a batch.
-template <class A>
-inline xsimd::batch<float, A> silu(const xsimd::batch<float, A>& z) noexcept
+template <class A> inline xsimd::batch<float, A> silu(const xsimd::batch<float, A>& z) noexcept
 {
     return z / (xsimd::batch<float, A>(1.0f) + xsimd::exp(-z));
 }
 
 // silu on a scalar with the same formula (for tails and references).
-inline float silu(float z) noexcept { return z / (1.0f + std::exp(-z)); }
+inline float silu(float z) noexcept
+{
+    return z / (1.0f + std::exp(-z));
+}
 
 } // namespace kdial::simd
