@@ -137,24 +137,11 @@ template <kdial::weight_type W> void bm_expert(benchmark::State& state)
 
 } // namespace
 
-BENCHMARK_TEMPLATE(bm_expert, kdial::f32_t)
-    ->Arg(1)
-    ->Arg(4)
-    ->Arg(64)
-    ->Arg(512)
-    ->Unit(benchmark::kMillisecond)
-    ->MinTime(0.3);
-BENCHMARK_TEMPLATE(bm_expert, kdial::bf16_t)
-    ->Arg(1)
-    ->Arg(4)
-    ->Arg(64)
-    ->Arg(512)
-    ->Unit(benchmark::kMillisecond)
-    ->MinTime(0.3);
-BENCHMARK_TEMPLATE(bm_expert, kdial::q8_t)
-    ->Arg(1)
-    ->Arg(4)
-    ->Arg(64)
-    ->Arg(512)
-    ->Unit(benchmark::kMillisecond)
-    ->MinTime(0.3);
+// n rows in {1, 4, 64, 512}, milliseconds, at least 0.3 s per case.
+static void expert_args(benchmark::internal::Benchmark* b)
+{
+    b->Arg(1)->Arg(4)->Arg(64)->Arg(512)->Unit(benchmark::kMillisecond)->MinTime(0.3);
+}
+BENCHMARK_TEMPLATE(bm_expert, kdial::f32_t)->Apply(expert_args);
+BENCHMARK_TEMPLATE(bm_expert, kdial::bf16_t)->Apply(expert_args);
+BENCHMARK_TEMPLATE(bm_expert, kdial::q8_t)->Apply(expert_args);

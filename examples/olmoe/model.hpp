@@ -198,13 +198,14 @@ public:
                 L.moe->forward(a, seqs[0].route.k_per_layer[l], tmp);
             else {
                 std::size_t t = 0;
-                for (const auto& q : seqs)
-                    for (std::size_t i = 0; i < q.tokens.size(); ++i, ++t) {
-                        const int k = q.route.threshold ? 0 : q.route.k_per_layer[l];
-                        rules_[t] = q.route.threshold ? kdial::token_k { q.route.threshold->k_min,
-                            q.route.threshold->k_max, q.route.threshold->p }
-                                                      : kdial::token_k { k, k, 1.0f };
-                    }
+                for (const auto& q : seqs) {
+                    const auto& th = q.route.threshold;
+                    const int k = th ? 0 : q.route.k_per_layer[l];
+                    const kdial::token_k rule
+                        = th ? kdial::token_k { th->k_min, th->k_max, th->p } : kdial::token_k { k, k, 1.0f };
+                    std::fill_n(rules_.begin() + std::ptrdiff_t(t), q.tokens.size(), rule);
+                    t += q.tokens.size();
+                }
                 L.moe->forward_token_k(a, std::span<const kdial::token_k>(rules_.data(), T), tmp);
             }
             if (!L.dense)
@@ -285,16 +286,14 @@ public:
     }
 
     kdial::moe_layer& moe(std::size_t layer) { return *w_.layers[layer].moe; }
+    const kdial::moe_layer& moe(std::size_t layer) const { return *w_.layers[layer].moe; }
 
 private:
     static void add_inplace(matrix_view<float> h, cmatrix_view<float> x)
     {
-        for (std::size_t t = 0; t < h.rows; ++t) {
-            float* a = h.row(t);
-            const float* b = x.row(t);
-            for (std::size_t i = 0; i < h.cols; ++i)
-                a[i] += b[i];
-        }
+        // fma(1, x, h) rounds exactly like h + x.
+        for (std::size_t t = 0; t < h.rows; ++t)
+            kdial::simd::axpy(1.0f, x.row(t), h.row(t), h.cols);
     }
 
     void embed(std::span<const std::int32_t> tokens, matrix_view<float> h) const
@@ -317,15 +316,6 @@ private:
                 }
             },
             w_.embed);
-    }
-
-    static void add_bias(matrix_view<float> x, const std::vector<float>& b)
-    {
-        if (b.empty())
-            return;
-        for (std::size_t t = 0; t < x.rows; ++t)
-            for (std::size_t i = 0; i < x.cols; ++i)
-                x(t, i) += b[i];
     }
 
     static void clip(matrix_view<float> x, float c)
@@ -441,7 +431,7 @@ private:
                     kdial::simd::axpy(s[j], Vc + (j0 + j) * hd, ov, hd);
             }
         });
-        kdial::dense_linear(A.o, cmatrix_view<float>(o), out, A.o_bias.empty() ? nullptr : A.o_bias.data());
+        kdial::dense_linear(A.o, cmatrix_view<float>(o), out, bias(A.o_bias));
     }
 
     struct att_tile {

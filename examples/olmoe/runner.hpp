@@ -19,7 +19,7 @@ inline std::size_t chunk_for(const model& m, std::span<const int> ks)
     const int kmax = *std::max_element(ks.begin(), ks.end());
     std::size_t c = m.max_chunk();
     for (std::size_t l = 0; l < std::size_t(m.config().layers); ++l) {
-        auto& L = const_cast<model&>(m).moe(l);
+        const auto& L = m.moe(l);
         while (c > 1 && L.max_k(c) < std::min(kmax, int(L.num_experts())))
             c /= 2;
     }
@@ -34,15 +34,9 @@ inline void prefill(model& m, std::span<const std::int32_t> tokens, kv_cache& ca
     const std::size_t chunk = chunk_for(m, ks);
     for (std::size_t t0 = 0; t0 < tokens.size(); t0 += chunk) {
         const std::size_t n = std::min(chunk, tokens.size() - t0);
-        const bool last = t0 + n == tokens.size();
-        if (all_logits)
-            m.forward(tokens.subspan(t0, n), cache, ks, logits.sub_rows(t0, n), true);
-        else if (last)
-            m.forward(tokens.subspan(t0, n), cache, ks, logits, false);
-        else {
-            // Intermediate chunks: logits of their last token are discarded.
-            m.forward(tokens.subspan(t0, n), cache, ks, logits, false);
-        }
+        // Without all_logits every chunk overwrites the one row; the last
+        // chunk's is the one that stays.
+        m.forward(tokens.subspan(t0, n), cache, ks, all_logits ? logits.sub_rows(t0, n) : logits, all_logits);
     }
 }
 

@@ -56,14 +56,16 @@ public:
         return ck_->read_floats(name);
     }
 
-    // A [rows, cols] matrix (or a row slice [row0, row0 + rows) of a tensor
-    // whose shape is given in full by `shape`) as a weight view.
+    // The [rows, cols] tensor `name` as a weight view (shape checked).
     any_weight_view linear(const std::string& name, std::size_t rows, std::size_t cols, bool quantise = true)
     {
         ck_->expect(name, { rows, cols });
         return slice(name, 0, rows, cols, quantise);
     }
 
+    // Rows [row0, row0 + rows) of `name` read as a [., cols] matrix (the
+    // caller has checked the tensor's shape), as a weight view: in place for
+    // aligned BF16 / F32, else widened to f32; quantised to q8 with int8.
     any_weight_view slice(
         const std::string& name, std::size_t row0, std::size_t rows, std::size_t cols, bool quantise = true)
     {
@@ -117,9 +119,9 @@ private:
     static std::vector<float> floats(
         const kdial::io::tensor_info& t, const std::string& file, std::size_t off, std::size_t n)
     {
-        std::vector<float> all(t.numel());
-        kdial::io::detail::read_floats(t, all, file);
-        return std::vector<float>(all.begin() + std::ptrdiff_t(off), all.begin() + std::ptrdiff_t(off + n));
+        std::vector<float> out(n);
+        kdial::io::detail::read_floats_range(t, off, out, file);
+        return out;
     }
 
     std::shared_ptr<kdial::io::safetensors_checkpoint> ck_;

@@ -22,15 +22,7 @@ inline int kept_count(const float* logits_row, int E, const token_k& r, const ro
         return r.k_min;
     if (r.p >= 1.0f)
         return r.k_max;
-    std::vector<float> s(logits_row, logits_row + E);
-    score_inplace(opt.score, s.data(), s.size());
-    std::vector<float> key = s;
-    if (!opt.selection_bias.empty())
-        for (int e = 0; e < E; ++e)
-            key[e] = s[e] + opt.selection_bias[e];
-    std::vector<int> order(E);
-    std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return key[a] > key[b]; });
+    const auto [s, order] = rank(logits_row, E, opt);
     double total = 0, cum = 0;
     for (float v : s)
         total += v;

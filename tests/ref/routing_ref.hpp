@@ -19,21 +19,33 @@ struct routing {
     std::vector<float> weights; // [T, k]
 };
 
+// One token's scores [E] and the experts ranked by score + selection bias
+// (a stable sort: ties keep the lower id first).
+struct ranking {
+    std::vector<float> scores;
+    std::vector<int> order;
+};
+
+inline ranking rank(const float* logits_row, int E, const router_options& opt)
+{
+    ranking r { std::vector<float>(logits_row, logits_row + E), std::vector<int>(std::size_t(E)) };
+    score_inplace(opt.score, r.scores.data(), r.scores.size());
+    std::vector<float> key = r.scores;
+    if (!opt.selection_bias.empty())
+        for (int e = 0; e < E; ++e)
+            key[e] = r.scores[e] + opt.selection_bias[e];
+    std::iota(r.order.begin(), r.order.end(), 0);
+    std::stable_sort(r.order.begin(), r.order.end(), [&](int a, int b) { return key[a] > key[b]; });
+    return r;
+}
+
 inline routing route(const std::vector<float>& logits, std::size_t T, int E, int k, const router_options& opt)
 {
     routing r;
     r.ids.resize(T * std::size_t(k));
     r.weights.resize(T * std::size_t(k));
     for (std::size_t t = 0; t < T; ++t) {
-        std::vector<float> s(logits.begin() + std::ptrdiff_t(t * E), logits.begin() + std::ptrdiff_t((t + 1) * E));
-        score_inplace(opt.score, s.data(), s.size());
-        std::vector<float> key = s;
-        if (!opt.selection_bias.empty())
-            for (int e = 0; e < E; ++e)
-                key[e] = s[e] + opt.selection_bias[e];
-        std::vector<int> order(E);
-        std::iota(order.begin(), order.end(), 0);
-        std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return key[a] > key[b]; });
+        const auto [s, order] = rank(logits.data() + t * E, E, opt);
         float sum = 0.0f;
         for (int j = 0; j < k; ++j) {
             r.ids[t * k + j] = order[j];

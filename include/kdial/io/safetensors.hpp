@@ -485,35 +485,41 @@ template <st_viewable T> cmatrix_view<T> typed_matrix(const tensor_info& t, std:
 }
 
 // F32, BF16 or F16 -> float, any alignment (element bytes are memcpy'd).
+// Elements [first, first + out.size()) of t (F32 / BF16 / F16) as floats,
+// for any alignment of the data.
+inline void read_floats_range(const tensor_info& t, std::size_t first, std::span<float> out, std::string_view file_name)
+{
+    if (first > t.numel() || out.size() > t.numel() - first)
+        throw error(cat(file_name, ": tensor '", t.name, "' has ", t.numel(), " elements (shape ", shape_str(t.shape),
+            "), elements [", first, ", ", first + out.size(), ") were asked for"));
+    switch (t.dtype) {
+    case st_dtype::f32:
+        if (!out.empty())
+            std::memcpy(out.data(), t.bytes.data() + 4 * first, out.size() * sizeof(float));
+        return;
+    case st_dtype::bf16:
+    case st_dtype::f16: {
+        const std::byte* src = t.bytes.data() + 2 * first;
+        const bool bf = t.dtype == st_dtype::bf16;
+        for (std::size_t i = 0; i < out.size(); ++i) {
+            std::uint16_t b;
+            std::memcpy(&b, src + 2 * i, 2);
+            out[i] = bf ? std::bit_cast<float>(static_cast<std::uint32_t>(b) << 16) : half_to_float(b);
+        }
+        return;
+    }
+    default:
+        throw error(cat(file_name, ": tensor '", t.name, "' is ", st_dtype_name(t.dtype),
+            ", read_floats() reads F32, BF16 or F16"));
+    }
+}
+
 inline void read_floats(const tensor_info& t, std::span<float> out, std::string_view file_name)
 {
     if (out.size() != t.numel())
         throw error(cat(file_name, ": tensor '", t.name, "' has ", t.numel(), " elements (shape ", shape_str(t.shape),
             "), the output buffer ", out.size()));
-    const std::byte* src = t.bytes.data();
-    switch (t.dtype) {
-    case st_dtype::f32:
-        if (!out.empty())
-            std::memcpy(out.data(), src, out.size() * sizeof(float));
-        return;
-    case st_dtype::bf16:
-        for (std::size_t i = 0; i < out.size(); ++i) {
-            std::uint16_t b;
-            std::memcpy(&b, src + 2 * i, 2);
-            out[i] = std::bit_cast<float>(static_cast<std::uint32_t>(b) << 16);
-        }
-        return;
-    case st_dtype::f16:
-        for (std::size_t i = 0; i < out.size(); ++i) {
-            std::uint16_t b;
-            std::memcpy(&b, src + 2 * i, 2);
-            out[i] = half_to_float(b);
-        }
-        return;
-    default:
-        throw error(cat(file_name, ": tensor '", t.name, "' is ", st_dtype_name(t.dtype),
-            ", read_floats() reads F32, BF16 or F16"));
-    }
+    read_floats_range(t, 0, out, file_name);
 }
 
 inline const tensor_info& check_shape(
