@@ -4,6 +4,7 @@
 // long work shows progress on stderr.
 #include "config.hpp"
 #include "model.hpp"
+#include "parse.hpp"
 #include "runner.hpp"
 #include "schedule.hpp"
 #include "svg.hpp"
@@ -151,12 +152,10 @@ struct args {
 
 long parse_int(const std::string& flag, const std::string& v, long lo, long hi)
 {
-    char* end = nullptr;
-    errno = 0;
-    const long x = std::strtol(v.c_str(), &end, 10);
-    if (v.empty() || *end || errno || x < lo || x > hi)
+    const auto x = olmoe::parse_long(v);
+    if (!x || *x < lo || *x > hi)
         throw usage_error(cat("--", flag, " expects an integer in [", lo, ", ", hi, "], got '", v, "'"));
-    return x;
+    return *x;
 }
 
 std::vector<int> parse_int_list(const std::string& flag, const std::string& v, long lo, long hi)

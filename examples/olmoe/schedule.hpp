@@ -4,10 +4,10 @@
 // kdial::error naming the item.
 #pragma once
 
+#include "parse.hpp"
+
 #include <kdial/core/error.hpp>
 
-#include <cerrno>
-#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -16,12 +16,9 @@ namespace olmoe {
 namespace detail {
 inline long schedule_int(const std::string& item, const std::string& s)
 {
-    char* end = nullptr;
-    errno = 0;
-    const long x = std::strtol(s.c_str(), &end, 10);
-    kdial::detail::check(!s.empty() && !*end && !errno && s[0] != '+' && s[0] != ' ', "--k-schedule: '", item, "': '",
-        s, "' is not an integer");
-    return x;
+    const auto x = parse_long(s);
+    kdial::detail::check(x && s[0] != '+' && s[0] != ' ', "--k-schedule: '", item, "': '", s, "' is not an integer");
+    return *x;
 }
 } // namespace detail
 

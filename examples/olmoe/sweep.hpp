@@ -250,12 +250,10 @@ inline std::vector<std::int32_t> parse_token_ids(const std::string& text, const 
         while (j < text.size() && text[j] != ',' && !std::isspace(static_cast<unsigned char>(text[j])))
             ++j;
         const std::string s = text.substr(i, j - i);
-        char* end = nullptr;
-        errno = 0;
-        const long v = std::strtol(s.c_str(), &end, 10);
-        check(!*end && !errno && v >= 0 && v < vocab, name, ": '", s, "' (token ", ids.size(),
+        const auto v = parse_long(s);
+        check(v && *v >= 0 && *v < vocab, name, ": '", s, "' (token ", ids.size(),
             ") is not a token id in [0, vocab_size = ", vocab, ")");
-        ids.push_back(std::int32_t(v));
+        ids.push_back(std::int32_t(*v));
         i = j;
     }
     return ids;
