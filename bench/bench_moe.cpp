@@ -22,6 +22,7 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -45,7 +46,7 @@ template <kdial::weight_type W> struct layer_storage {
     using S = typename W::storage;
     std::vector<S> gate, up, down;
     std::vector<float> router;
-    std::unique_ptr<kdial::moe_layer> layer;
+    std::optional<kdial::moe_weights> layer;
 
     static void fill(std::vector<S>& v, std::size_t n, std::uint64_t seed, float scale)
     {
@@ -67,7 +68,7 @@ template <kdial::weight_type W> struct layer_storage {
             });
     }
 
-    layer_storage(std::uint64_t seed, std::size_t max_tokens)
+    explicit layer_storage(std::uint64_t seed)
     {
         const std::size_t row_d = kdial::storage_cols<W>(d_model), row_f = kdial::storage_cols<W>(d_ffn);
         fill(gate, n_experts * d_ffn * row_d, seed * 3 + 0, 0.03f);
@@ -76,28 +77,23 @@ template <kdial::weight_type W> struct layer_storage {
         router.resize(n_experts * d_model);
         for (std::size_t i = 0; i < router.size(); ++i)
             router[i] = 0.05f * unit(seed * 1000003 + i);
-        std::vector<kdial::expert_weights<W>> ex;
-        for (std::size_t e = 0; e < n_experts; ++e)
-            ex.push_back({ kdial::weight_view<W>(gate.data() + e * d_ffn * row_d, d_ffn, d_model),
-                kdial::weight_view<W>(up.data() + e * d_ffn * row_d, d_ffn, d_model),
-                kdial::weight_view<W>(down.data() + e * d_model * row_f, d_model, d_ffn) });
-        layer = std::make_unique<kdial::moe_layer>(kdial::cmatrix_view<float>(router.data(), n_experts, d_model),
-            kdial::expert_set(std::move(ex), d_model, d_ffn), max_tokens, 8);
+        // Stacked tensors: gate, up [E, F, d], down [E, d, F].
+        using SW = kdial::stacked_weight<W>;
+        layer.emplace(kdial::cmatrix_view<float>(router.data(), n_experts, d_model),
+            kdial::expert_set::stacked(n_experts, SW { gate.data(), d_ffn, d_model }, SW { up.data(), d_ffn, d_model },
+                SW { down.data(), d_model, d_ffn }));
     }
 };
 
 // A pool of layers holding at least `min_bytes` of expert weights (cached
 // across benchmarks of the same format and size).
-template <kdial::weight_type W>
-std::vector<std::unique_ptr<layer_storage<W>>>& pool(std::size_t layers, std::size_t max_tokens)
+template <kdial::weight_type W> std::vector<std::unique_ptr<layer_storage<W>>>& pool(std::size_t layers)
 {
     static std::vector<std::unique_ptr<layer_storage<W>>> p;
-    static std::size_t cached_tokens = 0;
-    if (p.size() != layers || cached_tokens != max_tokens) {
+    if (p.size() != layers) {
         p.clear();
         for (std::size_t i = 0; i < layers; ++i)
-            p.push_back(std::make_unique<layer_storage<W>>(i + 1, max_tokens));
-        cached_tokens = max_tokens;
+            p.push_back(std::make_unique<layer_storage<W>>(i + 1));
     }
     return p;
 }
@@ -112,7 +108,8 @@ template <kdial::weight_type W> void bm_moe(benchmark::State& state)
     const std::size_t layer_bytes
         = n_experts * 3 * d_ffn * kdial::storage_cols<W>(d_model) * sizeof(typename W::storage);
     const std::size_t layers = T == 1 ? (std::size_t(2) << 30) / layer_bytes + 1 : 1;
-    auto& p = pool<W>(layers, T);
+    auto& p = pool<W>(layers);
+    kdial::moe_workspace ws(p[0]->layer->shape(T, 8)); // one stream's scratch, shared by the layers
     // A few different token batches so routing varies between calls.
     std::vector<std::vector<float>> xs(8, std::vector<float>(T * d_model));
     for (std::size_t b = 0; b < xs.size(); ++b)
@@ -122,16 +119,16 @@ template <kdial::weight_type W> void bm_moe(benchmark::State& state)
     double secs = 0, bytes = 0;
     std::size_t it = 0;
     for (auto _ : state) {
-        auto& L = *p[it % p.size()]->layer;
+        const auto& L = *p[it % p.size()]->layer;
         const auto& x = xs[it % xs.size()];
         ++it;
         const auto t0 = std::chrono::steady_clock::now();
         arena.execute([&] {
-            L.forward(
-                kdial::cmatrix_view<float>(x.data(), T, d_model), k, kdial::matrix_view<float>(out.data(), T, d_model));
+            kdial::moe::forward(L, ws, kdial::cmatrix_view<float>(x.data(), T, d_model), k,
+                kdial::matrix_view<float>(out.data(), T, d_model));
         });
         secs += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        bytes += double(L.last_weight_bytes());
+        bytes += double(kdial::moe::weight_bytes(L, ws));
         benchmark::DoNotOptimize(out.data());
     }
     const double n = double(state.iterations());

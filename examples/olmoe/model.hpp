@@ -39,7 +39,7 @@ struct layer_weights {
     std::vector<float> input_norm, post_norm; // [d]
     attention_weights attn;
     std::vector<float> router; // [E, d] f32 (or [1, d] zeros for a dense layer)
-    std::unique_ptr<kdial::moe_layer> moe;
+    std::optional<kdial::moe_weights> moe; // views of router and the experts
     bool dense = false; // a dense MLP run as a one-expert layer
 };
 
@@ -54,6 +54,9 @@ struct model_weights {
     std::shared_ptr<void> keep_alive;
     std::vector<std::vector<kdial::q8_block>> owned_q8;
     std::vector<std::vector<float>> owned_f32;
+    // Workspace shapes of the MoE layers and of the dense MLP layers (run as
+    // one-expert layers); experts == 0: no such layer.
+    kdial::moe_shape moe_shape {}, dense_shape {};
 };
 
 // The KV cache of one sequence: post-RoPE keys and values per layer.
@@ -115,6 +118,12 @@ public:
         cos_.resize(max_chunk * std::size_t(c.head_dim / 2));
         sin_.resize(cos_.size());
         rules_.resize(max_chunk);
+        // One workspace for all MoE layers (they run one after another), one
+        // for the dense MLP layers.
+        if (w_.moe_shape.experts)
+            moe_ws_.emplace(w_.moe_shape);
+        if (w_.dense_shape.experts)
+            dense_ws_.emplace(w_.dense_shape);
     }
 
     const model_config& config() const noexcept { return w_.cfg; }
@@ -185,6 +194,7 @@ public:
             r0 += q.tokens.size();
         }
         last_assignments_ = 0;
+        last_moe_bytes_ = 0;
         last_tokens_ = T;
         for (std::size_t l = 0; l < w_.layers.size(); ++l) {
             auto& L = w_.layers[l];
@@ -192,10 +202,12 @@ public:
             attention(l, a, seqs, tmp);
             add_inplace(h, tmp);
             kdial::rmsnorm(h, L.post_norm.data(), c.rms_norm_eps, a);
+            // The MoE output is added into the residual stream h.
+            constexpr auto acc = kdial::combine_mode::accumulate;
             if (L.dense)
-                L.moe->forward(a, 1, tmp);
+                kdial::moe::forward(*L.moe, *dense_ws_, a, kdial::fixed_k<1> {}, h, acc);
             else if (uniform)
-                L.moe->forward(a, seqs[0].route.k_per_layer[l], tmp);
+                kdial::moe::forward(*L.moe, *moe_ws_, a, seqs[0].route.k_per_layer[l], h, acc);
             else {
                 std::size_t t = 0;
                 for (const auto& q : seqs) {
@@ -206,11 +218,13 @@ public:
                     std::fill_n(rules_.begin() + std::ptrdiff_t(t), q.tokens.size(), rule);
                     t += q.tokens.size();
                 }
-                L.moe->forward_token_k(a, std::span<const kdial::token_k>(rules_.data(), T), tmp);
+                kdial::moe::forward(*L.moe, *moe_ws_, a,
+                    kdial::per_token_rules { std::span<const kdial::token_k>(rules_.data(), T) }, h, acc);
             }
+            const kdial::moe_workspace& ws = L.dense ? *dense_ws_ : *moe_ws_;
             if (!L.dense)
-                last_assignments_ += L.moe->last_assignments();
-            add_inplace(h, tmp);
+                last_assignments_ += ws.assignments();
+            last_moe_bytes_ += kdial::moe::weight_bytes(*L.moe, ws);
         }
         // Final norm of the rows whose logits are wanted, gathered in order.
         std::size_t src = 0, dst = 0;
@@ -230,8 +244,11 @@ public:
     void set_renormalize(bool on)
     {
         for (auto& L : w_.layers)
-            if (!L.dense)
-                L.moe->set_renormalize(on);
+            if (!L.dense) {
+                kdial::router_options r = L.moe->routing();
+                r.renormalize = on;
+                L.moe = L.moe->with_routing(r);
+            }
     }
 
     // (token, expert) assignments the experts ran in the last forward call,
@@ -271,22 +288,21 @@ public:
     }
 
     // Weight bytes one decoded token streams at the given k per layer, with
-    // the experts actually used in the last forward call (attention, norms,
-    // routers, experts, shared experts, lm_head; the embedding row is
-    // negligible).
+    // the experts each layer actually used in the last forward call
+    // (attention, norms, routers, experts, shared experts, lm_head; the
+    // embedding row is negligible).
     std::size_t last_decode_bytes() const
     {
-        std::size_t b = kdial::bytes_of(w_.lm_head);
-        for (const auto& L : w_.layers) {
+        std::size_t b = kdial::bytes_of(w_.lm_head) + last_moe_bytes_;
+        for (const auto& L : w_.layers)
             b += kdial::bytes_of(L.attn.q) + kdial::bytes_of(L.attn.k) + kdial::bytes_of(L.attn.v)
                 + kdial::bytes_of(L.attn.o);
-            b += L.moe->last_weight_bytes();
-        }
         return b;
     }
 
-    kdial::moe_layer& moe(std::size_t layer) { return *w_.layers[layer].moe; }
-    const kdial::moe_layer& moe(std::size_t layer) const { return *w_.layers[layer].moe; }
+    const kdial::moe_weights& moe(std::size_t layer) const { return *w_.layers[layer].moe; }
+    // Largest k a forward call of T tokens may use in every MoE layer.
+    int max_k(std::size_t T) const noexcept { return moe_ws_ ? moe_ws_->max_k(T) : w_.cfg.experts; }
 
 private:
     static void add_inplace(matrix_view<float> h, cmatrix_view<float> x)
@@ -446,7 +462,8 @@ private:
     std::vector<float> h_, a_, q_, k_, v_, att_, tmp_, inv_freq_, cos_, sin_, scores_;
     std::vector<kdial::token_k> rules_; // [max_chunk] per-token routing of a mixed batch
     std::vector<att_tile> tiles_;
-    std::size_t last_assignments_ = 0, last_tokens_ = 0;
+    std::optional<kdial::moe_workspace> moe_ws_, dense_ws_;
+    std::size_t last_assignments_ = 0, last_tokens_ = 0, last_moe_bytes_ = 0;
 };
 
 } // namespace olmoe

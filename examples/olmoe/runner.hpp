@@ -18,11 +18,8 @@ inline std::size_t chunk_for(const model& m, std::span<const int> ks)
 {
     const int kmax = *std::max_element(ks.begin(), ks.end());
     std::size_t c = m.max_chunk();
-    for (std::size_t l = 0; l < std::size_t(m.config().layers); ++l) {
-        const auto& L = m.moe(l);
-        while (c > 1 && L.max_k(c) < std::min(kmax, int(L.num_experts())))
-            c /= 2;
-    }
+    while (c > 1 && m.max_k(c) < std::min(kmax, m.config().experts))
+        c /= 2;
     return std::max<std::size_t>(1, c);
 }
 

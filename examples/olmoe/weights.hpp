@@ -170,9 +170,7 @@ inline model_weights load_weights(const std::string& dir, const model_config& c,
     else
         w.lm_head = b.linear("lm_head.weight", V, d);
 
-    const std::size_t slots = o.max_chunk * std::max<std::size_t>(o.k_budget, std::size_t(c.top_k));
-    auto ws = std::make_shared<kdial::moe_workspace>(o.max_chunk, slots, E, d, F, Fs);
-    std::shared_ptr<kdial::moe_workspace> dense_ws;
+    const int k_budget = int(std::max<std::size_t>(o.k_budget, std::size_t(c.top_k)));
     kdial::router_options ropt;
     ropt.renormalize = c.norm_topk_prob;
     const std::string moe = c.fam == family::mixtral ? "block_sparse_moe" : "mlp";
@@ -225,22 +223,21 @@ inline model_weights load_weights(const std::string& dir, const model_config& c,
                 sh = kdial::shared_expert { detail::make_set(s1, d, Fs, p + "mlp.shared_expert"), {} };
                 if (c.shared_gate) {
                     auto& g = w.owned_f32.emplace_back(b.mat_f32(p + "mlp.shared_expert_gate.weight", 1, d));
-                    sh->gate = kdial::cmatrix_view<float>(g.data(), 1, d);
+                    sh->gate = kdial::weight_view<kdial::f32_t>(g.data(), 1, d);
                 }
             }
-            L.moe = std::make_unique<kdial::moe_layer>(kdial::cmatrix_view<float>(L.router.data(), E, d),
-                detail::make_set(ex, d, F, p + moe + ".experts"), ws, ropt, std::move(sh));
+            L.moe.emplace(kdial::cmatrix_view<float>(L.router.data(), E, d),
+                detail::make_set(ex, d, F, p + moe + ".experts"), ropt, std::move(sh));
+            w.moe_shape = { o.max_chunk, k_budget, E, d, F, Fs };
         } else {
             // A dense MLP, run as a one-expert layer whose router gives weight 1.
             const std::size_t Fd = std::size_t(c.dense_ffn);
-            if (!dense_ws)
-                dense_ws = std::make_shared<kdial::moe_workspace>(o.max_chunk, o.max_chunk, 1, d, Fd);
+            w.dense_shape = { o.max_chunk, 1, 1, d, Fd, 0 };
             L.dense = true;
             L.router.assign(d, 0.0f);
             std::vector<std::array<any_weight_view, 3>> ex { { b.linear(p + "mlp.gate_proj.weight", Fd, d),
                 b.linear(p + "mlp.up_proj.weight", Fd, d), b.linear(p + "mlp.down_proj.weight", d, Fd) } };
-            L.moe = std::make_unique<kdial::moe_layer>(
-                kdial::cmatrix_view<float>(L.router.data(), 1, d), detail::make_set(ex, d, Fd, p + "mlp"), dense_ws);
+            L.moe.emplace(kdial::cmatrix_view<float>(L.router.data(), 1, d), detail::make_set(ex, d, Fd, p + "mlp"));
         }
         if (o.progress)
             o.progress(l + 1, c.layers);

@@ -2,10 +2,13 @@
 // ascending j (top-k rank order, one fused multiply-add per term), then
 // + sigmoid(g[t]) * S[t] for an always-on shared expert (Qwen1.5-MoE).
 // Dropped assignments (slot -1) add nothing; a token with none gets 0 (plus
-// the shared term). Deterministic and parallel over tiles of tokens: each
-// output row has one writer. No allocation.
+// the shared term). With combine_mode::accumulate the sum is added to what
+// `out` holds (out += MoE, for a residual stream), giving exactly the bits
+// of overwriting a scratch row and adding it. Deterministic and parallel
+// over tiles of tokens: each output row has one writer. No allocation.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstring>
@@ -26,13 +29,20 @@ struct shared_expert_term {
     bool present() const noexcept { return output.data != nullptr; }
 };
 
+// Whether an MoE output replaces `out` or is added to it.
+enum class combine_mode {
+    overwrite, // out = MoE(X)
+    accumulate, // out += MoE(X), rounded as out + (MoE(X) rounded to f32)
+};
+
 // Combines the experts' outputs back into token order.
 //   weights [T, k]            routing weights (the plan's T and k)
 //   Y       [>= slots, d]     expert outputs in slot order
-//   out     [T, d]            out (fully overwritten)
+//   out     [T, d]            out (overwritten, or added to)
 template <class Arch = xsimd::default_arch>
 void combine(const dispatch_plan& plan, cmatrix_view<float> weights, cmatrix_view<float> Y, matrix_view<float> out,
-    const shared_expert_term& shared = {})
+    const shared_expert_term& shared = {}, combine_mode mode = combine_mode::overwrite,
+    executor_ref ex = default_executor {})
 {
     constexpr const char* where = "kdial::combine";
     const std::size_t T = plan.tokens(), k = plan.k(), d = out.cols;
@@ -48,19 +58,34 @@ void combine(const dispatch_plan& plan, cmatrix_view<float> weights, cmatrix_vie
     if (d == 0)
         return;
     const std::size_t tile = parallel::tile_items((k + 1) * d * sizeof(float));
-    parallel::for_each_tile(T, tile, [&](std::size_t t0, std::size_t t1) {
+    // Columns in chunks of 256 (a multiple of every vector width, so each
+    // element takes the same vector or scalar-tail path as in one pass over
+    // the row): the sum of a chunk is built in a 1 KiB stack buffer, then
+    // stored or added.
+    constexpr std::size_t chunk = 256;
+    parallel::for_each_tile(ex, T, tile, [&](std::size_t t0, std::size_t t1) {
+        alignas(64) float acc[chunk];
         for (std::size_t t = t0; t < t1; ++t) {
             float* o = out.row(t);
-            std::memset(o, 0, d * sizeof(float));
-            for (std::size_t j = 0; j < k; ++j) {
-                const std::int32_t s = plan.slot_of(t, j);
-                if (s < 0)
-                    continue;
-                simd::axpy<Arch>(weights(t, j), Y.row(static_cast<std::size_t>(s)), o, d);
-            }
-            if (shared.present()) {
-                const float g = shared.gate_logits.empty() ? 1.0f : 1.0f / (1.0f + std::exp(-shared.gate_logits[t]));
-                simd::axpy<Arch>(g, shared.output.row(t), o, d);
+            const float g = !shared.present() || shared.gate_logits.empty()
+                ? 1.0f
+                : 1.0f / (1.0f + std::exp(-shared.gate_logits[t]));
+            for (std::size_t c0 = 0; c0 < d; c0 += chunk) {
+                const std::size_t n = std::min(chunk, d - c0);
+                std::memset(acc, 0, n * sizeof(float));
+                for (std::size_t j = 0; j < k; ++j) {
+                    const std::int32_t s = plan.slot_of(t, j);
+                    if (s < 0)
+                        continue;
+                    simd::axpy<Arch>(weights(t, j), Y.row(static_cast<std::size_t>(s)) + c0, acc, n);
+                }
+                if (shared.present())
+                    simd::axpy<Arch>(g, shared.output.row(t) + c0, acc, n);
+                if (mode == combine_mode::accumulate)
+                    for (std::size_t i = 0; i < n; ++i)
+                        o[c0 + i] += acc[i];
+                else
+                    std::memcpy(o + c0, acc, n * sizeof(float));
             }
         }
     });

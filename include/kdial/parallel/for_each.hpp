@@ -1,9 +1,11 @@
-// Deterministic tiling over oneTBB.
+// Deterministic tiling over oneTBB: the default executor, and the
+// thread-count-free tiling helpers the kernels use.
 // Work is split into tiles whose size comes from the problem shape, never
 // from the thread count; each tile writes its own outputs, so the result is
 // bit-identical whatever the number of threads or the schedule. The caller
-// owns the tbb::task_arena (and so the thread count): these helpers run in
-// whatever arena they are called from.
+// owns the tbb::task_arena (and so the thread count): tbb_executor runs in
+// whatever arena it is called from. This is the only header that names
+// oneTBB; executor.hpp has the executor concept and the serial executor.
 #pragma once
 
 #include <algorithm>
@@ -12,6 +14,8 @@
 #include <tbb/blocked_range.h>
 #include <tbb/parallel_for.h>
 #include <tbb/partitioner.h>
+
+#include "executor.hpp"
 
 namespace kdial::parallel {
 
@@ -27,35 +31,41 @@ constexpr std::size_t tile_items(std::size_t item_work, std::size_t target = def
     return std::max<std::size_t>(1, target / std::max<std::size_t>(1, item_work));
 }
 
+// oneTBB: one task per tile (simple_partitioner), in the caller's arena.
+struct tbb_executor {
+    void parallel_for(std::size_t n, tile_fn f) const
+    {
+        tbb::parallel_for(
+            tbb::blocked_range<std::size_t>(0, n, 1),
+            [f](const tbb::blocked_range<std::size_t>& r) {
+                for (std::size_t i = r.begin(); i != r.end(); ++i)
+                    f(i);
+            },
+            tbb::simple_partitioner {});
+    }
+};
+static_assert(executor<tbb_executor>);
+
+// The executor entry points use when the caller names none.
+using default_executor = tbb_executor;
+
 // Calls f(begin, end) for the tiles [i*tile, min(n, (i+1)*tile)) of [0, n),
-// in parallel. Tiles must write disjoint outputs.
+// in parallel on the default executor. Tiles must write disjoint outputs.
 template <class F> void for_each_tile(std::size_t n, std::size_t tile, F&& f)
 {
-    if (n == 0)
-        return;
-    tile = std::max<std::size_t>(1, tile);
-    const std::size_t tiles = (n + tile - 1) / tile;
-    if (tiles == 1) {
-        f(std::size_t { 0 }, n);
-        return;
-    }
-    tbb::parallel_for(
-        tbb::blocked_range<std::size_t>(0, tiles, 1),
-        [&](const tbb::blocked_range<std::size_t>& r) {
-            for (std::size_t i = r.begin(); i != r.end(); ++i)
-                f(i * tile, std::min(n, (i + 1) * tile));
-        },
-        tbb::simple_partitioner {});
+    for_each_tile(executor_ref(default_executor {}), n, tile, f);
 }
 
 // Calls f(i) for every i in [0, n) in parallel, one task per index
 // (for coarse items such as one expert's tile list).
 template <class F> void for_each_index(std::size_t n, F&& f)
 {
-    for_each_tile(n, 1, [&](std::size_t b, std::size_t e) {
-        for (std::size_t i = b; i < e; ++i)
-            f(i);
-    });
+    executor_ref(default_executor {}).parallel_for(n, f);
 }
 
 } // namespace kdial::parallel
+
+namespace kdial {
+using parallel::default_executor;
+using parallel::tbb_executor;
+} // namespace kdial

@@ -19,6 +19,8 @@
 #include "../core/error.hpp"
 #include "../core/extent.hpp"
 #include "../core/views.hpp"
+#include "../kernels/dense.hpp"
+#include "../kernels/linear.hpp"
 #include "../parallel/for_each.hpp"
 #include "../simd/vec.hpp"
 #include "scores.hpp"
@@ -117,6 +119,17 @@ void route_rows(cmatrix_view<float> logits, K k, const router_options& opt, matr
     }
 }
 
+// route() on validated input.
+template <k_extent K>
+void route_unchecked(cmatrix_view<float> logits, K k, const router_options& opt, matrix_view<std::int32_t> ids,
+    matrix_view<float> weights, executor_ref ex)
+{
+    // About 40 ns of work per expert per token (exp + select).
+    const std::size_t tile = parallel::tile_items(logits.cols * 16);
+    parallel::for_each_tile(ex, logits.rows, tile,
+        [&](std::size_t t0, std::size_t t1) { route_rows(logits, k, opt, ids, weights, t0, t1); });
+}
+
 } // namespace detail
 
 // Routes T tokens from their router logits.
@@ -127,7 +140,7 @@ void route_rows(cmatrix_view<float> logits, K k, const router_options& opt, matr
 // mismatches, a bad bias or a non-finite logit.
 template <k_extent K>
 void route(cmatrix_view<float> logits, K k, const router_options& opt, matrix_view<std::int32_t> ids,
-    matrix_view<float> weights)
+    matrix_view<float> weights, executor_ref ex = default_executor {})
 {
     constexpr const char* where = "kdial::route";
     const std::size_t T = logits.rows, E = logits.cols;
@@ -137,44 +150,73 @@ void route(cmatrix_view<float> logits, K k, const router_options& opt, matrix_vi
     detail::check_shape(weights, T, static_cast<std::size_t>(k.value()), where, "weights");
     detail::check_router_options(opt, E, where);
     detail::check_logits_finite(logits, where);
-    // About 40 ns of work per expert per token (exp + select).
-    const std::size_t tile = parallel::tile_items(E * 16);
-    parallel::for_each_tile(
-        T, tile, [&](std::size_t t0, std::size_t t1) { detail::route_rows(logits, k, opt, ids, weights, t0, t1); });
+    detail::route_unchecked(logits, k, opt, ids, weights, ex);
 }
+
+namespace detail {
+// Tokens per router-logit tile. Fixed, so a token's logits depend only on
+// the call's T (the GEMV/GEMM path of linear() is chosen by a tile's rows).
+inline constexpr std::size_t router_tile_rows = 64;
+
+// logits [T, E] = X [T, d] . W [E, d]ᵀ, shapes already validated. The one
+// place router logits are computed: route(X, W, ...) and the MoE layer both
+// call it, so they pick the same experts bit for bit.
+inline void router_logits_unchecked(
+    cmatrix_view<float> X, const any_weight_view& W, matrix_view<float> logits, executor_ref ex)
+{
+    std::visit(
+        [&](const auto& w) {
+            parallel::for_each_tile(ex, X.rows, router_tile_rows, [&](std::size_t t0, std::size_t t1) {
+                linear(w, X.sub_rows(t0, t1 - t0), 0, w.rows, logits.sub_rows(t0, t1 - t0));
+            });
+        },
+        W);
+}
+
+inline weight_view<f32_t> as_weight(cmatrix_view<float> W) noexcept
+{
+    return { W.data, W.rows, W.cols, W.stride };
+}
+} // namespace detail
 
 // Router logits from hidden states: logits[t, e] = X[t, :] . W[e, :].
 //   X      [T, d]  hidden states (the post-attention-normed activations)
-//   W      [E, d]  router weight (HF mlp.gate.weight)
+//   W      [E, d]  router weight (HF mlp.gate.weight), any weight format
 //   logits [T, E]  out
-template <class Arch = xsimd::default_arch>
-void router_logits(cmatrix_view<float> X, cmatrix_view<float> W, matrix_view<float> logits)
+inline void router_logits(
+    cmatrix_view<float> X, const any_weight_view& W, matrix_view<float> logits, executor_ref ex = default_executor {})
 {
     constexpr const char* where = "kdial::router_logits";
-    const std::size_t T = X.rows, d = X.cols, E = W.rows;
+    const std::size_t T = X.rows, d = X.cols, E = rows_of(W);
     detail::check_shape(X, T, d, where, "X");
-    detail::check_shape(W, E, d, where, "router weight");
+    std::visit([&](const auto& w) { detail::check_weight_shape(w, E, d, where, "router weight"); }, W);
     detail::check_shape(logits, T, E, where, "logits");
-    const std::size_t tile = parallel::tile_items(E * d);
-    parallel::for_each_tile(T, tile, [&](std::size_t t0, std::size_t t1) {
-        for (std::size_t t = t0; t < t1; ++t)
-            for (std::size_t e = 0; e < E; ++e)
-                logits(t, e) = simd::dot<Arch>(X.row(t), W.row(e), d);
-    });
+    detail::router_logits_unchecked(X, W, logits, ex);
+}
+inline void router_logits(
+    cmatrix_view<float> X, cmatrix_view<float> W, matrix_view<float> logits, executor_ref ex = default_executor {})
+{
+    router_logits(X, any_weight_view(detail::as_weight(W)), logits, ex);
 }
 
 // Both steps: hidden states and router weight -> Routing. `logits` [T, E] is
 // caller-owned scratch (it holds the logits afterwards).
 template <k_extent K>
-void route(cmatrix_view<float> X, cmatrix_view<float> W, K k, const router_options& opt, matrix_view<float> logits,
-    matrix_view<std::int32_t> ids, matrix_view<float> weights)
+void route(cmatrix_view<float> X, const any_weight_view& W, K k, const router_options& opt, matrix_view<float> logits,
+    matrix_view<std::int32_t> ids, matrix_view<float> weights, executor_ref ex = default_executor {})
 {
     constexpr const char* where = "kdial::route";
-    check_k(k, static_cast<int>(W.rows), where);
+    check_k(k, static_cast<int>(rows_of(W)), where);
     detail::check_shape(ids, X.rows, static_cast<std::size_t>(k.value()), where, "ids");
     detail::check_shape(weights, X.rows, static_cast<std::size_t>(k.value()), where, "weights");
-    router_logits(X, W, logits);
-    route(cmatrix_view<float>(logits), k, opt, ids, weights);
+    router_logits(X, W, logits, ex);
+    route(cmatrix_view<float>(logits), k, opt, ids, weights, ex);
+}
+template <k_extent K>
+void route(cmatrix_view<float> X, cmatrix_view<float> W, K k, const router_options& opt, matrix_view<float> logits,
+    matrix_view<std::int32_t> ids, matrix_view<float> weights, executor_ref ex = default_executor {})
+{
+    route(X, any_weight_view(detail::as_weight(W)), k, opt, logits, ids, weights, ex);
 }
 
 } // namespace kdial

@@ -24,6 +24,16 @@ struct threshold_options {
     int k_max = 8; // most experts per token (<= E)
 };
 
+namespace detail {
+// The one check of threshold options against E experts.
+inline void check_threshold(const threshold_options& th, std::size_t E, const char* where)
+{
+    check(th.p >= 0.0f && th.p <= 1.0f, where, ": threshold p = ", th.p, " outside [0, 1]");
+    check(th.k_min >= 1 && th.k_min <= th.k_max && std::size_t(th.k_max) <= E, where, ": k range [", th.k_min, ", ",
+        th.k_max, "] must satisfy 1 <= k_min <= k_max <= E = ", E);
+}
+} // namespace detail
+
 // Routes T tokens by threshold.
 //   logits  [T, E]      router logits (finite)
 //   ids     [T, kc]     out: kc >= k_max; kept experts by rank, then no_expert
@@ -34,15 +44,14 @@ struct threshold_options {
 // k_min/k_max outside 1 <= k_min <= k_max <= E, shapes, a bad bias or a
 // non-finite logit.
 inline void route_threshold(cmatrix_view<float> logits, const threshold_options& th, const router_options& opt,
-    matrix_view<std::int32_t> ids, matrix_view<float> weights, std::span<int> kept = {})
+    matrix_view<std::int32_t> ids, matrix_view<float> weights, std::span<int> kept = {},
+    executor_ref ex = default_executor {})
 {
     constexpr const char* where = "kdial::route_threshold";
-    detail::check(th.p >= 0.0f && th.p <= 1.0f, where, ": threshold p = ", th.p, " outside [0, 1]");
-    detail::check(th.k_min >= 1 && th.k_min <= th.k_max && std::size_t(th.k_max) <= logits.cols, where, ": k range [",
-        th.k_min, ", ", th.k_max, "] must satisfy 1 <= k_min <= k_max <= E = ", logits.cols);
+    detail::check_threshold(th, logits.cols, where);
     const token_k rule { th.k_min, th.k_max, th.p };
     detail::route_kept(
-        logits, [&](std::size_t) { return rule; }, opt, ids, weights, kept, where);
+        logits, [&](std::size_t) { return rule; }, opt, ids, weights, kept, where, ex);
 }
 
 } // namespace kdial

@@ -89,6 +89,28 @@ void route_rows_kept(cmatrix_view<float> logits, int kc, const router_options& o
     }
 }
 
+// The one check of a token's rule (a per-token k, a threshold rule).
+inline void check_rule(const token_k& r, std::size_t E, std::size_t t, const char* where)
+{
+    check(r.k_min >= 1 && r.k_min <= r.k_max && std::size_t(r.k_max) <= E, where, ": token ", t, " asks for k in [",
+        r.k_min, ", ", r.k_max, "], which must satisfy 1 <= k_min <= k_max <= E = ", E);
+    check(r.k_min == r.k_max || (r.p >= 0.0f && r.p <= 1.0f), where, ": token ", t, ": threshold p = ", r.p,
+        " outside [0, 1]");
+}
+
+// Validates every token's rule; returns the largest k_max (the routing's
+// column count).
+template <class RuleOf> int check_rules(std::size_t T, std::size_t E, RuleOf rule_of, const char* where)
+{
+    int kc = 1;
+    for (std::size_t t = 0; t < T; ++t) {
+        const token_k r = rule_of(t);
+        check_rule(r, E, t, where);
+        kc = r.k_max > kc ? r.k_max : kc;
+    }
+    return kc;
+}
+
 // Validation shared by the front ends; returns the largest k_max.
 template <class RuleOf>
 int check_token_rules(cmatrix_view<float> logits, std::size_t T, RuleOf rule_of, const router_options& opt,
@@ -97,15 +119,7 @@ int check_token_rules(cmatrix_view<float> logits, std::size_t T, RuleOf rule_of,
     const std::size_t E = logits.cols;
     check(E >= 1 && E <= std::size_t(max_experts), where, ": expert count E = ", E, " outside [1, ", max_experts, "]");
     check_shape(logits, T, E, where, "logits");
-    int kc = 1;
-    for (std::size_t t = 0; t < T; ++t) {
-        const token_k r = rule_of(t);
-        check(r.k_min >= 1 && r.k_min <= r.k_max && std::size_t(r.k_max) <= E, where, ": token ", t, " asks for k in [",
-            r.k_min, ", ", r.k_max, "], which must satisfy 1 <= k_min <= k_max <= E = ", E);
-        check(r.k_min == r.k_max || (r.p >= 0.0f && r.p <= 1.0f), where, ": token ", t, ": threshold p = ", r.p,
-            " outside [0, 1]");
-        kc = r.k_max > kc ? r.k_max : kc;
-    }
+    const int kc = check_rules(T, E, rule_of, where);
     check(ids_shape.cols >= std::size_t(kc), where, ": ids has ", ids_shape.cols, " columns, the largest k is ", kc);
     check_shape(ids_shape, T, ids_shape.cols, where, "ids");
     check_shape(w_shape, T, ids_shape.cols, where, "weights");
@@ -115,16 +129,24 @@ int check_token_rules(cmatrix_view<float> logits, std::size_t T, RuleOf rule_of,
     return kc;
 }
 
+// Routes every token by its rule, inputs already validated; kc is the
+// largest k_max.
+template <class RuleOf>
+void route_kept_unchecked(cmatrix_view<float> logits, int kc, RuleOf rule_of, const router_options& opt,
+    matrix_view<std::int32_t> ids, matrix_view<float> weights, std::span<int> kept, executor_ref ex)
+{
+    const std::size_t tile = parallel::tile_items(logits.cols * 16);
+    parallel::for_each_tile(ex, logits.rows, tile,
+        [&](std::size_t t0, std::size_t t1) { route_rows_kept(logits, kc, opt, rule_of, ids, weights, kept, t0, t1); });
+}
+
 template <class RuleOf>
 void route_kept(cmatrix_view<float> logits, RuleOf rule_of, const router_options& opt, matrix_view<std::int32_t> ids,
-    matrix_view<float> weights, std::span<int> kept, const char* where)
+    matrix_view<float> weights, std::span<int> kept, const char* where, executor_ref ex)
 {
-    const std::size_t T = logits.rows, E = logits.cols;
     const int kc = check_token_rules(
-        logits, T, rule_of, opt, cmatrix_view<std::int32_t>(ids), cmatrix_view<float>(weights), kept, where);
-    const std::size_t tile = parallel::tile_items(E * 16);
-    parallel::for_each_tile(T, tile,
-        [&](std::size_t t0, std::size_t t1) { route_rows_kept(logits, kc, opt, rule_of, ids, weights, kept, t0, t1); });
+        logits, logits.rows, rule_of, opt, cmatrix_view<std::int32_t>(ids), cmatrix_view<float>(weights), kept, where);
+    route_kept_unchecked(logits, kc, rule_of, opt, ids, weights, kept, ex);
 }
 
 } // namespace detail
@@ -139,7 +161,7 @@ void route_kept(cmatrix_view<float> logits, RuleOf rule_of, const router_options
 // Throws kdial::error (writing nothing) on a k outside [1, E], shapes, a bad
 // bias or a non-finite logit.
 inline void route_variable_k(cmatrix_view<float> logits, std::span<const int> k, const router_options& opt,
-    matrix_view<std::int32_t> ids, matrix_view<float> weights)
+    matrix_view<std::int32_t> ids, matrix_view<float> weights, executor_ref ex = default_executor {})
 {
     constexpr const char* where = "kdial::route_variable_k";
     detail::check(k.size() == logits.rows, where, ": ", k.size(), " k values for T = ", logits.rows, " tokens");
@@ -148,7 +170,7 @@ inline void route_variable_k(cmatrix_view<float> logits, std::span<const int> k,
         [&](std::size_t t) {
             return token_k { k[t], k[t], 1.0f };
         },
-        opt, ids, weights, {}, where);
+        opt, ids, weights, {}, where, ex);
 }
 
 // Routes T tokens, token t by its own rule (a k, or a threshold in a range).
@@ -157,12 +179,13 @@ inline void route_variable_k(cmatrix_view<float> logits, std::span<const int> k,
 //   weights [T, kc]  out
 //   kept    [T]      out (optional): how many experts each token kept
 inline void route_token_k(cmatrix_view<float> logits, std::span<const token_k> rules, const router_options& opt,
-    matrix_view<std::int32_t> ids, matrix_view<float> weights, std::span<int> kept = {})
+    matrix_view<std::int32_t> ids, matrix_view<float> weights, std::span<int> kept = {},
+    executor_ref ex = default_executor {})
 {
     constexpr const char* where = "kdial::route_token_k";
     detail::check(rules.size() == logits.rows, where, ": ", rules.size(), " rules for T = ", logits.rows, " tokens");
     detail::route_kept(
-        logits, [&](std::size_t t) { return rules[t]; }, opt, ids, weights, kept, where);
+        logits, [&](std::size_t t) { return rules[t]; }, opt, ids, weights, kept, where, ex);
 }
 
 } // namespace kdial
