@@ -185,3 +185,30 @@ TEST_SUITE("io/json")
         check_error([&] { (void)read_file_checked(dir / "ok.json" / "x", "config file"); }, { "not a directory" });
     }
 }
+
+#include <kdial/io/safetensors.hpp>
+
+TEST_SUITE("io/json")
+{
+    TEST_CASE("checkpoint files through the same open: symlink loop, FIFO, deep index [io][json]")
+    {
+        const temp_dir dir;
+        // A looping model.safetensors is opened (and named), not reported as missing.
+        std::filesystem::create_symlink(dir / "model.safetensors", dir / "model.safetensors");
+        check_error([&] { (void)safetensors_checkpoint::open(dir.path); },
+            { (dir / "model.safetensors").string(), "symlink loop" });
+        std::filesystem::remove(dir / "model.safetensors");
+        REQUIRE(::mkfifo((dir / "model.safetensors.index.json").c_str(), 0600) == 0);
+        check_error([&] { (void)safetensors_checkpoint::open(dir.path); },
+            { (dir / "model.safetensors.index.json").string(), "FIFO" });
+        std::filesystem::remove(dir / "model.safetensors.index.json");
+        write_file(dir / "model.safetensors.index.json", "{\"weight_map\": " + nested(100'000) + "}");
+        check_error([&] { (void)safetensors_checkpoint::open(dir.path); },
+            { (dir / "model.safetensors.index.json").string(), "index nests deeper than 64 levels" });
+        // A shard that loops.
+        write_file(dir / "model.safetensors.index.json", R"({"weight_map": {"w": "a.safetensors"}})");
+        std::filesystem::create_symlink(dir / "a.safetensors", dir / "a.safetensors");
+        check_error([&] { (void)safetensors_checkpoint::open(dir.path); },
+            { (dir / "a.safetensors").string(), "symlink loop" });
+    }
+}

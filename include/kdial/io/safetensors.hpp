@@ -710,15 +710,18 @@ public:
     {
         namespace fs = std::filesystem;
         std::error_code ec;
+        // A directory entry that exists (a symlink counts, even a dangling or
+        // looping one) is opened, so that the open names what is wrong with it.
+        const auto present = [&](const fs::path& p) { return fs::exists(fs::symlink_status(p, ec)); };
         if (fs::is_directory(path, ec)) {
-            if (fs::exists(path / st_single_file_name, ec))
+            if (present(path / st_single_file_name))
                 return open_single(path / st_single_file_name);
-            if (fs::exists(path / st_index_file_name, ec))
+            if (present(path / st_index_file_name))
                 return open_index(path / st_index_file_name);
             throw error(
                 detail::cat(path.string(), ": neither ", st_single_file_name, " nor ", st_index_file_name, " found"));
         }
-        detail::check(fs::exists(path, ec), path.string(), ": no such file or directory");
+        detail::check(present(path), path.string(), ": no such file or directory");
         const std::string fname = path.filename().string();
         if (fname.size() >= 5 && fname.ends_with(".json"))
             return open_index(path);
@@ -831,8 +834,8 @@ private:
         std::map<std::string, std::size_t, std::less<>> shard_pos;
         for (const auto& [shard, tensor] : shard_example) {
             const fs::path p = c.dir_ / shard;
-            detail::check(fs::exists(p, ec), iname, ": shard '", shard, "' (holding tensor '", tensor,
-                "') does not exist in ", c.dir_.string());
+            detail::check(fs::exists(fs::symlink_status(p, ec)), iname, ": shard '", shard, "' (holding tensor '",
+                tensor, "') does not exist in ", c.dir_.string());
             shard_pos.emplace(shard, c.files_.size());
             c.files_.push_back(safetensors_file::open(p));
         }
