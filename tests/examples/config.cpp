@@ -130,7 +130,7 @@ TEST_SUITE("examples/config")
         const json olmoe = golden_config("olmoe-tiny-f32");
         check_config_error(olmoe, "rope_scaling", "\"linear\"",
             { "field 'rope_scaling' must be an object or null, got string \"linear\"" });
-        check_config_error(olmoe, "rope_scaling", "[1, 2]", { "'rope_scaling'", "array [1, 2]" });
+        check_config_error(olmoe, "rope_scaling", "[1, 2]", { "'rope_scaling'", "array [1,2]" });
         check_config_error(
             olmoe, "rope_scaling", "{\"type\": 5}", { "field 'rope_scaling.type' must be a string, got number 5" });
         check_config_error(olmoe, "rope_scaling", "{\"rope_type\": [\"x\"]}", { "'rope_scaling.rope_type'" });

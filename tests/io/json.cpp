@@ -71,7 +71,7 @@ TEST_SUITE("io/json")
         check_error([] { (void)parse_json_strict("[1, 2, 3]", "big.json", "config", 64, 8); },
             { "big.json: config is 9 bytes, larger than the limit of 8" });
         check_error([] { (void)parse_json_strict(std::string("{\"a\": 1}\0{}", 11), "nul.json", "x"); },
-            { "nul.json", "NUL byte at offset 8" });
+            { "nul.json", "NUL byte at x offset 8" });
         // An unterminated 1 MB string: nlohmann quotes its last token; the message stays short.
         const std::string text = "{\"a\": \"" + std::string(1 << 20, 'x');
         const std::string msg = error_of([&] { (void)parse_json_strict(text, "long.json", "config"); });
@@ -94,7 +94,7 @@ TEST_SUITE("io/json")
         for (int i = 0; i < 100'000; ++i)
             wide.push_back(i);
         CHECK(json_brief(wide).size() <= json_brief_length);
-        CHECK(json_brief(json { { "k", "a\"b\n" } }) == R"({"k": "a\"b\u000a"})");
+        CHECK(json_brief(json { { "k", "a\"b\n" } }) == R"({"k":"a\"b\u000a"})");
         // A cut never splits a UTF-8 sequence.
         const std::string e = json_brief(json(std::string(200, '\xC3') + "")); // not valid UTF-8 on purpose
         CHECK(e.size() <= json_brief_length);

@@ -620,6 +620,14 @@ TEST_SUITE("io/tokenizer")
         }
         {
             auto j = make_tokenizer_json(style::qwen2, {});
+            j["added_tokens"][2]["content"] = std::string(1025, 'a');
+            kdial::test::check_error([&] { (void)bpe_tokenizer::from_json(j.dump(), "long.json"); },
+                { "long.json: added_tokens[2].content: \"aaaa", "is 1025 bytes, longer than the limit of 1024" });
+            j["added_tokens"][2]["content"] = std::string(1024, 'a');
+            CHECK(bpe_tokenizer::from_json(j.dump(), "ok.json").encode(std::string(1024, 'a')).size() == 1);
+        }
+        {
+            auto j = make_tokenizer_json(style::qwen2, {});
             j["added_tokens"][0]["id"] = "7";
             kdial::test::check_error([&] { (void)bpe_tokenizer::from_json(j.dump(), "bad.json"); },
                 { "bad.json: added_tokens[0].id: expected a token id", "got string \"7\"" });

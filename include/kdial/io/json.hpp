@@ -99,11 +99,11 @@ inline void brief_into(const nlohmann::json& j, std::string& out, std::size_t li
                 if (out.size() >= limit)
                     return;
                 if (!first)
-                    out += ", ";
+                    out += ','; // compact, as nlohmann's dump()
                 first = false;
                 if (obj) {
                     brief_string(it.key(), out, limit);
-                    out += ": ";
+                    out += ':';
                 }
                 brief_into(it.value(), out, limit, depth - 1);
             }
@@ -273,7 +273,7 @@ inline nlohmann::json parse_json_strict(std::string_view text, std::string_view 
     // JSON text never holds a raw NUL, and nlohmann takes one for the end of
     // the input, which would silently drop whatever follows it.
     if (const auto nul = text.find('\0'); nul != std::string_view::npos)
-        throw error(cat(file_name, ": ", what, " has a NUL byte at offset ", nul));
+        throw error(cat(file_name, ": ", what, " has a NUL byte at ", what, " offset ", nul));
 
     struct frame {
         bool object;

@@ -438,6 +438,10 @@ private:
     // cache_capacity entries (HF's policy too: no eviction, bounded memory).
     static constexpr std::size_t cache_max_piece = 256;
     static constexpr std::size_t cache_capacity = 1 << 16;
+    // Added tokens are matched by walking a trie from every candidate byte,
+    // so a token of L bytes can cost L steps per byte of text: L is bounded
+    // (real added tokens are special markers and whitespace runs, < 100 bytes).
+    static constexpr std::size_t max_added_token_bytes = 1024;
 
     std::string source_;
     std::unordered_map<std::string, std::int32_t> vocab_; // byte-level spelling -> id
@@ -825,6 +829,10 @@ private:
             a.content = content->get<std::string>();
             if (!utf8_is_valid(a.content))
                 fail(where + ".content", "is not valid UTF-8");
+            if (a.content.size() > max_added_token_bytes)
+                fail(where + ".content",
+                    detail::cat(brief(json(a.content)), " is ", a.content.size(), " bytes, longer than the limit of ",
+                        max_added_token_bytes, " (matching costs up to that per byte of text)"));
             a.special = get_bool(t, "special", where, false);
             a.normalized = get_bool(t, "normalized", where, !a.special); // HF's default: !special
             for (const char* key : { "lstrip", "rstrip", "single_word" })
