@@ -122,7 +122,9 @@ TEST_SUITE("examples/config")
         check_config_error(olmoe, "rms_norm_eps", "\"x\"", { "'rms_norm_eps'", "string \"x\"" });
         check_config_error(olmoe, "norm_topk_prob", "1", { "'norm_topk_prob'", "true or false", "number 1" });
         check_config_error(olmoe, "torch_dtype", "[\"bf16\"]", { "'torch_dtype'", "array [\"bf16\"]" });
-        check_config_error(olmoe, "model_type", "\"" + std::string(10000, 'm') + "\"", { "'model_type'", "..." });
+        std::string long_type = "\"";
+        long_type.append(10000, 'm').append("\"");
+        check_config_error(olmoe, "model_type", long_type, { "'model_type'", "..." });
     }
 
     TEST_CASE("rope_scaling and rope_parameters with a wrong type give clear messages [examples][config]")
