@@ -7,11 +7,12 @@
 #pragma once
 
 #include <kdial/core/error.hpp>
+#include <kdial/io/json.hpp>
 
 #include <nlohmann/json.hpp>
 
 #include <cmath>
-#include <fstream>
+#include <cstddef>
 #include <optional>
 #include <string>
 #include <vector>
@@ -74,101 +75,122 @@ struct model_config {
     }
 };
 
+// Bounds on the integers of config.json. They are far above every published
+// checkpoint (the largest: hidden 16384, FFN width 53248, vocab 256000, 256
+// experts, 126 layers, 1M positions) and low enough that no size derived from
+// them overflows an int or asks for an absurd allocation before the tensors
+// are checked against them.
+struct config_limits {
+    static constexpr int max_hidden = 1 << 16; // hidden_size
+    static constexpr int max_ffn = 1 << 17; // every intermediate size (expert, shared, dense)
+    static constexpr int max_head_dim = 1024;
+    static constexpr int max_heads = 1024; // num_attention_heads (and kv heads)
+    static constexpr int max_attention_width = 1 << 17; // heads x head_dim
+    static constexpr int max_layers = 1024;
+    static constexpr int max_vocab = 1 << 24;
+    static constexpr int max_experts = 1024; // num_experts, num_experts_per_tok
+    static constexpr int max_positions = 1 << 24; // max_position_embeddings, sliding_window
+    static constexpr std::size_t max_file_bytes = std::size_t(1) << 22; // config.json text (real ones: a few KB)
+};
+
 namespace detail {
 
 using json = nlohmann::json;
 using kdial::detail::cat;
 
+// Typed, checked access to the fields of one JSON object of config.json;
+// `prefix` qualifies nested fields ("rope_scaling.") in messages. Every
+// message names the file, the field and (briefly) the value.
 struct reader {
     const json& j;
     std::string file;
+    std::string prefix;
 
-    [[noreturn]] void fail(const std::string& field, const std::string& what) const
+    std::string name(std::string_view f) const { return prefix + std::string(f); }
+    [[noreturn]] void fail(std::string_view field, const std::string& what) const
     {
-        throw kdial::error(cat(file, ": field '", field, "' ", what));
+        throw kdial::error(cat(file, ": field '", name(field), "' ", what));
     }
-    bool has(const char* f) const { return j.contains(f) && !j.at(f).is_null(); }
-    long long integer(const char* f) const
+    bool has(const char* f) const
+    {
+        const auto it = j.find(f);
+        return it != j.end() && !it->is_null();
+    }
+    const json& at(const char* f) const
     {
         if (!has(f))
             fail(f, "is missing");
-        const json& v = j.at(f);
-        if (!v.is_number_integer() && !(v.is_number_float() && std::floor(v.get<double>()) == v.get<double>()))
-            fail(f, cat("must be an integer, got ", v.dump()));
-        return v.is_number_integer() ? v.get<long long>() : (long long)v.get<double>();
+        return *j.find(f);
     }
-    int positive(const char* f, long long max = 1LL << 30) const
+    // The one path for integers: type, integral value and range are checked.
+    int integer(const char* f, int lo, int hi) const
     {
-        const long long v = integer(f);
-        if (v < 1 || v > max)
-            fail(f, cat("must be in [1, ", max, "], got ", v));
-        return int(v);
+        return kdial::io::json_integer<int>(at(f), lo, hi, file, name(f));
     }
-    int positive_or(const char* f, int dflt) const { return has(f) ? positive(f) : dflt; }
+    int integer_or(const char* f, int lo, int hi, int dflt) const { return has(f) ? integer(f, lo, hi) : dflt; }
     double number(const char* f) const
     {
-        if (!has(f))
-            fail(f, "is missing");
-        const json& v = j.at(f);
+        const json& v = at(f);
         if (!v.is_number())
-            fail(f, cat("must be a number, got ", v.dump()));
+            fail(f, cat("must be a number, got ", kdial::io::json_typed_brief(v)));
         const double x = v.get<double>();
         if (!std::isfinite(x))
-            fail(f, cat("must be finite, got ", v.dump()));
+            fail(f, cat("must be finite, got ", kdial::io::json_brief(v)));
         return x;
     }
     bool boolean_or(const char* f, bool dflt) const
     {
         if (!has(f))
             return dflt;
-        const json& v = j.at(f);
+        const json& v = at(f);
         if (!v.is_boolean())
-            fail(f, cat("must be true or false, got ", v.dump()));
+            fail(f, cat("must be true or false, got ", kdial::io::json_typed_brief(v)));
         return v.get<bool>();
     }
     std::string string_or(const char* f, const std::string& dflt) const
     {
         if (!has(f))
             return dflt;
-        const json& v = j.at(f);
+        const json& v = at(f);
         if (!v.is_string())
-            fail(f, cat("must be a string, got ", v.dump()));
+            fail(f, cat("must be a string, got ", kdial::io::json_typed_brief(v)));
         return v.get<std::string>();
     }
-    std::vector<int> int_list(const char* f) const
+    // An integer or a list of integers (eos_token_id, mlp_only_layers), each in [lo, hi].
+    std::vector<int> int_list(const char* f, int lo, int hi) const
     {
         std::vector<int> out;
         if (!has(f))
             return out;
-        const json& v = j.at(f);
-        if (v.is_number_integer())
-            return { v.get<int>() };
+        const json& v = at(f);
+        if (v.is_number())
+            return { integer(f, lo, hi) };
         if (!v.is_array())
-            fail(f, cat("must be an integer or a list of integers, got ", v.dump()));
-        for (const auto& e : v) {
-            if (!e.is_number_integer())
-                fail(f, cat("must hold integers, got ", v.dump()));
-            out.push_back(e.get<int>());
-        }
+            fail(f, cat("must be an integer or a list of integers, got ", kdial::io::json_typed_brief(v)));
+        if (v.size() > std::size_t(config_limits::max_layers) + 64)
+            fail(f, cat("has ", v.size(), " entries, more than the limit of ", config_limits::max_layers + 64));
+        for (std::size_t i = 0; i < v.size(); ++i)
+            out.push_back(kdial::io::json_integer<int>(v[i], lo, hi, file, cat(name(f), "[", i, "]")));
         return out;
     }
 };
 
 } // namespace detail
 
-// Parses config.json text. `file` names the source in error messages.
+// Parses config.json text. `file` names the source in error messages. The
+// text goes through the strict JSON entry (depth and size limits, duplicate
+// keys rejected); every integer through one checked conversion with the
+// bounds of config_limits.
 inline model_config parse_config(const std::string& text, const std::string& file)
 {
     using detail::cat;
-    nlohmann::json j;
-    try {
-        j = nlohmann::json::parse(text);
-    } catch (const nlohmann::json::exception& e) {
-        throw kdial::error(cat(file, ": not valid JSON (", e.what(), ")"));
-    }
+    using L = config_limits;
+    const nlohmann::json j
+        = kdial::io::parse_json_strict(text, file, "config", kdial::io::json_max_depth, L::max_file_bytes);
     if (!j.is_object())
-        throw kdial::error(cat(file, ": top level must be a JSON object"));
-    const detail::reader r { j, file };
+        throw kdial::error(cat(file, ": top level must be a JSON object, got ", j.type_name()));
+    const detail::reader r { j, file, "" };
+    const auto brief = [](const std::string& s) { return kdial::io::json_brief(nlohmann::json(s)); };
     model_config c;
     c.model_type = r.string_or("model_type", "");
     if (c.model_type == "olmoe")
@@ -178,62 +200,64 @@ inline model_config parse_config(const std::string& text, const std::string& fil
     else if (c.model_type == "mixtral")
         c.fam = family::mixtral;
     else
-        r.fail("model_type", cat("is '", c.model_type, "'; supported: olmoe, qwen2_moe, mixtral"));
+        r.fail("model_type", cat("is ", brief(c.model_type), "; supported: olmoe, qwen2_moe, mixtral"));
 
-    c.hidden = r.positive("hidden_size");
-    c.layers = r.positive("num_hidden_layers", 4096);
-    c.heads = r.positive("num_attention_heads", 4096);
-    c.kv_heads = r.positive_or("num_key_value_heads", c.heads);
+    c.hidden = r.integer("hidden_size", 1, L::max_hidden);
+    c.layers = r.integer("num_hidden_layers", 1, L::max_layers);
+    c.heads = r.integer("num_attention_heads", 1, L::max_heads);
+    c.kv_heads = r.integer_or("num_key_value_heads", 1, c.heads, c.heads);
     if (c.heads % c.kv_heads != 0)
         r.fail("num_key_value_heads", cat("= ", c.kv_heads, " must divide num_attention_heads = ", c.heads));
     if (r.has("head_dim"))
-        c.head_dim = r.positive("head_dim");
+        c.head_dim = r.integer("head_dim", 1, L::max_head_dim);
     else {
         if (c.hidden % c.heads != 0)
             r.fail("hidden_size", cat("= ", c.hidden, " is not a multiple of num_attention_heads = ", c.heads));
         c.head_dim = c.hidden / c.heads;
+        if (c.head_dim > L::max_head_dim)
+            r.fail("hidden_size",
+                cat("= ", c.hidden, " / num_attention_heads = ", c.heads, " gives head_dim ", c.head_dim,
+                    ", above the limit of ", L::max_head_dim));
     }
     if (c.head_dim % 2 != 0)
         r.fail("head_dim", cat("= ", c.head_dim, " must be even for rotary embeddings"));
-    c.vocab = r.positive("vocab_size");
+    if (static_cast<long long>(c.heads) * c.head_dim > L::max_attention_width)
+        r.fail("num_attention_heads",
+            cat("= ", c.heads, " x head_dim ", c.head_dim, " is above the limit of ", L::max_attention_width));
+    c.vocab = r.integer("vocab_size", 1, L::max_vocab);
     const std::string act = r.string_or("hidden_act", "silu");
     if (act != "silu")
-        r.fail("hidden_act", cat("is '", act, "'; only 'silu' is supported"));
+        r.fail("hidden_act", cat("is ", brief(act), "; only 'silu' is supported"));
 
     // Experts.
     const char* ne = c.fam == family::mixtral ? "num_local_experts" : "num_experts";
     if (!r.has(ne) && r.has("num_local_experts"))
         ne = "num_local_experts";
-    c.experts = r.positive(ne, 1024);
-    c.top_k = r.positive("num_experts_per_tok", 1024);
+    c.experts = r.integer(ne, 1, L::max_experts);
+    c.top_k = r.integer("num_experts_per_tok", 1, L::max_experts);
     if (c.top_k > c.experts)
         r.fail("num_experts_per_tok", cat("= ", c.top_k, " exceeds the expert count ", c.experts));
     switch (c.fam) {
     case family::olmoe:
-        c.expert_ffn = r.positive("intermediate_size");
+        c.expert_ffn = r.integer("intermediate_size", 1, L::max_ffn);
         c.norm_topk_prob = r.boolean_or("norm_topk_prob", false);
         c.qk_norm = true;
         c.attention_bias = r.boolean_or("attention_bias", false);
         c.rms_norm_eps = float(r.has("rms_norm_eps") ? r.number("rms_norm_eps") : 1e-5);
         if (r.has("clip_qkv")) {
             const double v = r.number("clip_qkv");
-            if (v <= 0)
-                r.fail("clip_qkv", cat("must be positive, got ", v));
+            if (!(v > 0 && v <= 3.4e38))
+                r.fail("clip_qkv", cat("must be positive and finite in float, got ", v));
             c.clip_qkv = float(v);
         }
         break;
     case family::qwen2_moe:
-        c.expert_ffn = r.positive("moe_intermediate_size");
-        c.dense_ffn = r.positive_or("intermediate_size", 0);
-        c.shared_ffn = r.has("shared_expert_intermediate_size") ? int(r.integer("shared_expert_intermediate_size")) : 0;
-        if (c.shared_ffn < 0)
-            r.fail("shared_expert_intermediate_size", cat("must be >= 0, got ", c.shared_ffn));
+        c.expert_ffn = r.integer("moe_intermediate_size", 1, L::max_ffn);
+        c.dense_ffn = r.integer_or("intermediate_size", 1, L::max_ffn, 0);
+        c.shared_ffn = r.integer_or("shared_expert_intermediate_size", 0, L::max_ffn, 0);
         c.shared_gate = c.shared_ffn > 0;
-        c.sparse_step = r.positive_or("decoder_sparse_step", 1);
-        c.mlp_only_layers = r.int_list("mlp_only_layers");
-        for (int l : c.mlp_only_layers)
-            if (l < 0 || l >= c.layers)
-                r.fail("mlp_only_layers", cat("holds layer ", l, " outside [0, ", c.layers, ")"));
+        c.sparse_step = r.integer_or("decoder_sparse_step", 1, c.layers, 1);
+        c.mlp_only_layers = r.int_list("mlp_only_layers", 0, c.layers - 1);
         c.norm_topk_prob = r.boolean_or("norm_topk_prob", false);
         c.qkv_bias = r.boolean_or("qkv_bias", true);
         c.rms_norm_eps = float(r.has("rms_norm_eps") ? r.number("rms_norm_eps") : 1e-6);
@@ -244,25 +268,25 @@ inline model_config parse_config(const std::string& text, const std::string& fil
                 r.fail("intermediate_size", cat("is needed for dense layer ", i, " but is missing"));
         break;
     case family::mixtral:
-        c.expert_ffn = r.positive("intermediate_size");
+        c.expert_ffn = r.integer("intermediate_size", 1, L::max_ffn);
         c.norm_topk_prob = true; // Mixtral always renormalises the chosen weights
         c.rms_norm_eps = float(r.has("rms_norm_eps") ? r.number("rms_norm_eps") : 1e-5);
         if (r.has("sliding_window"))
-            c.sliding_window = r.positive("sliding_window");
+            c.sliding_window = r.integer("sliding_window", 1, L::max_positions);
         break;
     }
-    if (!(c.rms_norm_eps > 0))
-        r.fail("rms_norm_eps", cat("must be positive, got ", c.rms_norm_eps));
+    if (!(c.rms_norm_eps > 0) || !std::isfinite(c.rms_norm_eps))
+        r.fail("rms_norm_eps", cat("must be positive and finite in float, got ", c.rms_norm_eps));
 
     // Rotary embedding: default RoPE only. v5 configs carry rope_parameters.
     if (r.has("rope_parameters")) {
         const auto& rp = j.at("rope_parameters");
         if (!rp.is_object())
-            r.fail("rope_parameters", "must be an object");
-        const detail::reader rr { rp, file + ": rope_parameters" };
+            r.fail("rope_parameters", cat("must be an object or null, got ", kdial::io::json_typed_brief(rp)));
+        const detail::reader rr { rp, file, "rope_parameters." };
         const std::string type = rr.string_or("rope_type", "default");
         if (type != "default")
-            r.fail("rope_parameters.rope_type", cat("is '", type, "'; only default RoPE is supported"));
+            rr.fail("rope_type", cat("is ", brief(type), "; only default RoPE is supported"));
         c.rope_theta = rr.has("rope_theta") ? rr.number("rope_theta") : c.rope_theta;
     }
     if (r.has("rope_theta"))
@@ -271,32 +295,32 @@ inline model_config parse_config(const std::string& text, const std::string& fil
         r.fail("rope_theta", cat("must be positive, got ", c.rope_theta));
     if (r.has("rope_scaling")) {
         const auto& rs = j.at("rope_scaling");
-        const std::string type
-            = rs.is_object() ? (rs.contains("rope_type") ? rs.value("rope_type", "") : rs.value("type", "")) : "";
+        if (!rs.is_object())
+            r.fail("rope_scaling", cat("must be an object or null, got ", kdial::io::json_typed_brief(rs)));
+        const detail::reader rr { rs, file, "rope_scaling." };
+        const std::string type = rr.string_or(rr.has("rope_type") ? "rope_type" : "type", "");
         if (type != "default")
-            r.fail("rope_scaling", cat("is ", rs.dump(), "; only default (unscaled) RoPE is supported"));
+            r.fail(
+                "rope_scaling", cat("is ", kdial::io::json_brief(rs), "; only default (unscaled) RoPE is supported"));
     }
     if (r.has("partial_rotary_factor") && r.number("partial_rotary_factor") != 1.0)
         r.fail("partial_rotary_factor", "is not 1.0; partial rotary embeddings are not supported");
 
     c.tie_word_embeddings = r.boolean_or("tie_word_embeddings", false);
-    c.max_positions = r.positive_or("max_position_embeddings", 4096);
-    c.eos_ids = r.int_list("eos_token_id");
+    c.max_positions = r.integer_or("max_position_embeddings", 1, L::max_positions, 4096);
+    c.eos_ids = r.int_list("eos_token_id", 0, c.vocab - 1);
     if (r.has("bos_token_id"))
-        c.bos_id = int(r.integer("bos_token_id"));
+        c.bos_id = r.integer("bos_token_id", 0, c.vocab - 1);
     c.torch_dtype = r.string_or("torch_dtype", r.string_or("dtype", ""));
     return c;
 }
 
-// Reads and parses DIR/config.json.
+// Reads and parses DIR/config.json: opened only when it is a regular file,
+// read up to config_limits::max_file_bytes.
 inline model_config load_config(const std::string& dir)
 {
     const std::string file = dir + "/config.json";
-    std::ifstream in(file, std::ios::binary);
-    if (!in)
-        throw kdial::error(kdial::detail::cat(file, ": cannot open (is --model a model directory?)"));
-    const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    return parse_config(text, file);
+    return parse_config(kdial::io::read_file_checked(file, "config file", config_limits::max_file_bytes), file);
 }
 
 } // namespace olmoe

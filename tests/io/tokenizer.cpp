@@ -10,8 +10,13 @@
 #include <doctest/doctest.h>
 #include <kdial/io/tokenizer.hpp>
 
-#include <nlohmann/json.hpp>
+#include "io_test_util.hpp"
 
+#include <nlohmann/json.hpp>
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <chrono>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -95,6 +100,20 @@ json make_tokenizer_json(
         j["added_tokens"].push_back(added(2001, "<|im_start|>", true, false));
         j["added_tokens"].push_back(added(2002, "<|im_end|>", true, false));
     }
+    // Ids must lie below the entry count (HF's len(tokenizer)): the ids between
+    // the merges and the added tokens get filler vocab entries (never produced
+    // by BPE: no merge builds them), as real vocabularies have no holes.
+    std::vector<bool> used(3000, false);
+    for (const auto& [k, v] : j["model"]["vocab"].items())
+        used[v.get<std::size_t>()] = true;
+    int top = 0;
+    for (const auto& a : j["added_tokens"]) {
+        used[a["id"].get<std::size_t>()] = true;
+        top = std::max(top, a["id"].get<int>());
+    }
+    for (int id = 0; id < top; ++id)
+        if (!used[std::size_t(id)])
+            j["model"]["vocab"]["<fill_" + std::to_string(id) + ">"] = id;
     return j;
 }
 
@@ -203,6 +222,72 @@ TEST_SUITE("io/tokenizer")
         CHECK(is_nfc_quick(ascii));
         CHECK(nfc_normalize(ascii) == ascii);
         CHECK_FALSE(is_nfc_quick("e\xCC\x81"));
+    }
+
+    TEST_CASE("NFC: canonical ordering equals a stable insertion sort (reference) on random mark runs [io][tokenizer]")
+    {
+        // Marks of several classes (1, 10, 202, 220, 230, 240) and starters
+        // that compose with some of them; none of these has a decomposition,
+        // so NFC(s) == compose(reorder(s)) and NFC(reorder(s)) must equal NFC(s).
+        const std::vector<char32_t> pool
+            = { 'a', 'e', 'c', 'o', 0x0301, 0x0316, 0x0327, 0x05B0, 0x0334, 0x0345, 0x0300, 0x0323, 0x0308, 0x0304 };
+        const auto reference_order = [](std::vector<char32_t> v) { // the textbook insertion sort
+            for (std::size_t i = 1; i < v.size(); ++i) {
+                const auto cc = canonical_combining_class(v[i]);
+                for (std::size_t j = i; cc != 0 && j > 0; --j) {
+                    const auto prev = canonical_combining_class(v[j - 1]);
+                    if (prev == 0 || prev <= cc)
+                        break;
+                    std::swap(v[j - 1], v[j]);
+                }
+            }
+            return v;
+        };
+        std::mt19937 rng(5);
+        for (int trial = 0; trial < 2000; ++trial) {
+            std::vector<char32_t> v(rng() % 40);
+            for (auto& c : v)
+                c = pool[rng() % pool.size()];
+            std::string s, ordered;
+            for (char32_t c : v)
+                utf8_append(s, c);
+            for (char32_t c : reference_order(v))
+                utf8_append(ordered, c);
+            const std::string got = nfc_normalize(s);
+            REQUIRE_MESSAGE(got == nfc_normalize(ordered), "input ", json(s).dump());
+            REQUIRE(nfc_normalize(got) == got); // NFC is idempotent
+        }
+    }
+
+    TEST_CASE("NFC and encode of a 1 MB adversarial run of marks: O(n log n), correct [io][tokenizer]")
+    {
+        // "a" + (U+0316 U+0301) x N took 15 s at 160 KB with insertion sort
+        // (quadratic). Canonical order puts the N U+0316 (class 220) before
+        // the N U+0301 (230); the first U+0301 then composes with 'a' (nothing
+        // of class >= 230 blocks it), the others stay.
+        const std::size_t n = (1 << 20) / 4;
+        std::string s = "a";
+        for (std::size_t i = 0; i < n; ++i)
+            s += u8(0x0316) + u8(0x0301);
+        std::string want = u8(0xE1);
+        for (std::size_t i = 0; i < n; ++i)
+            want += u8(0x0316);
+        for (std::size_t i = 1; i < n; ++i)
+            want += u8(0x0301);
+        const auto t0 = std::chrono::steady_clock::now();
+        const std::string got = nfc_normalize(s);
+        const auto t1 = std::chrono::steady_clock::now();
+        CHECK(got.size() == want.size());
+        CHECK(got == want);
+        // Through the tokenizer: the run is one piece of ~1 MB for the split
+        // regex, then BPE; decode gives back the NFC text.
+        const auto tok = make_tokenizer(style::neox, word_merges);
+        const auto ids = tok.encode(s);
+        const auto t2 = std::chrono::steady_clock::now();
+        CHECK(tok.decode_bytes(ids) == want);
+        const auto ms = [](auto d) { return std::chrono::duration<double, std::milli>(d).count(); };
+        MESSAGE("1 MB adversarial NFC: " << ms(t1 - t0) << " ms; encode (NFC + split + BPE): " << ms(t2 - t1) << " ms; "
+                                         << ids.size() << " ids");
     }
 
     // ---------------------------------------------------------------------------
@@ -336,10 +421,10 @@ TEST_SUITE("io/tokenizer")
     TEST_CASE("BPE: ignore_merges emits a whole-vocab piece directly [io][tokenizer]")
     {
         auto j = make_tokenizer_json(style::neox, { { "a", "b" } });
-        j["model"]["vocab"][bl("xyz")] = 900; // reachable by no merge
+        j["model"]["vocab"][bl("xyz")] = 1102; // the next free id, reachable by no merge
         CHECK(bpe_tokenizer::from_json(j.dump()).encode("xyz") == std::vector<std::int32_t> { 'x', 'y', 'z' });
         j["model"]["ignore_merges"] = true;
-        CHECK(bpe_tokenizer::from_json(j.dump()).encode("xyz") == std::vector<std::int32_t> { 900 });
+        CHECK(bpe_tokenizer::from_json(j.dump()).encode("xyz") == std::vector<std::int32_t> { 1102 });
     }
 
     // ---------------------------------------------------------------------------
@@ -376,15 +461,15 @@ TEST_SUITE("io/tokenizer")
     {
         auto j = make_tokenizer_json(style::qwen2, {});
         j["added_tokens"].push_back(
-            { { "id", 3000 }, { "content", "ab" }, { "special", false }, { "normalized", true } });
+            { { "id", 2003 }, { "content", "ab" }, { "special", false }, { "normalized", true } });
         j["added_tokens"].push_back(
-            { { "id", 3001 }, { "content", "abc" }, { "special", false }, { "normalized", true } });
+            { { "id", 2004 }, { "content", "abc" }, { "special", false }, { "normalized", true } });
         j["added_tokens"].push_back(
-            { { "id", 3002 }, { "content", "\xC3\xA9t\xC3\xA9" }, { "special", false }, { "normalized", true } });
+            { { "id", 2005 }, { "content", "\xC3\xA9t\xC3\xA9" }, { "special", false }, { "normalized", true } });
         const auto t = bpe_tokenizer::from_json(j.dump());
-        CHECK(t.encode("xabcx") == std::vector<std::int32_t> { 'x', 3001, 'x' });
-        CHECK(t.encode("xabx") == std::vector<std::int32_t> { 'x', 3000, 'x' });
-        CHECK(t.encode("e\xCC\x81te\xCC\x81") == std::vector<std::int32_t> { 3002 }); // NFC first
+        CHECK(t.encode("xabcx") == std::vector<std::int32_t> { 'x', 2004, 'x' });
+        CHECK(t.encode("xabx") == std::vector<std::int32_t> { 'x', 2003, 'x' });
+        CHECK(t.encode("e\xCC\x81te\xCC\x81") == std::vector<std::int32_t> { 2005 }); // NFC first
         // ChatML around ordinary text (Qwen2).
         const auto ids = t.encode("<|im_start|>user\nhi<|im_end|>");
         CHECK(ids == std::vector<std::int32_t> { 2001, 'u', 's', 'e', 'r', '\n', 'h', 'i', 2002 });
@@ -488,7 +573,7 @@ TEST_SUITE("io/tokenizer")
         CHECK(t.vocab_size() == 2003);
         CHECK(t.is_valid_id(0));
         CHECK(t.is_valid_id(2002));
-        CHECK_FALSE(t.is_valid_id(1500)); // a hole between the vocab and the added tokens
+        CHECK(t.is_valid_id(1500)); // a filler entry
         CHECK_FALSE(t.is_valid_id(2003));
         CHECK_FALSE(t.is_valid_id(-1));
         CHECK(t.id_to_token(32) == u8(0x120));
@@ -499,7 +584,88 @@ TEST_SUITE("io/tokenizer")
         CHECK_THROWS_WITH_AS(t.decode(bad), doctest::Contains("token id 151900 has no token"), kdial::error);
         CHECK_THROWS_WITH_AS(t.id_to_token(-3), doctest::Contains("token id -3"), kdial::error);
         bpe_stream_decoder d(t);
-        CHECK_THROWS_AS(d.push(1500), kdial::error);
+        CHECK_THROWS_AS(d.push(2003), kdial::error);
+
+        // A hole: an added token reusing a vocab id under another string
+        // counts as an entry of its own (HF's len(tokenizer)), so n = 2004
+        // while ids reach only 2002.
+        auto j = make_tokenizer_json(style::qwen2, {});
+        j["added_tokens"].push_back(json { { "id", 5 }, { "content", "<|alias|>" }, { "special", true } });
+        const auto h = bpe_tokenizer::from_json(j.dump(), "hole.json");
+        CHECK(h.vocab_size() == 2004);
+        CHECK_FALSE(h.is_valid_id(2003));
+        CHECK(h.id_to_token(5) == "<|alias|>");
+    }
+
+    TEST_CASE("id tables are sized by the entry count; ids outside [0, n) name token and id [io][tokenizer]")
+    {
+        // One vocab entry with id 2147483646 asked for a 154 GB table; 25 000 000 loaded "fine" in 1.8 GB.
+        for (const std::int64_t id : { std::int64_t(2147483646), std::int64_t(25'000'000), std::int64_t(2004) }) {
+            auto j = make_tokenizer_json(style::qwen2, {});
+            j["model"]["vocab"]["<|far|>"] = id;
+            kdial::test::check_error([&] { (void)bpe_tokenizer::from_json(j.dump(), "far.json"); },
+                { "far.json: model.vocab[\"<|far|>\"]: id " + std::to_string(id) + " is outside [0, 2004)" });
+        }
+        {
+            auto j = make_tokenizer_json(style::qwen2, {});
+            j["added_tokens"][1]["id"] = 2147483646;
+            kdial::test::check_error([&] { (void)bpe_tokenizer::from_json(j.dump(), "far.json"); },
+                { "far.json: added_tokens[1].id: id 2147483646 of token \"<|im_start|>\" is outside [0, 2003)" });
+        }
+        for (const char* bad : { "2147483647", "4294967296", "-1", "5.0", "\"5\"", "true", "1e300" }) {
+            auto j = make_tokenizer_json(style::qwen2, {});
+            j["model"]["vocab"]["<|x|>"] = json::parse(bad);
+            kdial::test::check_error([&] { (void)bpe_tokenizer::from_json(j.dump(), "bad.json"); },
+                { "bad.json: model.vocab[\"<|x|>\"]: expected a token id" });
+        }
+        {
+            auto j = make_tokenizer_json(style::qwen2, {});
+            j["added_tokens"][2]["content"] = std::string(1025, 'a');
+            kdial::test::check_error([&] { (void)bpe_tokenizer::from_json(j.dump(), "long.json"); },
+                { "long.json: added_tokens[2].content: \"aaaa", "is 1025 bytes, longer than the limit of 1024" });
+            j["added_tokens"][2]["content"] = std::string(1024, 'a');
+            CHECK(bpe_tokenizer::from_json(j.dump(), "ok.json").encode(std::string(1024, 'a')).size() == 1);
+        }
+        {
+            auto j = make_tokenizer_json(style::qwen2, {});
+            j["added_tokens"][0]["id"] = "7";
+            kdial::test::check_error([&] { (void)bpe_tokenizer::from_json(j.dump(), "bad.json"); },
+                { "bad.json: added_tokens[0].id: expected a token id", "got string \"7\"" });
+        }
+    }
+
+    TEST_CASE("tokenizer.json: duplicate vocab keys, deep nesting, directory, FIFO, symlink loop [io][tokenizer]")
+    {
+        const std::string good = make_tokenizer_json(style::qwen2, {}).dump();
+        // A duplicate vocab key (last-wins before): the text is edited, as a json object cannot hold one.
+        std::string dup = good;
+        const auto at = dup.find("\"vocab\":{");
+        REQUIRE(at != std::string::npos);
+        dup.insert(at + 9, "\"<|im_end|>\":7,\"<|im_end|>\":8,");
+        kdial::test::check_error([&] { (void)bpe_tokenizer::from_json(dup, "dup.json"); },
+            { "dup.json: tokenizer has the key \"<|im_end|>\" twice in model.vocab" });
+        // 100 000 levels of nesting (a stack overflow in the error message before).
+        std::string deep = good;
+        deep.insert(1, "\"normalizer_x\": " + std::string(100'000, '[') + std::string(100'000, ']') + ",");
+        kdial::test::check_error([&] { (void)bpe_tokenizer::from_json(deep, "deep.json"); },
+            { "deep.json: tokenizer nests deeper than 64 levels" });
+
+        const kdial::test::temp_dir dir;
+        const auto path = dir / "tokenizer.json";
+        std::filesystem::create_directory(path);
+        kdial::test::check_error(
+            [&] { (void)bpe_tokenizer::from_file(path); }, { path.string(), "it is a directory, not a regular file" });
+        std::filesystem::remove(path);
+        REQUIRE(::mkfifo(path.c_str(), 0600) == 0); // blocked forever in open() before
+        kdial::test::check_error([&] { (void)bpe_tokenizer::from_file(path); }, { path.string(), "FIFO" });
+        std::filesystem::remove(path);
+        std::filesystem::create_symlink(dir / "other.json", dir / "other2.json");
+        std::filesystem::create_symlink(dir / "other2.json", dir / "other.json");
+        std::filesystem::create_symlink(dir / "other.json", path);
+        kdial::test::check_error([&] { (void)bpe_tokenizer::from_file(path); }, { path.string(), "symlink loop" });
+        std::filesystem::remove(path);
+        kdial::test::write_file(path, good);
+        CHECK(bpe_tokenizer::from_file(path).vocab_size() == 2003);
     }
 
     TEST_CASE("load errors name the file and the field [io][tokenizer]")
@@ -585,7 +751,7 @@ TEST_SUITE("io/tokenizer")
             throws(j, "expected a token id");
         }
         CHECK_THROWS_WITH_AS(bpe_tokenizer::from_json("{not json", "bad.json"),
-            doctest::Contains("bad.json: (document): not valid JSON"), kdial::error);
+            doctest::Contains("bad.json: tokenizer is not valid JSON"), kdial::error);
         CHECK_THROWS_WITH_AS(bpe_tokenizer::from_file("/nonexistent/tokenizer.json"),
             doctest::Contains("/nonexistent/tokenizer.json: cannot open"), kdial::error);
     }

@@ -36,6 +36,7 @@
 #include "../core/dtype.hpp"
 #include "../core/error.hpp"
 #include "../core/views.hpp"
+#include "json.hpp"
 
 namespace kdial::io {
 
@@ -230,18 +231,6 @@ namespace detail {
 
 // The reference reader's limit on N ("header too large").
 inline constexpr std::size_t st_max_header_size = 100'000'000;
-// Nesting limit for every JSON document io parses (a safetensors header needs 3).
-inline constexpr int json_max_depth = 64;
-
-// A short, printable rendering of a JSON value for error messages.
-inline std::string json_brief(const nlohmann::json& j)
-{
-    std::string s = j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
-    if (s.size() > 80)
-        s = s.substr(0, 77) + "...";
-    return s;
-}
-
 // "[2, 3]"
 inline std::string shape_str(std::span<const std::size_t> shape)
 {
@@ -252,61 +241,6 @@ inline std::string shape_str(std::span<const std::size_t> shape)
         s += std::to_string(shape[i]);
     }
     return s + "]";
-}
-
-// Parses `text` as JSON with two rules nlohmann does not enforce: no object
-// has the same key twice (nlohmann would keep the last silently), and no
-// nesting deeper than json_max_depth. `what` names the document in messages.
-inline nlohmann::json parse_json_strict(std::string_view text, std::string_view file_name, std::string_view what)
-{
-    using json = nlohmann::json;
-    std::vector<std::set<std::string>> keys; // one set per open object
-    const json::parser_callback_t cb = [&](int depth, json::parse_event_t ev, json& parsed) {
-        switch (ev) {
-        case json::parse_event_t::object_start:
-        case json::parse_event_t::array_start:
-            check(depth < json_max_depth, file_name, ": ", what, " nests deeper than ", json_max_depth, " levels");
-            if (ev == json::parse_event_t::object_start)
-                keys.emplace_back();
-            break;
-        case json::parse_event_t::object_end:
-            if (!keys.empty())
-                keys.pop_back();
-            break;
-        case json::parse_event_t::key:
-            if (!keys.empty()) {
-                if (!keys.back().insert(parsed.get_ref<const std::string&>()).second)
-                    throw error(cat(file_name, ": ", what, " has the key ", json_brief(parsed), " twice"));
-            }
-            break;
-        default:
-            break;
-        }
-        return true;
-    };
-    // JSON text never holds a raw NUL, and nlohmann takes one for the end of
-    // the input, which would silently drop whatever follows it.
-    const auto nul = text.find('\0');
-    check(nul == std::string_view::npos, file_name, ": ", what, " has a NUL byte at ", what, " offset ", nul);
-    try {
-        return json::parse(text.begin(), text.end(), cb);
-    } catch (const json::exception& e) {
-        throw error(cat(file_name, ": ", what, " is not valid JSON: ", e.what()));
-    }
-}
-
-// A JSON value as a non-negative integer, or nothing (negative, fractional,
-// too large, or not a number).
-inline std::optional<std::uint64_t> json_uint(const nlohmann::json& j) noexcept
-{
-    if (j.is_number_unsigned())
-        return j.get<std::uint64_t>();
-    if (j.is_number_integer()) {
-        const auto v = j.get<std::int64_t>();
-        if (v >= 0)
-            return static_cast<std::uint64_t>(v);
-    }
-    return std::nullopt;
 }
 
 } // namespace detail
@@ -334,7 +268,7 @@ inline safetensors_header parse_header(const std::byte* data, std::size_t size, 
     h.data_offset = 8 + h.header_size;
     const std::string_view text(reinterpret_cast<const char*>(data + 8), h.header_size);
     check(!text.empty() && text.front() == '{', file_name, ": header does not start with '{' (a JSON object)");
-    const json root = detail::parse_json_strict(text, file_name, "header");
+    const json root = parse_json_strict(text, file_name, "header");
     check(root.is_object(), file_name, ": header is JSON ", root.type_name(), ", expected an object");
 
     const std::size_t data_size = size - h.data_offset;
@@ -347,8 +281,9 @@ inline safetensors_header parse_header(const std::byte* data, std::size_t size, 
             check(entry.is_object(), file_name, ": __metadata__ is ", entry.type_name(),
                 ", expected an object of strings");
             for (const auto& [mk, mv] : entry.items()) {
-                check(mv.is_string(), file_name, ": __metadata__ value of \"", mk, "\" is ", mv.type_name(), " ",
-                    detail::json_brief(mv), ", expected a string");
+                if (!mv.is_string())
+                    throw error(detail::cat(file_name, ": __metadata__ value of \"", detail::brief_cut(mk, 200),
+                        "\" is ", mv.type_name(), " ", json_brief(mv), ", expected a string"));
                 h.metadata.emplace(mk, mv.get<std::string>());
             }
             continue;
@@ -356,7 +291,9 @@ inline safetensors_header parse_header(const std::byte* data, std::size_t size, 
         tensor_info t;
         t.name = key;
         // Messages are built only on failure: a header can hold thousands of tensors.
-        const auto fail = [&](const auto&... a) { throw error(detail::cat(file_name, ": tensor '", key, "'", a...)); };
+        const auto fail = [&](const auto&... a) {
+            throw error(detail::cat(file_name, ": tensor '", detail::brief_cut(key, 200), "'", a...));
+        };
         if (!entry.is_object())
             fail(": entry is ", entry.type_name(), ", expected an object");
 
@@ -364,45 +301,45 @@ inline safetensors_header parse_header(const std::byte* data, std::size_t size, 
         if (dt == entry.end())
             fail(": no \"dtype\"");
         if (!dt->is_string())
-            fail(": dtype is ", dt->type_name(), " ", detail::json_brief(*dt), ", expected a string");
+            fail(": dtype is ", dt->type_name(), " ", json_brief(*dt), ", expected a string");
         const auto parsed_dtype = parse_st_dtype(dt->get_ref<const std::string&>());
         if (!parsed_dtype)
-            fail(": unknown dtype ", detail::json_brief(*dt));
+            fail(": unknown dtype ", json_brief(*dt));
         t.dtype = *parsed_dtype;
 
         const auto sh = entry.find("shape");
         if (sh == entry.end())
             fail(": no \"shape\"");
         if (!sh->is_array())
-            fail(": shape is ", sh->type_name(), " ", detail::json_brief(*sh), ", expected an array");
+            fail(": shape is ", sh->type_name(), " ", json_brief(*sh), ", expected an array");
         std::size_t numel = 1;
         t.shape.reserve(sh->size());
         for (std::size_t i = 0; i < sh->size(); ++i) {
-            const auto d = detail::json_uint((*sh)[i]);
+            const auto d = json_uint((*sh)[i]);
             if (!d)
-                fail(": shape[", i, "] is ", detail::json_brief((*sh)[i]), ", expected a non-negative integer");
+                fail(": shape[", i, "] is ", json_brief((*sh)[i]), ", expected a non-negative integer");
             if (*d > std::numeric_limits<std::size_t>::max())
                 fail(": shape[", i, "] = ", *d, " is too large");
             const auto dim = static_cast<std::size_t>(*d);
             if (dim != 0 && numel > std::numeric_limits<std::size_t>::max() / dim)
-                fail(": shape ", detail::json_brief(*sh), " overflows the element count");
+                fail(": shape ", json_brief(*sh), " overflows the element count");
             numel *= dim;
             t.shape.push_back(dim);
         }
         const std::size_t esize = st_dtype_size(t.dtype);
         if (numel > std::numeric_limits<std::size_t>::max() / esize)
-            fail(": shape ", detail::json_brief(*sh), " x ", st_dtype_name(t.dtype), " overflows the byte count");
+            fail(": shape ", json_brief(*sh), " x ", st_dtype_name(t.dtype), " overflows the byte count");
         const std::size_t nbytes = numel * esize;
 
         const auto off = entry.find("data_offsets");
         if (off == entry.end())
             fail(": no \"data_offsets\"");
         if (!off->is_array() || off->size() != 2)
-            fail(": data_offsets is ", detail::json_brief(*off), ", expected [begin, end]");
-        const auto b = detail::json_uint((*off)[0]);
-        const auto e = detail::json_uint((*off)[1]);
+            fail(": data_offsets is ", json_brief(*off), ", expected [begin, end]");
+        const auto b = json_uint((*off)[0]);
+        const auto e = json_uint((*off)[1]);
         if (!b || !e)
-            fail(": data_offsets ", detail::json_brief(*off), " are not non-negative integers");
+            fail(": data_offsets ", json_brief(*off), " are not non-negative integers");
         if (*b > *e)
             fail(": data_offsets [", *b, ", ", *e, "] have begin > end");
         if (*e > data_size)
@@ -551,13 +488,7 @@ public:
     explicit mapped_file(const std::filesystem::path& path)
     {
         const std::string p = path.string();
-        std::error_code ec;
-        const auto st = std::filesystem::status(path, ec);
-        detail::check(std::filesystem::exists(st), p,
-            ": cannot open: ", ec && ec != std::errc::no_such_file_or_directory ? ec.message() : "no such file");
-        detail::check(std::filesystem::is_regular_file(st), p, ": not a regular file");
-        const int fd = ::open(p.c_str(), O_RDONLY | O_CLOEXEC);
-        detail::check(fd >= 0, p, ": cannot open: ", detail::errno_message(errno));
+        const int fd = open_regular_file(path, "file");
         struct stat sb { };
         if (::fstat(fd, &sb) != 0) {
             const int e = errno;
@@ -726,20 +657,20 @@ struct safetensors_index {
 inline safetensors_index parse_index(std::string_view text, std::string_view file_name)
 {
     using detail::check;
-    const nlohmann::json root = detail::parse_json_strict(text, file_name, "index");
+    const nlohmann::json root = parse_json_strict(text, file_name, "index");
     check(root.is_object(), file_name, ": index is JSON ", root.type_name(), ", expected an object");
     safetensors_index idx;
     if (const auto md = root.find("metadata"); md != root.end() && !md->is_null()) {
         check(md->is_object(), file_name, ": metadata is ", md->type_name(), ", expected an object");
         if (const auto ts = md->find("total_size"); ts != md->end() && !ts->is_null()) {
-            auto v = detail::json_uint(*ts);
+            auto v = json_uint(*ts);
             // Some writers store it as a float; accept integral values.
             if (!v && ts->is_number_float()) {
                 const double d = ts->get<double>();
                 if (d >= 0 && d < 0x1p64 && d == static_cast<double>(static_cast<std::uint64_t>(d)))
                     v = static_cast<std::uint64_t>(d);
             }
-            check(v.has_value(), file_name, ": metadata.total_size is ", detail::json_brief(*ts),
+            check(v.has_value(), file_name, ": metadata.total_size is ", json_brief(*ts),
                 ", expected a non-negative integer");
             idx.total_size = v;
         }
@@ -748,13 +679,14 @@ inline safetensors_index parse_index(std::string_view text, std::string_view fil
     check(wm != root.end(), file_name, ": no \"weight_map\"");
     check(wm->is_object(), file_name, ": weight_map is ", wm->type_name(), ", expected an object");
     for (const auto& [tensor, shard] : wm->items()) {
-        check(shard.is_string(), file_name, ": weight_map entry of tensor '", tensor, "' is ", shard.type_name(), " ",
-            detail::json_brief(shard), ", expected a shard file name");
+        if (!shard.is_string())
+            throw error(detail::cat(file_name, ": weight_map entry of tensor '", detail::brief_cut(tensor, 200),
+                "' is ", shard.type_name(), " ", json_brief(shard), ", expected a shard file name"));
         const auto& s = shard.get_ref<const std::string&>();
-        check(!s.empty() && s != "." && s != ".." && s.find('/') == std::string::npos
-                && s.find('\\') == std::string::npos && s.find('\0') == std::string::npos,
-            file_name, ": weight_map entry of tensor '", tensor, "' is ", detail::json_brief(shard),
-            ", expected a plain file name in the checkpoint directory");
+        if (s.empty() || s == "." || s == ".." || s.find('/') != std::string::npos || s.find('\\') != std::string::npos
+            || s.find('\0') != std::string::npos)
+            throw error(detail::cat(file_name, ": weight_map entry of tensor '", detail::brief_cut(tensor, 200),
+                "' is ", json_brief(shard), ", expected a plain file name in the checkpoint directory"));
         idx.weight_map.emplace(tensor, s);
     }
     return idx;
@@ -778,15 +710,18 @@ public:
     {
         namespace fs = std::filesystem;
         std::error_code ec;
+        // A directory entry that exists (a symlink counts, even a dangling or
+        // looping one) is opened, so that the open names what is wrong with it.
+        const auto present = [&](const fs::path& p) { return fs::exists(fs::symlink_status(p, ec)); };
         if (fs::is_directory(path, ec)) {
-            if (fs::exists(path / st_single_file_name, ec))
+            if (present(path / st_single_file_name))
                 return open_single(path / st_single_file_name);
-            if (fs::exists(path / st_index_file_name, ec))
+            if (present(path / st_index_file_name))
                 return open_index(path / st_index_file_name);
             throw error(
                 detail::cat(path.string(), ": neither ", st_single_file_name, " nor ", st_index_file_name, " found"));
         }
-        detail::check(fs::exists(path, ec), path.string(), ": no such file or directory");
+        detail::check(present(path), path.string(), ": no such file or directory");
         const std::string fname = path.filename().string();
         if (fname.size() >= 5 && fname.ends_with(".json"))
             return open_index(path);
@@ -888,15 +823,7 @@ private:
         const std::string iname = index.string();
 
         std::error_code ec;
-        detail::check(fs::is_regular_file(index, ec), iname, ": not a regular file");
-        const auto fsize = fs::file_size(index, ec);
-        detail::check(!ec, iname, ": cannot stat: ", ec.message());
-        detail::check(fsize <= detail::st_max_header_size, iname, ": index is ", fsize,
-            " bytes, larger than the limit of ", detail::st_max_header_size);
-        std::string text(static_cast<std::size_t>(fsize), '\0');
-        std::ifstream in(index, std::ios::binary);
-        detail::check(
-            in && in.read(text.data(), static_cast<std::streamsize>(text.size())), iname, ": cannot read the index");
+        const std::string text = read_file_checked(index, "index", detail::st_max_header_size);
         const safetensors_index idx = parse_index(text, iname);
         c.total_size_ = idx.total_size;
 
@@ -907,8 +834,8 @@ private:
         std::map<std::string, std::size_t, std::less<>> shard_pos;
         for (const auto& [shard, tensor] : shard_example) {
             const fs::path p = c.dir_ / shard;
-            detail::check(fs::exists(p, ec), iname, ": shard '", shard, "' (holding tensor '", tensor,
-                "') does not exist in ", c.dir_.string());
+            detail::check(fs::exists(fs::symlink_status(p, ec)), iname, ": shard '", shard, "' (holding tensor '",
+                tensor, "') does not exist in ", c.dir_.string());
             shard_pos.emplace(shard, c.files_.size());
             c.files_.push_back(safetensors_file::open(p));
         }

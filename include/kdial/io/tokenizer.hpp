@@ -21,23 +21,23 @@
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
-#include <fstream>
 #include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <queue>
 #include <span>
-#include <sstream>
 #include <string>
 #include <string_view>
 #include <unordered_map>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
 #include "../core/error.hpp"
+#include "json.hpp"
 #include "unicode.hpp"
 
 namespace kdial::io {
@@ -271,15 +271,11 @@ struct added_token {
 
 class bpe_tokenizer {
 public:
-    // Reads a tokenizer.json file; errors name the path.
+    // Reads a tokenizer.json file (opened only when it is a regular file, at
+    // most json_max_bytes); errors name the path.
     static bpe_tokenizer from_file(const std::filesystem::path& path)
     {
-        std::ifstream in(path, std::ios::binary);
-        detail::check(bool(in), path.string(), ": cannot open tokenizer file");
-        std::ostringstream ss;
-        ss << in.rdbuf();
-        detail::check(!in.bad(), path.string(), ": cannot read tokenizer file");
-        return from_json(ss.str(), path.string());
+        return from_json(read_file_checked(path, "tokenizer file", json_max_bytes), path.string());
     }
 
     // Parses the text of a tokenizer.json; `source_name` names it in errors.
@@ -355,8 +351,10 @@ public:
         return utf8_sanitize(decode_bytes(ids, skip_special));
     }
 
-    // One past the largest id (vocab and added tokens). Ids below it can
-    // still be holes; model embeddings are often larger (padded rows).
+    // The number of entries: distinct token strings of the vocab and the
+    // added tokens (HF's len(tokenizer)); every id lies below it. An id below
+    // it can still be a hole (an added token that reuses a vocab id under
+    // another string); model embeddings are often larger (padded rows).
     std::size_t vocab_size() const noexcept { return id_entries_.size(); }
     bool is_valid_id(std::int32_t id) const noexcept
     {
@@ -440,6 +438,10 @@ private:
     // cache_capacity entries (HF's policy too: no eviction, bounded memory).
     static constexpr std::size_t cache_max_piece = 256;
     static constexpr std::size_t cache_capacity = 1 << 16;
+    // Added tokens are matched by walking a trie from every candidate byte,
+    // so a token of L bytes can cost L steps per byte of text: L is bounded
+    // (real added tokens are special markers and whitespace runs, < 100 bytes).
+    static constexpr std::size_t max_added_token_bytes = 1024;
 
     std::string source_;
     std::unordered_map<std::string, std::int32_t> vocab_; // byte-level spelling -> id
@@ -658,11 +660,7 @@ private:
     {
         throw error(detail::cat(source_, ": ", field, ": ", what));
     }
-    static std::string brief(const json& j)
-    {
-        std::string s = j.dump(-1, ' ', false, json::error_handler_t::replace);
-        return s.size() > 80 ? s.substr(0, 77) + "..." : s;
-    }
+    static std::string brief(const json& j) { return json_brief(j); }
     // obj[key] if present and not null.
     static const json* member(const json& obj, const char* key)
     {
@@ -689,24 +687,30 @@ private:
             fail(detail::cat(where, ".type"), "missing or not a string");
         return t->get<std::string>();
     }
+    // A token id through the checked conversion: an integer in [0, 2^31 - 2]
+    // (ids are further bounded by the entry count in build_id_table).
+    static std::optional<std::int32_t> id_of(const json& v) noexcept
+    {
+        if (!v.is_number_integer()) // ids are written as integers; 5.0 is not an id
+            return std::nullopt;
+        const auto id = json_int_in(v, 0, INT32_MAX - 1);
+        return id ? std::optional<std::int32_t>(static_cast<std::int32_t>(*id)) : std::nullopt;
+    }
     std::int32_t get_id(const json& v, std::string_view where) const
     {
-        if (!v.is_number_integer() || v.get<std::int64_t>() < 0 || v.get<std::int64_t>() > INT32_MAX - 1)
-            fail(where, "expected a token id (integer in [0, 2^31 - 1)), got " + brief(v));
-        return static_cast<std::int32_t>(v.get<std::int64_t>());
+        const auto id = id_of(v);
+        if (!id)
+            fail(where, "expected a token id (integer in [0, 2^31 - 1)), got " + json_typed_brief(v));
+        return *id;
     }
 
     void load(std::string_view text, std::string source)
     {
         source_ = std::move(source);
-        json root;
-        try {
-            root = json::parse(text.begin(), text.end());
-        } catch (const json::exception& e) {
-            fail("(document)", detail::cat("not valid JSON: ", e.what()));
-        }
+        // Depth, size and duplicate keys (in model.vocab too) checked here.
+        const json root = parse_json_strict(text, source_, "tokenizer", json_max_depth, json_max_bytes);
         if (!root.is_object())
-            fail("(document)", "expected a JSON object");
+            fail("(document)", detail::cat("expected a JSON object, got ", root.type_name()));
         load_model(root);
         load_added_tokens(root);
         load_normalizer(root);
@@ -722,7 +726,7 @@ private:
             fail("model", "missing");
         const std::string type = get_type(*model, "model");
         if (type != "BPE")
-            fail("model.type", "\"" + type + "\" is not supported (only \"BPE\")");
+            fail("model.type", brief(json(type)) + " is not supported (only \"BPE\")");
         if (get_bool(*model, "byte_fallback", "model", false))
             fail("model.byte_fallback", "true is not supported (byte-level BPE needs no byte fallback)");
         if (const json* d = member(*model, "dropout"))
@@ -738,8 +742,13 @@ private:
         if (!vocab || !vocab->is_object())
             fail("model.vocab", "missing or not an object of token -> id");
         vocab_.reserve(vocab->size());
-        for (const auto& [tok, v] : vocab->items())
-            vocab_.emplace(tok, get_id(v, detail::cat("model.vocab[", brief(json(tok)), "]")));
+        for (const auto& [tok, v] : vocab->items()) {
+            const auto id = id_of(v);
+            if (!id)
+                fail(detail::cat("model.vocab[", brief(json(tok)), "]"),
+                    "expected a token id (integer in [0, 2^31 - 1)), got " + json_typed_brief(v));
+            vocab_.emplace(tok, *id);
+        }
 
         if (const json* unk = member(*model, "unk_token")) {
             if (!unk->is_string())
@@ -820,6 +829,10 @@ private:
             a.content = content->get<std::string>();
             if (!utf8_is_valid(a.content))
                 fail(where + ".content", "is not valid UTF-8");
+            if (a.content.size() > max_added_token_bytes)
+                fail(where + ".content",
+                    detail::cat(brief(json(a.content)), " is ", a.content.size(), " bytes, longer than the limit of ",
+                        max_added_token_bytes, " (matching costs up to that per byte of text)"));
             a.special = get_bool(t, "special", where, false);
             a.normalized = get_bool(t, "normalized", where, !a.special); // HF's default: !special
             for (const char* key : { "lstrip", "rstrip", "single_word" })
@@ -837,7 +850,7 @@ private:
             return;
         const std::string type = get_type(*n, "normalizer");
         auto unsupported = [&](std::string_view where, const std::string& t) {
-            fail(where, "\"" + t + "\" is not supported (null, NFC, or a Sequence of NFC only)");
+            fail(where, brief(json(t)) + " is not supported (null, NFC, or a Sequence of NFC only)");
         };
         if (type == "NFC") {
             nfc_ = true;
@@ -904,7 +917,7 @@ private:
                 stages_.push_back({ stage_kind::split, *known, behavior == "Removed" });
             } else {
                 fail(where + ".type",
-                    "\"" + type + "\" is not supported (ByteLevel, or a Sequence of Split then ByteLevel)");
+                    brief(json(type)) + " is not supported (ByteLevel, or a Sequence of Split then ByteLevel)");
             }
             if (i + 1 == list.size() && type != "ByteLevel")
                 fail(where, "the last pre-tokenizer must be ByteLevel (the vocabulary is byte-level)");
@@ -917,7 +930,7 @@ private:
         if (!d)
             fail("decoder", "missing (ByteLevel expected)");
         if (const std::string t = get_type(*d, "decoder"); t != "ByteLevel")
-            fail("decoder.type", "\"" + t + "\" is not supported (ByteLevel only)");
+            fail("decoder.type", brief(json(t)) + " is not supported (ByteLevel only)");
         const json* p = member(root, "post_processor");
         if (!p)
             return;
@@ -930,22 +943,40 @@ private:
                 for (std::size_t i = 0; i < list->size(); ++i) {
                     const std::string where = detail::cat("post_processor.processors[", i, "]");
                     if (const std::string ti = get_type((*list)[i], where); ti != "ByteLevel")
-                        fail(where + ".type", "\"" + ti + "\" is not supported (it may add tokens; ByteLevel only)");
+                        fail(
+                            where + ".type", brief(json(ti)) + " is not supported (it may add tokens; ByteLevel only)");
                 }
                 return;
             }
             fail("post_processor.processors", "missing or not an array");
         }
-        fail("post_processor.type", "\"" + t + "\" is not supported (it may add tokens; null or ByteLevel only)");
+        fail("post_processor.type", brief(json(t)) + " is not supported (it may add tokens; null or ByteLevel only)");
     }
 
+    // The id table has one row per entry: n = the number of distinct token
+    // strings of the vocab and the added tokens (HF's get_vocab_size(true),
+    // len(tokenizer)), so its size is bounded by the file; an id outside
+    // [0, n) is an error naming the token and the id.
     void build_id_table()
     {
-        std::size_t n = 0;
+        std::size_t n = vocab_.size();
+        {
+            std::unordered_set<std::string_view> extra; // added contents not in the vocab
+            for (const auto& a : added_)
+                if (vocab_.find(a.content) == vocab_.end())
+                    extra.insert(a.content);
+            n += extra.size();
+        }
         for (const auto& [tok, id] : vocab_)
-            n = std::max(n, std::size_t(id) + 1);
-        for (const auto& a : added_)
-            n = std::max(n, std::size_t(a.id) + 1);
+            if (std::size_t(id) >= n)
+                fail(detail::cat("model.vocab[", brief(json(tok)), "]"),
+                    detail::cat("id ", id, " is outside [0, ", n, "): the tokenizer has ", n,
+                        " entries (vocab and added tokens), and ids must lie below that"));
+        for (std::size_t i = 0; i < added_.size(); ++i)
+            if (std::size_t(added_[i].id) >= n)
+                fail(detail::cat("added_tokens[", i, "].id"),
+                    detail::cat("id ", added_[i].id, " of token ", brief(json(added_[i].content)), " is outside [0, ",
+                        n, "): the tokenizer has ", n, " entries (vocab and added tokens)"));
         id_entries_.assign(n, id_entry {});
         for (const auto& [tok, id] : vocab_) {
             auto& e = id_entries_[std::size_t(id)];

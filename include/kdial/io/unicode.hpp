@@ -255,7 +255,10 @@ inline bool nfc_quick_check_yes(char32_t cp) noexcept
     return cp < 0x300 || !find_range(unicode_tables::nfc_quick_check_not_yes, cp);
 }
 
-// NFC of a run of well-formed UTF-8, appended to out.
+// NFC of a run of well-formed UTF-8, appended to out. O(n log n) in the
+// worst case: each run of non-starters is put in canonical order by a stable
+// sort on the combining class (canonical ordering is exactly that, UAX #15
+// §1.3), so a long adversarial run of marks costs no more than sorting it.
 inline void nfc_append_valid(std::string_view s, std::string& out)
 {
     std::vector<char32_t> buf;
@@ -265,28 +268,41 @@ inline void nfc_append_valid(std::string_view s, std::string& out)
         canonical_decompose(c.cp, buf);
         i += c.size;
     }
-    // Canonical ordering: stable insertion sort of each run of non-starters.
-    for (std::size_t i = 1; i < buf.size(); ++i) {
-        const auto cc = canonical_combining_class(buf[i]);
-        if (cc == 0)
+    const std::size_t n = buf.size();
+    std::vector<std::uint8_t> ccc(n);
+    for (std::size_t i = 0; i < n; ++i)
+        ccc[i] = canonical_combining_class(buf[i]);
+    // Canonical ordering: a stable sort of each run of non-starters by class.
+    std::vector<std::pair<std::uint8_t, char32_t>> run;
+    for (std::size_t i = 0; i < n;) {
+        if (ccc[i] == 0) {
+            ++i;
             continue;
-        std::size_t j = i;
-        while (j > 0) {
-            const auto prev = canonical_combining_class(buf[j - 1]);
-            if (prev == 0 || prev <= cc)
-                break;
-            std::swap(buf[j - 1], buf[j]);
-            --j;
         }
+        std::size_t j = i + 1;
+        while (j < n && ccc[j] != 0)
+            ++j;
+        if (!std::is_sorted(ccc.begin() + std::ptrdiff_t(i), ccc.begin() + std::ptrdiff_t(j))) {
+            run.clear();
+            for (std::size_t k = i; k < j; ++k)
+                run.emplace_back(ccc[k], buf[k]);
+            std::stable_sort(run.begin(), run.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+            for (std::size_t k = i; k < j; ++k) {
+                ccc[k] = run[k - i].first;
+                buf[k] = run[k - i].second;
+            }
+        }
+        i = j;
     }
-    // Canonical composition.
-    if (!buf.empty()) {
+    // Canonical composition. buf[i] and ccc[i] are read before anything at
+    // index >= i is written (writes go to w <= i and to the starter < i).
+    if (n > 0) {
         std::size_t starter = 0, w = 1;
-        bool have_starter = canonical_combining_class(buf[0]) == 0;
+        bool have_starter = ccc[0] == 0;
         int last_cc = 0; // ccc of the last character kept after the starter (0: adjacent)
-        for (std::size_t i = 1; i < buf.size(); ++i) {
+        for (std::size_t i = 1; i < n; ++i) {
             const char32_t c = buf[i];
-            const int cc = canonical_combining_class(c);
+            const int cc = ccc[i];
             if (have_starter && (last_cc < cc || last_cc == 0)) {
                 if (const char32_t comp = canonical_compose(buf[starter], c)) {
                     buf[starter] = comp;
