@@ -314,6 +314,11 @@ void check_outputs(const args& a, std::initializer_list<const char*> flags)
             fs::path parent = out.parent_path();
             if (parent.empty())
                 parent = ".";
+            std::error_code ec;
+            if (!fs::is_directory(parent, ec)) // fail now, not after the run
+                throw kdial::error(cat("--", f, " ", out.string(), ": directory ", parent.string(), " does not exist"));
+            if (fs::is_directory(out, ec))
+                throw kdial::error(cat("--", f, " ", out.string(), " is a directory"));
             if (a.has("model") && ck_name && kdial::io::same_file(parent, a.get("model")))
                 throw kdial::error(cat("--", f, " ", out.string(), " is inside the checkpoint directory ",
                     a.get("model"), " under a checkpoint file name; refusing to write there"));

@@ -6,6 +6,7 @@
 # FIFO (a FIFO created as WORK/<FIFO>), LINK ("name;target": WORK/name ->
 # target, @WORK@ replaced), ULIMIT_F (run under `ulimit -f` in 512-byte blocks
 # through /bin/sh), COPY (extra files copied into WORK).
+cmake_minimum_required(VERSION 3.20) # @WORK@ stays literal in the script (CMP0053)
 file(REMOVE_RECURSE ${WORK})
 file(MAKE_DIRECTORY ${WORK})
 file(COPY ${MODEL}/ DESTINATION ${WORK}/ck)

@@ -215,7 +215,8 @@ TEST_CASE("first_non_finite: every float format, any position, unaligned")
             CHECK(kdial::first_non_finite(std::span<const kdial::bf16>(b)) == want);
             std::vector<std::byte> buf(1 + n * 8);
             auto at_odd = [&](const void* src, std::size_t bytes) {
-                std::memcpy(buf.data() + 1, src, bytes);
+                if (bytes) // memcpy from an empty vector's null data() is UB
+                    std::memcpy(buf.data() + 1, src, bytes);
                 return buf.data() + 1;
             };
             CHECK(kdial::first_non_finite(at_odd(h.data(), n * 2), n, kdial::float_format::f16) == want);
