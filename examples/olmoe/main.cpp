@@ -317,8 +317,10 @@ void check_outputs(const args& a, std::initializer_list<const char*> flags)
             std::error_code ec;
             if (!fs::is_directory(parent, ec)) // fail now, not after the run
                 throw kdial::error(cat("--", f, " ", out.string(), ": directory ", parent.string(), " does not exist"));
-            if (fs::is_directory(out, ec))
-                throw kdial::error(cat("--", f, " ", out.string(), " is a directory"));
+            const auto st = fs::status(out, ec);
+            if (fs::exists(st) && !fs::is_regular_file(st)) // a directory, FIFO, /dev/null: never replaced
+                throw kdial::error(cat("--", f, " ", out.string(), " is not a regular file (",
+                    fs::is_directory(st) ? "a directory" : "a device, FIFO or socket", "); give a file path"));
             if (a.has("model") && ck_name && kdial::io::same_file(parent, a.get("model")))
                 throw kdial::error(cat("--", f, " ", out.string(), " is inside the checkpoint directory ",
                     a.get("model"), " under a checkpoint file name; refusing to write there"));

@@ -131,12 +131,26 @@ TEST_CASE("atomic_file: all or nothing")
         check_error([&] { kdial::io::write_file_atomic(p, "x"); }, { "out.bin.partial" });
         CHECK(slurp(d / "target") == "keep me");
     }
-    SUBCASE("the target is a directory")
+    SUBCASE("the target is a directory or a FIFO: refused, not replaced")
     {
         fs::create_directory(d / "sub");
-        check_error([&] { kdial::io::write_file_atomic(d / "sub", "x"); }, { "sub", "cannot rename" });
+        check_error([&] { kdial::io::write_file_atomic(d / "sub", "x"); }, { "sub", "is a directory" });
         CHECK(fs::is_directory(d / "sub"));
         CHECK(!fs::exists(d / "sub.partial"));
+        REQUIRE(::mkfifo((d / "fifo").c_str(), 0600) == 0);
+        check_error([&] { kdial::io::write_file_atomic(d / "fifo", "x"); }, { "fifo", "is a FIFO" });
+        CHECK(fs::is_fifo(d / "fifo"));
+        check_error([&] { kdial::io::write_file_atomic("/dev/null", "x"); }, { "/dev/null", "is a character device" });
+    }
+    SUBCASE("a symlink: its target is replaced, the link stays")
+    {
+        fs::create_symlink(p, d / "link");
+        kdial::io::write_file_atomic(d / "link", "through the link");
+        CHECK(fs::is_symlink(d / "link"));
+        CHECK(slurp(p) == "through the link");
+        fs::create_symlink(d / "loop2", d / "loop1");
+        fs::create_symlink(d / "loop1", d / "loop2");
+        check_error([&] { kdial::io::write_file_atomic(d / "loop1", "x"); }, { "loop1", "symlink loop" });
     }
     SUBCASE("the directory does not exist")
     {

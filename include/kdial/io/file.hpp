@@ -125,11 +125,13 @@ inline bool same_file(const std::filesystem::path& a, const std::filesystem::pat
 // exclusively, never through a symlink: an existing .partial is an error,
 // not overwritten), every write is checked; commit() fsyncs, renames it over
 // `path` and fsyncs the directory. Destroyed without commit() (an error
-// anywhere), the partial file is removed and `path` is untouched.
+// anywhere), the partial file is removed and `path` is untouched. A symlink
+// `path` is followed; an existing `path` that is not a regular file (a
+// directory, FIFO, /dev/null) is refused rather than replaced.
 class atomic_file {
 public:
     explicit atomic_file(std::filesystem::path path)
-        : path_(std::move(path))
+        : path_(resolve(std::move(path)))
         , partial_(path_.string() + ".partial")
     {
         using ::kdial::detail::cat;
@@ -191,6 +193,28 @@ public:
     }
 
 private:
+    // A symlink is followed (its target is replaced, the link stays); an
+    // existing target must be a regular file: renaming over /dev/null, a
+    // FIFO or a directory would replace it.
+    static std::filesystem::path resolve(std::filesystem::path p)
+    {
+        using ::kdial::detail::cat;
+        namespace fs = std::filesystem;
+        std::error_code ec;
+        if (fs::is_symlink(fs::symlink_status(p, ec))) {
+            fs::path t = fs::weakly_canonical(p, ec);
+            if (ec)
+                throw error(cat(p.string(), ": cannot resolve the symlink: ",
+                    ec == std::errc::too_many_symbolic_link_levels ? detail::open_error_text(ELOOP) : ec.message()));
+            p = std::move(t);
+        }
+        struct stat sb { };
+        if (::stat(p.c_str(), &sb) == 0 && !S_ISREG(sb.st_mode))
+            throw error(cat(p.string(), ": is ", detail::file_kind(sb.st_mode),
+                "; only regular files are written (atomically, by renaming a new file over them)"));
+        return p;
+    }
+
     [[noreturn]] void fail(const char* what, int e)
     {
         abandon();
