@@ -14,6 +14,7 @@
 
 #include "roofline.hpp"
 
+#include <kdial/io/file.hpp>
 #include <kdial/io/npy.hpp>
 #include <kdial/io/tokenizer.hpp>
 
@@ -23,10 +24,10 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
-#include <fstream>
 #include <iostream>
 #include <map>
 #include <optional>
@@ -65,7 +66,8 @@ Run 'olmoe <command> --help' for a command's options.
 
 const std::map<std::string, std::string> usages
     = { { "generate", R"(usage: olmoe generate --model DIR [--prompt TEXT | --tokens 1,2,3] [--k K | --k-schedule S]
-                      [--renorm] [--max-new N] [--threads N] [--weights native|int8]
+                      [--renorm] [--max-new N] [--threads N] [--weights native|int8] [--check-weights]
+                      [--allow-long-context]
 Greedy generation; streams text (or ids when the model has no tokenizer.json).
   --model DIR     checkpoint directory (config.json, *.safetensors, tokenizer.json)
   --prompt TEXT   prompt text (needs tokenizer.json)
@@ -77,13 +79,19 @@ Greedy generation; streams text (or ids when the model has no tokenizer.json).
   --max-new N     tokens to generate (default 32); stops early at an EOS id
   --threads N     worker threads (default: all cores)
   --weights W     native (as stored, default) or int8 (quantised at load)
+  --check-weights scan every weight for NaN / inf at load (names the tensor and element)
+  --allow-long-context
+                  let prompt + generated tokens exceed max_position_embeddings
+                  (refused by default: the model was not trained that far)
 )" },
           { "logits", R"(usage: olmoe logits --model DIR --tokens 1,2,3 --out FILE.npy [--k K | --k-schedule S]
-                    [--renorm] [--threads N] [--weights native|int8]
-Writes the logits of every position, float32 [T, vocab], in NumPy .npy format.
+                    [--renorm] [--threads N] [--weights native|int8] [--check-weights] [--allow-long-context]
+Writes the logits of every position, float32 [T, vocab], in NumPy .npy format
+(atomically; FILE may not be one of the checkpoint's files).
 )" },
           { "bench", R"(usage: olmoe bench --model DIR [--k 1,2,4,8 | --k-schedule S] [--renorm] [--prompt-len 512]
-                   [--gen 32] [--threads N] [--weights native|int8] [--json]
+                   [--gen 32] [--threads N] [--weights native|int8] [--json] [--check-weights]
+                   [--allow-long-context]
 Measures prefill and decode tokens/s for each k, with the fraction of the
 memory-bandwidth roofline decode reached (weight and KV-cache bytes read per
 token / read bandwidth measured in the same run) and the peak resident memory.
@@ -92,7 +100,7 @@ token / read bandwidth measured in the same run) and the peak resident memory.
           { "sweep", R"(usage: olmoe sweep --model DIR (--text FILE | --tokens-file FILE) [--k 1,2,4,8] [--ref-k K]
                    [--k-schedule S] [--threshold P[,P...]] [--k-min N] [--k-max N] [--renorm]
                    [--context N] [--decode-tokens N] [--json FILE] [--plot FILE.svg] [--threads N]
-                   [--weights native|int8]
+                   [--weights native|int8] [--check-weights]
 Teacher-forced evaluation of each operating point over the text, printing
 perplexity and mean next-token log-likelihood, agreement with the reference k
 (share of positions whose argmax matches; mean KL(ref || point) in nats),
@@ -112,12 +120,16 @@ measured in the same run.
   --decode-tokens N   timed single-token decode steps per point (default 32)
   --json FILE         also write the results as JSON
   --plot FILE.svg     write a plot of quality against decode latency
+  --check-weights     scan every weight for NaN / inf at load
+Outputs are written atomically and may not be inputs of the command.
 )" },
           { "make-synthetic", R"(usage: olmoe make-synthetic --out DIR [--preset NAME] [--layers N] [--dtype bf16|f32]
                             [--shards N] [--seed S]
 Writes a synthetic checkpoint in the exact Hugging Face layout: config.json,
 model.safetensors (or N shards and model.safetensors.index.json), and a small
-byte-level BPE tokenizer.json. Presets:
+byte-level BPE tokenizer.json. DIR must be new, empty, or hold only an earlier
+make-synthetic output (its .kdial-synthetic marker lists the files it wrote);
+no other file is ever replaced or removed. Presets:
   tiny, olmoe                    OLMoE; olmoe has OLMoE-1B-7B's sizes (d 2048, 16 heads,
                                  F 1024, 64 experts, top-8, vocab 50304)
   tiny-qwen2-moe, qwen2-moe      Qwen1.5-MoE-A2.7B layout (60 experts top-4 of width 1408,
@@ -128,7 +140,8 @@ byte-level BPE tokenizer.json. Presets:
 )" },
           { "demo", R"(usage: olmoe demo [--dir DIR]
 Makes a tiny synthetic OLMoE checkpoint (default: $XDG_CACHE_HOME/kdial/demo or
-~/.cache/kdial/demo), then shows generation and a benchmark at several k.
+~/.cache/kdial/demo; the same rules as make-synthetic --out), then shows
+generation and a benchmark at several k.
 )" } };
 
 struct args {
@@ -185,6 +198,8 @@ args parse_args(int argc, char** argv, const std::set<std::string>& options, con
             s = s.substr(0, eq);
             inline_value = true;
         }
+        if ((flags.count(s) && a.flags.count(s)) || a.opt.count(s))
+            throw usage_error(cat("--", s, " is given twice"));
         if (flags.count(s)) {
             if (inline_value)
                 throw usage_error(cat("--", s, " takes no value"));
@@ -240,14 +255,80 @@ loaded load(const args& a, std::size_t max_chunk = 256)
     olmoe::load_options o;
     o.int8 = wt == "int8";
     o.max_chunk = max_chunk;
+    o.check_weights = a.flags.count("check-weights") != 0;
     progress p { "loading " + dir };
     o.progress = [&](int done, int total) { p(double(done) / total); };
     L.m = std::make_unique<olmoe::model>(olmoe::load_weights(dir, L.cfg, o), max_chunk);
     if (a.flags.count("renorm"))
         L.m->set_renormalize(true);
-    if (fs::exists(fs::path(dir) / "tokenizer.json"))
+    if (fs::exists(fs::symlink_status(fs::path(dir) / "tokenizer.json")))
         L.tok = kdial::io::bpe_tokenizer::from_file(fs::path(dir) / "tokenizer.json");
     return L;
+}
+
+// Refuses `positions` tokens in one sequence beyond max_position_embeddings
+// unless --allow-long-context is given.
+void check_context(const args& a, const olmoe::model_config& c, std::size_t positions, const std::string& what)
+{
+    if (positions > std::size_t(c.max_positions) && !a.flags.count("allow-long-context"))
+        throw kdial::error(cat(what, " = ", positions, " positions exceeds max_position_embeddings = ", c.max_positions,
+            " of config.json; pass --allow-long-context to run past it"));
+}
+
+// The files a command reads: the checkpoint directory's files and the
+// input files given, each with words for messages.
+std::vector<std::pair<fs::path, std::string>> input_files(const args& a)
+{
+    std::vector<std::pair<fs::path, std::string>> in;
+    std::error_code ec;
+    for (auto it = fs::directory_iterator(a.get("model"), ec); !ec && it != fs::directory_iterator(); it.increment(ec))
+        in.emplace_back(it->path(), "a file of the checkpoint directory (--model)");
+    for (const char* f : { "text", "tokens-file" })
+        if (a.has(f))
+            in.emplace_back(a.get(f), cat("the input file (--", f, ")"));
+    return in;
+}
+
+// Refuses an output path (--out, --json, --plot) that is an input of the
+// same command: the same file (dev/ino: hard links and symlinks included)
+// as an input file or any file of the checkpoint directory, a checkpoint
+// file name in that directory, or the same file as another output. Checked
+// before the model is loaded.
+void check_outputs(const args& a, std::initializer_list<const char*> flags)
+{
+    const auto in = input_files(a);
+    std::vector<std::pair<std::string, fs::path>> outs;
+    for (const char* f : flags)
+        if (a.has(f)) {
+            const fs::path out = a.get(f);
+            if (out.empty())
+                throw usage_error(cat("--", f, " is empty"));
+            for (const auto& [i, what] : in)
+                if (kdial::io::same_file(out, i))
+                    throw kdial::error(cat("--", f, " ", out.string(), " is ", i.string(), ", ", what,
+                        "; refusing to overwrite an input of this command"));
+            const std::string name = out.filename().string();
+            const bool ck_name = name == "config.json" || name == "tokenizer.json" || name == "tokenizer_config.json"
+                || name == "generation_config.json" || name.ends_with(".safetensors")
+                || name.ends_with(".safetensors.index.json");
+            fs::path parent = out.parent_path();
+            if (parent.empty())
+                parent = ".";
+            std::error_code ec;
+            if (!fs::is_directory(parent, ec)) // fail now, not after the run
+                throw kdial::error(cat("--", f, " ", out.string(), ": directory ", parent.string(), " does not exist"));
+            const auto st = fs::status(out, ec);
+            if (fs::exists(st) && !fs::is_regular_file(st)) // a directory, FIFO, /dev/null: never replaced
+                throw kdial::error(cat("--", f, " ", out.string(), " is not a regular file (",
+                    fs::is_directory(st) ? "a directory" : "a device, FIFO or socket", "); give a file path"));
+            if (a.has("model") && ck_name && kdial::io::same_file(parent, a.get("model")))
+                throw kdial::error(cat("--", f, " ", out.string(), " is inside the checkpoint directory ",
+                    a.get("model"), " under a checkpoint file name; refusing to write there"));
+            for (const auto& [g, o] : outs)
+                if (o == out || kdial::io::same_file(o, out))
+                    throw usage_error(cat("--", f, " and --", g, " are the same file ", out.string()));
+            outs.emplace_back(f, out);
+        }
 }
 
 std::vector<int> k_schedule(const args& a, const olmoe::model_config& c)
@@ -299,6 +380,7 @@ int cmd_generate(const args& a, std::FILE* out = stdout)
         const auto ks = k_schedule(a, L.cfg);
         const auto ids = prompt_tokens(a, L);
         const int max_new = int(parse_int("max-new", a.get("max-new", "32"), 0, 1 << 20));
+        check_context(a, L.cfg, ids.size() + std::size_t(max_new), "prompt + --max-new");
         olmoe::kv_cache cache(L.cfg, ids.size() + std::size_t(max_new) + 1);
         std::vector<float> logits(std::size_t(L.cfg.vocab));
         const kdial::matrix_view<float> lv(logits.data(), 1, logits.size());
@@ -340,12 +422,15 @@ int cmd_logits(const args& a)
 {
     tbb::task_arena arena(threads_of(a));
     return arena.execute([&] {
+        a.need("out");
+        check_outputs(a, { "out" });
         auto L = load(a);
         const auto ks = k_schedule(a, L.cfg);
         if (!a.has("tokens"))
             throw usage_error("missing required option --tokens");
         const auto ids = prompt_tokens(a, L);
         const std::string outp = a.need("out");
+        check_context(a, L.cfg, ids.size(), "--tokens");
         olmoe::kv_cache cache(L.cfg, ids.size());
         std::vector<float> logits(ids.size() * std::size_t(L.cfg.vocab));
         olmoe::prefill(
@@ -372,6 +457,7 @@ int cmd_bench(const args& a, std::FILE* out = stdout)
         const std::size_t prompt_len = std::size_t(parse_int("prompt-len", a.get("prompt-len", "512"), 1, 1 << 20));
         const int gen = int(parse_int("gen", a.get("gen", "32"), 2, 1 << 20));
         auto L = load(a);
+        check_context(a, L.cfg, prompt_len + std::size_t(gen), "--prompt-len + --gen");
         std::vector<int> klist
             = a.has("k") ? parse_int_list("k", a.get("k"), 1, 1 << 20) : std::vector<int> { 1, 2, 4, 8 };
         for (int k : klist)
@@ -484,13 +570,11 @@ int cmd_sweep(const args& a, std::FILE* out = stdout)
     return arena.execute([&] {
         if (a.has("text") == a.has("tokens-file"))
             throw usage_error("give --text FILE or --tokens-file FILE");
+        check_outputs(a, { "json", "plot" });
+        const std::string src = a.has("text") ? a.get("text") : a.get("tokens-file");
+        const std::string text = kdial::io::read_file(src, std::size_t(1) << 30); // before the (slow) load
         auto L = load(a);
         const auto& c = L.cfg;
-        const std::string src = a.has("text") ? a.get("text") : a.get("tokens-file");
-        std::ifstream f(src, std::ios::binary);
-        if (!f)
-            throw kdial::error(cat(src, ": cannot open"));
-        const std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
         std::vector<std::int32_t> tokens;
         if (a.has("text")) {
             if (!L.tok)
@@ -501,9 +585,9 @@ int cmd_sweep(const args& a, std::FILE* out = stdout)
         if (tokens.size() < 2)
             throw kdial::error(cat(src, ": ", tokens.size(), " tokens; the sweep needs at least 2"));
 
-        auto global = [&](int k) {
+        auto global = [&](int k, const char* flag = "k") {
             if (k < 1 || k > c.experts)
-                throw kdial::error(cat("--k ", k, " is outside [1, num_experts = ", c.experts, "]"));
+                throw kdial::error(cat("--", flag, " ", k, " is outside [1, num_experts = ", c.experts, "]"));
             return olmoe::operating_point { cat("k=", k), std::vector<int>(std::size_t(c.layers), k), std::nullopt };
         };
         std::vector<olmoe::operating_point> points;
@@ -539,7 +623,7 @@ int cmd_sweep(const args& a, std::FILE* out = stdout)
             }
         }
         const int ref_k = a.has("ref-k") ? int(parse_int("ref-k", a.get("ref-k"), 1, 1 << 20)) : c.top_k;
-        const auto ref = global(ref_k);
+        const auto ref = global(ref_k, "ref-k");
         olmoe::sweep_options o;
         o.context = a.has("context") ? std::size_t(parse_int("context", a.get("context"), 2, 1 << 24))
                                      : std::size_t(std::min(1024, std::max(2, c.max_positions)));
@@ -585,9 +669,7 @@ int cmd_sweep(const args& a, std::FILE* out = stdout)
                 { "threads", threads }, { "weights", a.get("weights", "native") },
                 { "params_per_expert", L.m->params_per_expert() }, { "always_on_params", L.m->always_on_params() },
                 { "points", rows } };
-            std::ofstream jf(a.get("json"));
-            if (!(jf << doc.dump(2) << '\n'))
-                throw kdial::error(cat(a.get("json"), ": cannot write"));
+            kdial::io::write_file_atomic(a.get("json"), doc.dump(2) + "\n");
             std::fprintf(stderr, "wrote %s\n", a.get("json").c_str());
         }
         if (a.has("plot")) {
@@ -619,6 +701,8 @@ int cmd_make_synthetic(const args& a)
     o.shards = int(parse_int("shards", a.get("shards", "1"), 1, 64));
     o.seed = std::uint64_t(parse_int("seed", a.get("seed", "1"), 0, (1L << 62)));
     const std::string dir = a.need("out");
+    if (dir.empty())
+        throw usage_error("--out is empty");
     progress p { "writing " + dir };
     const auto c
         = olmoe::make_synthetic(dir, o, [&](std::size_t done, std::size_t total) { p(double(done) / double(total)); });
@@ -630,6 +714,8 @@ int cmd_make_synthetic(const args& a)
 int cmd_demo(const args& a)
 {
     std::string dir = a.get("dir");
+    if (a.has("dir") && dir.empty())
+        throw usage_error("--dir is empty");
     if (dir.empty()) {
         const char* xdg = std::getenv("XDG_CACHE_HOME");
         const char* home = std::getenv("HOME");
@@ -661,6 +747,9 @@ int cmd_demo(const args& a)
 
 int main(int argc, char** argv)
 {
+    // A file-size limit (ulimit -f) makes writes fail with EFBIG, reported
+    // with the file's name, instead of killing the process.
+    std::signal(SIGXFSZ, SIG_IGN);
     if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h") {
         std::fputs(main_usage, argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;
@@ -679,18 +768,21 @@ int main(int argc, char** argv)
     try {
         if (cmd == "generate")
             return cmd_generate(parse_args(argc, argv,
-                { "model", "prompt", "tokens", "k", "k-schedule", "max-new", "threads", "weights" }, { "renorm" }));
+                { "model", "prompt", "tokens", "k", "k-schedule", "max-new", "threads", "weights" },
+                { "renorm", "check-weights", "allow-long-context" }));
         if (cmd == "logits")
-            return cmd_logits(parse_args(
-                argc, argv, { "model", "tokens", "k", "k-schedule", "out", "threads", "weights" }, { "renorm" }));
+            return cmd_logits(
+                parse_args(argc, argv, { "model", "tokens", "k", "k-schedule", "out", "threads", "weights" },
+                    { "renorm", "check-weights", "allow-long-context" }));
         if (cmd == "bench")
-            return cmd_bench(parse_args(argc, argv,
-                { "model", "k", "k-schedule", "prompt-len", "gen", "threads", "weights" }, { "json", "renorm" }));
+            return cmd_bench(
+                parse_args(argc, argv, { "model", "k", "k-schedule", "prompt-len", "gen", "threads", "weights" },
+                    { "json", "renorm", "check-weights", "allow-long-context" }));
         if (cmd == "sweep")
             return cmd_sweep(parse_args(argc, argv,
                 { "model", "text", "tokens-file", "k", "ref-k", "k-schedule", "threshold", "k-min", "k-max", "context",
                     "decode-tokens", "json", "plot", "threads", "weights" },
-                { "renorm" }));
+                { "renorm", "check-weights" }));
         if (cmd == "make-synthetic")
             return cmd_make_synthetic(
                 parse_args(argc, argv, { "out", "preset", "layers", "dtype", "shards", "seed" }, {}));

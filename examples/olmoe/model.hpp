@@ -21,6 +21,8 @@
 #include <memory>
 #include <optional>
 #include <span>
+#include <string_view>
+#include <utility>
 #include <vector>
 
 namespace olmoe {
@@ -160,7 +162,29 @@ public:
     // A sequence's logits equal those of running it alone up to the f32
     // rounding of kernels that see a different number of rows (see
     // tests/examples/batch.cpp); a batch of one is the single-sequence call.
+    // Non-finite activations are caught once per call at two cheap points:
+    // a router logit (the error names the layer) and the output logits.
     void forward_batch(std::span<const sequence_step> seqs, matrix_view<float> logits)
+    {
+        layer_ = no_layer;
+        try {
+            run_batch(seqs, logits);
+        } catch (const kdial::error& e) {
+            if (layer_ == no_layer)
+                throw;
+            const std::size_t l = std::exchange(layer_, no_layer);
+            const bool nan = std::string_view(e.what()).find("non-finite") != std::string_view::npos;
+            throw kdial::error(kdial::detail::cat("layer ", l, ": ", e.what(),
+                nan ? kdial::detail::cat(" (a NaN or inf reached the router of layer ", l,
+                    ": check the weights of model.layers.0-", l, " with --check-weights)")
+                    : std::string()));
+        }
+        check_logits_finite(logits);
+    }
+
+private:
+    // forward_batch without the wrapping of its errors.
+    void run_batch(std::span<const sequence_step> seqs, matrix_view<float> logits)
     {
         const auto& c = w_.cfg;
         const std::size_t d = std::size_t(c.hidden), V = std::size_t(c.vocab);
@@ -197,6 +221,7 @@ public:
         last_moe_bytes_ = 0;
         last_tokens_ = T;
         for (std::size_t l = 0; l < w_.layers.size(); ++l) {
+            layer_ = l;
             auto& L = w_.layers[l];
             kdial::rmsnorm(h, L.input_norm.data(), c.rms_norm_eps, a);
             attention(l, a, seqs, tmp);
@@ -226,6 +251,7 @@ public:
                 last_assignments_ += ws.assignments();
             last_moe_bytes_ += kdial::moe::weight_bytes(*L.moe, ws);
         }
+        layer_ = no_layer;
         // Final norm of the rows whose logits are wanted, gathered in order.
         std::size_t src = 0, dst = 0;
         for (const auto& q : seqs) {
@@ -239,6 +265,7 @@ public:
         kdial::dense_linear(w_.lm_head, a.sub_rows(0, R), logits);
     }
 
+public:
     // Turns renormalisation of the kept routing weights on or off in every
     // MoE layer (--renorm: overrides norm_topk_prob = false at any k).
     void set_renormalize(bool on)
@@ -305,6 +332,22 @@ public:
     int max_k(std::size_t T) const noexcept { return moe_ws_ ? moe_ws_->max_k(T) : w_.cfg.experts; }
 
 private:
+    static constexpr std::size_t no_layer = std::size_t(-1);
+
+    // Throws if an output logit is NaN or inf: a non-finite value that
+    // passed every router (the last layers' experts, the final norm or
+    // lm_head) would otherwise reach the caller silently.
+    static void check_logits_finite(cmatrix_view<float> logits)
+    {
+        for (std::size_t r = 0; r < logits.rows; ++r) {
+            const std::size_t v = kdial::find_non_finite(logits.row(r), logits.cols);
+            kdial::detail::check(v == logits.cols, "forward: output logit of row ", r, ", token id ", v, " is ",
+                v < logits.cols ? logits(r, v) : 0.0f,
+                ": a NaN or inf reached the output after the last router (the last layer's experts, "
+                "model.norm.weight or lm_head.weight); check the weights with --check-weights");
+        }
+    }
+
     static void add_inplace(matrix_view<float> h, cmatrix_view<float> x)
     {
         // fma(1, x, h) rounds exactly like h + x.
@@ -464,6 +507,7 @@ private:
     std::vector<att_tile> tiles_;
     std::optional<kdial::moe_workspace> moe_ws_, dense_ws_;
     std::size_t last_assignments_ = 0, last_tokens_ = 0, last_moe_bytes_ = 0;
+    std::size_t layer_ = no_layer; // the layer run_batch is in, for errors
 };
 
 } // namespace olmoe

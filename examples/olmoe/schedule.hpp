@@ -17,7 +17,11 @@ namespace detail {
 inline long schedule_int(const std::string& item, const std::string& s)
 {
     const auto x = parse_long(s);
-    kdial::detail::check(x && s[0] != '+' && s[0] != ' ', "--k-schedule: '", item, "': '", s, "' is not an integer");
+    if (item == s)
+        kdial::detail::check(x && s[0] != '+' && s[0] != ' ', "--k-schedule: '", s, "' is not an integer");
+    else
+        kdial::detail::check(
+            x && s[0] != '+' && s[0] != ' ', "--k-schedule: '", item, "': '", s, "' is not an integer");
     return *x;
 }
 } // namespace detail
@@ -35,6 +39,9 @@ inline std::vector<int> parse_k_schedule(const std::string& spec, int layers, in
     }
     std::vector<int> ks(std::size_t(layers), 0);
     const bool ranges = spec.find('@') != std::string::npos;
+    if (!ranges) // each entry a number first, so "abc" is not reported as a wrong entry count
+        for (const auto& it : items)
+            detail::schedule_int(it, it);
     if (!ranges)
         check(items.size() == std::size_t(layers), "--k-schedule '", spec, "' has ", items.size(),
             " entries; the model has ", layers, " layers (give one k per layer, or ranges such as 4@0-", layers - 1,

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <kdial/core/error.hpp>
+#include <kdial/io/file.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -153,12 +154,10 @@ inline std::string render(const std::string& title, const std::vector<panel>& pa
     return o.str();
 }
 
+// Writes the plot atomically (kdial/io/file.hpp).
 inline void write(const std::string& path, const std::string& title, const std::vector<panel>& panels)
 {
-    std::ofstream f(path);
-    kdial::detail::check(static_cast<bool>(f), path, ": cannot open for writing");
-    f << render(title, panels);
-    kdial::detail::check(static_cast<bool>(f), path, ": write failed");
+    kdial::io::write_file_atomic(path, render(title, panels));
 }
 
 } // namespace olmoe::svg

@@ -5,12 +5,16 @@
 // Weights come from a counter-based generator (value = f(seed, tensor name,
 // index)), so they do not depend on sharding or thread count, and are scaled
 // so activations stay near unit size through any number of layers.
+// It writes only into a new or empty directory or one holding nothing but
+// its own earlier output (listed in a .kdial-synthetic marker), never
+// deleting a file it did not write; every file is written atomically.
 #pragma once
 
 #include "config.hpp"
 
 #include <kdial/core/dtype.hpp>
 #include <kdial/core/error.hpp>
+#include <kdial/io/file.hpp>
 #include <kdial/io/safetensors_writer.hpp>
 #include <kdial/io/tokenizer.hpp>
 
@@ -21,9 +25,9 @@
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
-#include <fstream>
 #include <functional>
 #include <map>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -181,6 +185,96 @@ inline std::pair<std::string, int> tokenizer_json(int merges, bool qwen = false)
     return { j.dump(1), next };
 }
 
+// The marker make-synthetic leaves in its output directory: a first line
+// naming it, then the files it wrote, one per line. Only a directory that is
+// new, empty, or holds nothing but the files such a marker lists (and their
+// ".partial" leftovers) is written into, so a user's checkpoint or any other
+// file is never overwritten or deleted.
+inline constexpr const char* marker_name = ".kdial-synthetic";
+inline constexpr const char* marker_header = "# written by olmoe make-synthetic; it may replace or remove these files";
+
+inline void write_marker(const std::string& dir, const std::set<std::string>& files)
+{
+    std::string text = std::string(marker_header) + "\n";
+    for (const auto& f : files)
+        text += f + "\n";
+    kdial::io::write_file_atomic(std::filesystem::path(dir) / marker_name, text);
+}
+
+// Creates `dir` if needed, checks it may be written (see marker_name),
+// removes ".partial" leftovers of listed files and returns the files an
+// earlier run listed.
+inline std::set<std::string> claim_dir(const std::string& dir)
+{
+    namespace fs = std::filesystem;
+    using kdial::detail::cat;
+    using kdial::detail::check;
+    std::error_code ec;
+    const auto st = fs::status(dir, ec);
+    if (!fs::exists(st)) {
+        fs::create_directories(dir, ec);
+        check(!ec, dir, ": cannot create the directory: ", ec.message());
+        return {};
+    }
+    check(fs::is_directory(st), dir, ": exists and is not a directory");
+    std::vector<fs::directory_entry> entries;
+    for (auto it = fs::directory_iterator(dir, ec); !ec && it != fs::directory_iterator(); it.increment(ec))
+        entries.push_back(*it);
+    check(!ec, dir, ": cannot list: ", ec.message());
+    if (entries.empty())
+        return {};
+    const fs::path marker = fs::path(dir) / marker_name;
+    if (!fs::exists(fs::symlink_status(marker))) {
+        std::string some;
+        for (std::size_t i = 0; i < entries.size() && i < 3; ++i)
+            some += cat(i ? ", " : "", "'", entries[i].path().filename().string(), "'");
+        throw kdial::error(cat(dir, ": is not empty (", entries.size(), " entries: ", some,
+            entries.size() > 3 ? ", ..." : "", ") and has no ", marker_name,
+            " marker, so it was not written by make-synthetic; refusing to write into it (give a new or empty "
+            "directory)"));
+    }
+    const std::string text = kdial::io::read_file(marker, 1 << 20);
+    std::set<std::string> listed;
+    std::size_t p = 0;
+    bool first = true;
+    while (p < text.size()) {
+        const std::size_t q = std::min(text.find('\n', p), text.size());
+        const std::string line = text.substr(p, q - p);
+        p = q + 1;
+        if (first) {
+            check(line == marker_header, marker.string(), ": not a make-synthetic marker (first line '",
+                line.substr(0, 80), "'); refusing to write into ", dir);
+            first = false;
+            continue;
+        }
+        if (line.empty())
+            continue;
+        check(line.find('/') == std::string::npos && line != "." && line != ".." && line != marker_name,
+            marker.string(), ": lists '", line.substr(0, 80), "', not a plain file name");
+        listed.insert(line);
+    }
+    check(!first, marker.string(), ": empty marker; refusing to write into ", dir);
+    std::vector<fs::path> leftovers;
+    for (const auto& e : entries) {
+        const std::string n = e.path().filename().string();
+        if (n == marker_name)
+            continue;
+        const bool partial = n.size() > 8 && n.ends_with(".partial");
+        const std::string base = partial ? n.substr(0, n.size() - 8) : n;
+        check(listed.count(base) || (partial && base == marker_name), dir, ": holds '", n,
+            "', which make-synthetic did not write (not in ", marker_name, "); refusing to write into it");
+        check(fs::is_regular_file(e.symlink_status(ec)), dir, ": '", n,
+            "' is not a regular file; make-synthetic only replaces files it wrote; refusing to write into it");
+        if (partial)
+            leftovers.push_back(e.path());
+    }
+    for (const auto& l : leftovers) {
+        fs::remove(l, ec);
+        check(!ec, l.string(), ": cannot remove an interrupted write's leftover: ", ec.message());
+    }
+    return listed;
+}
+
 } // namespace synth
 
 // Writes a synthetic checkpoint to `dir`; `progress(done, total)` is called
@@ -309,14 +403,22 @@ inline model_config make_synthetic(const std::string& dir, const synthetic_optio
     specs.push_back({ "model.norm.weight", { d }, 0.1f, 1.0f });
     specs.push_back({ "lm_head.weight", { V, d }, 2.0f * sd, 0.0f });
 
-    fs::create_directories(dir);
-    // Remove an earlier checkpoint's files so no stale shard or index remains.
-    for (const auto& entry : fs::directory_iterator(dir)) {
-        const std::string n = entry.path().filename().string();
-        if ((n.rfind("model", 0) == 0 && n.size() > 12 && n.substr(n.size() - 12) == ".safetensors")
-            || n == "model.safetensors.index.json")
-            fs::remove(entry.path());
-    }
+    // The files this run writes; the directory must be new, empty or hold
+    // only an earlier run's files (listed in its marker).
+    const int S = o.shards;
+    std::vector<std::string> shard_files;
+    for (int sh = 0; sh < S; ++sh)
+        shard_files.push_back(S == 1 ? std::string("model.safetensors")
+                                     : cat("model-", std::string(5 - std::to_string(sh + 1).size(), '0'), sh + 1,
+                                         "-of-", std::string(5 - std::to_string(S).size(), '0'), S, ".safetensors"));
+    std::set<std::string> ours(shard_files.begin(), shard_files.end());
+    ours.insert({ "config.json", "tokenizer.json" });
+    if (S > 1)
+        ours.insert("model.safetensors.index.json");
+    const std::set<std::string> earlier = synth::claim_dir(dir);
+    std::set<std::string> both = earlier;
+    both.insert(ours.begin(), ours.end());
+    synth::write_marker(dir, both); // covers this run's files should it be interrupted
     const bool bf = o.dtype == "bf16";
     std::size_t total_bytes = 0, elem = bf ? 2 : 4;
     for (const auto& s : specs) {
@@ -326,7 +428,6 @@ inline model_config make_synthetic(const std::string& dir, const synthetic_optio
         total_bytes += n * elem;
     }
     // Shards: consecutive tensors, about total / shards bytes each.
-    const int S = o.shards;
     std::vector<int> shard_of(specs.size());
     {
         std::size_t acc = 0;
@@ -341,9 +442,7 @@ inline model_config make_synthetic(const std::string& dir, const synthetic_optio
     nlohmann::ordered_json weight_map = nlohmann::ordered_json::object();
     std::size_t done = 0;
     for (int sh = 0; sh < S; ++sh) {
-        const std::string file = S == 1 ? std::string("model.safetensors")
-                                        : cat("model-", std::string(5 - std::to_string(sh + 1).size(), '0'), sh + 1,
-                                            "-of-", std::string(5 - std::to_string(S).size(), '0'), S, ".safetensors");
+        const std::string& file = shard_files[std::size_t(sh)];
         std::vector<std::vector<float>> f32s;
         std::vector<std::vector<kdial::bf16>> bf16s;
         std::vector<kdial::io::tensor_data> tensors;
@@ -389,13 +488,19 @@ inline model_config make_synthetic(const std::string& dir, const synthetic_optio
     if (S > 1) {
         nlohmann::ordered_json index
             = { { "metadata", { { "total_size", total_bytes } } }, { "weight_map", weight_map } };
-        std::ofstream(fs::path(dir) / "model.safetensors.index.json") << index.dump(2) << "\n";
-    } else {
-        std::error_code ec;
-        fs::remove(fs::path(dir) / "model.safetensors.index.json", ec);
+        kdial::io::write_file_atomic(fs::path(dir) / "model.safetensors.index.json", index.dump(2) + "\n");
     }
-    std::ofstream(fs::path(dir) / "config.json") << cfg.dump(2) << "\n";
-    std::ofstream(fs::path(dir) / "tokenizer.json") << tok_json << "\n";
+    kdial::io::write_file_atomic(fs::path(dir) / "config.json", cfg.dump(2) + "\n");
+    kdial::io::write_file_atomic(fs::path(dir) / "tokenizer.json", tok_json + "\n");
+    // An earlier run's files this run did not rewrite (other shard names, an
+    // index no longer needed): only names the marker lists are removed.
+    for (const auto& n : earlier)
+        if (!ours.count(n)) {
+            std::error_code ec;
+            fs::remove(fs::path(dir) / n, ec);
+            check(!ec, (fs::path(dir) / n).string(), ": cannot remove a stale file: ", ec.message());
+        }
+    synth::write_marker(dir, ours);
     return c;
 }
 

@@ -4,12 +4,15 @@
 // file, tensor and shapes. BF16 / F32 matrices are used in place as views of
 // the memory-mapped files (no copy); F16 or misaligned data is widened to
 // f32; with int8 every linear weight is quantised to q8 at load. Norms,
-// biases and routers are small and read into f32 vectors.
+// biases and routers are small and read into f32 vectors. Every shape is
+// checked before anything sized from the config is allocated, and tensors
+// the config does not use are an error (strict loading).
 #pragma once
 
 #include "config.hpp"
 #include "model.hpp"
 
+#include <kdial/io/finite.hpp>
 #include <kdial/io/safetensors.hpp>
 #include <kdial/kernels/quantize.hpp>
 
@@ -17,6 +20,7 @@
 
 #include <functional>
 #include <memory>
+#include <set>
 #include <string>
 
 namespace olmoe {
@@ -26,6 +30,7 @@ struct load_options {
     std::size_t max_chunk = 256; // most tokens per forward call
     std::size_t k_budget = 8; // workspace slots = max_chunk * max(k_budget, trained k)
     std::function<void(int, int)> progress; // (layers bound, total layers)
+    bool check_weights = false; // scan every float tensor for NaN / inf first (--check-weights)
 };
 
 namespace detail {
@@ -148,6 +153,96 @@ inline kdial::expert_set make_set(
     });
 }
 
+// The tensors load_weights binds, with the shapes config.json implies.
+inline std::vector<std::pair<std::string, std::vector<std::size_t>>> expected_tensors(
+    const kdial::io::safetensors_checkpoint& ck, const model_config& c)
+{
+    const std::size_t d = std::size_t(c.hidden), V = std::size_t(c.vocab), hd = std::size_t(c.head_dim),
+                      qw = std::size_t(c.heads) * hd, kw = std::size_t(c.kv_heads) * hd, E = std::size_t(c.experts),
+                      F = std::size_t(c.expert_ffn), Fs = std::size_t(c.shared_ffn), Fd = std::size_t(c.dense_ffn);
+    std::vector<std::pair<std::string, std::vector<std::size_t>>> t;
+    t.push_back({ "model.embed_tokens.weight", { V, d } });
+    t.push_back({ "model.norm.weight", { d } });
+    if (!c.tie_word_embeddings || ck.has("lm_head.weight"))
+        t.push_back({ "lm_head.weight", { V, d } });
+    const std::string moe = c.fam == family::mixtral ? "block_sparse_moe" : "mlp";
+    auto mlp = [&](const std::string& pre, std::size_t width, const char* g, const char* u, const char* dn) {
+        t.push_back({ pre + g, { width, d } });
+        t.push_back({ pre + u, { width, d } });
+        t.push_back({ pre + dn, { d, width } });
+    };
+    for (int l = 0; l < c.layers; ++l) {
+        const std::string p = cat("model.layers.", l, ".");
+        t.push_back({ p + "input_layernorm.weight", { d } });
+        t.push_back({ p + "post_attention_layernorm.weight", { d } });
+        t.push_back({ p + "self_attn.q_proj.weight", { qw, d } });
+        t.push_back({ p + "self_attn.k_proj.weight", { kw, d } });
+        t.push_back({ p + "self_attn.v_proj.weight", { kw, d } });
+        t.push_back({ p + "self_attn.o_proj.weight", { d, qw } });
+        if (c.attention_bias || c.qkv_bias) {
+            t.push_back({ p + "self_attn.q_proj.bias", { qw } });
+            t.push_back({ p + "self_attn.k_proj.bias", { kw } });
+            t.push_back({ p + "self_attn.v_proj.bias", { kw } });
+        }
+        if (c.attention_bias)
+            t.push_back({ p + "self_attn.o_proj.bias", { d } });
+        if (c.qk_norm) {
+            t.push_back({ p + "self_attn.q_norm.weight", { qw } });
+            t.push_back({ p + "self_attn.k_norm.weight", { kw } });
+        }
+        if (!c.is_moe_layer(l)) {
+            mlp(p + "mlp.", Fd, "gate_proj.weight", "up_proj.weight", "down_proj.weight");
+            continue;
+        }
+        t.push_back({ p + moe + ".gate.weight", { E, d } });
+        if (ck.has(p + moe + ".experts.gate_up_proj")) {
+            t.push_back({ p + moe + ".experts.gate_up_proj", { E, 2 * F, d } });
+            t.push_back({ p + moe + ".experts.down_proj", { E, d, F } });
+        } else {
+            const bool mix = c.fam == family::mixtral;
+            for (std::size_t e = 0; e < E; ++e)
+                mlp(cat(p, moe, ".experts.", e, "."), F, mix ? "w1.weight" : "gate_proj.weight",
+                    mix ? "w3.weight" : "up_proj.weight", mix ? "w2.weight" : "down_proj.weight");
+        }
+        if (Fs > 0) {
+            mlp(p + "mlp.shared_expert.", Fs, "gate_proj.weight", "up_proj.weight", "down_proj.weight");
+            if (c.shared_gate)
+                t.push_back({ p + "mlp.shared_expert_gate.weight", { 1, d } });
+        }
+    }
+    return t;
+}
+
+// Checks every tensor's presence and shape against the config before
+// anything sized from the config (workspace, buffers) is allocated, so a
+// config that disagrees with its tensors fails fast with a shape error, not
+// a huge allocation; then rejects tensors the config does not use (like
+// PyTorch's strict loading: a config with fewer layers than the checkpoint
+// is an error naming the extra tensors, not a silently smaller model).
+inline void check_tensors(const kdial::io::safetensors_checkpoint& ck, const model_config& c)
+{
+    const auto want = expected_tensors(ck, c);
+    std::set<std::string, std::less<>> used;
+    for (const auto& [name, shape] : want) {
+        ck.expect(name, std::span<const std::size_t>(shape));
+        used.insert(name);
+    }
+    std::vector<std::string_view> unused;
+    for (const auto n : ck.names())
+        if (!used.count(n))
+            unused.push_back(n);
+    if (unused.empty())
+        return;
+    std::string list;
+    for (std::size_t i = 0; i < unused.size() && i < 8; ++i)
+        list += cat(i ? ", '" : "'", unused[i], "'");
+    if (unused.size() > 8)
+        list += cat(" and ", unused.size() - 8, " more");
+    throw kdial::error(cat(ck.directory().string(), ": ", unused.size(), " tensor(s) not used by config.json (",
+        family_name(c.fam), ", num_hidden_layers = ", c.layers, ", num_experts = ", c.experts, "): ", list,
+        "; the checkpoint and its config disagree"));
+}
+
 } // namespace detail
 
 // Loads DIR (config.json + safetensors) into model weights.
@@ -156,6 +251,9 @@ inline model_weights load_weights(const std::string& dir, const model_config& c,
     using detail::cat;
     using detail::check;
     auto ck = std::make_shared<kdial::io::safetensors_checkpoint>(kdial::io::safetensors_checkpoint::open(dir));
+    detail::check_tensors(*ck, c); // shapes first: nothing sized from the config is allocated before
+    if (o.check_weights)
+        kdial::io::check_finite(*ck);
     model_weights w;
     w.cfg = c;
     w.keep_alive = ck;

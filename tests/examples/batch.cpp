@@ -237,8 +237,10 @@ TEST_CASE("model: bad batches and schedules throw a kdial::error naming the prob
         olmoe::parse_k_schedule("4@0-2", 2, 8), "--k-schedule: '4@0-2': layers 0-2 are outside [0, 1]", kdial::error);
     CHECK_THROWS_WITH_AS(
         olmoe::parse_k_schedule("4@1-0", 2, 8), "--k-schedule: '4@1-0': range 1-0 is empty", kdial::error);
-    CHECK_THROWS_WITH_AS(
-        olmoe::parse_k_schedule("4,x", 2, 8), "--k-schedule: 'x': 'x' is not an integer", kdial::error);
+    CHECK_THROWS_WITH_AS(olmoe::parse_k_schedule("4,x", 2, 8), "--k-schedule: 'x' is not an integer", kdial::error);
+    // Not a number is said before any entry count (issue 9).
+    CHECK_THROWS_WITH_AS(olmoe::parse_k_schedule("abc", 2, 8), "--k-schedule: 'abc' is not an integer", kdial::error);
+    CHECK_THROWS_WITH_AS(olmoe::parse_k_schedule("4,4,", 2, 8), "--k-schedule: '' is not an integer", kdial::error);
     CHECK_THROWS_WITH_AS(olmoe::parse_k_schedule("4,4@1", 2, 8),
         "--k-schedule: '4' has no '@' (write k@first-last, e.g. 4@0-7)", kdial::error);
     CHECK(olmoe::parse_k_schedule("8,8,4,4", 4, 8) == std::vector<int> { 8, 8, 4, 4 });

@@ -1,8 +1,10 @@
 // NumPy .npy files of float32: write [rows, cols] or [n] arrays, read them back.
 // Stage: io (golden data for tests, activations dumped for comparison with HF).
 // Invariants: writes format 1.0 with the dict NumPy writes and the data
-// 64-byte aligned; the reader accepts only '<f4', C order, 1-D or 2-D, and
-// checks every header field and the data length before returning anything.
+// 64-byte aligned, atomically (io/file.hpp: .partial, checked writes, fsync,
+// rename); the reader accepts only regular files holding '<f4', C order,
+// 1-D or 2-D, and checks every header field and the data length before
+// returning anything.
 #pragma once
 
 #include <cerrno>
@@ -22,6 +24,7 @@
 
 #include "../core/error.hpp"
 #include "../core/views.hpp"
+#include "file.hpp"
 
 namespace kdial::io {
 
@@ -75,16 +78,15 @@ inline std::string npy_header(std::span<const std::size_t> shape)
 inline void npy_write(const std::filesystem::path& path, std::span<const std::size_t> shape, const float* data,
     std::size_t rows, std::size_t cols, std::size_t stride)
 {
-    const std::string name = path.string();
     const std::string header = npy_header(shape);
-    std::FILE* f = std::fopen(name.c_str(), "wb");
-    check(f != nullptr, name, ": cannot create: ", std::generic_category().message(errno));
-    bool ok = std::fwrite(header.data(), 1, header.size(), f) == header.size();
-    for (std::size_t r = 0; ok && r < rows && cols > 0; ++r)
-        ok = std::fwrite(data + r * stride, sizeof(float), cols, f) == cols;
-    const int e = errno;
-    ok = (std::fclose(f) == 0) && ok;
-    check(ok, name, ": write failed: ", std::generic_category().message(e));
+    atomic_file f(path);
+    f.write(header);
+    if (stride == cols) // dense: one write
+        f.write(std::as_bytes(std::span<const float>(data, rows * cols)));
+    else
+        for (std::size_t r = 0; r < rows && cols > 0; ++r)
+            f.write(std::as_bytes(std::span<const float>(data + r * stride, cols)));
+    f.commit();
 }
 
 // A tiny reader for the Python literal dict of a .npy header.
@@ -255,15 +257,15 @@ inline npy_array parse_npy(std::span<const std::byte> bytes, std::string_view fi
     return a;
 }
 
-// Reads a whole .npy file (see parse_npy for what is accepted).
+// The largest .npy file read_npy accepts (16 GiB): a guard against reading
+// a device or a runaway file, far above any logits dump.
+inline constexpr std::size_t npy_max_file_bytes = std::size_t(16) << 30;
+
+// Reads a whole .npy file (a regular file; see parse_npy for what is accepted).
 inline npy_array read_npy(const std::filesystem::path& path)
 {
-    const std::string name = path.string();
-    std::ifstream in(path, std::ios::binary);
-    detail::check(static_cast<bool>(in), name, ": cannot open");
-    std::vector<char> buf((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    detail::check(!in.bad(), name, ": read failed");
-    return parse_npy(std::as_bytes(std::span<const char>(buf)), name);
+    const std::string text = read_file(path, npy_max_file_bytes);
+    return parse_npy(std::as_bytes(std::span<const char>(text.data(), text.size())), path.string());
 }
 
 // Writes data [rows, cols] (row-major, dense) as a 2-D '<f4' array.

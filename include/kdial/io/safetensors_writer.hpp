@@ -3,7 +3,7 @@
 // Invariants: header keys sorted, JSON padded with spaces so the data area
 // starts 8-byte aligned, tensors laid out by descending dtype size then name
 // (each tensor aligned to its element size); inputs are validated before a
-// byte is written; a file is written to "<path>.partial" and renamed.
+// byte is written; files are written atomically (io/file.hpp).
 #pragma once
 
 #include <algorithm>
@@ -19,6 +19,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "file.hpp"
 #include "safetensors.hpp"
 
 namespace kdial::io {
@@ -110,7 +111,7 @@ inline std::vector<std::byte> encode_safetensors(
 }
 
 // Writes a safetensors file, streaming the tensor bytes (no full copy in
-// memory). Writes "<path>.partial" first and renames it over `path`.
+// memory), atomically: "<path>.partial", checked writes, fsync, rename.
 inline void write_safetensors(const std::filesystem::path& path, std::span<const tensor_data> tensors,
     const std::map<std::string, std::string>& metadata = {})
 {
@@ -118,28 +119,11 @@ inline void write_safetensors(const std::filesystem::path& path, std::span<const
     std::vector<std::size_t> order;
     const std::vector<std::byte> header = detail::st_build_header(tensors, metadata, order, name);
 
-    const std::filesystem::path tmp = path.string() + ".partial";
-    std::FILE* f = std::fopen(tmp.c_str(), "wb");
-    detail::check(f != nullptr, tmp.string(), ": cannot create: ", detail::errno_message(errno));
-    bool ok = std::fwrite(header.data(), 1, header.size(), f) == header.size();
-    for (std::size_t i : order) {
-        const auto& b = tensors[i].bytes;
-        if (ok && !b.empty())
-            ok = std::fwrite(b.data(), 1, b.size(), f) == b.size();
-    }
-    const int e = errno;
-    ok = (std::fclose(f) == 0) && ok;
-    std::error_code ec;
-    if (!ok) {
-        std::filesystem::remove(tmp, ec);
-        throw error(detail::cat(tmp.string(), ": write failed: ", detail::errno_message(e)));
-    }
-    std::filesystem::rename(tmp, path, ec);
-    if (ec) {
-        const std::string why = ec.message();
-        std::filesystem::remove(tmp, ec);
-        throw error(detail::cat(name, ": cannot rename from ", tmp.string(), ": ", why));
-    }
+    atomic_file f(path);
+    f.write(header);
+    for (std::size_t i : order)
+        f.write(tensors[i].bytes);
+    f.commit();
 }
 
 } // namespace kdial::io
