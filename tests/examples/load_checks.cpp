@@ -178,16 +178,16 @@ TEST_CASE("config sizes larger than the tensors: shape error before any size-dep
 {
     temp_dir d;
     olmoe::make_synthetic(d.path.string(), tiny_f32(2, 1));
-    // 2^19: the MoE workspace sized from this would be ~1 GB at max_chunk 64
-    // (4.2 GB at the CLI's 256) before the first shape check.
-    set_config(d.path, "intermediate_size", 1 << 19);
+    // 2^17, the largest size config.json may declare: the MoE workspace sized
+    // from it would be ~1 GB at max_chunk 256 before the first shape check.
+    set_config(d.path, "intermediate_size", 1 << 17);
     const long before = max_rss_kib();
     const auto cfg = olmoe::load_config(d.path.string());
     olmoe::load_options o;
-    o.max_chunk = 64;
+    o.max_chunk = 256;
     check_error([&] { olmoe::load_weights(d.path.string(), cfg, o); },
         { "model.safetensors", "tensor 'model.layers.0.mlp.experts.0.gate_proj.weight'", "has shape [32, 64]",
-            "expected [524288, 64]" });
+            "expected [131072, 64]" });
     const long grown_mib = (max_rss_kib() - before) / 1024;
     MESSAGE("peak resident growth while failing: " << grown_mib << " MiB");
     CHECK(grown_mib < 200);

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstddef>
+#include <cstdint>
 #include <filesystem>
 #include <span>
 #include <string>
@@ -27,88 +28,135 @@ namespace kdial::io {
 
 namespace detail {
 
-inline std::string file_errno_text(int e)
+inline std::string errno_text(int e)
 {
-    return std::generic_category().message(e);
+    switch (e) {
+    case ENOENT:
+        return "no such file or directory";
+    case ELOOP:
+        return "symlink loop (too many levels of symbolic links)";
+    case EACCES:
+    case EPERM:
+        return "permission denied";
+    case ENOTDIR:
+        return "a component of the path is not a directory";
+    case ENAMETOOLONG:
+        return "file name too long";
+    default:
+        return std::generic_category().message(e);
+    }
 }
 
-// What a non-regular file is, for messages.
+// "a directory", "a FIFO (named pipe)", ... for a non-regular st_mode.
 inline const char* file_kind(mode_t m)
 {
     if (S_ISDIR(m))
         return "a directory";
     if (S_ISFIFO(m))
-        return "a FIFO";
-    if (S_ISSOCK(m))
-        return "a socket";
+        return "a FIFO (named pipe)";
     if (S_ISCHR(m))
         return "a character device";
     if (S_ISBLK(m))
         return "a block device";
+    if (S_ISSOCK(m))
+        return "a socket";
     return "not a regular file";
+}
+
+inline std::string file_errno_text(int e)
+{
+    return errno_text(e);
 }
 
 // Why open() failed, in words a user can act on.
 inline std::string open_error_text(int e)
 {
-    if (e == ELOOP)
-        return "symlink loop (too many levels of symbolic links)";
-    if (e == ENOENT)
-        return "no such file";
-    return file_errno_text(e);
+    return errno_text(e);
 }
 
 } // namespace detail
 
-// Reads the whole regular file `path` (symlinks followed), at most
-// `max_bytes` long. Directories, FIFOs, sockets and devices are refused
-// before a byte is read (the file is opened non-blocking, so a FIFO cannot
-// hang the call); a symlink loop is reported as such.
-inline std::string read_file(const std::filesystem::path& path, std::size_t max_bytes)
+// Default size limit of a whole-file read.
+inline constexpr std::size_t default_max_file_bytes = 100'000'000;
+
+// ---------------------------------------------------------------------------
+// Reading a file
+// ---------------------------------------------------------------------------
+
+// Opens `path` read-only after stat says it is a regular file (symlinks
+// followed), with O_NONBLOCK so that a FIFO or device swapped in between never
+// blocks, and checks the descriptor again. Returns the descriptor (the caller
+// closes it). Errors name the path and `what` the file is: no such file,
+// symlink loop, permission denied, a directory / FIFO / device / socket.
+inline int open_regular_file(const std::filesystem::path& path, std::string_view what)
 {
     using ::kdial::detail::cat;
     const std::string p = path.string();
-    const int fd = ::open(p.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-    if (fd < 0)
-        throw error(cat(p, ": cannot open: ", detail::open_error_text(errno)));
     struct stat sb { };
-    if (::fstat(fd, &sb) != 0) {
+    if (::stat(p.c_str(), &sb) != 0)
+        throw error(cat(p, ": cannot open ", what, ": ", detail::errno_text(errno)));
+    if (!S_ISREG(sb.st_mode))
+        throw error(cat(p, ": cannot open ", what, ": it is ", detail::file_kind(sb.st_mode), ", not a regular file"));
+    const int fd = ::open(p.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
+    if (fd < 0)
+        throw error(cat(p, ": cannot open ", what, ": ", detail::errno_text(errno)));
+    if (::fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
         const int e = errno;
         ::close(fd);
-        throw error(cat(p, ": cannot stat: ", detail::file_errno_text(e)));
+        throw error(cat(p, ": cannot open ", what, ": ",
+            S_ISREG(sb.st_mode) ? detail::errno_text(e) : std::string("it is ") + detail::file_kind(sb.st_mode)));
     }
-    if (!S_ISREG(sb.st_mode)) {
-        ::close(fd);
-        throw error(cat(p, ": is ", detail::file_kind(sb.st_mode), ", expected a regular file"));
-    }
-    if (static_cast<unsigned long long>(sb.st_size) > max_bytes) {
-        ::close(fd);
-        throw error(cat(p, ": is ", sb.st_size, " bytes, larger than the limit of ", max_bytes));
-    }
-    std::string out(static_cast<std::size_t>(sb.st_size), '\0');
+    return fd;
+}
+
+// Reads the whole of `path`, a regular file of at most `max_bytes`, opened by
+// open_regular_file. Errors name the path and `what` the file is (e.g.
+// "config file"): those of open_regular_file, too large, a read error.
+inline std::string read_file_checked(
+    const std::filesystem::path& path, std::string_view what, std::size_t max_bytes = default_max_file_bytes)
+{
+    using ::kdial::detail::cat;
+    const std::string p = path.string();
+    const int fd = open_regular_file(path, what);
+    struct closer {
+        int fd;
+        ~closer() { ::close(fd); }
+    } guard { fd };
+    struct stat sb { };
+    if (::fstat(fd, &sb) != 0)
+        throw error(cat(p, ": cannot stat ", what, ": ", detail::errno_text(errno)));
+    if (sb.st_size < 0 || static_cast<std::uint64_t>(sb.st_size) > max_bytes)
+        throw error(cat(p, ": ", what, " is ", sb.st_size, " bytes, larger than the limit of ", max_bytes, " bytes"));
+    std::string text(static_cast<std::size_t>(sb.st_size), '\0');
     std::size_t got = 0;
     for (;;) {
-        if (got == out.size()) // the file may have grown since fstat: look for more, up to the limit
-            out.resize(std::min(max_bytes + 1, got + 65536));
-        if (got == out.size())
-            break;
-        const ssize_t n = ::read(fd, out.data() + got, out.size() - got);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0) {
-            const int e = errno;
-            ::close(fd);
-            throw error(cat(p, ": read failed: ", detail::file_errno_text(e)));
+        if (got == text.size()) {
+            // The file may have grown since fstat: read on, up to the limit.
+            if (text.size() > max_bytes)
+                throw error(cat(p, ": ", what, " grew past the limit of ", max_bytes, " bytes while being read"));
+            text.resize(std::min(std::max<std::size_t>(text.size() * 2, 4096), max_bytes + 1));
         }
-        if (n == 0)
+        const ::ssize_t r = ::read(fd, text.data() + got, text.size() - got);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            throw error(cat(p, ": cannot read ", what, ": ", detail::errno_text(errno)));
+        }
+        if (r == 0)
             break;
-        got += static_cast<std::size_t>(n);
+        got += static_cast<std::size_t>(r);
     }
-    ::close(fd);
+    text.resize(got);
     if (got > max_bytes)
-        throw error(cat(p, ": is larger than the limit of ", max_bytes, " bytes"));
-    out.resize(got);
-    return out;
+        throw error(cat(p, ": ", what, " grew past the limit of ", max_bytes, " bytes while being read"));
+    return text;
+}
+
+// Reads the whole regular file `path` (symlinks followed), at most
+// `max_bytes` long: read_file_checked naming it just "file".
+inline std::string read_file(const std::filesystem::path& path, std::size_t max_bytes)
+{
+    return read_file_checked(path, "file", max_bytes);
 }
 
 // True when a and b both exist and are the same file (device and inode,

@@ -31,6 +31,7 @@
 #include <nlohmann/json.hpp>
 
 #include "../core/error.hpp"
+#include "file.hpp"
 
 namespace kdial::io {
 
@@ -126,41 +127,6 @@ inline void brief_into(const nlohmann::json& j, std::string& out, std::size_t li
     }
 }
 
-inline std::string errno_text(int e)
-{
-    switch (e) {
-    case ENOENT:
-        return "no such file or directory";
-    case ELOOP:
-        return "symlink loop (too many levels of symbolic links)";
-    case EACCES:
-    case EPERM:
-        return "permission denied";
-    case ENOTDIR:
-        return "a component of the path is not a directory";
-    case ENAMETOOLONG:
-        return "file name too long";
-    default:
-        return std::generic_category().message(e);
-    }
-}
-
-// "a directory", "a FIFO (named pipe)", ... for a non-regular st_mode.
-inline const char* file_kind(mode_t m)
-{
-    if (S_ISDIR(m))
-        return "a directory";
-    if (S_ISFIFO(m))
-        return "a FIFO (named pipe)";
-    if (S_ISCHR(m))
-        return "a character device";
-    if (S_ISBLK(m))
-        return "a block device";
-    if (S_ISSOCK(m))
-        return "a socket";
-    return "not a regular file";
-}
-
 } // namespace detail
 
 // A short rendering of a JSON value for error messages: at most `limit`
@@ -176,79 +142,6 @@ inline std::string json_brief(const nlohmann::json& j, std::size_t limit = json_
 inline std::string json_typed_brief(const nlohmann::json& j)
 {
     return std::string(j.is_number() ? "number" : j.type_name()) + " " + json_brief(j);
-}
-
-// ---------------------------------------------------------------------------
-// Reading a file
-// ---------------------------------------------------------------------------
-
-// Opens `path` read-only after stat says it is a regular file (symlinks
-// followed), with O_NONBLOCK so that a FIFO or device swapped in between never
-// blocks, and checks the descriptor again. Returns the descriptor (the caller
-// closes it). Errors name the path and `what` the file is: no such file,
-// symlink loop, permission denied, a directory / FIFO / device / socket.
-inline int open_regular_file(const std::filesystem::path& path, std::string_view what)
-{
-    using ::kdial::detail::cat;
-    const std::string p = path.string();
-    struct stat sb { };
-    if (::stat(p.c_str(), &sb) != 0)
-        throw error(cat(p, ": cannot open ", what, ": ", detail::errno_text(errno)));
-    if (!S_ISREG(sb.st_mode))
-        throw error(cat(p, ": cannot open ", what, ": it is ", detail::file_kind(sb.st_mode), ", not a regular file"));
-    const int fd = ::open(p.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
-    if (fd < 0)
-        throw error(cat(p, ": cannot open ", what, ": ", detail::errno_text(errno)));
-    if (::fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
-        const int e = errno;
-        ::close(fd);
-        throw error(cat(p, ": cannot open ", what, ": ",
-            S_ISREG(sb.st_mode) ? detail::errno_text(e) : std::string("it is ") + detail::file_kind(sb.st_mode)));
-    }
-    return fd;
-}
-
-// Reads the whole of `path`, a regular file of at most `max_bytes`, opened by
-// open_regular_file. Errors name the path and `what` the file is (e.g.
-// "config file"): those of open_regular_file, too large, a read error.
-inline std::string read_file_checked(
-    const std::filesystem::path& path, std::string_view what, std::size_t max_bytes = json_max_bytes)
-{
-    using ::kdial::detail::cat;
-    const std::string p = path.string();
-    const int fd = open_regular_file(path, what);
-    struct closer {
-        int fd;
-        ~closer() { ::close(fd); }
-    } guard { fd };
-    struct stat sb { };
-    if (::fstat(fd, &sb) != 0)
-        throw error(cat(p, ": cannot stat ", what, ": ", detail::errno_text(errno)));
-    if (sb.st_size < 0 || static_cast<std::uint64_t>(sb.st_size) > max_bytes)
-        throw error(cat(p, ": ", what, " is ", sb.st_size, " bytes, larger than the limit of ", max_bytes, " bytes"));
-    std::string text(static_cast<std::size_t>(sb.st_size), '\0');
-    std::size_t got = 0;
-    for (;;) {
-        if (got == text.size()) {
-            // The file may have grown since fstat: read on, up to the limit.
-            if (text.size() > max_bytes)
-                throw error(cat(p, ": ", what, " grew past the limit of ", max_bytes, " bytes while being read"));
-            text.resize(std::min(std::max<std::size_t>(text.size() * 2, 4096), max_bytes + 1));
-        }
-        const ::ssize_t r = ::read(fd, text.data() + got, text.size() - got);
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            throw error(cat(p, ": cannot read ", what, ": ", detail::errno_text(errno)));
-        }
-        if (r == 0)
-            break;
-        got += static_cast<std::size_t>(r);
-    }
-    text.resize(got);
-    if (got > max_bytes)
-        throw error(cat(p, ": ", what, " grew past the limit of ", max_bytes, " bytes while being read"));
-    return text;
 }
 
 // ---------------------------------------------------------------------------
