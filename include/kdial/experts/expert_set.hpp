@@ -1,7 +1,7 @@
 // The routed experts of one MoE layer (stage 3): E SwiGLU experts sharing
 // one weight format, held as views (the weights may live in a memory-mapped
 // checkpoint). The format is a runtime property of the set (a std::variant
-// over the three weight types) and a compile-time type inside the kernels:
+// over the four weight types) and a compile-time type inside the kernels:
 // visit() is the one place where the two meet. Shapes are checked once, at
 // construction.
 #pragma once
@@ -70,7 +70,7 @@ public:
 
 private:
     template <weight_type W> using list = std::vector<expert_weights<W>>;
-    std::variant<list<f32_t>, list<bf16_t>, list<q8_t>> experts_;
+    std::variant<list<f32_t>, list<bf16_t>, list<f16_t>, list<q8_t>> experts_;
     std::size_t d_ = 0, F_ = 0;
 };
 
