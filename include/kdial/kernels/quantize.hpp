@@ -20,6 +20,7 @@
 //  rounding, see kernels/linear.hpp).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -74,14 +75,14 @@ void quantize_rows(
         q8_block* d = dst + r * dst_stride;
         for (std::size_t b = 0, k = 0; k < cols; ++b, k += q8_block_size) {
             const std::size_t n = cols - k < std::size_t(q8_block_size) ? cols - k : std::size_t(q8_block_size);
-            float amax = 0.0f;
-            for (std::size_t i = 0; i < n; ++i) {
+            for (std::size_t i = 0; i < n; ++i)
                 buf[i] = to_f32(s[k + i]);
-                amax = std::fmax(amax, std::fabs(buf[i]));
-            }
-            if (!quantize_block(buf, n, d[b])) {
-                for (std::size_t i = 0; i < n; ++i)
+            if (!quantize_block(buf, n, d[b])) [[unlikely]] {
+                float amax = 0.0f;
+                for (std::size_t i = 0; i < n; ++i) {
                     check(std::isfinite(buf[i]), "quantize_q8: source row ", r, " column ", k + i, " is ", buf[i]);
+                    amax = std::max(amax, std::fabs(buf[i]));
+                }
                 check(false, "quantize_q8: source row ", r, " columns [", k, ", ", k + n, "): max |w| = ", amax,
                     " needs a scale beyond the f16 range (max |w| < 65520 * 127)");
             }
