@@ -1,7 +1,7 @@
 // One expert's SwiGLU FFN (stage 3), single thread: d = 2048, F = 1024,
-// n rows in {1, 4, 64, 512}, weights in f32 / bf16 / q8.
+// n rows in {1, 4, 64, 512}, weights in f32 / bf16 / f16 / q8 (GGUF Q8_0).
 // Formulas (stated once):
-//   weight bytes = 3 * F * d * bytes_per_weight   (f32 4, bf16 2, q8 36/32)
+//   weight bytes = 3 * F * d * bytes_per_weight   (f32 4, bf16 f16 2, q8 34/32)
 //   flops        = 2 * n * 3 * F * d
 // Counters: GB/s of weight bytes, GFLOP/s, and both as fractions of the
 // single-thread limits from bench/roofline.hpp measured in this run.
@@ -43,8 +43,10 @@ template <kdial::weight_type W> void fill(typename W::storage* p, std::size_t co
             p[i] = 0.05f * uniform(s);
         } else if constexpr (std::is_same_v<W, kdial::bf16_t>) {
             p[i] = kdial::bf16::from_float(0.05f * uniform(s));
+        } else if constexpr (std::is_same_v<W, kdial::f16_t>) {
+            p[i] = kdial::f16::from_float(0.05f * uniform(s));
         } else {
-            p[i].scale = 0.05f / 127.0f;
+            p[i].set_scale(kdial::f16::from_float(0.05f / 127.0f));
             for (auto& q : p[i].q)
                 q = static_cast<std::int8_t>(int(next(s) % 255) - 127);
         }
@@ -144,4 +146,5 @@ static void expert_args(benchmark::internal::Benchmark* b)
 }
 BENCHMARK_TEMPLATE(bm_expert, kdial::f32_t)->Apply(expert_args);
 BENCHMARK_TEMPLATE(bm_expert, kdial::bf16_t)->Apply(expert_args);
+BENCHMARK_TEMPLATE(bm_expert, kdial::f16_t)->Apply(expert_args);
 BENCHMARK_TEMPLATE(bm_expert, kdial::q8_t)->Apply(expert_args);

@@ -60,7 +60,7 @@ template <kdial::weight_type W> struct layer_storage {
                     else if constexpr (std::is_same_v<W, kdial::bf16_t>)
                         v[i] = kdial::bf16::from_float(scale * unit(h));
                     else {
-                        v[i].scale = scale / 127.0f;
+                        v[i].set_scale(kdial::f16::from_float(scale / 127.0f));
                         for (int j = 0; j < kdial::q8_block_size; ++j)
                             v[i].q[j] = std::int8_t(int(mix(h * 32 + j) % 255) - 127);
                     }

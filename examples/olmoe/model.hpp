@@ -365,13 +365,9 @@ private:
                     float* out = h.row(t);
                     if constexpr (std::is_same_v<W, kdial::f32_t>)
                         std::memcpy(out, row, h.cols * sizeof(float));
-                    else if constexpr (std::is_same_v<W, kdial::bf16_t>)
-                        for (std::size_t i = 0; i < h.cols; ++i)
-                            out[i] = row[i].to_float();
                     else
                         for (std::size_t i = 0; i < h.cols; ++i)
-                            out[i] = row[i / kdial::q8_block_size].scale
-                                * float(row[i / kdial::q8_block_size].q[i % kdial::q8_block_size]);
+                            out[i] = kdial::simd::weight_at(row, i);
                 }
             },
             w_.embed);

@@ -81,7 +81,7 @@ TEST_CASE("rope: rotate-half pairs (i, i + rot/2), angles pos * theta^(-2i/rot),
 }
 
 TEST_CASE_TEMPLATE("dense_linear: matches the reference with bias, bit-identical for 1 and 2 threads [kernels][dense]",
-    W, f32_t, bf16_t, q8_t)
+    W, f32_t, bf16_t, f16_t, q8_t)
 {
     std::mt19937 rng(5);
     for (std::size_t n : { std::size_t(1), std::size_t(3), std::size_t(70), std::size_t(300) }) {

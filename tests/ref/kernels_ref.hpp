@@ -1,7 +1,8 @@
 // Plain scalar references for the expert kernels (kernels/linear.hpp,
 // experts/swiglu.hpp): simple loops, double accumulation, no SIMD. Weights
 // are first widened to f32 exactly as the kernels see them (bf16 -> f32 by
-// the shift, q8 -> scale * q), so only summation order and silu differ.
+// the shift, f16 by the portable scalar widening, q8 -> d * q), so only
+// summation order and silu differ.
 #pragma once
 
 #include <cmath>
@@ -23,6 +24,10 @@ inline float to_f32(bf16 v)
 {
     return v.to_float();
 }
+inline float to_f32(f16 v)
+{
+    return v.to_float();
+}
 
 // The f32 values of a weight matrix [rows, cols], row-major.
 template <weight_type W> std::vector<float> dequantize(const weight_view<W>& w)
@@ -32,7 +37,7 @@ template <weight_type W> std::vector<float> dequantize(const weight_view<W>& w)
         for (std::size_t c = 0; c < w.cols; ++c) {
             if constexpr (std::is_same_v<W, q8_t>) {
                 const q8_block& b = w.row(r)[c / q8_block_size];
-                out[r * w.cols + c] = b.scale * static_cast<float>(b.q[c % q8_block_size]);
+                out[r * w.cols + c] = b.scale_f16().to_float() * static_cast<float>(b.q[c % q8_block_size]);
             } else {
                 out[r * w.cols + c] = to_f32(w.row(r)[c]);
             }
@@ -120,26 +125,26 @@ owned_weights<W> random_weights(std::size_t rows, std::size_t cols, std::mt19937
     S* base = o.buf.data() + offset;
     if constexpr (std::is_same_v<W, q8_t>) {
         for (auto& b : o.buf) { // garbage in the padding
-            b.scale = 1e30f;
+            b.set_scale(f16::from_float(6e4f));
             for (auto& q : b.q)
                 q = 99;
         }
         if (rows > 0 && cols > 0)
             quantize_q8(cmatrix_view<float>(f.data(), rows, cols), base, stride);
     } else {
-        for (auto& v : o.buf) {
+        const auto narrow = [](float v) {
             if constexpr (std::is_same_v<W, bf16_t>)
-                v = bf16::from_float(1e30f);
+                return bf16::from_float(v);
+            else if constexpr (std::is_same_v<W, f16_t>)
+                return f16::from_float(v);
             else
-                v = 1e30f;
-        }
+                return v;
+        };
+        for (auto& v : o.buf)
+            v = narrow(std::is_same_v<W, f16_t> ? 6e4f : 1e30f);
         for (std::size_t r = 0; r < rows; ++r)
-            for (std::size_t c = 0; c < cols; ++c) {
-                if constexpr (std::is_same_v<W, bf16_t>)
-                    base[r * stride + c] = bf16::from_float(f[r * cols + c]);
-                else
-                    base[r * stride + c] = f[r * cols + c];
-            }
+            for (std::size_t c = 0; c < cols; ++c)
+                base[r * stride + c] = narrow(f[r * cols + c]);
     }
     o.view = weight_view<W>(base, rows, cols, stride);
     return o;

@@ -1,6 +1,6 @@
 // A dense linear layer whose weight format is known only at run time (the
 // projections of attention, lm_head, a dense MLP): any_weight_view holds a
-// weight_view of f32, bf16 or q8, and dense_linear() runs Y = X Wᵀ (+ b) in
+// weight_view of f32, bf16, f16 or q8, and dense_linear() runs Y = X Wᵀ (+ b) in
 // parallel over tiles of output columns sized by the weight bytes (never by
 // the thread count), so results are bit-identical for any thread count.
 // Several layers that read the same input can run in one launch.
@@ -18,7 +18,7 @@
 
 namespace kdial {
 
-using any_weight_view = std::variant<weight_view<f32_t>, weight_view<bf16_t>, weight_view<q8_t>>;
+using any_weight_view = std::variant<weight_view<f32_t>, weight_view<bf16_t>, weight_view<f16_t>, weight_view<q8_t>>;
 
 inline std::size_t rows_of(const any_weight_view& w) noexcept
 {

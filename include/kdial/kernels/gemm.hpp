@@ -1,7 +1,7 @@
 // Register-tiled GEMM for many rows of activations (prefill: n > 4), the
 // compute-bound half of an expert's FFN (stage 3). Weights are packed, K
-// block by K block, into a small f32 panel on the stack (bf16 and q8 are
-// converted while packing, L x L blocks transposed in registers, see
+// block by K block, into a small f32 panel on the stack (bf16, f16 and q8
+// are converted while packing, L x L blocks transposed in registers, see
 // pack.hpp), then a 6 x 2-vector micro-kernel broadcasts X and runs 12
 // independent FMA chains. Every output element is one sequential FMA chain
 // over k = 0..K-1, so it does not depend on the output range, the panel it

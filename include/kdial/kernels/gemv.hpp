@@ -1,6 +1,6 @@
 // Weight-streaming GEMV for a few rows of activations (decode: n <= 4),
 // the memory-bound half of an expert's FFN (stage 3). Each weight row is read
-// once, converted in registers (bf16, q8) and reused for all n rows of X,
+// once, converted in registers (bf16, f16, q8) and reused for all n rows of X,
 // while the next pass's rows are prefetched (measured on Sapphire Rapids,
 // 1 core, cold weights: q8 8.0 -> 14.0 GB/s, bf16 14.5 -> 15.7 GB/s, of a
 // 15.9 GB/s read roofline; without it the hardware prefetchers leave the
@@ -50,9 +50,10 @@ inline void gemv_rows(
     if constexpr (std::is_same_v<S, q8_block>) {
         // Whole blocks: the block's integer weights times x summed first
         // (32 / L vectors, lane-wise: one multiply then FMAs), then scaled
-        // once, acc[b % C] = fma(block sum, scale, acc). This rounds
-        // differently from dot(fl(scale * q), x); the error bound is derived
-        // in tests/kernels/linear.cpp (still gamma_K * sum |w x|).
+        // once, acc[b % C] = fma(block sum, d, acc) with the block's f16
+        // scale d widened exactly. This rounds differently from
+        // dot(fl(d * q), x); the error bound is derived in
+        // tests/kernels/linear.cpp (still gamma_K * sum |w x|).
         constexpr std::size_t V = q8_block_size / L;
         const std::size_t nb = cols / q8_block_size;
         for (std::size_t b = 0; b < nb; ++b, k += q8_block_size) {
@@ -71,7 +72,7 @@ inline void gemv_rows(
                 }
             }
             for (int r = 0; r < R; ++r) {
-                const B s(rows[r][b].scale);
+                const B s(simd::scale_of(rows[r][b]));
                 for (int i = 0; i < NR; ++i)
                     acc[r][i][c] = simd::fma(bs[r][i], s, acc[r][i][c]);
             }

@@ -1,6 +1,6 @@
 // Linear layers of an expert (stage 3): Y[n, o0:o1] = X[n, :] . W[o0:o1, :]ᵀ
 // and the fused SwiGLU front half H[:, f0:f1] = silu(X Wgᵀ) * (X Wuᵀ), for
-// weights in f32, bf16 or q8, tiled over output columns by the caller.
+// weights in f32, bf16, f16 or q8, tiled over output columns by the caller.
 // Path rule: n <= gemv_max_rows streams weights (GEMV, memory-bound), larger n
 // packs weight panels (GEMM, FMA-bound); the choice depends on n only. Within a
 // path a row's outputs are bit-identical for any column split [o0, o1).

@@ -1,30 +1,28 @@
 // Panel packing for the GEMM (stage 3 prefill): weight rows, converted to
 // f32, transposed into a k-major panel, L x L blocks at a time with an
-// in-register transpose (AVX-512 16 x 16, AVX2 8 x 8; other archs fall back
-// to a scalar scatter). The packed values are exactly simd::load_weights /
-// simd::weight_at of the source, so packing never changes a result.
-// Serial, noexcept, no allocation.
+// in-register transpose (AVX-512 16 x 16, AVX2 8 x 8, SSE and NEON 4 x 4;
+// any other arch transposes through a small stack buffer). The packed
+// values are exactly simd::load_weights / simd::weight_at of the source, so
+// packing never changes a result. Serial, noexcept, no allocation.
 #pragma once
 
 #include <cstddef>
 #include <type_traits>
-
-#include <immintrin.h>
 
 #include "../simd/compat.hpp"
 #include "../simd/convert.hpp"
 
 namespace kdial::detail {
 
-template <class Arch>
-inline constexpr bool has_transpose = (simd::is_avx512_arch<Arch> && xsimd::batch<float, Arch>::size == 16)
-    || (simd::is_avx2_arch<Arch> && xsimd::batch<float, Arch>::size == 8);
-
-// v[i][j] <- v[j][i] for i, j < L (L = batch size); only where has_transpose.
+// v[i][j] <- v[j][i] for i, j < L (L = batch size), on any arch.
 template <class Arch> inline void transpose(xsimd::batch<float, Arch>* v) noexcept
 {
     using B = xsimd::batch<float, Arch>;
-    if constexpr (simd::is_avx512_arch<Arch> && B::size == 16) {
+    constexpr std::size_t L = B::size;
+    if constexpr (false) {
+    }
+#if KDIAL_SIMD_X86 && XSIMD_WITH_AVX512F
+    else if constexpr (simd::is_avx512_arch<Arch> && L == 16) {
         __m512 a[16], b[16], c[16];
         for (int i = 0; i < 8; ++i) {
             a[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
@@ -47,7 +45,10 @@ template <class Arch> inline void transpose(xsimd::batch<float, Arch>* v) noexce
             v[j] = B(_mm512_shuffle_f32x4(c[j], c[j + 8], 0x88));
             v[j + 8] = B(_mm512_shuffle_f32x4(c[j], c[j + 8], 0xdd));
         }
-    } else if constexpr (simd::is_avx2_arch<Arch> && B::size == 8) {
+    }
+#endif
+#if KDIAL_SIMD_X86 && XSIMD_WITH_AVX
+    else if constexpr (simd::is_avx_arch<Arch> && L == 8) {
         __m256 t[8], u[8];
         for (int i = 0; i < 4; ++i) {
             t[2 * i] = _mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]);
@@ -66,11 +67,42 @@ template <class Arch> inline void transpose(xsimd::batch<float, Arch>* v) noexce
             v[j + 4] = B(_mm256_permute2f128_ps(u[j], u[j + 4], 0x31));
         }
     }
+#endif
+#if KDIAL_SIMD_X86 && XSIMD_WITH_SSE2
+    else if constexpr (simd::is_sse_arch<Arch> && L == 4) {
+        __m128 a = v[0], b = v[1], c = v[2], d = v[3];
+        _MM_TRANSPOSE4_PS(a, b, c, d);
+        v[0] = B(a);
+        v[1] = B(b);
+        v[2] = B(c);
+        v[3] = B(d);
+    }
+#endif
+#if KDIAL_SIMD_NEON64
+    else if constexpr (simd::is_neon64_arch<Arch> && L == 4) {
+        // trn pairs lanes (a0 b0 a2 b2 / a1 b1 a3 b3), then halves combine.
+        const float32x4x2_t ab = vtrnq_f32(v[0], v[1]), cd = vtrnq_f32(v[2], v[3]);
+        v[0] = B(vcombine_f32(vget_low_f32(ab.val[0]), vget_low_f32(cd.val[0])));
+        v[1] = B(vcombine_f32(vget_low_f32(ab.val[1]), vget_low_f32(cd.val[1])));
+        v[2] = B(vcombine_f32(vget_high_f32(ab.val[0]), vget_high_f32(cd.val[0])));
+        v[3] = B(vcombine_f32(vget_high_f32(ab.val[1]), vget_high_f32(cd.val[1])));
+    }
+#endif
+    else {
+        alignas(Arch::alignment()) float m[L][L];
+        for (std::size_t i = 0; i < L; ++i)
+            v[i].store_aligned(m[i]);
+        alignas(Arch::alignment()) float t[L];
+        for (std::size_t j = 0; j < L; ++j) {
+            for (std::size_t i = 0; i < L; ++i)
+                t[i] = m[i][j];
+            v[j] = B::load_aligned(t);
+        }
+    }
 }
 
 // One L x L group of pack_panel: panel[kk + j, g + t] = src[g + t][k0 + kk + j]
 // for j, t < L, where kk = (idx / (NC / L)) * L and g = (idx % (NC / L)) * L.
-// Only where has_transpose; the same values pack_panel stores there.
 template <class Arch, std::size_t NC, class S>
 inline void pack_group(const S* const* src, std::size_t k0, std::size_t idx, float* panel) noexcept
 {
@@ -93,22 +125,9 @@ inline void pack_panel(const S* const* src, std::size_t k0, std::size_t kc, floa
     using B = xsimd::batch<float, Arch>;
     constexpr std::size_t L = B::size;
     static_assert(NC % L == 0);
-    std::size_t k = 0;
-    if constexpr (has_transpose<Arch>) {
-        for (std::size_t idx = 0; idx < kc / L * (NC / L); ++idx)
-            pack_group<Arch, NC>(src, k0, idx, panel);
-        k = kc / L * L;
-    } else {
-        alignas(64) float tmp[L];
-        for (std::size_t c = 0; c < NC; ++c)
-            for (std::size_t kk = 0; kk + L <= kc; kk += L) {
-                if (src[c] != nullptr)
-                    simd::load_weights<Arch>(src[c], k0 + kk).store_aligned(tmp);
-                for (std::size_t t = 0; t < L; ++t)
-                    panel[(kk + t) * NC + c] = src[c] != nullptr ? tmp[t] : 0.0f;
-            }
-        k = kc / L * L;
-    }
+    for (std::size_t idx = 0; idx < kc / L * (NC / L); ++idx)
+        pack_group<Arch, NC>(src, k0, idx, panel);
+    std::size_t k = kc / L * L;
     for (; k < kc; ++k)
         for (std::size_t c = 0; c < NC; ++c)
             panel[k * NC + c] = src[c] != nullptr ? simd::weight_at(src[c], k0 + k) : 0.0f;

@@ -1,8 +1,9 @@
 // A non-owning view of one weight matrix in Hugging Face orientation
-// [out, in], row-major, in any weight format (f32, bf16, q8). Used by the
-// expert kernels (stage 3); the data may live in a memory-mapped checkpoint.
-// For q8 a row holds ceil(in / 32) blocks (the last one zero-padded) and
-// row_stride counts blocks; for f32/bf16 it counts elements.
+// [out, in], row-major, in any weight format (f32, bf16, f16, q8). Used by
+// the expert kernels (stage 3); the data may live in a memory-mapped
+// checkpoint (a GGUF Q8_0 tensor is such a q8 matrix, in place). For q8 a
+// row holds ceil(in / 32) blocks (the last one zero-padded) and row_stride
+// counts blocks; for f32/bf16/f16 it counts elements.
 #pragma once
 
 #include <cstddef>

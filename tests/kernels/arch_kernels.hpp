@@ -1,0 +1,75 @@
+// Per-arch kernel tables for the tests: the expert kernels (linear,
+// swiglu_gate_up) and the widening loads, instantiated for one xsimd arch
+// per translation unit in tests/kernels/arch/ (each compiled with that
+// arch's -m flags, see tests/CMakeLists.txt), so the SSE4.2, AVX2 and
+// AVX-512 paths are all built on x86 and each runs where the CPU has it.
+// The tables are constant-initialised data: no code of an arch TU runs
+// unless the test picked its arch after asking the CPU.
+#pragma once
+
+#include <kdial/kernels/linear.hpp>
+#include <kdial/simd/convert.hpp>
+
+#include <cstddef>
+#include <vector>
+
+namespace kdial::test {
+
+template <weight_type W> struct arch_fns {
+    using S = typename W::storage;
+    void (*linear)(const weight_view<W>&, cmatrix_view<float>, std::size_t, std::size_t, matrix_view<float>) noexcept;
+    void (*gate_up)(const weight_view<W>&, const weight_view<W>&, cmatrix_view<float>, std::size_t, std::size_t,
+        matrix_view<float>) noexcept;
+    // out[0:lanes] = simd::load_weights<Arch>(row, k)
+    void (*load)(const S* row, std::size_t k, float* out) noexcept;
+};
+
+struct arch_kernels {
+    const char* name; // Arch::name()
+    std::size_t lanes; // f32 lanes
+    arch_fns<f32_t> f32;
+    arch_fns<bf16_t> bf16;
+    arch_fns<f16_t> f16;
+    arch_fns<q8_t> q8;
+
+    template <weight_type W> constexpr const arch_fns<W>& get() const noexcept
+    {
+        if constexpr (std::is_same_v<W, f32_t>)
+            return f32;
+        else if constexpr (std::is_same_v<W, bf16_t>)
+            return bf16;
+        else if constexpr (std::is_same_v<W, f16_t>)
+            return f16;
+        else
+            return q8;
+    }
+};
+
+template <class Arch, class S> void load_into(const S* row, std::size_t k, float* out) noexcept
+{
+    simd::load_weights<Arch>(row, k).store_unaligned(out);
+}
+
+template <class Arch, weight_type W> constexpr arch_fns<W> make_arch_fns() noexcept
+{
+    return { &kdial::linear<W, Arch>, &kdial::swiglu_gate_up<W, Arch>, &load_into<Arch, typename W::storage> };
+}
+
+template <class Arch> constexpr arch_kernels make_arch_kernels() noexcept
+{
+    return { Arch::name(), xsimd::batch<float, Arch>::size, make_arch_fns<Arch, f32_t>(), make_arch_fns<Arch, bf16_t>(),
+        make_arch_fns<Arch, f16_t>(), make_arch_fns<Arch, q8_t>() };
+}
+
+// The tables of the arch TUs built for this target (defined there).
+#if defined(__x86_64__) || defined(__i386__)
+extern const arch_kernels kernels_sse4_2, kernels_fma3_avx2, kernels_avx512bw;
+#elif defined(__aarch64__)
+extern const arch_kernels kernels_neon64;
+#endif
+
+// Every arch whose table is built and which this CPU runs (asked at run
+// time); on other targets, the default arch alone (defined in linear.cpp).
+std::vector<const arch_kernels*> kernel_archs();
+
+} // namespace kdial::test

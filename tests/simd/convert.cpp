@@ -1,0 +1,119 @@
+// simd/convert.hpp and the f16 type: exact f16 widening (scalar, hardware
+// and every arch's vector load), round-to-nearest-even narrowing checked at
+// every f16 midpoint, and the widening loads of each weight format equal to
+// the scalar weight_at on misaligned rows, for every arch this CPU runs.
+#include <doctest/doctest.h>
+
+#include <kdial/kernels/quantize.hpp>
+#include <kdial/simd/convert.hpp>
+
+#include "kernels/arch_kernels.hpp"
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <vector>
+
+using namespace kdial;
+
+namespace {
+
+// The value of a finite f16 from its fields, in double (independent of
+// the bit tricks in f16::to_float).
+double f16_value(std::uint16_t h)
+{
+    const int e = (h >> 10) & 0x1f, m = h & 0x3ff;
+    const double v = e == 0 ? std::ldexp(double(m), -24) : std::ldexp(double(m + 1024), e - 25);
+    return (h & 0x8000) ? -v : v;
+}
+
+} // namespace
+
+TEST_CASE("f16: exact widening of every value, scalar and hardware [simd][convert][f16]")
+{
+    for (std::uint32_t b = 0; b < 0x10000u; ++b) {
+        const f16 h = f16::from_bits(static_cast<std::uint16_t>(b));
+        const float f = h.to_float();
+        const float hw = simd::widen(h);
+        REQUIRE(std::memcmp(&f, &hw, sizeof f) == 0);
+        const int e = (b >> 10) & 0x1f;
+        if (e == 0x1f) {
+            const bool special_ok = (b & 0x3ffu) == 0 ? std::isinf(f) : std::isnan(f);
+            REQUIRE(special_ok);
+            REQUIRE(std::signbit(f) == bool(b & 0x8000));
+            continue;
+        }
+        REQUIRE(double(f) == f16_value(static_cast<std::uint16_t>(b)));
+        REQUIRE(std::signbit(f) == bool(b & 0x8000)); // -0 too
+        // Every f16 survives f16 -> f32 -> f16.
+        REQUIRE(f16::from_float(f).bits == b);
+    }
+}
+
+TEST_CASE("f16: narrowing rounds to nearest even at every midpoint [simd][convert][f16]")
+{
+    // For consecutive positive f16 values a < b, the floats just below, at
+    // and just above their midpoint round to a, to the even one, and to b.
+    for (std::uint32_t a = 0; a < 0x7c00u; ++a) {
+        const std::uint32_t b = a + 1;
+        const double mid = (f16_value(std::uint16_t(a)) + (b == 0x7c00u ? 65536.0 : f16_value(std::uint16_t(b)))) / 2;
+        const float m = float(mid); // exact: the midpoint has at most 13 significant bits
+        REQUIRE(double(m) == mid);
+        const std::uint32_t even = (a & 1) ? b : a;
+        REQUIRE(f16::from_float(m).bits == even);
+        REQUIRE(f16::from_float(std::nextafter(m, 0.0f)).bits == a);
+        REQUIRE(f16::from_float(std::nextafter(m, 1e9f)).bits == b);
+        REQUIRE(f16::from_float(-m).bits == (even | 0x8000u));
+    }
+    const float inf = std::numeric_limits<float>::infinity();
+    CHECK(f16::from_float(inf).bits == 0x7c00u);
+    CHECK(f16::from_float(-inf).bits == 0xfc00u);
+    CHECK(f16::from_float(1e10f).bits == 0x7c00u);
+    CHECK(std::isnan(f16::from_float(std::numeric_limits<float>::quiet_NaN()).to_float()));
+    CHECK(f16::from_float(std::numeric_limits<float>::denorm_min()).bits == 0u);
+    CHECK(f16::from_float(-0.0f).bits == 0x8000u);
+    CHECK(f16::from_float(65504.0f).bits == 0x7bffu);
+}
+
+TEST_CASE_TEMPLATE(
+    "convert: each arch's widening loads equal weight_at, misaligned [simd][convert]", W, f32_t, bf16_t, f16_t, q8_t)
+{
+    using S = typename W::storage;
+    std::mt19937 rng(5);
+    std::uniform_real_distribution<float> U(-2.f, 2.f);
+    const std::size_t cols = 3 * q8_block_size;
+    std::vector<float> f(cols);
+    for (float& v : f)
+        v = U(rng);
+    f[3] = 1e-6f; // f16 subnormal
+    f[40] = -0.0f;
+    // One row, in storage format W, one storage element into its buffer.
+    std::vector<S> buf(storage_cols<W>(cols) + 2);
+    S* row = buf.data() + 1;
+    if constexpr (std::is_same_v<W, q8_t>) {
+        quantize_q8(cmatrix_view<float>(f.data(), 1, cols), row, storage_cols<W>(cols));
+    } else {
+        for (std::size_t i = 0; i < cols; ++i) {
+            if constexpr (std::is_same_v<W, f32_t>)
+                row[i] = f[i];
+            else
+                row[i] = S::from_float(f[i]);
+        }
+    }
+    for (const auto* arch : test::kernel_archs()) {
+        CAPTURE(arch->name);
+        const std::size_t L = arch->lanes;
+        float out[64];
+        // Every vector position (q8: within a block), so every start
+        // alignment of the storage is taken.
+        for (std::size_t k = 0; k + L <= cols; k += (std::is_same_v<W, q8_t> ? L : 1)) {
+            arch->get<W>().load(row, k, out);
+            for (std::size_t i = 0; i < L; ++i) {
+                const float want = simd::weight_at(static_cast<const S*>(row), k + i);
+                REQUIRE(std::memcmp(&out[i], &want, sizeof want) == 0);
+            }
+        }
+    }
+}
