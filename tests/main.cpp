@@ -1,3 +1,21 @@
 // The one doctest main of the kdial test executable.
-#define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
+// KDIAL_TEST_MAX_THREADS=N caps oneTBB's parallelism for the whole run (the
+// aarch64 CI job sets 1: oneTBB's worker threads hang under qemu-user, while
+// the library's results do not depend on the thread count anyway).
+#define DOCTEST_CONFIG_IMPLEMENT
 #include <doctest/doctest.h>
+
+#include <tbb/global_control.h>
+
+#include <cstdlib>
+#include <memory>
+
+int main(int argc, char** argv)
+{
+    std::unique_ptr<tbb::global_control> cap;
+    if (const char* s = std::getenv("KDIAL_TEST_MAX_THREADS"); s != nullptr && std::atoi(s) > 0)
+        cap = std::make_unique<tbb::global_control>(
+            tbb::global_control::max_allowed_parallelism, static_cast<std::size_t>(std::atoi(s)));
+    doctest::Context ctx(argc, argv);
+    return ctx.run();
+}
