@@ -711,6 +711,31 @@ int cmd_make_synthetic(const args& a)
     return 0;
 }
 
+// The default demo directory as kdial releases before the .kdial-synthetic
+// marker left it: exactly the three files that demo wrote, nothing else. It
+// is kdial's own cache directory, so it is adopted (the marker is written
+// for those files) instead of refused. Any other content is left to
+// make-synthetic's rules.
+void adopt_legacy_demo_dir(const std::string& dir)
+{
+    namespace fs = std::filesystem;
+    std::error_code ec;
+    if (!fs::is_directory(fs::symlink_status(dir, ec))
+        || fs::exists(fs::symlink_status(fs::path(dir) / olmoe::synth::marker_name, ec)))
+        return;
+    const std::set<std::string> legacy { "config.json", "model.safetensors", "tokenizer.json" };
+    std::set<std::string> found;
+    for (auto it = fs::directory_iterator(dir, ec); !ec && it != fs::directory_iterator(); it.increment(ec)) {
+        const std::string n = it->path().filename().string();
+        if (!legacy.count(n) || !it->is_regular_file(ec) || it->is_symlink(ec))
+            return;
+        found.insert(n);
+    }
+    if (ec || found.empty())
+        return;
+    olmoe::synth::write_marker(dir, found);
+}
+
 int cmd_demo(const args& a)
 {
     std::string dir = a.get("dir");
@@ -723,6 +748,8 @@ int cmd_demo(const args& a)
             : home && *home ? cat(home, "/.cache/kdial/demo")
                             : "/tmp/kdial-demo";
     }
+    if (!a.has("dir"))
+        adopt_legacy_demo_dir(dir);
     std::printf("== kdial demo: a tiny synthetic OLMoE checkpoint in %s\n", dir.c_str());
     args mk;
     mk.opt = { { "out", dir }, { "preset", "tiny" }, { "layers", "2" }, { "dtype", "bf16" } };
