@@ -24,17 +24,17 @@ inline std::string tokenizer_json(bool qwen2, bool added)
         vocab[byte_level_encode(std::string(1, char(b)))] = b;
     int next = 256;
     json merges = json::array();
-    const std::vector<std::pair<std::string, std::string>> pairs = { { "h", "e" }, { "l", "l" }, { "he", "ll" },
-        { "hell", "o" }, { " ", "w" }, { "o", "r" }, { " w", "or" }, { "\xC3", "\xA9" }, { "\xCC", "\x81" },
-        { "a", "\xCC\x81" }, { " ", " " }, { "  ", "  " } };
+    const std::vector<std::pair<std::string, std::string>> pairs
+        = { { "h", "e" }, { "l", "l" }, { "he", "ll" }, { "hell", "o" }, { " ", "w" }, { "o", "r" }, { " w", "or" },
+              { "\xC3", "\xA9" }, { "\xCC", "\x81" }, { "a", "\xCC\x81" }, { " ", " " }, { "  ", "  " } };
     for (const auto& [a, b] : pairs) {
         const std::string ab = byte_level_encode(a + b);
         if (!vocab.contains(ab))
             vocab[ab] = next++;
         merges.push_back(byte_level_encode(a) + " " + byte_level_encode(b));
     }
-    const json bytelevel
-        = { { "type", "ByteLevel" }, { "add_prefix_space", false }, { "trim_offsets", false }, { "use_regex", !qwen2 } };
+    const json bytelevel = { { "type", "ByteLevel" }, { "add_prefix_space", false }, { "trim_offsets", false },
+        { "use_regex", !qwen2 } };
     json pre = bytelevel;
     if (qwen2)
         pre = { { "type", "Sequence" },

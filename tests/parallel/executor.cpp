@@ -62,9 +62,9 @@ TEST_CASE("executors: every tile exactly once, tiles from the problem only [para
         }
     // One tile runs inline; none runs nothing.
     calls = 0;
-    executor_ref(rev).parallel_for(1, [](std::size_t) { });
-    executor_ref(rev).parallel_for(0, [](std::size_t) { });
+    executor_ref(rev).parallel_for(1, [](std::size_t) {});
+    executor_ref(rev).parallel_for(0, [](std::size_t) {});
     CHECK(calls == 0);
-    executor_ref(rev).parallel_for(2, [](std::size_t) { });
+    executor_ref(rev).parallel_for(2, [](std::size_t) {});
     CHECK(calls == 1);
 }
