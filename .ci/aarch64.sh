@@ -53,13 +53,18 @@ echo "ci: kdial_tests (aarch64) under qemu"
 # oneTBB's worker threads hang under qemu-user (a plain tbb::parallel_for
 # never returns there), so the emulated run caps oneTBB at one thread
 # (KDIAL_TEST_MAX_THREADS, read by tests/main.cpp): every parallel path still
-# runs, on the calling thread. Emulation is slow (the whole suite takes
-# over 15 minutes), so the default run is the kernel suite: every SIMD path
-# on NEON (linear, GEMV, GEMM, SwiGLU, widening loads, f16, q8), RMSNorm,
-# RoPE and dense_linear. KDIAL_AARCH64_TESTS=all runs the whole suite.
-filter=(-tc='*kernel*,*linear*,*swiglu_gate_up*,*convert*,*f16*,*quantize*,*q8*,*rmsnorm*,*rope*')
-if [ "${KDIAL_AARCH64_TESTS:-kernels}" = all ]; then filter=(); fi
+# runs, on the calling thread. Test cases that start threads of their own
+# (a std::thread executor, two streams at once, several encoders) are left out: they hang
+# there too. Emulation is slow (the whole suite takes over 15 minutes), so the
+# default run is selected by tag, never by a type name (a name filter like
+# '*f16*' also matched every test instantiated for bf16): the kernel suite
+# ([kernels]: every SIMD path on NEON — linear, GEMV, GEMM, SwiGLU, widening
+# loads, f16, q8 — RMSNorm, RoPE, dense_linear), the experts ([swiglu]) and
+# the MoE layer ([layer]) end to end on NEON.
+# KDIAL_AARCH64_TESTS=all runs the whole suite (still without the threaded cases).
+filter=(-tc='*[kernels]*,*[swiglu]*,*[layer]*' -tce='*[executor]*,*[streams]*,*several threads*')
+if [ "${KDIAL_AARCH64_TESTS:-kernels}" = all ]; then filter=(-tce='*[executor]*,*[streams]*,*several threads*'); fi
 KDIAL_TEST_MAX_THREADS=1 QEMU_SET_ENV=LD_LIBRARY_PATH=/usr/lib/aarch64-linux-gnu \
-  timeout 2400 qemu-aarch64 -L /usr/aarch64-linux-gnu "$build/tests/kdial_tests" "${filter[@]}"
+  timeout 1200 qemu-aarch64 -L /usr/aarch64-linux-gnu "$build/tests/kdial_tests" "${filter[@]}"
 t3=$(date +%s)
 echo "ci: aarch64 done: packages $((t1 - t0)) s, build $((t2 - t1)) s, tests $((t3 - t2)) s"
