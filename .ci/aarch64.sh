@@ -54,7 +54,8 @@ echo "ci: kdial_tests (aarch64) under qemu"
 # never returns there), so the emulated run caps oneTBB at one thread
 # (KDIAL_TEST_MAX_THREADS, read by tests/main.cpp): every parallel path still
 # runs, on the calling thread. Test cases that start threads of their own
-# (a std::thread executor, two streams at once, several encoders) are left out: they hang
+# (a std::thread executor, two streams at once, several encoders; new ones
+# carry the tag [threads]) are left out: they hang
 # there too. Emulation is slow (the whole suite takes over 15 minutes), so the
 # default run is selected by tag, never by a type name (a name filter like
 # '*f16*' also matched every test instantiated for bf16): the kernel suite
@@ -62,8 +63,8 @@ echo "ci: kdial_tests (aarch64) under qemu"
 # loads, f16, q8 — RMSNorm, RoPE, dense_linear), the experts ([swiglu]) and
 # the MoE layer ([layer]) end to end on NEON.
 # KDIAL_AARCH64_TESTS=all runs the whole suite (still without the threaded cases).
-filter=(-tc='*[kernels]*,*[swiglu]*,*[layer]*' -tce='*[executor]*,*[streams]*,*several threads*')
-if [ "${KDIAL_AARCH64_TESTS:-kernels}" = all ]; then filter=(-tce='*[executor]*,*[streams]*,*several threads*'); fi
+filter=(-tc='*[kernels]*,*[swiglu]*,*[layer]*' -tce='*[executor]*,*[streams]*,*[threads]*,*several threads*')
+if [ "${KDIAL_AARCH64_TESTS:-kernels}" = all ]; then filter=(-tce='*[executor]*,*[streams]*,*[threads]*,*several threads*'); fi
 KDIAL_TEST_MAX_THREADS=1 QEMU_SET_ENV=LD_LIBRARY_PATH=/usr/lib/aarch64-linux-gnu \
   timeout 1200 qemu-aarch64 -L /usr/aarch64-linux-gnu "$build/tests/kdial_tests" "${filter[@]}"
 t3=$(date +%s)
