@@ -4,8 +4,10 @@
 // bounded message, or returns a tokenizer whose id table is no larger than
 // the input (sized by the entry count, never by the largest id), whose every
 // id round-trips through id_to_token / token_bytes, and whose encode gives
-// valid ids that decode (in one go and streamed) to the same text. Any other
-// exception, a crash, a leak or UB is a bug.
+// valid ids that decode (in one go and streamed) to the same text, and whose
+// post-processor (TemplateProcessing, Bert, Roberta, Sequence) adds exactly
+// its template's ids: encode(s) == post_process(encode(s) without specials),
+// likewise for pairs. Any other exception, a crash, a leak or UB is a bug.
 #include <kdial/io/tokenizer.hpp>
 
 #include <cstddef>
@@ -53,6 +55,14 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
                 streamed += d.push(id);
             streamed += d.flush();
             require(streamed == whole);
+            const auto plain = t.encode(s, true, false);
+            require(t.post_process(plain) == ids);
+            require(ids.size() == plain.size() + t.post_processor_added(false));
+            const auto pair = t.encode_pair(s, "x y", true, true);
+            require(pair == t.post_process(plain, t.encode("x y", true, false)));
+            require(pair.size() == plain.size() + t.encode("x y", true, false).size() + t.post_processor_added(true));
+            for (const auto id : pair)
+                require(t.is_valid_id(id));
         }
     } catch (const kdial::error& e) {
         require(std::strlen(e.what()) < 1024); // messages are briefs, never whole values

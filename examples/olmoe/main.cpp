@@ -1,6 +1,6 @@
 // olmoe: run an OLMoE (or Qwen2-MoE / Mixtral) Hugging Face checkpoint on the
 // CPU with kdial, k dialed at run time. Subcommands: generate, logits, bench,
-// sweep, make-synthetic, demo. Errors go to stderr with a non-zero exit status;
+// sweep, make-synthetic, demo, tokenize, detokenize. Errors go to stderr with a non-zero exit status;
 // long work shows progress on stderr.
 #include "config.hpp"
 #include "model.hpp"
@@ -10,6 +10,7 @@
 #include "svg.hpp"
 #include "sweep.hpp"
 #include "synthetic.hpp"
+#include "tokenize_cmd.hpp"
 #include "weights.hpp"
 
 #include "roofline.hpp"
@@ -60,6 +61,8 @@ commands:
                   with a reference k, active parameters, tokens/s, SVG plot
   make-synthetic  write a synthetic checkpoint in the Hugging Face layout
   demo            make a tiny synthetic checkpoint, generate and bench it
+  tokenize        the token ids (and pieces) of a text, by tokenizer.json
+  detokenize      the text of a list of token ids
 
 Run 'olmoe <command> --help' for a command's options.
 )";
@@ -142,6 +145,26 @@ no other file is ever replaced or removed. Presets:
 Makes a tiny synthetic OLMoE checkpoint (default: $XDG_CACHE_HOME/kdial/demo or
 ~/.cache/kdial/demo; the same rules as make-synthetic --out), then shows
 generation and a benchmark at several k.
+)" },
+          { "tokenize", R"(usage: olmoe tokenize --model DIR (--prompt TEXT | --file F) [--ids-only]
+                      [--no-add-special] [--no-parse-special]
+Tokenizes a text with the checkpoint's tokenizer.json (only that file is read)
+as Hugging Face's tokenizer.encode(text) does, and prints one line per token,
+"id -> 'piece'" (the piece's bytes; newline, tab, quote, backslash, control
+characters and the bytes of a character split over tokens are escaped).
+  --prompt TEXT       the text
+  --file F            the text of file F, as is (a final newline included)
+  --ids-only          print only the ids, as one line "1,2,3"
+  --no-add-special    leave out the tokens the post-processor adds (a BOS, ...;
+                      HF's add_special_tokens=False)
+  --no-parse-special  encode special tokens' strings in the text as plain text
+)" },
+          { "detokenize", R"(usage: olmoe detokenize --model DIR (--ids 1,2,3 | --file F) [--skip-special]
+Decodes token ids with the checkpoint's tokenizer.json and prints the text
+exactly, with no newline added (ill-formed UTF-8 becomes U+FFFD).
+  --ids LIST        comma-separated token ids
+  --file F          token ids separated by commas and/or whitespace
+  --skip-special    leave out special tokens
 )" } };
 
 struct args {
@@ -770,6 +793,33 @@ int cmd_demo(const args& a)
     return 0;
 }
 
+int cmd_tokenize(const args& a)
+{
+    if (a.has("prompt") == a.has("file"))
+        throw usage_error("give --prompt TEXT or --file F");
+    const auto tok = olmoe::load_tokenizer(a.need("model"));
+    const std::string text
+        = a.has("prompt") ? a.get("prompt") : kdial::io::read_file(a.get("file"), std::size_t(1) << 30);
+    const auto ids = tok.encode(text, !a.flags.count("no-parse-special"), !a.flags.count("no-add-special"));
+    olmoe::print_tokens(stdout, tok, ids, a.flags.count("ids-only") != 0);
+    return 0;
+}
+
+int cmd_detokenize(const args& a)
+{
+    if (a.has("ids") == a.has("file"))
+        throw usage_error("give --ids 1,2,3 or --file F");
+    std::vector<std::int32_t> ids;
+    if (a.has("ids"))
+        for (int id : parse_int_list("ids", a.get("ids"), 0, (1L << 31) - 1))
+            ids.push_back(id);
+    const auto tok = olmoe::load_tokenizer(a.need("model"));
+    if (a.has("file"))
+        ids = olmoe::read_token_ids(a.get("file"), tok);
+    olmoe::print_text(stdout, tok, ids, a.flags.count("skip-special") != 0);
+    return 0;
+}
+
 } // namespace
 
 int main(int argc, char** argv)
@@ -815,6 +865,11 @@ int main(int argc, char** argv)
                 parse_args(argc, argv, { "out", "preset", "layers", "dtype", "shards", "seed" }, {}));
         if (cmd == "demo")
             return cmd_demo(parse_args(argc, argv, { "dir" }, {}));
+        if (cmd == "tokenize")
+            return cmd_tokenize(parse_args(
+                argc, argv, { "model", "prompt", "file" }, { "ids-only", "no-add-special", "no-parse-special" }));
+        if (cmd == "detokenize")
+            return cmd_detokenize(parse_args(argc, argv, { "model", "ids", "file" }, { "skip-special" }));
     } catch (const usage_error& e) {
         std::fprintf(stderr, "olmoe %s: %s\n\n%s", cmd.c_str(), e.what(), u->second.c_str());
         return 2;

@@ -5,15 +5,26 @@
 // file and the JSON field); after that the tokenizer is immutable, and
 // encode/decode are const and safe to call from several threads at once (the
 // per-piece BPE cache is guarded by a mutex). Results match HF tokenizers'
-// pipeline: added tokens -> NFC -> split regex -> byte map -> BPE -> ids.
+// pipeline: added tokens -> NFC -> split regex -> byte map -> BPE -> ids ->
+// post-processor (the special tokens of its template).
 //
 // Supported: model BPE (byte_fallback false, no dropout, ignore_merges, merges
-// as "a b" or ["a", "b"]); normalizer null / NFC / Sequence of NFC;
-// pre_tokenizer ByteLevel (add_prefix_space, use_regex) or a Sequence of
-// Split(GPT-2 or Qwen2 regex, Isolated or Removed, invert false) stages ending
-// in ByteLevel; decoder ByteLevel; post_processor null / ByteLevel. Added
-// tokens with lstrip / rstrip / single_word set are rejected, as are other
-// regexes: the two known ones are hand-written matchers (std::regex has no \p).
+// as "a b" or ["a", "b"]); normalizer null / NFC / Sequence of NFC (NFC with
+// Unicode 9.0 data, as HF's normaliser: see unicode.hpp); pre_tokenizer
+// ByteLevel (add_prefix_space, use_regex) or a Sequence of Split(GPT-2 or
+// Qwen2 regex, Isolated or Removed, invert false) stages ending in ByteLevel;
+// decoder ByteLevel; post_processor null, ByteLevel (offsets only: adds
+// nothing), TemplateProcessing (single and pair templates, special_tokens),
+// BertProcessing and RobertaProcessing (cls/sep), or a Sequence of these with
+// at most one that adds tokens. Added tokens with lstrip / rstrip /
+// single_word set are rejected, as are other regexes: the two known ones are
+// hand-written matchers (std::regex has no \p).
+//
+// encode() applies the post-processor, as HF's encode(text) does by default
+// (add_special_tokens=True): the released OLMoE and Qwen2 files have one that
+// adds nothing (TemplateProcessing "$A" / "$A $B", or ByteLevel), so their
+// ids carry no BOS, exactly as in HF; a file whose template adds e.g. a BOS
+// gets it. Pass add_special = false for the plain ids.
 #pragma once
 
 #include <algorithm>
@@ -301,12 +312,57 @@ public:
 
     // Text -> ids. With parse_special, the strings of special added tokens in
     // `text` become their ids (HF's default); without, they are encoded as
-    // ordinary text. Non-special added tokens are always matched. Adds no
-    // BOS/EOS. Ill-formed UTF-8 in `text` is kept byte for byte (each
-    // ill-formed subpart is punctuation for the split regex), so with all 256
-    // byte symbols in the vocab and no add_prefix_space,
+    // ordinary text. Non-special added tokens are always matched. With
+    // add_special (HF's add_special_tokens, default true) the post-processor's
+    // single template is applied: its special tokens (e.g. a BOS) around the
+    // text's ids; without, none are added. Ill-formed UTF-8 in `text` is kept
+    // byte for byte (each ill-formed subpart is punctuation for the split
+    // regex), so with all 256 byte symbols in the vocab, no add_prefix_space
+    // and nothing added by the post-processor,
     // decode_bytes(encode(s)) == nfc_normalize(s) for every byte string s.
-    std::vector<std::int32_t> encode(std::string_view text, bool parse_special = true) const
+    std::vector<std::int32_t> encode(std::string_view text, bool parse_special = true, bool add_special = true) const
+    {
+        std::vector<std::int32_t> ids = encode_plain(text, parse_special);
+        if (single_template_.size() == 1) // "$A": nothing to add (the common case)
+            return ids;
+        return apply_template(single_template_, ids, {}, add_special);
+    }
+
+    // A pair of texts -> ids (HF's encode(a, b)): each encoded as by encode()
+    // without specials, then joined by the post-processor's pair template
+    // (with add_special; else the sequences alone, in the template's order).
+    std::vector<std::int32_t> encode_pair(
+        std::string_view a, std::string_view b, bool parse_special = true, bool add_special = true) const
+    {
+        return apply_template(
+            pair_template_, encode_plain(a, parse_special), encode_plain(b, parse_special), add_special);
+    }
+
+    // The post-processor applied to ids already encoded without specials
+    // (encode(s) == post_process(encode(s, ps, false)) for any s and ps).
+    std::vector<std::int32_t> post_process(std::span<const std::int32_t> a) const
+    {
+        return apply_template(single_template_, a, {}, true);
+    }
+    std::vector<std::int32_t> post_process(std::span<const std::int32_t> a, std::span<const std::int32_t> b) const
+    {
+        return apply_template(pair_template_, a, b, true);
+    }
+
+    // How many ids the post-processor adds to one sequence or to a pair (HF's
+    // num_special_tokens_to_add).
+    std::size_t post_processor_added(bool pair) const noexcept
+    {
+        const auto& t = pair ? pair_template_ : single_template_;
+        return std::size_t(std::count_if(t.begin(), t.end(), [](std::int32_t x) { return x >= 0; }));
+    }
+
+    // The post-processor's type as the file names it ("TemplateProcessing",
+    // "Sequence", ...; "null" when absent).
+    const std::string& post_processor_type() const noexcept { return post_type_; }
+
+private:
+    std::vector<std::int32_t> encode_plain(std::string_view text, bool parse_special) const
     {
         std::vector<std::int32_t> ids;
         scratch sc;
@@ -320,6 +376,26 @@ public:
         return ids;
     }
 
+    // A template's entries: >= 0 a special token id, else one of these.
+    static constexpr std::int32_t seq_a = -1, seq_b = -2;
+
+    static std::vector<std::int32_t> apply_template(const std::vector<std::int32_t>& tmpl,
+        std::span<const std::int32_t> a, std::span<const std::int32_t> b, bool add_special)
+    {
+        std::vector<std::int32_t> out;
+        out.reserve(a.size() + b.size() + tmpl.size());
+        for (const std::int32_t x : tmpl) {
+            if (x == seq_a)
+                out.insert(out.end(), a.begin(), a.end());
+            else if (x == seq_b)
+                out.insert(out.end(), b.begin(), b.end());
+            else if (add_special)
+                out.push_back(x);
+        }
+        return out;
+    }
+
+public:
     // The pieces the pre-tokenizer makes of one segment (no added-token
     // matching, no normalisation): the input of BPE, before the byte map.
     std::vector<std::string> pre_tokenize(std::string_view segment) const
@@ -454,6 +530,9 @@ private:
     bool nfc_ = false;
     bool ignore_merges_ = false;
     std::int32_t unk_id_ = -1;
+    // The post-processor as templates (Bert and Roberta are written as one).
+    std::vector<std::int32_t> single_template_ { seq_a }, pair_template_ { seq_a, seq_b };
+    std::string post_type_ = "null";
     std::unique_ptr<bpe_cache> cache_ = std::make_unique<bpe_cache>();
 
     struct copy_tag { };
@@ -471,6 +550,9 @@ private:
         , nfc_(o.nfc_)
         , ignore_merges_(o.ignore_merges_)
         , unk_id_(o.unk_id_)
+        , single_template_(o.single_template_)
+        , pair_template_(o.pair_template_)
+        , post_type_(o.post_type_)
     {
     }
 
@@ -715,8 +797,9 @@ private:
         load_added_tokens(root);
         load_normalizer(root);
         load_pre_tokenizer(root);
-        load_decoder_and_post_processor(root);
+        load_decoder(root);
         build_id_table();
+        load_post_processor(root); // after the id table: its special ids are checked against it
     }
 
     void load_model(const json& root)
@@ -924,33 +1007,201 @@ private:
         }
     }
 
-    void load_decoder_and_post_processor(const json& root)
+    void load_decoder(const json& root)
     {
         const json* d = member(root, "decoder");
         if (!d)
             fail("decoder", "missing (ByteLevel expected)");
         if (const std::string t = get_type(*d, "decoder"); t != "ByteLevel")
             fail("decoder.type", brief(json(t)) + " is not supported (ByteLevel only)");
+    }
+
+    // post_processor: null, one processor, or a Sequence (nested ones are
+    // flattened) applied in order, as HF runs them. ByteLevel only adjusts
+    // offsets; at most one processor may add tokens, since HF hands the next
+    // one the pieces of the previous one's output (a Template then sees a
+    // "pair" of a special token and the text).
+    void load_post_processor(const json& root)
+    {
         const json* p = member(root, "post_processor");
         if (!p)
             return;
-        const std::string t = get_type(*p, "post_processor");
-        if (t == "ByteLevel")
+        post_type_ = get_type(*p, "post_processor");
+        std::string adder; // where the processor that adds tokens is
+        load_post_processor_item(*p, "post_processor", adder);
+    }
+
+    void load_post_processor_item(const json& p, const std::string& where, std::string& adder)
+    {
+        const std::string type = get_type(p, where);
+        if (type == "Sequence") {
+            const json* list = member(p, "processors");
+            if (!list || !list->is_array())
+                fail(where + ".processors", "missing or not an array");
+            for (std::size_t i = 0; i < list->size(); ++i)
+                load_post_processor_item((*list)[i], detail::cat(where, ".processors[", i, "]"), adder);
             return;
-        if (t == "Sequence") {
-            const json* list = member(*p, "processors");
-            if (list && list->is_array()) {
-                for (std::size_t i = 0; i < list->size(); ++i) {
-                    const std::string where = detail::cat("post_processor.processors[", i, "]");
-                    if (const std::string ti = get_type((*list)[i], where); ti != "ByteLevel")
-                        fail(
-                            where + ".type", brief(json(ti)) + " is not supported (it may add tokens; ByteLevel only)");
-                }
-                return;
-            }
-            fail("post_processor.processors", "missing or not an array");
         }
-        fail("post_processor.type", brief(json(t)) + " is not supported (it may add tokens; null or ByteLevel only)");
+        if (type == "ByteLevel") { // trim_offsets / add_prefix_space / use_regex: offsets only
+            for (const char* key : { "add_prefix_space", "trim_offsets", "use_regex" })
+                (void)get_bool(p, key, where, false);
+            return;
+        }
+        std::vector<std::int32_t> single, pair;
+        if (type == "TemplateProcessing") {
+            load_template_processing(p, where, single, pair);
+        } else if (type == "BertProcessing" || type == "RobertaProcessing") {
+            // HF's fixed templates: [CLS] $A [SEP] and [CLS] $A [SEP] $B [SEP]
+            // (Roberta: [CLS] $A [SEP] [SEP] $B [SEP]); type ids are not kept.
+            const std::int32_t cls = special_pair(p, "cls", where), sep = special_pair(p, "sep", where);
+            if (type == "RobertaProcessing")
+                for (const char* key : { "trim_offsets", "add_prefix_space" }) // offsets only
+                    (void)get_bool(p, key, where, true);
+            single = { cls, seq_a, sep };
+            pair = type == "BertProcessing" ? std::vector<std::int32_t> { cls, seq_a, sep, seq_b, sep }
+                                            : std::vector<std::int32_t> { cls, seq_a, sep, sep, seq_b, sep };
+        } else {
+            fail(where + ".type",
+                brief(json(type))
+                    + " is not supported (null, ByteLevel, TemplateProcessing, BertProcessing, RobertaProcessing, "
+                      "or a Sequence of these)");
+        }
+        const bool adds = std::any_of(single.begin(), single.end(), [](std::int32_t x) { return x >= 0; })
+            || std::any_of(pair.begin(), pair.end(), [](std::int32_t x) { return x >= 0; });
+        if (!adds) // "$A" / "$A $B" (OLMoE's): the identity
+            return;
+        if (!adder.empty())
+            fail(where,
+                detail::cat("a second post-processor that adds tokens (after ", adder,
+                    ") is not supported: HF would give it the pieces of the first one's output"));
+        adder = where;
+        single_template_ = std::move(single);
+        pair_template_ = std::move(pair);
+    }
+
+    // A special token of Bert/RobertaProcessing: ["token", id] with a valid id.
+    std::int32_t special_pair(const json& p, const char* key, const std::string& where) const
+    {
+        const std::string w = detail::cat(where, ".", key);
+        const json* v = member(p, key);
+        if (!v || !v->is_array() || v->size() != 2 || !(*v)[0].is_string())
+            fail(w, "expected [\"token\", id], got " + (v ? brief(*v) : std::string("nothing")));
+        return checked_special_id((*v)[1], w + "[1]");
+    }
+
+    // A token id that a post-processor adds: it must name an entry of this
+    // tokenizer (HF adds ids unchecked; an id without a token would reach the
+    // model and fail decoding).
+    std::int32_t checked_special_id(const json& v, const std::string& where) const
+    {
+        const std::int32_t id = get_id(v, where);
+        if (!is_valid_id(id))
+            fail(where,
+                detail::cat("id ", id, " has no token in this tokenizer (valid ids lie in [0, ", id_entries_.size(),
+                    ") and are defined by model.vocab or added_tokens)"));
+        return id;
+    }
+
+    // TemplateProcessing (HF's serialisation): "single" and "pair" are arrays
+    // of {"Sequence": {"id": "A"|"B", "type_id": n}} and {"SpecialToken":
+    // {"id": name, "type_id": n}}; "special_tokens" maps each name to {"id":
+    // name, "ids": [...], "tokens": [...]} (ids and tokens of equal length;
+    // the ids are what is added). All three fields are required, as HF's
+    // deserialiser requires them. Stricter than HF: the single template uses
+    // A exactly once and no B, the pair template A and B once each (HF would
+    // panic or duplicate), a map key equals its "id", every id is valid.
+    void load_template_processing(const json& p, const std::string& where, std::vector<std::int32_t>& single,
+        std::vector<std::int32_t>& pair) const
+    {
+        const json* st = member(p, "special_tokens");
+        if (!st || !st->is_object())
+            fail(where + ".special_tokens", "missing or not an object of name -> {\"id\", \"ids\", \"tokens\"}");
+        std::unordered_map<std::string, std::vector<std::int32_t>> specials;
+        for (const auto& [name, v] : st->items()) {
+            const std::string w = detail::cat(where, ".special_tokens[", brief(json(name)), "]");
+            if (!v.is_object())
+                fail(w, "expected an object {\"id\", \"ids\", \"tokens\"}, got " + brief(v));
+            const json* id = member(v, "id");
+            if (!id || !id->is_string() || id->get_ref<const std::string&>() != name)
+                fail(w + ".id",
+                    "expected the key " + brief(json(name)) + ", got " + (id ? brief(*id) : std::string("nothing")));
+            const json* ids = member(v, "ids");
+            const json* tokens = member(v, "tokens");
+            if (!ids || !ids->is_array())
+                fail(w + ".ids", "missing or not an array of token ids");
+            if (!tokens || !tokens->is_array())
+                fail(w + ".tokens", "missing or not an array of strings");
+            if (ids->size() != tokens->size())
+                fail(w + ".tokens",
+                    detail::cat(tokens->size(), " tokens for ", ids->size(), " ids (they must have the same length)"));
+            std::vector<std::int32_t> list;
+            for (std::size_t k = 0; k < ids->size(); ++k) {
+                list.push_back(checked_special_id((*ids)[k], detail::cat(w, ".ids[", k, "]")));
+                if (!(*tokens)[k].is_string())
+                    fail(detail::cat(w, ".tokens[", k, "]"), "expected a string, got " + brief((*tokens)[k]));
+            }
+            specials.emplace(name, std::move(list));
+        }
+        single = parse_template(p, "single", where, specials, false);
+        pair = parse_template(p, "pair", where, specials, true);
+    }
+
+    std::vector<std::int32_t> parse_template(const json& p, const char* key, const std::string& where,
+        const std::unordered_map<std::string, std::vector<std::int32_t>>& specials, bool is_pair) const
+    {
+        const std::string w = detail::cat(where, ".", key);
+        const json* t = member(p, key);
+        if (!t || !t->is_array())
+            fail(w, "missing or not an array of {\"Sequence\": ...} / {\"SpecialToken\": ...} pieces");
+        std::vector<std::int32_t> out;
+        int count_a = 0, count_b = 0;
+        for (std::size_t k = 0; k < t->size(); ++k) {
+            const json& piece = (*t)[k];
+            const std::string pw = detail::cat(w, "[", k, "]");
+            if (!piece.is_object() || piece.size() != 1
+                || !(piece.contains("Sequence") || piece.contains("SpecialToken")))
+                fail(pw,
+                    "expected {\"Sequence\": {\"id\", \"type_id\"}} or {\"SpecialToken\": {\"id\", \"type_id\"}}, got "
+                        + brief(piece));
+            const bool is_seq = piece.contains("Sequence");
+            const json& body = is_seq ? piece["Sequence"] : piece["SpecialToken"];
+            const std::string bw = pw + (is_seq ? ".Sequence" : ".SpecialToken");
+            if (!body.is_object())
+                fail(bw, "expected an object {\"id\", \"type_id\"}, got " + brief(body));
+            const json* type_id = member(body, "type_id");
+            if (!type_id || !type_id->is_number_integer() || !json_int_in(*type_id, 0, UINT32_MAX))
+                fail(bw + ".type_id",
+                    "expected an integer in [0, 2^32), got " + (type_id ? json_typed_brief(*type_id) : "nothing"));
+            const json* id = member(body, "id");
+            if (!id || !id->is_string())
+                fail(bw + ".id", "missing or not a string");
+            const auto& name = id->get_ref<const std::string&>();
+            if (is_seq) {
+                if (name == "A") {
+                    ++count_a;
+                    out.push_back(seq_a);
+                } else if (name == "B" && is_pair) {
+                    ++count_b;
+                    out.push_back(seq_b);
+                } else {
+                    fail(bw + ".id",
+                        brief(*id)
+                            + (is_pair ? " is not a sequence (\"A\" or \"B\")"
+                                       : " is not the sequence of a single template (\"A\")"));
+                }
+            } else {
+                const auto it = specials.find(name);
+                if (it == specials.end())
+                    fail(bw + ".id", brief(*id) + " is not in " + where + ".special_tokens");
+                out.insert(out.end(), it->second.begin(), it->second.end());
+            }
+        }
+        if (count_a != 1 || count_b != (is_pair ? 1 : 0))
+            fail(w,
+                is_pair ? detail::cat(
+                    "must use sequence A and sequence B once each, uses A ", count_a, " and B ", count_b, " times")
+                        : detail::cat("must use sequence A exactly once, uses it ", count_a, " times"));
+        return out;
     }
 
     // The id table has one row per entry: n = the number of distinct token

@@ -3,6 +3,13 @@
 // dependency: the data comes from unicode_tables.hpp, generated from the UCD by
 // tools/gen_unicode_tables.py. Everything is a pure function of its input.
 //
+// NFC is Hugging Face tokenizers' NFC: its normaliser (the Rust crate
+// unicode-normalization-alignments 0.1.12) has Unicode 9.0 tables, so the
+// normalisation data here holds the characters assigned by 9.0 only; a later
+// character (e.g. U+1DF6, U+1AC1, Dives Akuru U+11930..) has combining class 0,
+// no decomposition and composes with nothing. The character classes follow
+// the UCD the tables were generated from.
+//
 // Invalid UTF-8 policy: a "maximal subpart of an ill-formed subsequence"
 // (Unicode 15 §3.9, the policy of Rust's String::from_utf8_lossy, which HF
 // tokenizers uses) decodes as one U+FFFD with valid == false. utf8_sanitize
@@ -188,7 +195,8 @@ inline char_class unicode_class(char32_t cp) noexcept
     return r ? static_cast<char_class>(r->value) : char_class::other;
 }
 
-// Canonical combining class (0 for starters and unassigned code points).
+// Canonical combining class by Unicode 9.0 (0 for starters and for code
+// points unassigned in 9.0).
 inline std::uint8_t canonical_combining_class(char32_t cp) noexcept
 {
     if (cp < 0x300)
