@@ -137,6 +137,10 @@ no other file is ever replaced or removed. Presets:
                                  dense MLP layer and sets norm_topk_prob
   tiny-mixtral, mixtral          Mixtral-8x7B layout (w1/w2/w3 experts, GQA); the tiny one
                                  has a sliding window of 8
+  tiny-qwen3-moe, qwen3-moe      Qwen3-30B-A3B layout (128 experts top-8 of width 768,
+                                 GQA 32/4, head_dim 128, per-head q/k norm), 4 layers; the
+                                 tiny one has head_dim != hidden/heads, decoder_sparse_step 2
+                                 and an mlp_only layer
 )" },
           { "demo", R"(usage: olmoe demo [--dir DIR]
 Makes a tiny synthetic OLMoE checkpoint (default: $XDG_CACHE_HOME/kdial/demo or
