@@ -49,7 +49,7 @@ struct usage_error : std::runtime_error {
 const char* main_usage = R"(usage: olmoe <command> [options]
 
 Runs Mixture-of-Experts language models (Hugging Face OLMoE, Qwen2-MoE,
-Mixtral checkpoints) on the CPU with kdial; k, the number of experts per
+Mixtral, Qwen3-MoE checkpoints) on the CPU with kdial; k, the number of experts per
 token, is a dial set at run time.
 
 commands:

@@ -208,8 +208,7 @@ struct released {
 };
 
 constexpr released all_released[] = { { "OLMoE-1B-7B-0924", olmoe_0924 }, { "OLMoE-1B-7B-0125", olmoe_0125 },
-    { "Qwen1.5-MoE-A2.7B", qwen15_moe }, { "Mixtral-8x7B-v0.1", mixtral_8x7b },
-    { "Qwen3-30B-A3B", qwen3_30b_a3b } };
+    { "Qwen1.5-MoE-A2.7B", qwen15_moe }, { "Mixtral-8x7B-v0.1", mixtral_8x7b }, { "Qwen3-30B-A3B", qwen3_30b_a3b } };
 
 olmoe::model_config parse(const nlohmann::json& j, const std::string& name)
 {
@@ -366,7 +365,8 @@ TEST_SUITE("examples/config")
         check_error([&] { (void)parse(j, "q3"); }, { "'use_sliding_window'", "not supported" });
         // The YaRN block Qwen's model card suggests for long contexts: a clear error.
         j = real;
-        j["rope_scaling"] = { { "rope_type", "yarn" }, { "factor", 4.0 }, { "original_max_position_embeddings", 32768 } };
+        j["rope_scaling"]
+            = { { "rope_type", "yarn" }, { "factor", 4.0 }, { "original_max_position_embeddings", 32768 } };
         check_error([&] { (void)parse(j, "q3"); }, { "'rope_scaling'", "yarn", "only default (unscaled) RoPE" });
         j = real;
         j["moe_intermediate_size"] = 0;
