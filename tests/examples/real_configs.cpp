@@ -1,10 +1,10 @@
 // The config.json files of the released checkpoints kdial claims to run:
 // every field is read or deliberately ignored (training-only), never
 // rejected, and gives the family and sizes of the model card. Each copy
-// below keeps the released file's field list and values (sources: the
-// Hugging Face Hub files as quoted in /work/shared/specs/moe-models.md §3.1,
-// §4.1, §5 and, for Qwen3-30B-A3B, a verbatim public copy of its
-// config.json; see each comment). A second test shrinks the dimensions of
+// below keeps the released file's field list and values at full size (the
+// sources, public copies of the Hub files or the spec's tables in
+// /work/shared/specs/moe-models.md, are named in each comment; the two
+// OLMoE ones could not be read verbatim here). A second test shrinks the dimensions of
 // each (hidden size, layers, experts, widths, vocabulary; every other field
 // as released), writes random tensors of the shapes it implies and runs the
 // model, so the whole field list drives a real forward pass.
@@ -98,8 +98,11 @@ constexpr const char* olmoe_0125 = R"({
   "vocab_size": 50304
 })";
 
-// Qwen/Qwen1.5-MoE-A2.7B/config.json: spec §4.1 (the base file as copied by
-// re-uploads naming it as source; qkv_bias is absent, so true).
+// Qwen/Qwen1.5-MoE-A2.7B/config.json: the field list of Qwen's own
+// Qwen1.5-MoE-A2.7B-Chat-GPTQ-Int4 config (a public copy) without its
+// quantization_config, with the base model's values of spec §4.1
+// (max_position_embeddings 8192, eos 151643, bfloat16). qkv_bias is absent,
+// so true.
 constexpr const char* qwen15_moe = R"({
   "architectures": ["Qwen2MoeForCausalLM"],
   "attention_dropout": 0.0,
@@ -128,14 +131,14 @@ constexpr const char* qwen15_moe = R"({
   "sliding_window": 32768,
   "tie_word_embeddings": false,
   "torch_dtype": "bfloat16",
-  "transformers_version": "4.40.0.dev0",
+  "transformers_version": "4.39.0.dev0",
   "use_cache": true,
   "use_sliding_window": false,
   "vocab_size": 151936
 })";
 
-// mistralai/Mixtral-8x7B-v0.1/config.json: the values of spec §5 with the
-// field list of the Hub file.
+// mistralai/Mixtral-8x7B-v0.1/config.json, verbatim from public copies of
+// the Hub file (they agree with spec §5).
 constexpr const char* mixtral_8x7b = R"({
   "architectures": ["MixtralForCausalLM"],
   "attention_dropout": 0.0,
