@@ -1,8 +1,7 @@
 // The decoder of an OLMoE / Qwen2-MoE / Mixtral / Qwen3-MoE model assembled
 // from kdial's parts: embedding, RMSNorm, attention (optional q/k norm over
 // the whole projection or per head, optional biases, rotate-half RoPE, causal
-// softmax, GQA, an
-// optional sliding window) with a KV cache, the kdial MoE layer (routed
+// softmax, GQA, an optional sliding window) with a KV cache, the kdial MoE layer (routed
 // experts, optional shared expert, or a dense MLP run as a one-expert
 // layer), the final norm and lm_head. Family differences are data in
 // model_config; there is one code path. Deterministic for any thread count.
