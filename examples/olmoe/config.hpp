@@ -1,7 +1,7 @@
 // Model configuration read from a Hugging Face config.json: a plain runtime
 // struct (the model is data, not a type). One struct serves every supported
-// family (olmoe, qwen2_moe, mixtral); family differences are flags and
-// optional sizes. Every field Hugging Face honours for the forward pass is
+// family (olmoe, qwen2_moe, mixtral, qwen3_moe); family differences are
+// flags and optional sizes. Every field Hugging Face honours for the forward pass is
 // read or rejected with a clear error naming the file, field and value;
 // training-only fields are ignored.
 #pragma once
@@ -19,7 +19,7 @@
 
 namespace olmoe {
 
-enum class family { olmoe, qwen2_moe, mixtral };
+enum class family { olmoe, qwen2_moe, mixtral, qwen3_moe };
 
 inline const char* family_name(family f)
 {
@@ -30,6 +30,8 @@ inline const char* family_name(family f)
         return "qwen2_moe";
     case family::mixtral:
         return "mixtral";
+    case family::qwen3_moe:
+        return "qwen3_moe";
     }
     return "?";
 }
@@ -48,14 +50,17 @@ struct model_config {
     int expert_ffn = 0; // F
     int shared_ffn = 0; // Fs (0: no shared expert)
     bool shared_gate = false;
-    int dense_ffn = 0; // width of dense MLP layers (qwen2_moe mlp_only_layers)
-    int sparse_step = 1; // qwen2_moe decoder_sparse_step
+    int dense_ffn = 0; // width of dense MLP layers (qwen2_moe / qwen3_moe mlp_only_layers)
+    int sparse_step = 1; // qwen2_moe / qwen3_moe decoder_sparse_step
     std::vector<int> mlp_only_layers;
     bool norm_topk_prob = false;
     double rope_theta = 10000.0;
     float rms_norm_eps = 1e-5f;
-    bool qk_norm = false; // olmoe: RMSNorm over the whole q / k projection
-    bool attention_bias = false; // olmoe: bias on q, k, v and o
+    bool qk_norm = false; // RMSNorm on q and k after the projection, before RoPE
+    // qwen3_moe: that norm is over each head (weights [head_dim], shared by
+    // the heads); olmoe: over the whole projection (weights [heads * head_dim]).
+    bool qk_norm_per_head = false;
+    bool attention_bias = false; // olmoe, qwen3_moe: bias on q, k, v and o
     bool qkv_bias = false; // qwen2_moe: bias on q, k, v only
     std::optional<float> clip_qkv;
     std::optional<int> sliding_window; // mixtral: attend to the last W positions
@@ -199,8 +204,10 @@ inline model_config parse_config(const std::string& text, const std::string& fil
         c.fam = family::qwen2_moe;
     else if (c.model_type == "mixtral")
         c.fam = family::mixtral;
+    else if (c.model_type == "qwen3_moe")
+        c.fam = family::qwen3_moe;
     else
-        r.fail("model_type", cat("is ", brief(c.model_type), "; supported: olmoe, qwen2_moe, mixtral"));
+        r.fail("model_type", cat("is ", brief(c.model_type), "; supported: olmoe, qwen2_moe, mixtral, qwen3_moe"));
 
     c.hidden = r.integer("hidden_size", 1, L::max_hidden);
     c.layers = r.integer("num_hidden_layers", 1, L::max_layers);
@@ -263,6 +270,25 @@ inline model_config parse_config(const std::string& text, const std::string& fil
         c.rms_norm_eps = float(r.has("rms_norm_eps") ? r.number("rms_norm_eps") : 1e-6);
         if (r.boolean_or("use_sliding_window", false))
             r.fail("use_sliding_window", "is true; Qwen2-MoE sliding-window attention is not supported");
+        for (int i = 0; i < c.layers; ++i)
+            if (!c.is_moe_layer(i) && c.dense_ffn <= 0)
+                r.fail("intermediate_size", cat("is needed for dense layer ", i, " but is missing"));
+        break;
+    case family::qwen3_moe:
+        // Qwen3-MoE: no shared expert (shared_expert_* fields are not read by
+        // Hugging Face for this family), q/k RMSNorm per head, optional
+        // biases on all four attention projections (attention_bias).
+        c.expert_ffn = r.integer("moe_intermediate_size", 1, L::max_ffn);
+        c.dense_ffn = r.integer_or("intermediate_size", 1, L::max_ffn, 0);
+        c.sparse_step = r.integer_or("decoder_sparse_step", 1, c.layers, 1);
+        c.mlp_only_layers = r.int_list("mlp_only_layers", 0, c.layers - 1);
+        c.norm_topk_prob = r.boolean_or("norm_topk_prob", false);
+        c.qk_norm = true;
+        c.qk_norm_per_head = true;
+        c.attention_bias = r.boolean_or("attention_bias", false);
+        c.rms_norm_eps = float(r.has("rms_norm_eps") ? r.number("rms_norm_eps") : 1e-6);
+        if (r.boolean_or("use_sliding_window", false))
+            r.fail("use_sliding_window", "is true; Qwen3-MoE sliding-window attention is not supported");
         for (int i = 0; i < c.layers; ++i)
             if (!c.is_moe_layer(i) && c.dense_ffn <= 0)
                 r.fail("intermediate_size", cat("is needed for dense layer ", i, " but is missing"));

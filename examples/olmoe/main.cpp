@@ -50,7 +50,7 @@ struct usage_error : std::runtime_error {
 const char* main_usage = R"(usage: olmoe <command> [options]
 
 Runs Mixture-of-Experts language models (Hugging Face OLMoE, Qwen2-MoE,
-Mixtral checkpoints) on the CPU with kdial; k, the number of experts per
+Mixtral, Qwen3-MoE checkpoints) on the CPU with kdial; k, the number of experts per
 token, is a dial set at run time.
 
 commands:
@@ -140,6 +140,10 @@ no other file is ever replaced or removed. Presets:
                                  dense MLP layer and sets norm_topk_prob
   tiny-mixtral, mixtral          Mixtral-8x7B layout (w1/w2/w3 experts, GQA); the tiny one
                                  has a sliding window of 8
+  tiny-qwen3-moe, qwen3-moe      Qwen3-30B-A3B layout (128 experts top-8 of width 768,
+                                 GQA 32/4, head_dim 128, per-head q/k norm), 4 layers; the
+                                 tiny one has head_dim != hidden/heads, decoder_sparse_step 2
+                                 and an mlp_only layer
 )" },
           { "demo", R"(usage: olmoe demo [--dir DIR]
 Makes a tiny synthetic OLMoE checkpoint (default: $XDG_CACHE_HOME/kdial/demo or

@@ -1,7 +1,7 @@
-// The decoder of an OLMoE / Qwen2-MoE / Mixtral model assembled from kdial's
-// parts: embedding, RMSNorm, attention (optional q/k norm over the whole
-// projection, optional biases, rotate-half RoPE, causal softmax, GQA, an
-// optional sliding window) with a KV cache, the kdial MoE layer (routed
+// The decoder of an OLMoE / Qwen2-MoE / Mixtral / Qwen3-MoE model assembled
+// from kdial's parts: embedding, RMSNorm, attention (optional q/k norm over
+// the whole projection or per head, optional biases, rotate-half RoPE, causal
+// softmax, GQA, an optional sliding window) with a KV cache, the kdial MoE layer (routed
 // experts, optional shared expert, or a dense MLP run as a one-expert
 // layer), the final norm and lm_head. Family differences are data in
 // model_config; there is one code path. Deterministic for any thread count.
@@ -34,7 +34,7 @@ using kdial::matrix_view;
 struct attention_weights {
     any_weight_view q, k, v, o; // [nh*hd, d], [nkv*hd, d] x2, [d, nh*hd]
     std::vector<float> q_bias, k_bias, v_bias, o_bias; // empty when absent
-    std::vector<float> q_norm, k_norm; // [nh*hd], [nkv*hd] when qk_norm
+    std::vector<float> q_norm, k_norm; // qk_norm: [nh*hd], [nkv*hd]; qk_norm_per_head: [hd] each
 };
 
 struct layer_weights {
@@ -424,7 +424,11 @@ private:
         const kdial::dense_output qkv[]
             = { { &A.q, q, bias(A.q_bias) }, { &A.k, k, bias(A.k_bias) }, { &A.v, v, bias(A.v_bias) } };
         kdial::dense_linear(a, qkv);
-        if (c.qk_norm) {
+        if (c.qk_norm_per_head) { // each head's hd values: the rows of [T * heads, hd]
+            const matrix_view<float> qh(q.data, T * nh, hd), kh(k.data, T * nkv, hd);
+            kdial::rmsnorm(qh, A.q_norm.data(), c.rms_norm_eps, qh);
+            kdial::rmsnorm(kh, A.k_norm.data(), c.rms_norm_eps, kh);
+        } else if (c.qk_norm) {
             kdial::rmsnorm(q, A.q_norm.data(), c.rms_norm_eps, q);
             kdial::rmsnorm(k, A.k_norm.data(), c.rms_norm_eps, k);
         }

@@ -34,7 +34,8 @@
 namespace olmoe {
 
 struct synthetic_options {
-    std::string preset = "tiny"; // tiny | olmoe | tiny-qwen2-moe | qwen2-moe | tiny-mixtral | mixtral
+    // tiny | olmoe | tiny-qwen2-moe | qwen2-moe | tiny-mixtral | mixtral | tiny-qwen3-moe | qwen3-moe
+    std::string preset = "tiny";
     int layers = 0; // 0: the preset's default
     std::string dtype = "bf16"; // bf16 | f32
     int shards = 1;
@@ -288,7 +289,8 @@ inline model_config make_synthetic(const std::string& dir, const synthetic_optio
     check(o.dtype == "bf16" || o.dtype == "f32", "make-synthetic: --dtype must be bf16 or f32, got '", o.dtype, "'");
     check(o.shards >= 1 && o.shards <= 64, "make-synthetic: --shards must be in [1, 64], got ", o.shards);
     check(o.layers >= 0 && o.layers <= 64, "make-synthetic: --layers must be in [1, 64], got ", o.layers);
-    const bool qwen = o.preset == "qwen2-moe" || o.preset == "tiny-qwen2-moe";
+    const bool qwen3 = o.preset == "qwen3-moe" || o.preset == "tiny-qwen3-moe";
+    const bool qwen = qwen3 || o.preset == "qwen2-moe" || o.preset == "tiny-qwen2-moe";
     const bool tiny = o.preset.rfind("tiny", 0) == 0;
     const auto [tok_json, tok_vocab] = synth::tokenizer_json(tiny ? 120 : 400, qwen);
     const char* torch_dtype = o.dtype == "bf16" ? "bfloat16" : "float32";
@@ -307,6 +309,26 @@ inline model_config make_synthetic(const std::string& dir, const synthetic_optio
             { "vocab_size", tiny ? (tok_vocab + 63) / 64 * 64 : 50304 }, { "max_position_embeddings", 4096 },
             { "tie_word_embeddings", false }, { "eos_token_id", 0 }, { "pad_token_id", 1 }, { "bos_token_id", nullptr },
             { "router_aux_loss_coef", 0.01 }, { "output_router_logits", false }, { "torch_dtype", torch_dtype } };
+    } else if (qwen3) {
+        // Qwen3-30B-A3B's sizes (head_dim 128 given explicitly: 32 x 128 != 2048;
+        // GQA 32 / 4; 128 experts top-8 of width 768, renormalised), 4 layers by
+        // default. tiny: head_dim 24 != 64 / 4, GQA 4 / 2, MoE in every second
+        // layer (decoder_sparse_step 2) except layer 3 (mlp_only_layers).
+        const int layers = o.layers ? o.layers : tiny ? 6 : 4;
+        cfg = { { "architectures", { "Qwen3MoeForCausalLM" } }, { "model_type", "qwen3_moe" },
+            { "hidden_size", tiny ? 64 : 2048 }, { "intermediate_size", tiny ? 96 : 6144 },
+            { "moe_intermediate_size", tiny ? 32 : 768 }, { "num_hidden_layers", layers },
+            { "num_attention_heads", tiny ? 4 : 32 }, { "num_key_value_heads", tiny ? 2 : 4 },
+            { "head_dim", tiny ? 24 : 128 }, { "num_experts", tiny ? 8 : 128 }, { "num_experts_per_tok", tiny ? 4 : 8 },
+            { "norm_topk_prob", true }, { "decoder_sparse_step", tiny ? 2 : 1 },
+            { "mlp_only_layers",
+                tiny && layers > 3 ? nlohmann::ordered_json::array({ 3 }) : nlohmann::ordered_json::array() },
+            { "attention_bias", false }, { "attention_dropout", 0.0 }, { "rope_theta", 1000000.0 },
+            { "rope_scaling", nullptr }, { "rms_norm_eps", 1e-6 }, { "hidden_act", "silu" },
+            { "use_sliding_window", false }, { "sliding_window", nullptr }, { "max_window_layers", layers },
+            { "vocab_size", tiny ? (tok_vocab + 63) / 64 * 64 : 151936 }, { "max_position_embeddings", 40960 },
+            { "tie_word_embeddings", false }, { "bos_token_id", tok_vocab - 3 }, { "eos_token_id", tok_vocab - 1 },
+            { "router_aux_loss_coef", 0.001 }, { "output_router_logits", false }, { "torch_dtype", torch_dtype } };
     } else if (qwen) {
         // tiny: a dense MLP layer mixed in (mlp_only_layers) and renormalised routing.
         cfg = { { "architectures", { "Qwen2MoeForCausalLM" } }, { "model_type", "qwen2_moe" },
@@ -342,7 +364,7 @@ inline model_config make_synthetic(const std::string& dir, const synthetic_optio
             { "router_aux_loss_coef", 0.02 }, { "output_router_logits", false }, { "torch_dtype", torch_dtype } };
     } else
         throw kdial::error(cat("make-synthetic: unknown --preset '", o.preset,
-            "' (tiny, olmoe, tiny-qwen2-moe, qwen2-moe, tiny-mixtral, mixtral)"));
+            "' (tiny, olmoe, tiny-qwen2-moe, qwen2-moe, tiny-mixtral, mixtral, tiny-qwen3-moe, qwen3-moe)"));
     const model_config c = parse_config(cfg.dump(), "synthetic config");
 
     // The tensor list, in Hugging Face names, with an init scale each.
@@ -378,8 +400,9 @@ inline model_config make_synthetic(const std::string& dir, const synthetic_optio
         if (c.attention_bias)
             specs.push_back({ p + "self_attn.o_proj.bias", { d }, 0.1f, 0.0f });
         if (c.qk_norm) {
-            specs.push_back({ p + "self_attn.q_norm.weight", { qw }, 0.1f, 1.0f });
-            specs.push_back({ p + "self_attn.k_norm.weight", { kw }, 0.1f, 1.0f });
+            const std::size_t hd = std::size_t(c.head_dim);
+            specs.push_back({ p + "self_attn.q_norm.weight", { c.qk_norm_per_head ? hd : qw }, 0.1f, 1.0f });
+            specs.push_back({ p + "self_attn.k_norm.weight", { c.qk_norm_per_head ? hd : kw }, 0.1f, 1.0f });
         }
         specs.push_back({ p + "post_attention_layernorm.weight", { d }, 0.1f, 1.0f });
         if (!c.is_moe_layer(l)) {

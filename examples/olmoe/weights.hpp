@@ -1,5 +1,5 @@
 // Binds a Hugging Face checkpoint's tensors to the model: names and shapes
-// per family (olmoe, qwen2_moe, mixtral; per-expert names or v5's fused
+// per family (olmoe, qwen2_moe, mixtral, qwen3_moe; per-expert names or v5's fused
 // expert tensors), each checked against config.json with errors naming the
 // file, tensor and shapes. BF16 / F32 matrices are used in place as views of
 // the memory-mapped files (no copy); F16 or misaligned data is widened to
@@ -187,8 +187,8 @@ inline std::vector<std::pair<std::string, std::vector<std::size_t>>> expected_te
         if (c.attention_bias)
             t.push_back({ p + "self_attn.o_proj.bias", { d } });
         if (c.qk_norm) {
-            t.push_back({ p + "self_attn.q_norm.weight", { qw } });
-            t.push_back({ p + "self_attn.k_norm.weight", { kw } });
+            t.push_back({ p + "self_attn.q_norm.weight", { c.qk_norm_per_head ? hd : qw } });
+            t.push_back({ p + "self_attn.k_norm.weight", { c.qk_norm_per_head ? hd : kw } });
         }
         if (!c.is_moe_layer(l)) {
             mlp(p + "mlp.", Fd, "gate_proj.weight", "up_proj.weight", "down_proj.weight");
@@ -291,8 +291,8 @@ inline model_weights load_weights(const std::string& dir, const model_config& c,
         if (c.attention_bias)
             A.o_bias = b.vec(p + "self_attn.o_proj.bias", d);
         if (c.qk_norm) {
-            A.q_norm = b.vec(p + "self_attn.q_norm.weight", qw);
-            A.k_norm = b.vec(p + "self_attn.k_norm.weight", kw);
+            A.q_norm = b.vec(p + "self_attn.q_norm.weight", c.qk_norm_per_head ? hd : qw);
+            A.k_norm = b.vec(p + "self_attn.k_norm.weight", c.qk_norm_per_head ? hd : kw);
         }
         if (c.is_moe_layer(l)) {
             L.router = b.mat_f32(p + moe + ".gate.weight", E, d);

@@ -1,7 +1,9 @@
 #!/usr/bin/python3
-"""Independent PyTorch reference of the OLMoE / Qwen2-MoE / Mixtral forward pass.
+"""Independent PyTorch reference of the OLMoE / Qwen2-MoE / Mixtral / Qwen3-MoE forward pass.
 
-Written from ../../../shared/specs/moe-models.md (not from kdial's C++ code):
+Written from ../../../shared/specs/moe-models.md and, for Qwen3-MoE, the public
+model description (transformers' Qwen3-MoE config and modeling docs), not from
+kdial's C++ code:
 reads a Hugging Face checkpoint directory (config.json + safetensors, single
 file or sharded with model.safetensors.index.json), runs the whole sequence
 in float64 (weights upcast exactly from bf16/f32) and writes the logits of
@@ -97,6 +99,15 @@ def forward(cfg, W, tokens, k, renorm):
         E = cfg["num_experts"]
         norm_topk = cfg.get("norm_topk_prob", False)
         exp_prefix, names = "mlp", ("gate_proj", "up_proj", "down_proj")
+    elif mt == "qwen3_moe":
+        # Qwen3-MoE: RMSNorm of each q / k head (weights [head_dim]) before
+        # RoPE, no shared expert, optional bias on q, k, v and o.
+        eps = cfg.get("rms_norm_eps", 1e-6)
+        E = cfg["num_experts"]
+        norm_topk = cfg.get("norm_topk_prob", False)
+        exp_prefix, names = "mlp", ("gate_proj", "up_proj", "down_proj")
+        if cfg.get("use_sliding_window"):
+            raise SystemExit("qwen3_moe: use_sliding_window is not supported by this reference")
     elif mt == "mixtral":
         eps = cfg.get("rms_norm_eps", 1e-5)
         E = cfg["num_local_experts"]
@@ -136,8 +147,13 @@ def forward(cfg, W, tokens, k, renorm):
             clip = cfg.get("clip_qkv")
             if clip is not None:
                 q, kk, v = q.clamp(-clip, clip), kk.clamp(-clip, clip), v.clamp(-clip, clip)
-        q = q.view(T, nh, hd).transpose(0, 1)
-        kk = kk.view(T, nkv, hd).transpose(0, 1)
+        q = q.view(T, nh, hd)
+        kk = kk.view(T, nkv, hd)
+        if mt == "qwen3_moe":  # per head: the mean runs over head_dim only
+            q = rms_norm(q, W[p + "self_attn.q_norm.weight"], eps)
+            kk = rms_norm(kk, W[p + "self_attn.k_norm.weight"], eps)
+        q = q.transpose(0, 1)
+        kk = kk.transpose(0, 1)
         v = v.view(T, nkv, hd).transpose(0, 1)
         q = q * cos + rotate_half(q) * sin
         kk = kk * cos + rotate_half(kk) * sin
