@@ -15,6 +15,10 @@
 
 #include "roofline.hpp"
 
+#ifdef KDIAL_OLMOE_SERVE
+#include "serve/server.hpp"
+#endif
+
 #include <kdial/io/file.hpp>
 #include <kdial/io/npy.hpp>
 #include <kdial/io/tokenizer.hpp>
@@ -63,6 +67,7 @@ commands:
   demo            make a tiny synthetic checkpoint, generate and bench it
   tokenize        the token ids (and pieces) of a text, by tokenizer.json
   detokenize      the text of a list of token ids
+  serve           OpenAI-compatible HTTP server, k per request, continuous batching
 
 Run 'olmoe <command> --help' for a command's options.
 )";
@@ -144,6 +149,23 @@ no other file is ever replaced or removed. Presets:
                                  GQA 32/4, head_dim 128, per-head q/k norm), 4 layers; the
                                  tiny one has head_dim != hidden/heads, decoder_sparse_step 2
                                  and an mlp_only layer
+)" },
+          { "serve", R"(usage: olmoe serve --model DIR [--host 127.0.0.1] [--port 8080] [--threads N] [--max-batch 8]
+                   [--max-queue 64] [--ctx 2048] [--prefill-chunk 128] [--k K]
+                   [--policy fixed|latency --target-ms X] [--drain-timeout 30] [--weights native|int8]
+                   [--renorm] [--check-weights] [--allow-long-context]
+OpenAI-compatible HTTP server (POST /v1/completions, /v1/chat/completions with
+"stream": true as server-sent events; GET /v1/models, /health, /metrics).
+Requests may set "k", "k_schedule" or "threshold"; otherwise the policy picks k.
+  --port N          0: any free port (the line "listening on" names it)
+  --max-batch N     slots: sequences decoded together, each with its own KV cache
+  --max-queue N     requests waiting for a slot; beyond it 503 with Retry-After
+  --ctx N           positions per slot (prompt + completion)
+  --prefill-chunk N most tokens per forward step (decode tokens + prompt chunks)
+  --policy P        fixed: --k or the trained k; latency: the largest k whose
+                    measured decode step at the current batch size is <= --target-ms
+  --drain-timeout S on SIGINT/SIGTERM, seconds to finish running requests
+See README.md, "olmoe serve".
 )" },
           { "demo", R"(usage: olmoe demo [--dir DIR]
 Makes a tiny synthetic OLMoE checkpoint (default: $XDG_CACHE_HOME/kdial/demo or
@@ -824,6 +846,56 @@ int cmd_detokenize(const args& a)
     return 0;
 }
 
+int cmd_serve(const args& a)
+{
+#ifdef KDIAL_OLMOE_SERVE
+    namespace sv = olmoe::serve;
+    sv::server_options o;
+    o.host = a.get("host", "127.0.0.1");
+    o.port = int(parse_int("port", a.get("port", "8080"), 0, 65535));
+    o.engine.threads = threads_of(a);
+    o.engine.max_batch = std::size_t(parse_int("max-batch", a.get("max-batch", "8"), 1, 256));
+    o.engine.max_queue = std::size_t(parse_int("max-queue", a.get("max-queue", "64"), 0, 1 << 16));
+    o.engine.prefill_chunk = std::size_t(parse_int("prefill-chunk", a.get("prefill-chunk", "128"), 1, 4096));
+    o.drain_timeout
+        = std::chrono::milliseconds(1000 * parse_int("drain-timeout", a.get("drain-timeout", "30"), 0, 3600));
+    const std::string policy = a.get("policy", "fixed");
+    if (policy != "fixed" && policy != "latency")
+        throw usage_error(cat("--policy must be fixed or latency, got '", policy, "'"));
+    if ((policy == "latency") != a.has("target-ms"))
+        throw usage_error("--target-ms goes with --policy latency (and is required by it)");
+    auto L = load(a, std::max<std::size_t>(256, o.engine.prefill_chunk));
+    const auto& c = L.cfg;
+    o.engine.ctx
+        = std::size_t(parse_int("ctx", a.get("ctx", std::to_string(std::min(2048, c.max_positions))), 2, 1 << 20));
+    check_context(a, c, o.engine.ctx, "--ctx");
+    const int k = a.has("k") ? int(parse_int("k", a.get("k"), 1, 1 << 20)) : c.top_k;
+    if (k > c.experts)
+        throw kdial::error(cat("--k ", k, " is outside [1, num_experts = ", c.experts, "]"));
+    std::unique_ptr<sv::k_policy> pol;
+    std::string desc;
+    if (policy == "latency") {
+        char* end = nullptr;
+        const double ms = std::strtod(a.get("target-ms").c_str(), &end);
+        if (*end || !(ms > 0))
+            throw usage_error(cat("--target-ms expects a positive number, got '", a.get("target-ms"), "'"));
+        pol = std::make_unique<sv::latency_policy>(ms / 1e3, k, o.engine.max_batch);
+        desc = cat("latency (target ", ms, " ms, k <= ", k, ")");
+    } else {
+        pol = std::make_unique<sv::fixed_policy>(k);
+        desc = cat("fixed (k = ", k, ")");
+    }
+    o.model_name = fs::path(a.get("model")).lexically_normal().filename().string();
+    if (o.model_name.empty())
+        o.model_name = fs::path(a.get("model")).lexically_normal().parent_path().filename().string();
+    return sv::run_server(*L.m, L.tok ? &*L.tok : nullptr, o, std::move(pol), desc);
+#else
+    (void)a;
+    throw kdial::error("this olmoe was built without cpp-httplib, so 'serve' is not available; install "
+                       "libcpp-httplib-dev and pkg-config, then re-run cmake");
+#endif
+}
+
 } // namespace
 
 int main(int argc, char** argv)
@@ -874,6 +946,11 @@ int main(int argc, char** argv)
                 argc, argv, { "model", "prompt", "file" }, { "ids-only", "no-add-special", "no-parse-special" }));
         if (cmd == "detokenize")
             return cmd_detokenize(parse_args(argc, argv, { "model", "ids", "file" }, { "skip-special" }));
+        if (cmd == "serve")
+            return cmd_serve(parse_args(argc, argv,
+                { "model", "host", "port", "threads", "max-batch", "max-queue", "ctx", "prefill-chunk", "k", "policy",
+                    "target-ms", "drain-timeout", "weights" },
+                { "renorm", "check-weights", "allow-long-context" }));
     } catch (const usage_error& e) {
         std::fprintf(stderr, "olmoe %s: %s\n\n%s", cmd.c_str(), e.what(), u->second.c_str());
         return 2;

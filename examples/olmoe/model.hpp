@@ -120,6 +120,7 @@ public:
         cos_.resize(max_chunk * std::size_t(c.head_dim / 2));
         sin_.resize(cos_.size());
         rules_.resize(max_chunk);
+        kept_.resize(max_chunk);
         // One workspace for all MoE layers (they run one after another), one
         // for the dense MLP layers.
         if (w_.moe_shape.experts)
@@ -220,6 +221,7 @@ private:
         last_assignments_ = 0;
         last_moe_bytes_ = 0;
         last_tokens_ = T;
+        std::fill_n(kept_.begin(), T, 0);
         for (std::size_t l = 0; l < w_.layers.size(); ++l) {
             layer_ = l;
             auto& L = w_.layers[l];
@@ -247,8 +249,12 @@ private:
                     kdial::per_token_rules { std::span<const kdial::token_k>(rules_.data(), T) }, h, acc);
             }
             const kdial::moe_workspace& ws = L.dense ? *dense_ws_ : *moe_ws_;
-            if (!L.dense)
+            if (!L.dense) {
                 last_assignments_ += ws.assignments();
+                const auto kept = ws.kept();
+                for (std::size_t t = 0; t < T; ++t)
+                    kept_[t] += kept[t];
+            }
             last_moe_bytes_ += kdial::moe::weight_bytes(*L.moe, ws);
         }
         layer_ = no_layer;
@@ -282,6 +288,9 @@ public:
     // summed over MoE layers, and the tokens of that call.
     std::size_t last_assignments() const noexcept { return last_assignments_; }
     std::size_t last_tokens() const noexcept { return last_tokens_; }
+    // Experts each token of the last forward call used, summed over the MoE
+    // layers [last_tokens()], rows in batch order (serve's experts_per_token).
+    std::span<const int> last_kept() const noexcept { return { kept_.data(), last_tokens_ }; }
 
     // Parameters of one routed expert (gate, up, down: 3 d F).
     std::size_t params_per_expert() const noexcept
@@ -504,6 +513,7 @@ private:
     std::size_t max_chunk_;
     std::vector<float> h_, a_, q_, k_, v_, att_, tmp_, inv_freq_, cos_, sin_, scores_;
     std::vector<kdial::token_k> rules_; // [max_chunk] per-token routing of a mixed batch
+    std::vector<int> kept_; // [max_chunk] experts per token, summed over MoE layers
     std::vector<att_tile> tiles_;
     std::optional<kdial::moe_workspace> moe_ws_, dense_ws_;
     std::size_t last_assignments_ = 0, last_tokens_ = 0, last_moe_bytes_ = 0;
