@@ -283,7 +283,9 @@ def run(a, s, ctx):
     c3 = s.conn()
     c3.request("POST", "/v1/completions", body=json.dumps(
         {"prompt": "x", "max_tokens": ctx - 16, "temperature": 0}))  # queued (max-queue 1)
-    time.sleep(0.05)
+    t0 = time.time()  # wait until it is in the queue (a loaded machine may take a while)
+    while s.metrics()["kdial_queue_length"] < 1 and time.time() - t0 < 10:
+        time.sleep(0.01)
     st, hdr, j = s.post("/v1/completions", {"prompt": "x", "max_tokens": 2})
     check(st == 503 and "Retry-After" in hdr and j["error"]["code"] == "server_busy", f"full queue: {st} {hdr} {j}")
     for c, r in held:  # disconnect mid-stream
@@ -327,12 +329,20 @@ def run(a, s, ctx):
     while s.metrics()["kdial_active_sequences"] < 1 and time.time() - t0 < 10:
         time.sleep(0.01)
     s.p.send_signal(signal.SIGTERM)
-    time.sleep(0.05)
-    try:
-        st, hdr, j = s.post("/v1/completions", {"prompt": "x", "max_tokens": 2})
+    # A request that arrives before the signal is handled may still be served
+    # (200); once the drain has begun every new one gets 503 shutting_down.
+    t0 = time.time()
+    while True:
+        time.sleep(0.05)
+        try:
+            st, hdr, j = s.post("/v1/completions", {"prompt": "x", "max_tokens": 2})
+        except OSError as e:  # the stream already finished and the server is gone
+            print("note: request during drain:", e)
+            break
+        if st == 200 and time.time() - t0 < 10:
+            continue
         check(st == 503 and j["error"]["code"] == "shutting_down", f"during drain: {st} {j}")
-    except OSError as e:  # the stream already finished and the server is gone
-        print("note: request during drain:", e)
+        break
     t.join(60)
     st, text, ids, last = out.get("r", (None,) * 4)
     check(st == 200 and last and last["choices"][0]["finish_reason"] == "length"
