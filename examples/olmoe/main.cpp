@@ -444,10 +444,12 @@ int cmd_generate(const args& a, std::FILE* out = stdout)
         for (; produced < max_new; ++produced) {
             const std::int32_t next = olmoe::argmax(logits);
             const bool eos = std::find(L.cfg.eos_ids.begin(), L.cfg.eos_ids.end(), next) != L.cfg.eos_ids.end();
-            if (dec && L.tok->is_valid_id(next))
-                std::fputs(dec->push(next).c_str(), out);
-            else
+            if (dec && L.tok->is_valid_id(next)) {
+                const std::string piece = dec->push(next); // may hold a NUL byte: write all of it
+                std::fwrite(piece.data(), 1, piece.size(), out);
+            } else {
                 std::fprintf(out, "%s%d", produced ? "," : "", next);
+            }
             std::fflush(out);
             if (eos) {
                 ++produced;
@@ -456,8 +458,10 @@ int cmd_generate(const args& a, std::FILE* out = stdout)
             if (produced + 1 < max_new)
                 L.m->forward(std::span<const std::int32_t>(&next, 1), cache, ks, lv, false);
         }
-        if (dec)
-            std::fputs(dec->flush().c_str(), out);
+        if (dec) {
+            const std::string rest = dec->flush();
+            std::fwrite(rest.data(), 1, rest.size(), out);
+        }
         std::fputc('\n', out);
         const double t_dec = olmoe::seconds_since(t1);
         std::fprintf(stderr, "[k=%s: prompt %zu tokens in %.2f s (%.1f tok/s), %d new tokens in %.2f s (%.1f tok/s)]\n",
