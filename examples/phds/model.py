@@ -141,7 +141,8 @@ class MoE(nn.Module):
         experts are computed, and those ranked k+1..k_pre keep eps times their
         probability as weight, so shapes and gradient paths stay those of
         k_pre while the output is (to ~eps) that of top-k. No renormalisation
-        (OLMoE's norm_topk_prob = false). Returns (out, router logits, top-k ids)."""
+        (OLMoE's norm_topk_prob = false). Returns (out, router logits, the ids
+        of the max(k, k_pre) experts computed, by rank)."""
         B, T, d = x.shape
         xf = x.reshape(-1, d)
         logits = self.gate(xf)
@@ -160,7 +161,7 @@ class MoE(nn.Module):
                 continue
             y = self.experts[e](xf[tok]) * w[tok, slot].unsqueeze(-1)
             out.index_add_(0, tok, y)
-        return out.view(B, T, d), logits, idx[:, :k]
+        return out.view(B, T, d), logits, idx
 
 
 class Layer(nn.Module):
@@ -202,7 +203,8 @@ class OlmoeModel(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=std)
 
     def forward(self, ids, k=None, k_pre=None, eps=1e-6):
-        """ids [B, T] -> (logits [B, T, V], router logits per layer, top-k ids per layer)."""
+        """ids [B, T] -> (logits [B, T, V], router logits per layer, ids of the
+        computed experts per layer: top-k, or top-k_pre under the PHDS mask)."""
         c = self.config
         k = k or c.num_experts_per_tok
         T = ids.shape[1]
@@ -220,7 +222,9 @@ def load_balancing_loss(router_logits, topk, num_experts):
     """OLMoE's (Switch-style) auxiliary loss as Hugging Face computes it: the
     router logits of all layers concatenated along tokens; E * sum over
     (slot, expert) of (fraction of tokens routed there) x (mean router
-    probability of that expert)."""
+    probability of that expert). `topk` are the ranked expert ids per layer;
+    Hugging Face uses the configured top-k (num_experts_per_tok), so under the
+    PHDS mask pass the top-k_pre ids (what model.forward returns)."""
     logits = torch.cat(router_logits, dim=0)
     idx = torch.cat(topk, dim=0)
     probs = torch.softmax(logits.float(), dim=-1)

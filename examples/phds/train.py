@@ -21,6 +21,8 @@ Modes:
                      k+1..k_pre (k_pre = the config's trained k) get eps x their
                      probability (soft mask, --phds-eps); then the last
                      --anneal-steps steps run at --anchor-k (the curriculum).
+                     The load-balancing loss sees the top-k_pre ids, as
+                     Hugging Face's uses the configured top-k.
 """
 import argparse
 import hashlib
@@ -141,6 +143,7 @@ def main():
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--eval-k", type=int, default=None, help="k of the validation loss (default: --k, or k_pre)")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -182,7 +185,7 @@ def main():
     kgen = torch.Generator().manual_seed(args.seed + 1)
     os.makedirs(args.out, exist_ok=True)
     log = open(os.path.join(args.out, "train_log.jsonl"), "w")
-    t_start = time.time()
+    t_start, cpu_start = time.time(), time.process_time()
     for step in range(args.steps):
         if phds and step >= args.steps - args.anneal_steps:
             k = args.anchor_k
@@ -204,9 +207,10 @@ def main():
         gn = torch.nn.utils.clip_grad_norm_(m.parameters(), args.clip).item()
         opt.step()
         rec = {"step": step + 1, "k": k, "lr": lr, "loss": loss.item(), "ce": ce.item(), "lb": lb.item(),
-               "z": z.item(), "grad_norm": gn, "time_s": round(time.time() - t_start, 2), "epoch": data.epoch}
+               "z": z.item(), "grad_norm": gn, "time_s": round(time.time() - t_start, 2),
+               "cpu_s": round(time.process_time() - cpu_start, 2), "epoch": data.epoch}
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            rec["val_ce"] = evaluate(m, val_ids, args.seq, args.eval_windows, k_fixed if not phds else k_pre)
+            rec["val_ce"] = evaluate(m, val_ids, args.seq, args.eval_windows, args.eval_k or k_fixed)
         log.write(json.dumps(rec) + "\n")
         log.flush()
         if (step + 1) % args.log_every == 0 or "val_ce" in rec or step == 0:
@@ -214,7 +218,8 @@ def main():
             print(f"step {step + 1:5d}/{args.steps} k {k} lr {lr:.2e} ce {rec['ce']:.3f} lb {rec['lb']:.3f} "
                   f"z {rec['z']:.2f} gn {gn:.2f}"
                   + (f" val_ce {rec['val_ce']:.3f} (ppl {math.exp(rec['val_ce']):.1f})" if "val_ce" in rec else "")
-                  + f" | {el / (step + 1):.2f} s/step, {el:.0f} s", flush=True)
+                  + f" | {el / (step + 1):.2f} s/step ({rec['cpu_s'] / (step + 1):.2f} s CPU), {el:.0f} s",
+                  flush=True)
     log.close()
     extra = {"seed": args.seed, "steps": args.steps, "init": args.init, "phds_ks": phds,
              "anneal_steps": args.anneal_steps if phds else 0, "anchor_k": args.anchor_k if phds else None,
