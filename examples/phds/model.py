@@ -110,9 +110,9 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        s = (q @ k.transpose(-1, -2)) / math.sqrt(self.hd)
-        mask = torch.ones(T, T, dtype=torch.bool).triu(1)
-        s = s.masked_fill(mask, float("-inf"))
+        # scale q rather than the [T, T] scores (cheaper; exact for hd a power of 4)
+        s = (q * (1.0 / math.sqrt(self.hd))) @ k.transpose(-1, -2)
+        s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
         a = torch.softmax(s.float(), dim=-1).to(q.dtype)
         o = (a @ v).transpose(1, 2).reshape(B, T, d)
         return self.o_proj(o)
