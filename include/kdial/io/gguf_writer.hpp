@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <set>
 #include <span>
 #include <string>
@@ -96,12 +97,16 @@ public:
 };
 
 // One tensor to write: bytes must be (numel / block) x block bytes of `type`
-// long, in GGUF order (ne[0] fastest). The bytes are referenced, not copied.
+// long, in GGUF order (ne[0] fastest). The bytes are referenced, not copied;
+// or, when `produce` is set (write_gguf only), made when the tensor is
+// written, so a large model never sits in memory whole (its size is checked
+// then, and a mismatch abandons the file).
 struct gguf_out_tensor {
     std::string name;
     ggml_type type = ggml_type::f32;
     std::vector<std::uint64_t> ne; // ne[0] first (the contiguous dimension)
     std::span<const std::byte> bytes;
+    std::function<std::vector<std::byte>()> produce;
 };
 
 using gguf_metadata_list = std::vector<std::pair<std::string, gguf_out_value>>;
@@ -183,8 +188,8 @@ inline std::vector<std::byte> gguf_build_header(const gguf_metadata_list& metada
         for (auto d : t.ne)
             n *= d;
         const std::uint64_t nbytes = n / tr->block * tr->bytes;
-        check(t.bytes.size() == nbytes, file_name, ": tensor '", t.name, "': ", t.bytes.size(), " bytes given, shape ",
-            gguf_shape_str(t.ne), " x ", tr->name, " needs ", nbytes);
+        check(t.produce || t.bytes.size() == nbytes, file_name, ": tensor '", t.name, "': ", t.bytes.size(),
+            " bytes given, shape ", gguf_shape_str(t.ne), " x ", tr->name, " needs ", nbytes);
         offsets.push_back(off);
         off += (nbytes + alignment - 1) / alignment * alignment;
     }
@@ -220,6 +225,7 @@ inline std::vector<std::byte> encode_gguf(const gguf_metadata_list& metadata, st
     std::uint64_t alignment = 32;
     std::vector<std::byte> out = detail::gguf_build_header(metadata, tensors, offsets, alignment, "encode_gguf");
     for (const auto& t : tensors) {
+        detail::check(!t.produce, "encode_gguf: tensor '", t.name, "' is produced lazily; use write_gguf");
         out.insert(out.end(), t.bytes.begin(), t.bytes.end());
         out.resize((out.size() + alignment - 1) / alignment * alignment, std::byte { 0 });
     }
@@ -237,9 +243,23 @@ inline void write_gguf(
     atomic_file f(path);
     f.write(header);
     static constexpr std::byte zeros[256] = {};
-    for (const auto& t : tensors) {
-        f.write(t.bytes);
-        for (std::uint64_t pad = (alignment - t.bytes.size() % alignment) % alignment; pad > 0;) {
+    for (std::size_t i = 0; i < tensors.size(); ++i) {
+        const auto& t = tensors[i];
+        std::vector<std::byte> made;
+        std::span<const std::byte> b = t.bytes;
+        if (t.produce) {
+            made = t.produce();
+            const std::uint64_t want = (i + 1 < tensors.size() ? offsets[i + 1] : ~std::uint64_t(0)) - offsets[i];
+            const auto tr = *ggml_type_info(static_cast<std::uint32_t>(t.type));
+            std::uint64_t n = 1;
+            for (auto d : t.ne)
+                n *= d;
+            detail::check(made.size() == n / tr.block * tr.bytes && made.size() <= want, path.string(), ": tensor '",
+                t.name, "': produced ", made.size(), " bytes, needs ", n / tr.block * tr.bytes);
+            b = made;
+        }
+        f.write(b);
+        for (std::uint64_t pad = (alignment - b.size() % alignment) % alignment; pad > 0;) {
             const std::size_t n = std::size_t(std::min<std::uint64_t>(pad, sizeof zeros));
             f.write(std::span<const std::byte>(zeros, n));
             pad -= n;
