@@ -195,130 +195,129 @@ TEST_CASE("gguf model: Q8_0 logits within the quantisation bound of f32, argmax 
     o.dtype = "q8_0";
     check_error([&] { olmoe::make_synthetic_gguf((d / "mix-q8").string(), o); },
         { "model.gguf", "tensor 'blk.0.ffn_down_exps.weight'", "ne[0] = 48", "Q8_0's block 32" });
+}
 
-    TEST_CASE("gguf model: the tokenizer from GGUF metadata encodes as tokenizer.json [gguf][tokenizer]")
-    {
-        temp_dir d;
-        const std::vector<std::string> texts { "the quick brown fox jumps over the lazy dog.", "hello world! 0123 ,.;",
-            "  spaces   and\ttabs\n", "caf\xc3\xa9 cafe\xcc\x81 <|endoftext|> experts", "" };
-        for (const std::string preset : { "tiny", "tiny-qwen2-moe" }) {
-            CAPTURE(preset);
-            olmoe::synthetic_options o;
-            o.preset = preset;
-            o.dtype = "f32";
-            const std::string st = (d / (preset + "-st")).string();
-            olmoe::make_synthetic(st, o);
-            olmoe::make_synthetic_gguf((d / preset).string(), o);
-            const auto ref = kdial::io::bpe_tokenizer::from_file(fs::path(st) / "tokenizer.json");
-            const auto f = kdial::io::gguf_file::open(d / preset / "model.gguf");
-            const auto g = kdial::io::gguf_tokenizer::from_gguf(f);
-            REQUIRE(g.has_value());
-            CHECK(g->pre == (preset == "tiny" ? "olmo" : "qwen2"));
-            CHECK_FALSE(g->add_bos);
-            for (const auto& t : texts) {
-                CAPTURE(t);
-                const auto a = ref.encode(t), b = g->tok.encode(t);
-                CHECK(a == b);
-                CHECK(g->tok.decode(b) == ref.decode(a));
-            }
-        }
-    }
-
-    TEST_CASE("gguf model: bad models are refused naming the tensor, key or type [gguf][model]")
-    {
-        temp_dir d;
+TEST_CASE("gguf model: the tokenizer from GGUF metadata encodes as tokenizer.json [gguf][tokenizer]")
+{
+    temp_dir d;
+    const std::vector<std::string> texts { "the quick brown fox jumps over the lazy dog.", "hello world! 0123 ,.;",
+        "  spaces   and\ttabs\n", "caf\xc3\xa9 cafe\xcc\x81 <|endoftext|> experts", "" };
+    for (const std::string preset : { "tiny", "tiny-qwen2-moe" }) {
+        CAPTURE(preset);
         olmoe::synthetic_options o;
-        o.preset = "tiny";
-        o.dtype = "bf16";
-        olmoe::make_synthetic_gguf((d / "ok").string(), o);
-        const fs::path ok = d / "ok" / "model.gguf";
-        CHECK(olmoe::is_gguf_path(ok.string()));
-        CHECK_FALSE(olmoe::is_gguf_path((d / "ok").string()));
-        using md_t = kdial::io::gguf_metadata_list;
-        using ts_t = std::vector<kdial::io::gguf_out_tensor>;
-        using keep_t = std::vector<std::vector<std::byte>>;
-        const auto set_key = [](md_t& md, const std::string& k, kdial::io::gguf_out_value v) {
-            for (auto& [key, val] : md)
-                if (key == k) {
-                    val = std::move(v);
-                    return;
-                }
-            md.emplace_back(k, std::move(v));
-        };
-        SUBCASE("a tensor type this build does not run")
-        {
-            rewrite(ok, d / "q4.gguf", [](md_t&, ts_t& ts, keep_t& keep) {
-                for (auto& t : ts)
-                    if (t.name == "blk.1.ffn_up_exps.weight") {
-                        t.type = kdial::io::ggml_type::q4_0;
-                        keep.emplace_back(t.ne[0] * t.ne[1] * t.ne[2] / 32 * 18);
-                        t.bytes = keep.back();
-                    }
-            });
-            check_error([&] { gguf_load(d / "q4.gguf"); },
-                { "q4.gguf", "tensor 'blk.1.ffn_up_exps.weight'", "type Q4_0", "ggml type id 2" });
-        }
-        SUBCASE("architecture, missing keys, bad values")
-        {
-            rewrite(ok, d / "a.gguf", [&](md_t& md, ts_t&, keep_t&) {
-                set_key(md, "general.architecture", kdial::io::gguf_out_value::string("gpt2"));
-            });
-            check_error([&] { gguf_load(d / "a.gguf"); }, { "a.gguf", "general.architecture 'gpt2' is not supported" });
-            rewrite(ok, d / "l.gguf", [&](md_t& md, ts_t&, keep_t&) {
-                set_key(md, "general.architecture", kdial::io::gguf_out_value::string("llama"));
-            });
-            check_error([&] { gguf_load(d / "l.gguf"); }, { "l.gguf", "without llama.expert_count", "dense" });
-            rewrite(ok, d / "m.gguf", [&](md_t& md, ts_t&, keep_t&) {
-                std::erase_if(md, [](const auto& kv) { return kv.first == "olmoe.block_count"; });
-            });
-            check_error([&] { gguf_load(d / "m.gguf"); }, { "m.gguf", "no metadata key 'olmoe.block_count'" });
-            rewrite(ok, d / "t.gguf", [&](md_t& md, ts_t&, keep_t&) {
-                set_key(md, "olmoe.expert_used_count", kdial::io::gguf_out_value::string("eight"));
-            });
-            check_error(
-                [&] { gguf_load(d / "t.gguf"); }, { "t.gguf", "'olmoe.expert_used_count'", "expected an integer" });
-            rewrite(ok, d / "k.gguf", [&](md_t& md, ts_t&, keep_t&) {
-                set_key(md, "olmoe.expert_used_count", kdial::io::gguf_out_value::u32(99));
-            });
-            check_error([&] { gguf_load(d / "k.gguf"); }, { "k.gguf", "num_experts_per_tok", "99" });
-            rewrite(ok, d / "r.gguf", [&](md_t& md, ts_t&, keep_t&) {
-                set_key(md, "olmoe.rope.scaling.type", kdial::io::gguf_out_value::string("yarn"));
-            });
-            check_error([&] { gguf_load(d / "r.gguf"); }, { "r.gguf", "rope.scaling.type", "yarn" });
-        }
-        SUBCASE("tensors: missing, wrong dims, unused")
-        {
-            rewrite(ok, d / "n.gguf", [](md_t&, ts_t& ts, keep_t&) {
-                std::erase_if(ts, [](const auto& t) { return t.name == "blk.1.attn_k.weight"; });
-            });
-            check_error([&] { gguf_load(d / "n.gguf"); }, { "n.gguf", "no tensor 'blk.1.attn_k.weight'" });
-            rewrite(ok, d / "s.gguf", [](md_t&, ts_t& ts, keep_t&) {
-                for (auto& t : ts)
-                    if (t.name == "blk.0.ffn_down_exps.weight")
-                        std::swap(t.ne[0], t.ne[1]);
-            });
-            check_error([&] { gguf_load(d / "s.gguf"); },
-                { "s.gguf", "tensor 'blk.0.ffn_down_exps.weight'", "dims [64, 32, 8]" });
-            rewrite(ok, d / "u.gguf", [](md_t&, ts_t& ts, keep_t&) {
-                auto t = ts.back();
-                t.name = "blk.7.extra.weight";
-                ts.push_back(t);
-            });
-            check_error(
-                [&] { gguf_load(d / "u.gguf"); }, { "u.gguf", "not used by the model", "'blk.7.extra.weight'" });
-        }
-        SUBCASE("a tokenizer kdial does not support leaves the model usable with token ids")
-        {
-            rewrite(ok, d / "sp.gguf", [&](md_t& md, ts_t&, keep_t&) {
-                set_key(md, "tokenizer.ggml.model", kdial::io::gguf_out_value::string("llama"));
-            });
-            const auto g = gguf_load(d / "sp.gguf");
-            CHECK_FALSE(g.tok.has_value());
-            CHECK(g.tokenizer_error.find("'llama'") != std::string::npos);
-            CHECK(g.tokenizer_error.find("SentencePiece") != std::string::npos);
-            rewrite(ok, d / "pre.gguf", [&](md_t& md, ts_t&, keep_t&) {
-                set_key(md, "tokenizer.ggml.pre", kdial::io::gguf_out_value::string("llama-bpe"));
-            });
-            CHECK(gguf_load(d / "pre.gguf").tokenizer_error.find("'llama-bpe'") != std::string::npos);
+        o.preset = preset;
+        o.dtype = "f32";
+        const std::string st = (d / (preset + "-st")).string();
+        olmoe::make_synthetic(st, o);
+        olmoe::make_synthetic_gguf((d / preset).string(), o);
+        const auto ref = kdial::io::bpe_tokenizer::from_file(fs::path(st) / "tokenizer.json");
+        const auto f = kdial::io::gguf_file::open(d / preset / "model.gguf");
+        const auto g = kdial::io::gguf_tokenizer::from_gguf(f);
+        REQUIRE(g.has_value());
+        CHECK(g->pre == (preset == "tiny" ? "olmo" : "qwen2"));
+        CHECK_FALSE(g->add_bos);
+        for (const auto& t : texts) {
+            CAPTURE(t);
+            const auto a = ref.encode(t), b = g->tok.encode(t);
+            CHECK(a == b);
+            CHECK(g->tok.decode(b) == ref.decode(a));
         }
     }
+}
+
+TEST_CASE("gguf model: bad models are refused naming the tensor, key or type [gguf][model]")
+{
+    temp_dir d;
+    olmoe::synthetic_options o;
+    o.preset = "tiny";
+    o.dtype = "bf16";
+    olmoe::make_synthetic_gguf((d / "ok").string(), o);
+    const fs::path ok = d / "ok" / "model.gguf";
+    CHECK(olmoe::is_gguf_path(ok.string()));
+    CHECK_FALSE(olmoe::is_gguf_path((d / "ok").string()));
+    using md_t = kdial::io::gguf_metadata_list;
+    using ts_t = std::vector<kdial::io::gguf_out_tensor>;
+    using keep_t = std::vector<std::vector<std::byte>>;
+    const auto set_key = [](md_t& md, const std::string& k, kdial::io::gguf_out_value v) {
+        for (auto& [key, val] : md)
+            if (key == k) {
+                val = std::move(v);
+                return;
+            }
+        md.emplace_back(k, std::move(v));
+    };
+    SUBCASE("a tensor type this build does not run")
+    {
+        rewrite(ok, d / "q4.gguf", [](md_t&, ts_t& ts, keep_t& keep) {
+            for (auto& t : ts)
+                if (t.name == "blk.1.ffn_up_exps.weight") {
+                    t.type = kdial::io::ggml_type::q4_0;
+                    keep.emplace_back(t.ne[0] * t.ne[1] * t.ne[2] / 32 * 18);
+                    t.bytes = keep.back();
+                }
+        });
+        check_error([&] { gguf_load(d / "q4.gguf"); },
+            { "q4.gguf", "tensor 'blk.1.ffn_up_exps.weight'", "type Q4_0", "ggml type id 2" });
+    }
+    SUBCASE("architecture, missing keys, bad values")
+    {
+        rewrite(ok, d / "a.gguf", [&](md_t& md, ts_t&, keep_t&) {
+            set_key(md, "general.architecture", kdial::io::gguf_out_value::string("gpt2"));
+        });
+        check_error([&] { gguf_load(d / "a.gguf"); }, { "a.gguf", "general.architecture 'gpt2' is not supported" });
+        rewrite(ok, d / "l.gguf", [&](md_t& md, ts_t&, keep_t&) {
+            set_key(md, "general.architecture", kdial::io::gguf_out_value::string("llama"));
+        });
+        check_error([&] { gguf_load(d / "l.gguf"); }, { "l.gguf", "without llama.expert_count", "dense" });
+        rewrite(ok, d / "m.gguf", [&](md_t& md, ts_t&, keep_t&) {
+            std::erase_if(md, [](const auto& kv) { return kv.first == "olmoe.block_count"; });
+        });
+        check_error([&] { gguf_load(d / "m.gguf"); }, { "m.gguf", "no metadata key 'olmoe.block_count'" });
+        rewrite(ok, d / "t.gguf", [&](md_t& md, ts_t&, keep_t&) {
+            set_key(md, "olmoe.expert_used_count", kdial::io::gguf_out_value::string("eight"));
+        });
+        check_error([&] { gguf_load(d / "t.gguf"); }, { "t.gguf", "'olmoe.expert_used_count'", "expected an integer" });
+        rewrite(ok, d / "k.gguf", [&](md_t& md, ts_t&, keep_t&) {
+            set_key(md, "olmoe.expert_used_count", kdial::io::gguf_out_value::u32(99));
+        });
+        check_error([&] { gguf_load(d / "k.gguf"); }, { "k.gguf", "num_experts_per_tok", "99" });
+        rewrite(ok, d / "r.gguf", [&](md_t& md, ts_t&, keep_t&) {
+            set_key(md, "olmoe.rope.scaling.type", kdial::io::gguf_out_value::string("yarn"));
+        });
+        check_error([&] { gguf_load(d / "r.gguf"); }, { "r.gguf", "rope.scaling.type", "yarn" });
+    }
+    SUBCASE("tensors: missing, wrong dims, unused")
+    {
+        rewrite(ok, d / "n.gguf", [](md_t&, ts_t& ts, keep_t&) {
+            std::erase_if(ts, [](const auto& t) { return t.name == "blk.1.attn_k.weight"; });
+        });
+        check_error([&] { gguf_load(d / "n.gguf"); }, { "n.gguf", "no tensor 'blk.1.attn_k.weight'" });
+        rewrite(ok, d / "s.gguf", [](md_t&, ts_t& ts, keep_t&) {
+            for (auto& t : ts)
+                if (t.name == "blk.0.ffn_down_exps.weight")
+                    std::swap(t.ne[0], t.ne[1]);
+        });
+        check_error(
+            [&] { gguf_load(d / "s.gguf"); }, { "s.gguf", "tensor 'blk.0.ffn_down_exps.weight'", "dims [64, 32, 8]" });
+        rewrite(ok, d / "u.gguf", [](md_t&, ts_t& ts, keep_t&) {
+            auto t = ts.back();
+            t.name = "blk.7.extra.weight";
+            ts.push_back(t);
+        });
+        check_error([&] { gguf_load(d / "u.gguf"); }, { "u.gguf", "not used by the model", "'blk.7.extra.weight'" });
+    }
+    SUBCASE("a tokenizer kdial does not support leaves the model usable with token ids")
+    {
+        rewrite(ok, d / "sp.gguf", [&](md_t& md, ts_t&, keep_t&) {
+            set_key(md, "tokenizer.ggml.model", kdial::io::gguf_out_value::string("llama"));
+        });
+        const auto g = gguf_load(d / "sp.gguf");
+        CHECK_FALSE(g.tok.has_value());
+        CHECK(g.tokenizer_error.find("'llama'") != std::string::npos);
+        CHECK(g.tokenizer_error.find("SentencePiece") != std::string::npos);
+        rewrite(ok, d / "pre.gguf", [&](md_t& md, ts_t&, keep_t&) {
+            set_key(md, "tokenizer.ggml.pre", kdial::io::gguf_out_value::string("llama-bpe"));
+        });
+        CHECK(gguf_load(d / "pre.gguf").tokenizer_error.find("'llama-bpe'") != std::string::npos);
+    }
+}
