@@ -3,15 +3,19 @@
 // to the model, the tokenizer from the metadata (io/gguf_tokenizer.hpp).
 //
 // Architectures (general.architecture): olmoe, qwen2moe, and Mixtral as
-// llama with <arch>.expert_count; qwen3moe is mapped (model_type qwen3_moe)
-// and runs once config.hpp has that family. The metadata are turned into
+// llama with <arch>.expert_count; qwen3moe is mapped (model_type qwen3_moe,
+// per-head attn_q_norm / attn_k_norm [head_dim]) and runs where config.hpp
+// has that family. The metadata are turned into
 // config.json fields and go through parse_config, so a GGUF file meets every
 // check and limit a config.json does.
 //
-// Tensors: F32, F16, BF16 and Q8_0 run in place (Q8_0 blocks are kdial's q8
-// byte for byte); the stacked expert tensors ffn_{gate,up}_exps [E, F, d] and
-// ffn_down_exps [E, d, F] bind through expert_set::stacked without a copy.
-// Other tensor types are an error naming the tensor and its type. Like the
+// Tensors: F32, F16, BF16, Q8_0, Q4_0 and Q4_K run in place (Q8_0 blocks are
+// kdial's q8 byte for byte; kernels/gguf_weight.hpp); Q5_K and Q6_K are
+// repacked once into q8 at load (error bound in gguf_weight.hpp). The
+// stacked expert tensors ffn_{gate,up}_exps [E, F, d] and ffn_down_exps
+// [E, d, F] bind through expert_set::stacked without a copy. Norms, biases
+// and routers are read as f32 (F32 / F16 / BF16 / Q8_0). Other tensor types
+// are an error naming the tensor and its type. Like the
 // safetensors loader, every tensor's presence, shape and type is checked
 // before anything sized from the metadata is allocated, and tensors the
 // model does not use are an error.
@@ -33,6 +37,7 @@
 
 #include <kdial/io/gguf.hpp>
 #include <kdial/io/gguf_tokenizer.hpp>
+#include <kdial/kernels/gguf_weight.hpp>
 #include <kdial/kernels/quantize.hpp>
 
 #include <nlohmann/json.hpp>
@@ -145,12 +150,7 @@ inline model_config gguf_config(const kdial::io::gguf_file& f)
         if (ff > 0)
             j["intermediate_size"] = ff;
     }
-    if (ai.model_type == "qwen2_moe") {
-        std::int64_t fs = has("expert_shared_feed_forward_length") ? integer("expert_shared_feed_forward_length") : 0;
-        if (fs == 0)
-            if (const auto* t = f.find("blk.0.ffn_up_shexp.weight"); t && t->rank() == 2)
-                fs = std::int64_t(t->ne[1]);
-        j["shared_expert_intermediate_size"] = fs;
+    if (ai.model_type == "qwen2_moe" || ai.model_type == "qwen3_moe") {
         // Layers without a router are dense MLP layers (mlp_only_layers).
         nlohmann::ordered_json dense = nlohmann::ordered_json::array();
         const std::int64_t L = integer("block_count");
@@ -158,6 +158,15 @@ inline model_config gguf_config(const kdial::io::gguf_file& f)
             if (!f.has(cat("blk.", l, ".ffn_gate_inp.weight")) && f.has(cat("blk.", l, ".ffn_up.weight")))
                 dense.push_back(l);
         j["mlp_only_layers"] = dense;
+    }
+    if (ai.model_type == "qwen3_moe")
+        j["attention_bias"] = f.has("blk.0.attn_q.bias");
+    if (ai.model_type == "qwen2_moe") {
+        std::int64_t fs = has("expert_shared_feed_forward_length") ? integer("expert_shared_feed_forward_length") : 0;
+        if (fs == 0)
+            if (const auto* t = f.find("blk.0.ffn_up_shexp.weight"); t && t->rank() == 2)
+                fs = std::int64_t(t->ne[1]);
+        j["shared_expert_intermediate_size"] = fs;
         j["qkv_bias"] = f.has("blk.0.attn_q.bias");
     }
     if (ai.model_type == "olmoe")
@@ -199,10 +208,22 @@ inline model_config gguf_config(const kdial::io::gguf_file& f)
 
 namespace gguf_detail {
 
+// Width of the q / k norm weights: the whole projection (olmoe), or one
+// head (Qwen3-MoE's per-head norm, where model_config has qk_norm_per_head;
+// detected so this file builds with and without that family).
+template <class C> std::uint64_t qk_norm_width(const C& c, std::uint64_t full)
+{
+    if constexpr (requires { c.qk_norm_per_head; })
+        return c.qk_norm_per_head ? std::uint64_t(c.head_dim) : full;
+    else
+        return full;
+}
+
 // Keeps the mapped file and the buffers of copied tensors alive.
 struct holder {
     std::shared_ptr<const gguf_file> file;
     std::vector<std::vector<std::byte>> owned; // permuted attn_q / attn_k rows
+    std::vector<std::unique_ptr<kdial::q8_block[]>> repacked; // Q5_K / Q6_K tensors as q8
 };
 
 // The tensors a model uses with their GGUF dims (ne[0] first).
@@ -234,8 +255,8 @@ inline std::vector<std::pair<std::string, std::vector<std::uint64_t>>> expected_
         if (c.attention_bias)
             t.push_back({ p + "attn_output.bias", { d } });
         if (c.qk_norm) {
-            t.push_back({ p + "attn_q_norm.weight", { qw } });
-            t.push_back({ p + "attn_k_norm.weight", { kw } });
+            t.push_back({ p + "attn_q_norm.weight", { qk_norm_width(c, qw) } });
+            t.push_back({ p + "attn_k_norm.weight", { qk_norm_width(c, kw) } });
         }
         if (!c.is_moe_layer(l)) {
             t.push_back({ p + "ffn_gate.weight", { d, Fd } });
@@ -262,6 +283,11 @@ inline std::vector<std::pair<std::string, std::vector<std::uint64_t>>> expected_
     return t;
 }
 
+inline bool is_float(ggml_type t) noexcept
+{
+    return t == ggml_type::f32 || t == ggml_type::f16 || t == ggml_type::bf16;
+}
+
 // Checks presence, dims and types of every tensor, then that no tensor is
 // left unused; before anything sized from the metadata is allocated.
 inline void check_tensors(const gguf_file& f, const model_config& c)
@@ -274,11 +300,17 @@ inline void check_tensors(const gguf_file& f, const model_config& c)
             throw kdial::error(
                 cat(f.name(), ": tensor '", name, "' has dims ", kdial::io::detail::gguf_shape_str(t->ne),
                     " (GGUF order, ne[0] first), expected ", kdial::io::detail::gguf_shape_str(ne)));
-        const bool supported = t->type == ggml_type::f32 || t->type == ggml_type::f16 || t->type == ggml_type::bf16
-            || t->type == ggml_type::q8_0;
+        // Vectors (norms, biases, routers) are read as floats; matrices run
+        // through kdial::to_weight.
+        const bool vector_like = ne.size() == 1 || name.find("ffn_gate_inp") != std::string::npos;
+        const bool supported = is_float(t->type) || t->type == ggml_type::q8_0
+            || (!vector_like
+                && (t->type == ggml_type::q4_0 || t->type == ggml_type::q4_k || t->type == ggml_type::q5_k
+                    || t->type == ggml_type::q6_k));
         if (!supported)
             throw kdial::error(cat(f.name(), ": tensor '", name, "' has type ", t->traits.name, " (ggml type id ",
-                static_cast<std::uint32_t>(t->type), "); this build runs F32, F16, BF16 and Q8_0 tensors"));
+                static_cast<std::uint32_t>(t->type), "); this build runs F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q5_K and ",
+                "Q6_K matrices", vector_like ? " and F32 / F16 / BF16 / Q8_0 norms, biases and routers" : ""));
         used.insert(name);
     }
     std::vector<std::string_view> unused;
@@ -317,38 +349,12 @@ public:
         const gguf_tensor_info& t = f_.info(name);
         const std::size_t cols = t.cols();
         const std::size_t row_bytes = cols / t.traits.block * t.traits.bytes;
-        const std::byte* p = t.bytes.data() + row0 * row_bytes;
-        const auto addr = reinterpret_cast<std::uintptr_t>(p);
-        if (int8_ && quantise && t.type != ggml_type::q8_0) {
+        if (int8_ && quantise && is_float(t.type)) {
             std::vector<float> fl(rows * cols);
             f_.read_floats(t, row0 * cols, fl);
-            auto& q = w_.owned_q8.emplace_back(rows * kdial::storage_cols<kdial::q8_t>(cols));
-            kdial::quantize_q8(
-                kdial::cmatrix_view<float>(fl.data(), rows, cols), q.data(), kdial::storage_cols<kdial::q8_t>(cols));
-            return kdial::weight_view<kdial::q8_t>(q.data(), rows, cols);
+            return quantised(fl, rows, cols);
         }
-        switch (t.type) {
-        case ggml_type::q8_0:
-            return kdial::weight_view<kdial::q8_t>(reinterpret_cast<const kdial::q8_block*>(p), rows, cols);
-        case ggml_type::bf16:
-            if (addr % alignof(kdial::bf16) == 0)
-                return kdial::weight_view<kdial::bf16_t>(reinterpret_cast<const kdial::bf16*>(p), rows, cols);
-            break;
-        case ggml_type::f16:
-            if (addr % alignof(kdial::f16) == 0)
-                return kdial::weight_view<kdial::f16_t>(reinterpret_cast<const kdial::f16*>(p), rows, cols);
-            break;
-        case ggml_type::f32:
-            if (addr % alignof(float) == 0)
-                return kdial::weight_view<kdial::f32_t>(reinterpret_cast<const float*>(p), rows, cols);
-            break;
-        default:
-            break;
-        }
-        // A misaligned tensor (general.alignment below the element size): widened copy.
-        auto& fl = w_.owned_f32.emplace_back(rows * cols);
-        f_.read_floats(t, row0 * cols, fl);
-        return kdial::weight_view<kdial::f32_t>(fl.data(), rows, cols);
+        return view(t, t.bytes.subspan(row0 * row_bytes, rows * row_bytes), rows, row0 * cols);
     }
 
     kdial::any_weight_view linear(const std::string& name, bool quantise = true)
@@ -365,7 +371,7 @@ public:
         if (!permuted_)
             return linear(name);
         const gguf_tensor_info& t = f_.info(name);
-        const std::size_t rows = t.rows(), row_bytes = t.cols() / t.traits.block * t.traits.bytes;
+        const std::size_t rows = t.rows(), cols = t.cols(), row_bytes = cols / t.traits.block * t.traits.bytes;
         check(rows == heads * hd && hd % 2 == 0, f_.name(), ": tensor '", name, "' has ", rows, " rows, expected ",
             heads, " heads x ", hd);
         auto& buf = h_.owned.emplace_back(t.bytes.size());
@@ -374,34 +380,42 @@ public:
                 for (std::size_t i = 0; i < hd / 2; ++i)
                     std::memcpy(buf.data() + (h * hd + j * (hd / 2) + i) * row_bytes,
                         t.bytes.data() + (h * hd + 2 * i + j) * row_bytes, row_bytes);
-        const std::size_t cols = t.cols();
-        const std::byte* p = buf.data();
-        kdial::any_weight_view v;
-        switch (t.type) {
-        case ggml_type::q8_0:
-            v = kdial::weight_view<kdial::q8_t>(reinterpret_cast<const kdial::q8_block*>(p), rows, cols);
-            break;
-        case ggml_type::bf16:
-            v = kdial::weight_view<kdial::bf16_t>(reinterpret_cast<const kdial::bf16*>(p), rows, cols);
-            break;
-        case ggml_type::f16:
-            v = kdial::weight_view<kdial::f16_t>(reinterpret_cast<const kdial::f16*>(p), rows, cols);
-            break;
-        default:
-            v = kdial::weight_view<kdial::f32_t>(reinterpret_cast<const float*>(p), rows, cols);
-            break;
+        if (int8_ && is_float(t.type)) {
+            // The permuted rows as floats (a temporary image of the tensor).
+            gguf_tensor_info tmp = t;
+            tmp.bytes = buf;
+            std::vector<float> fl(rows * cols);
+            f_.read_floats(tmp, 0, fl);
+            return quantised(fl, rows, cols);
         }
-        if (!int8_ || t.type == ggml_type::q8_0)
-            return v;
+        return view(t, buf, rows, 0);
+    }
+
+private:
+    // The weight of `bytes` (rows of tensor t, starting at element `first`):
+    // in place through kdial::to_weight (F32 / F16 / BF16 / Q8_0 / Q4_0 / Q4_K;
+    // Q5_K / Q6_K repacked to q8, kept alive by the holder); a float tensor
+    // misaligned for its element type is widened to an f32 copy.
+    kdial::any_weight_view view(
+        const gguf_tensor_info& t, std::span<const std::byte> bytes, std::size_t rows, std::size_t first)
+    {
+        const std::size_t cols = t.cols();
+        const std::size_t esize = t.traits.block == 1 ? t.traits.bytes : 1;
+        if (reinterpret_cast<std::uintptr_t>(bytes.data()) % esize != 0) {
+            auto& fl = w_.owned_f32.emplace_back(rows * cols);
+            f_.read_floats(t, first, fl);
+            return kdial::weight_view<kdial::f32_t>(fl.data(), rows, cols);
+        }
+        auto g = kdial::to_weight(static_cast<std::uint32_t>(t.type), bytes, rows, cols, f_.name() + ": " + t.name);
+        if (g.owned)
+            h_.repacked.push_back(std::move(g.owned));
+        return g.view;
+    }
+    kdial::any_weight_view quantised(const std::vector<float>& fl, std::size_t rows, std::size_t cols)
+    {
         auto& q = w_.owned_q8.emplace_back(rows * kdial::storage_cols<kdial::q8_t>(cols));
-        std::visit(
-            [&](const auto& wv) {
-                using S = typename std::decay_t<decltype(wv)>::storage;
-                if constexpr (!std::is_same_v<S, kdial::q8_block>)
-                    kdial::quantize_q8(
-                        kdial::cmatrix_view<S>(wv.data, rows, cols), q.data(), kdial::storage_cols<kdial::q8_t>(cols));
-            },
-            v);
+        kdial::quantize_q8(
+            kdial::cmatrix_view<float>(fl.data(), rows, cols), q.data(), kdial::storage_cols<kdial::q8_t>(cols));
         return kdial::weight_view<kdial::q8_t>(q.data(), rows, cols);
     }
 
@@ -424,7 +438,7 @@ inline kdial::expert_set stacked_set(
     const auto aligned = [](const gguf_tensor_info& t, std::size_t a) {
         return reinterpret_cast<std::uintptr_t>(t.bytes.data()) % a == 0;
     };
-    if (same && !(int8 && tg.type != ggml_type::q8_0)) {
+    if (same && !(int8 && is_float(tg.type))) {
         auto make = [&]<class W>(W) {
             using S = typename W::storage;
             auto sw = [&](const gguf_tensor_info& t, std::size_t rows, std::size_t cols) {
@@ -434,6 +448,10 @@ inline kdial::expert_set stacked_set(
         };
         if (tg.type == ggml_type::q8_0)
             return make(kdial::q8_t {});
+        if (tg.type == ggml_type::q4_0)
+            return make(kdial::q4_0_t {});
+        if (tg.type == ggml_type::q4_k)
+            return make(kdial::q4_k_t {});
         if (tg.type == ggml_type::bf16 && aligned(tg, 2) && aligned(tu, 2) && aligned(td, 2))
             return make(kdial::bf16_t {});
         if (tg.type == ggml_type::f16 && aligned(tg, 2) && aligned(tu, 2) && aligned(td, 2))

@@ -7,17 +7,20 @@
 // safetensors checkpoint to a temporary directory and converts it, so the
 // GGUF file holds the same weights as the safetensors output of the same
 // seed: F32 exactly; F16 / BF16 the values a --dtype f16 / bf16 safetensors
-// checkpoint holds; Q8_0 the f32 values quantised by kdial's (GGUF-exact)
-// Q8_0 quantiser. As llama.cpp does, 1-D tensors (norms, biases) and the
+// checkpoint holds; Q8_0 / Q4_0 / Q4_K the f32 values quantised by kdial's
+// quantisers (core/blocks.hpp, kernels/quantize.hpp; Q4_K needs rows of a
+// multiple of 256 values, so not the tiny presets). As llama.cpp does, 1-D tensors (norms, biases) and the
 // routers stay F32; for F16 / BF16 they hold the values rounded to that type,
 // so the file equals the --dtype safetensors checkpoint value for value.
 #pragma once
 
 #include "config.hpp"
+#include "gguf_model.hpp"
 #include "synthetic.hpp"
 
 #include <kdial/io/gguf_writer.hpp>
 #include <kdial/io/safetensors.hpp>
+#include <kdial/core/blocks.hpp>
 #include <kdial/kernels/quantize.hpp>
 
 #include <nlohmann/json.hpp>
@@ -50,8 +53,12 @@ inline ggml_type parse_type(const std::string& dtype)
         return ggml_type::bf16;
     if (dtype == "q8_0")
         return ggml_type::q8_0;
-    throw kdial::error(cat("make-synthetic --format gguf: --dtype must be f32, f16, bf16 or q8_0, got '", dtype,
-        "' (Q4_0 / Q4_K need the 4-bit block types, not in this build)"));
+    if (dtype == "q4_0")
+        return ggml_type::q4_0;
+    if (dtype == "q4_k")
+        return ggml_type::q4_k;
+    throw kdial::error(
+        cat("make-synthetic --format gguf: --dtype must be f32, f16, bf16, q8_0, q4_0 or q4_k, got '", dtype, "'"));
 }
 
 // Values -> the bytes of type t ([rows, cols] row-major; q8_0 per row).
@@ -84,6 +91,22 @@ inline std::vector<std::byte> encode(const std::vector<float>& v, ggml_type t, s
         const std::size_t rows = v.size() / cols, bpr = kdial::storage_cols<kdial::q8_t>(cols);
         std::vector<kdial::q8_block> q(rows * bpr);
         kdial::quantize_q8(kdial::cmatrix_view<float>(v.data(), rows, cols), q.data(), bpr);
+        put(q);
+        break;
+    }
+    case ggml_type::q4_0: {
+        const std::size_t rows = v.size() / cols, bpr = kdial::storage_cols<kdial::q4_0_t>(cols);
+        std::vector<kdial::q4_0_block> q(rows * bpr);
+        kdial::quantize_q4_0(v.data(), cols, rows, cols, q.data(), bpr);
+        put(q);
+        break;
+    }
+    case ggml_type::q4_k: {
+        check(cols % kdial::qk_k == 0, "make-synthetic: Q4_K needs rows of a multiple of 256 values; a tensor has ",
+            cols, " (use a preset with larger sizes, e.g. olmoe)");
+        const std::size_t rows = v.size() / cols, bpr = kdial::storage_cols<kdial::q4_k_t>(cols);
+        std::vector<kdial::q4_k_block> q(rows * bpr);
+        kdial::quantize_q4_k(v.data(), cols, rows, cols, q.data(), bpr);
         put(q);
         break;
     }
@@ -172,7 +195,12 @@ inline void convert_to_gguf(const std::string& src, const std::filesystem::path&
     const model_config c = load_config(src);
     const auto ck = kdial::io::safetensors_checkpoint::open(src);
     const bool mix = c.fam == family::mixtral;
-    const std::string arch = c.fam == family::olmoe ? "olmoe" : c.fam == family::qwen2_moe ? "qwen2moe" : "llama";
+    const std::string fam = family_name(c.fam); // (by name: builds with and without the qwen3_moe family)
+    const bool qwen = fam == "qwen2_moe" || fam == "qwen3_moe";
+    const std::string arch = fam == "olmoe" ? "olmoe"
+        : fam == "qwen2_moe"                ? "qwen2moe"
+        : fam == "qwen3_moe"                ? "qwen3moe"
+                                            : "llama";
     const std::string A = arch + ".";
     kdial::io::gguf_metadata_list md;
     md.emplace_back("general.architecture", gguf_out_value::string(arch));
@@ -190,10 +218,12 @@ inline void convert_to_gguf(const std::string& src, const std::filesystem::path&
     md.emplace_back(A + "expert_count", gguf_out_value::u32(std::uint32_t(c.experts)));
     md.emplace_back(A + "expert_used_count", gguf_out_value::u32(std::uint32_t(c.top_k)));
     md.emplace_back(A + "expert_weights_norm", gguf_out_value::boolean(c.norm_topk_prob));
-    if (c.fam == family::qwen2_moe) {
+    if (qwen) {
         md.emplace_back(A + "expert_feed_forward_length", gguf_out_value::u32(std::uint32_t(c.expert_ffn)));
-        md.emplace_back(A + "feed_forward_length", gguf_out_value::u32(std::uint32_t(c.dense_ffn)));
-        md.emplace_back(A + "expert_shared_feed_forward_length", gguf_out_value::u32(std::uint32_t(c.shared_ffn)));
+        if (c.dense_ffn > 0)
+            md.emplace_back(A + "feed_forward_length", gguf_out_value::u32(std::uint32_t(c.dense_ffn)));
+        if (c.shared_ffn > 0)
+            md.emplace_back(A + "expert_shared_feed_forward_length", gguf_out_value::u32(std::uint32_t(c.shared_ffn)));
     } else
         md.emplace_back(A + "feed_forward_length", gguf_out_value::u32(std::uint32_t(c.expert_ffn)));
     if (c.clip_qkv)
@@ -261,8 +291,8 @@ inline void convert_to_gguf(const std::string& src, const std::filesystem::path&
         if (c.attention_bias)
             small(g + "attn_output.bias", p + "self_attn.o_proj.bias", { d });
         if (c.qk_norm) {
-            small(g + "attn_q_norm.weight", p + "self_attn.q_norm.weight", { qw });
-            small(g + "attn_k_norm.weight", p + "self_attn.k_norm.weight", { kw });
+            small(g + "attn_q_norm.weight", p + "self_attn.q_norm.weight", { gguf_detail::qk_norm_width(c, qw) });
+            small(g + "attn_k_norm.weight", p + "self_attn.k_norm.weight", { gguf_detail::qk_norm_width(c, kw) });
         }
         small(g + "ffn_norm.weight", p + "post_attention_layernorm.weight", { d });
         if (!c.is_moe_layer(l)) {

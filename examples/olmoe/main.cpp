@@ -66,13 +66,13 @@ commands:
 Run 'olmoe <command> --help' for a command's options.
 )";
 
-const std::map<std::string, std::string> usages = {
-    { "generate", R"(usage: olmoe generate --model DIR [--prompt TEXT | --tokens 1,2,3] [--k K | --k-schedule S]
+const std::map<std::string, std::string> usages
+    = { { "generate", R"(usage: olmoe generate --model DIR [--prompt TEXT | --tokens 1,2,3] [--k K | --k-schedule S]
                       [--renorm] [--max-new N] [--threads N] [--weights native|int8] [--check-weights]
                       [--allow-long-context]
 Greedy generation; streams text (or ids when the model has no tokenizer.json).
   --model DIR     checkpoint directory (config.json, *.safetensors, tokenizer.json),
-                  or one GGUF file (llama.cpp's format; F32/F16/BF16/Q8_0 tensors)
+                  or one GGUF file (llama.cpp's format; F32/F16/BF16/Q8_0/Q4_0/Q4_K/Q5_K/Q6_K)
   --prompt TEXT   prompt text (needs tokenizer.json)
   --tokens LIST   prompt as comma-separated token ids
   --k K           experts per token for every layer (default: the trained k)
@@ -87,12 +87,12 @@ Greedy generation; streams text (or ids when the model has no tokenizer.json).
                   let prompt + generated tokens exceed max_position_embeddings
                   (refused by default: the model was not trained that far)
 )" },
-    { "logits", R"(usage: olmoe logits --model DIR --tokens 1,2,3 --out FILE.npy [--k K | --k-schedule S]
+          { "logits", R"(usage: olmoe logits --model DIR --tokens 1,2,3 --out FILE.npy [--k K | --k-schedule S]
                     [--renorm] [--threads N] [--weights native|int8] [--check-weights] [--allow-long-context]
 Writes the logits of every position, float32 [T, vocab], in NumPy .npy format
 (atomically; FILE may not be one of the checkpoint's files).
 )" },
-    { "bench", R"(usage: olmoe bench --model DIR [--k 1,2,4,8 | --k-schedule S] [--renorm] [--prompt-len 512]
+          { "bench", R"(usage: olmoe bench --model DIR [--k 1,2,4,8 | --k-schedule S] [--renorm] [--prompt-len 512]
                    [--gen 32] [--threads N] [--weights native|int8] [--json] [--check-weights]
                    [--allow-long-context]
 Measures prefill and decode tokens/s for each k, with the fraction of the
@@ -100,7 +100,7 @@ memory-bandwidth roofline decode reached (weight and KV-cache bytes read per
 token / read bandwidth measured in the same run) and the peak resident memory.
 --k-schedule measures that one per-layer schedule instead of a list of k.
 )" },
-    { "sweep", R"(usage: olmoe sweep --model DIR (--text FILE | --tokens-file FILE) [--k 1,2,4,8] [--ref-k K]
+          { "sweep", R"(usage: olmoe sweep --model DIR (--text FILE | --tokens-file FILE) [--k 1,2,4,8] [--ref-k K]
                    [--k-schedule S] [--threshold P[,P...]] [--k-min N] [--k-max N] [--renorm]
                    [--context N] [--decode-tokens N] [--json FILE] [--plot FILE.svg] [--threads N]
                    [--weights native|int8] [--check-weights]
@@ -126,14 +126,14 @@ measured in the same run.
   --check-weights     scan every weight for NaN / inf at load
 Outputs are written atomically and may not be inputs of the command.
 )" },
-    { "make-synthetic", R"(usage: olmoe make-synthetic --out DIR [--preset NAME] [--layers N] [--dtype bf16|f16|f32]
-                            [--shards N] [--seed S] [--format safetensors|gguf]
+          { "make-synthetic", R"(usage: olmoe make-synthetic --out DIR [--preset NAME] [--layers N]
+                            [--dtype bf16|f16|f32] [--shards N] [--seed S] [--format safetensors|gguf]
 Writes a synthetic checkpoint in the exact Hugging Face layout: config.json,
 model.safetensors (or N shards and model.safetensors.index.json), and a small
 byte-level BPE tokenizer.json. DIR must be new, empty, or hold only an earlier
 make-synthetic output (its .kdial-synthetic marker lists the files it wrote);
 no other file is ever replaced or removed. --format gguf writes DIR/model.gguf
-instead (llama.cpp's layout, tokenizer included; --dtype f32|f16|bf16|q8_0),
+instead (llama.cpp's layout, tokenizer included; --dtype f32|f16|bf16|q8_0|q4_0|q4_k),
 with the same weights as the safetensors output of the same seed. Presets:
   tiny, olmoe                    OLMoE; olmoe has OLMoE-1B-7B's sizes (d 2048, 16 heads,
                                  F 1024, 64 experts, top-8, vocab 50304)
@@ -143,12 +143,11 @@ with the same weights as the safetensors output of the same seed. Presets:
   tiny-mixtral, mixtral          Mixtral-8x7B layout (w1/w2/w3 experts, GQA); the tiny one
                                  has a sliding window of 8
 )" },
-    { "demo", R"(usage: olmoe demo [--dir DIR]
+          { "demo", R"(usage: olmoe demo [--dir DIR]
 Makes a tiny synthetic OLMoE checkpoint (default: $XDG_CACHE_HOME/kdial/demo or
 ~/.cache/kdial/demo; the same rules as make-synthetic --out), then shows
 generation and a benchmark at several k.
-)" }
-};
+)" } };
 
 struct args {
     std::string command;

@@ -321,3 +321,100 @@ TEST_CASE("gguf model: bad models are refused naming the tensor, key or type [gg
         CHECK(gguf_load(d / "pre.gguf").tokenizer_error.find("'llama-bpe'") != std::string::npos);
     }
 }
+
+TEST_CASE("gguf model: Q4_0 runs in place, logits near f32 [gguf][model]")
+{
+    temp_dir d;
+    for (const std::string preset : { "tiny", "tiny-qwen2-moe" }) {
+        CAPTURE(preset);
+        olmoe::synthetic_options o;
+        o.preset = preset;
+        o.dtype = "f32";
+        const std::string st = (d / (preset + "-st")).string();
+        olmoe::make_synthetic(st, o);
+        o.dtype = "q4_0";
+        const std::string gg = (d / (preset + "-q4")).string();
+        olmoe::make_synthetic_gguf(gg, o);
+        const auto ref = safetensors_logits(st);
+        auto g = gguf_load(fs::path(gg) / "model.gguf");
+        CHECK(g.weights.layers[0].moe->experts().type() == kdial::dtype::q4_0);
+        const auto got = logits_of(std::move(g.weights), tokens.size());
+        const std::size_t V = ref.size() / tokens.size();
+        double worst = 0, scale = 0;
+        std::size_t agree = 0;
+        for (std::size_t t = 0; t < tokens.size(); ++t) {
+            std::size_t ar = 0, ag = 0;
+            for (std::size_t v = 0; v < V; ++v) {
+                worst = std::max(worst, double(std::fabs(ref[t * V + v] - got[t * V + v])));
+                scale = std::max(scale, double(std::fabs(ref[t * V + v])));
+                ar = ref[t * V + v] > ref[t * V + ar] ? v : ar;
+                ag = got[t * V + v] > got[t * V + ag] ? v : ag;
+            }
+            agree += ar == ag;
+        }
+        // Q4_0 steps are max|w_block| / 8 (16 levels): 16x coarser than Q8_0,
+        // so the logits move by up to about a third of their range here.
+        MESSAGE(preset, ": Q4_0 vs f32 logits: max |diff| ", worst, " (max |logit| ", scale, "), argmax agrees at ",
+            agree, " of ", tokens.size(), " positions");
+        CHECK(worst > 0);
+        CHECK(worst <= 0.5 * scale);
+    }
+}
+
+TEST_CASE("gguf model: K-quant matrices bind through to_weight (Q4_K in place, Q5_K / Q6_K as q8) [gguf][model]")
+{
+    temp_dir d;
+    const std::size_t rows = 3, cols = 256;
+    for (const auto type : { kdial::io::ggml_type::q4_k, kdial::io::ggml_type::q5_k, kdial::io::ggml_type::q6_k }) {
+        const auto tr = *kdial::io::ggml_type_info(static_cast<std::uint32_t>(type));
+        CAPTURE(tr.name);
+        std::vector<std::byte> bytes(rows * tr.bytes);
+        std::uint64_t x = 12345;
+        for (auto& b : bytes)
+            b = std::byte((x = x * 6364136223846793005ull + 1442695040888963407ull) >> 56);
+        for (std::size_t r = 0; r < rows; ++r) { // finite f16 super-block scales
+            std::byte* blk = bytes.data() + r * tr.bytes;
+            const std::size_t at = type == kdial::io::ggml_type::q6_k ? 208 : 0;
+            blk[at] = std::byte(0x00);
+            blk[at + 1] = std::byte(0x2c); // 0.0625
+            if (type != kdial::io::ggml_type::q6_k) {
+                blk[2] = std::byte(0x00);
+                blk[3] = std::byte(0x28); // dmin 0.03125
+            }
+        }
+        const std::vector<kdial::io::gguf_out_tensor> ts { { "w", type, { cols, rows }, bytes, {} } };
+        kdial::io::write_gguf(d / "k.gguf", { { "general.architecture", kdial::io::gguf_out_value::string("x") } }, ts);
+        const auto f = kdial::io::gguf_file::open(d / "k.gguf");
+        olmoe::gguf_detail::holder h;
+        olmoe::model_weights w;
+        olmoe::gguf_detail::binder b(f, h, w, false, false);
+        const auto v = b.linear("w");
+        CHECK(kdial::rows_of(v) == rows);
+        CHECK(kdial::cols_of(v) == cols);
+        if (type == kdial::io::ggml_type::q4_k) {
+            CHECK(kdial::type_of(v) == kdial::dtype::q4_k);
+            CHECK(h.repacked.empty());
+            CHECK(reinterpret_cast<const std::byte*>(std::get<kdial::weight_view<kdial::q4_k_t>>(v).data)
+                == f.info("w").bytes.data()); // in place
+            continue;
+        }
+        REQUIRE(kdial::type_of(v) == kdial::dtype::q8);
+        CHECK(h.repacked.size() == 1);
+        const auto& q = std::get<kdial::weight_view<kdial::q8_t>>(v);
+        for (std::size_t r = 0; r < rows; ++r)
+            for (std::size_t c = 0; c < cols; c += 37) {
+                const std::byte* blk = f.info("w").bytes.data() + r * tr.bytes;
+                const float exact = type == kdial::io::ggml_type::q5_k
+                    ? kdial::block_value(*reinterpret_cast<const kdial::q5_k_block*>(blk), c)
+                    : kdial::block_value(*reinterpret_cast<const kdial::q6_k_block*>(blk), c);
+                const kdial::q8_block& qb = q.row(r)[c / 32];
+                float amax = 0;
+                for (std::size_t i = c / 32 * 32; i < c / 32 * 32 + 32; ++i)
+                    amax = std::max(amax,
+                        std::fabs(type == kdial::io::ggml_type::q5_k
+                                ? kdial::block_value(*reinterpret_cast<const kdial::q5_k_block*>(blk), i)
+                                : kdial::block_value(*reinterpret_cast<const kdial::q6_k_block*>(blk), i)));
+                CHECK(std::fabs(qb.scale() * float(qb.q[c % 32]) - exact) <= amax / 225 + 0x1p-18f);
+            }
+    }
+}
