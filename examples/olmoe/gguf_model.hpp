@@ -5,20 +5,21 @@
 // Architectures (general.architecture): olmoe, qwen2moe, and Mixtral as
 // llama with <arch>.expert_count; qwen3moe is mapped (model_type qwen3_moe,
 // per-head attn_q_norm / attn_k_norm [head_dim]) and runs where config.hpp
-// has that family. The metadata are turned into
-// config.json fields and go through parse_config, so a GGUF file meets every
-// check and limit a config.json does.
+// has that family. The metadata are turned into config.json fields and go
+// through parse_config, so a GGUF file meets every check and limit a
+// config.json does.
 //
 // Tensors: F32, F16, BF16, Q8_0, Q4_0 and Q4_K run in place (Q8_0 blocks are
 // kdial's q8 byte for byte; kernels/gguf_weight.hpp); Q5_K and Q6_K are
 // repacked once into q8 at load (error bound in gguf_weight.hpp). The
 // stacked expert tensors ffn_{gate,up}_exps [E, F, d] and ffn_down_exps
-// [E, d, F] bind through expert_set::stacked without a copy. Norms, biases
-// and routers are read as f32 (F32 / F16 / BF16 / Q8_0). Other tensor types
-// are an error naming the tensor and its type. Like the
-// safetensors loader, every tensor's presence, shape and type is checked
-// before anything sized from the metadata is allocated, and tensors the
-// model does not use are an error.
+// [E, d, F] bind through expert_set::stacked without a copy; an expert set
+// whose tensors come in different types (Q4_K_M files: Q4_K gate / up, Q6_K
+// down) runs as q8, repacked at load. Norms, biases and routers are read as
+// f32 (F32 / F16 / BF16 / Q8_0). Other tensor types are an error naming the
+// tensor and its type. Like the safetensors loader, every tensor's presence,
+// dims and type are checked before anything sized from the metadata is
+// allocated, and tensors the model does not use are an error.
 //
 // Q/K row order: llama.cpp's converter permutes the rows of attn_q / attn_k
 // of the `llama` architecture (Mixtral) within each head so that its
@@ -37,11 +38,13 @@
 
 #include <kdial/io/gguf.hpp>
 #include <kdial/io/gguf_tokenizer.hpp>
+#include <kdial/core/blocks.hpp>
 #include <kdial/kernels/gguf_weight.hpp>
 #include <kdial/kernels/quantize.hpp>
 
 #include <nlohmann/json.hpp>
 
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <memory>
@@ -344,11 +347,17 @@ public:
     std::vector<float> vec(const std::string& name) const { return f_.read_floats(name); }
 
     // Rows [row0, row0 + rows) of tensor `name` seen as a [., cols] matrix.
-    kdial::any_weight_view slice(const std::string& name, std::size_t row0, std::size_t rows, bool quantise = true)
+    // force_q8: the rows as q8 whatever the type (Q8_0 in place, others
+    // dequantised exactly and quantised), for expert sets whose tensors come
+    // in different types (llama.cpp's Q4_K_M files mix Q4_K and Q6_K).
+    kdial::any_weight_view slice(
+        const std::string& name, std::size_t row0, std::size_t rows, bool quantise = true, bool force_q8 = false)
     {
         const gguf_tensor_info& t = f_.info(name);
         const std::size_t cols = t.cols();
         const std::size_t row_bytes = cols / t.traits.block * t.traits.bytes;
+        if (force_q8 && t.type != ggml_type::q8_0)
+            return quantised(dequantised(t, row0, rows), rows, cols);
         if (int8_ && quantise && is_float(t.type)) {
             std::vector<float> fl(rows * cols);
             f_.read_floats(t, row0 * cols, fl);
@@ -411,6 +420,37 @@ private:
             h_.repacked.push_back(std::move(g.owned));
         return g.view;
     }
+    // Rows [row0, row0 + rows) of t as floats: the exact values of every type
+    // that binds (core/blocks.hpp's block_value for the 4-bit and K types).
+    std::vector<float> dequantised(const gguf_tensor_info& t, std::size_t row0, std::size_t rows) const
+    {
+        const std::size_t cols = t.cols();
+        std::vector<float> fl(rows * cols);
+        const auto blocks = [&]<class B>(B) {
+            const std::size_t per_row = cols / t.traits.block;
+            const B* src = reinterpret_cast<const B*>(t.bytes.data()) + row0 * per_row;
+            for (std::size_t r = 0; r < rows; ++r)
+                for (std::size_t c = 0; c < cols; ++c)
+                    fl[r * cols + c] = kdial::block_value(src[r * per_row + c / t.traits.block], c % t.traits.block);
+        };
+        switch (t.type) {
+        case ggml_type::q4_0:
+            blocks(kdial::q4_0_block {});
+            break;
+        case ggml_type::q4_k:
+            blocks(kdial::q4_k_block {});
+            break;
+        case ggml_type::q5_k:
+            blocks(kdial::q5_k_block {});
+            break;
+        case ggml_type::q6_k:
+            blocks(kdial::q6_k_block {});
+            break;
+        default:
+            f_.read_floats(t, row0 * cols, fl);
+        }
+        return fl;
+    }
     kdial::any_weight_view quantised(const std::vector<float>& fl, std::size_t rows, std::size_t cols)
     {
         auto& q = w_.owned_q8.emplace_back(rows * kdial::storage_cols<kdial::q8_t>(cols));
@@ -426,9 +466,18 @@ private:
     bool int8_, permuted_;
 };
 
+inline bool one_format(const std::vector<std::array<kdial::any_weight_view, 3>>& ex)
+{
+    for (const auto& m : ex)
+        for (const auto& v : m)
+            if (kdial::type_of(v) != kdial::type_of(ex[0][0]))
+                return false;
+    return true;
+}
+
 // An expert set from stacked tensors [E, rows, cols]: expert_set::stacked
 // over the mapped tensors when all three are in place in one format, else
-// per-expert views (copies).
+// per-expert views, all as q8 when the three tensors' formats differ.
 inline kdial::expert_set stacked_set(
     binder& b, const gguf_file& f, const std::string& p, std::size_t E, std::size_t d, std::size_t F, bool int8)
 {
@@ -460,9 +509,29 @@ inline kdial::expert_set stacked_set(
             return make(kdial::f32_t {});
     }
     std::vector<std::array<kdial::any_weight_view, 3>> ex(E);
-    for (std::size_t e = 0; e < E; ++e)
-        ex[e] = { b.slice(g, e * F, F), b.slice(u, e * F, F), b.slice(dn, e * d, d) };
+    for (const bool force : { false, true }) {
+        for (std::size_t e = 0; e < E; ++e)
+            ex[e] = { b.slice(g, e * F, F, true, force), b.slice(u, e * F, F, true, force),
+                b.slice(dn, e * d, d, true, force) };
+        if (one_format(ex))
+            break;
+    }
     return detail::make_set(ex, d, F, p + "ffn_*_exps");
+}
+
+// Three matrices (gate, up, down) as one expert: in place where they share a
+// format, else all as q8 (see binder::slice).
+inline std::vector<std::array<kdial::any_weight_view, 3>> one_expert(
+    binder& b, const gguf_file& f, const std::string& gate, const std::string& up, const std::string& down)
+{
+    std::vector<std::array<kdial::any_weight_view, 3>> ex(1);
+    for (const bool force : { false, true }) {
+        ex[0] = { b.slice(gate, 0, f.info(gate).rows(), true, force), b.slice(up, 0, f.info(up).rows(), true, force),
+            b.slice(down, 0, f.info(down).rows(), true, force) };
+        if (one_format(ex))
+            break;
+    }
+    return ex;
 }
 
 } // namespace gguf_detail
@@ -489,6 +558,21 @@ inline gguf_model load_gguf_model(const std::string& path, const load_options& o
     m.cfg = gguf_config(f);
     const model_config& c = m.cfg;
     gguf_detail::check_tensors(f, c); // before anything sized from the metadata is allocated
+    if (o.check_weights) // --check-weights: every F32 / F16 / BF16 / Q8_0 value, in 1 Mi-element chunks
+        for (const auto& t : f.tensors()) {
+            if (!gguf_detail::is_float(t.type) && t.type != kdial::io::ggml_type::q8_0)
+                continue;
+            std::vector<float> buf;
+            for (std::size_t at = 0, n = t.numel(); at < n;) {
+                buf.resize(std::min<std::size_t>(n - at, std::size_t(1) << 20));
+                f.read_floats(t, at, buf);
+                for (std::size_t i = 0; i < buf.size(); ++i)
+                    if (!std::isfinite(buf[i]))
+                        throw kdial::error(cat(f.name(), ": tensor '", t.name, "' element ", at + i, " is ", buf[i],
+                            " (--check-weights)"));
+                at += buf.size();
+            }
+        }
     try { // an unsupported tokenizer leaves the model usable with token ids
         m.tok = kdial::io::gguf_tokenizer::from_gguf(f);
     } catch (const kdial::error& e) {
@@ -538,8 +622,8 @@ inline gguf_model load_gguf_model(const std::string& path, const load_options& o
             L.router = b.vec(p + "ffn_gate_inp.weight");
             std::optional<kdial::shared_expert> sh;
             if (Fs > 0) {
-                std::vector<std::array<any_weight_view, 3>> s1 { { b.linear(p + "ffn_gate_shexp.weight"),
-                    b.linear(p + "ffn_up_shexp.weight"), b.linear(p + "ffn_down_shexp.weight") } };
+                const auto s1 = gguf_detail::one_expert(
+                    b, f, p + "ffn_gate_shexp.weight", p + "ffn_up_shexp.weight", p + "ffn_down_shexp.weight");
                 sh = kdial::shared_expert { detail::make_set(s1, d, Fs, p + "ffn_*_shexp"), {} };
                 if (c.shared_gate) {
                     auto& g = w.owned_f32.emplace_back(b.vec(p + "ffn_gate_inp_shexp.weight"));
@@ -554,8 +638,8 @@ inline gguf_model load_gguf_model(const std::string& path, const load_options& o
             w.dense_shape = { o.max_chunk, 1, 1, d, Fd, 0 };
             L.dense = true;
             L.router.assign(d, 0.0f);
-            std::vector<std::array<any_weight_view, 3>> ex { { b.linear(p + "ffn_gate.weight"),
-                b.linear(p + "ffn_up.weight"), b.linear(p + "ffn_down.weight") } };
+            const auto ex
+                = gguf_detail::one_expert(b, f, p + "ffn_gate.weight", p + "ffn_up.weight", p + "ffn_down.weight");
             L.moe.emplace(kdial::cmatrix_view<float>(L.router.data(), 1, d), detail::make_set(ex, d, Fd, p + "ffn"));
         }
         if (o.progress)

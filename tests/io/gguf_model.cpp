@@ -248,16 +248,26 @@ TEST_CASE("gguf model: bad models are refused naming the tensor, key or type [gg
     };
     SUBCASE("a tensor type this build does not run")
     {
-        rewrite(ok, d / "q4.gguf", [](md_t&, ts_t& ts, keep_t& keep) {
+        rewrite(ok, d / "q5.gguf", [](md_t&, ts_t& ts, keep_t& keep) {
             for (auto& t : ts)
                 if (t.name == "blk.1.ffn_up_exps.weight") {
-                    t.type = kdial::io::ggml_type::q4_0;
-                    keep.emplace_back(t.ne[0] * t.ne[1] * t.ne[2] / 32 * 18);
+                    t.type = kdial::io::ggml_type::q5_0;
+                    keep.emplace_back(t.ne[0] * t.ne[1] * t.ne[2] / 32 * 22);
                     t.bytes = keep.back();
                 }
         });
-        check_error([&] { gguf_load(d / "q4.gguf"); },
-            { "q4.gguf", "tensor 'blk.1.ffn_up_exps.weight'", "type Q4_0", "ggml type id 2" });
+        check_error([&] { gguf_load(d / "q5.gguf"); },
+            { "q5.gguf", "tensor 'blk.1.ffn_up_exps.weight'", "type Q5_0", "ggml type id 6" });
+        rewrite(ok, d / "n4.gguf", [](md_t&, ts_t& ts, keep_t& keep) {
+            for (auto& t : ts)
+                if (t.name == "blk.0.attn_norm.weight") {
+                    t.type = kdial::io::ggml_type::q4_0;
+                    t.ne = { 64 };
+                    keep.emplace_back(64 / 32 * 18);
+                    t.bytes = keep.back();
+                }
+        });
+        check_error([&] { gguf_load(d / "n4.gguf"); }, { "tensor 'blk.0.attn_norm.weight'", "type Q4_0", "norms" });
     }
     SUBCASE("architecture, missing keys, bad values")
     {
@@ -417,4 +427,38 @@ TEST_CASE("gguf model: K-quant matrices bind through to_weight (Q4_K in place, Q
                 CHECK(std::fabs(qb.scale() * float(qb.q[c % 32]) - exact) <= amax / 225 + 0x1p-18f);
             }
     }
+}
+
+TEST_CASE("gguf model: an expert set whose tensors differ in type runs as q8 [gguf][model]")
+{
+    // A Q8_0 model whose layer-0 ffn_down_exps is stored as F32 (its exact
+    // Q8_0 values): the layer's experts are requantised to q8 at load, which
+    // gives back the same blocks, so the logits equal the pure Q8_0 file's.
+    temp_dir d;
+    olmoe::synthetic_options o;
+    o.preset = "tiny";
+    o.dtype = "q8_0";
+    olmoe::make_synthetic_gguf((d / "q8").string(), o);
+    const fs::path q8 = d / "q8" / "model.gguf";
+    std::vector<float> f32;
+    rewrite(q8, d / "mixed.gguf", [&](auto&, auto& ts, auto& keep) {
+        for (auto& t : ts)
+            if (t.name == "blk.0.ffn_down_exps.weight") {
+                const auto* blocks = reinterpret_cast<const kdial::q8_block*>(t.bytes.data());
+                for (std::size_t i = 0; i < t.bytes.size() / sizeof(kdial::q8_block) * 32; ++i)
+                    f32.push_back(blocks[i / 32].scale() * float(blocks[i / 32].q[i % 32]));
+                const auto b = std::as_bytes(std::span(f32));
+                keep.emplace_back(b.begin(), b.end());
+                t.type = kdial::io::ggml_type::f32;
+                t.bytes = keep.back();
+            }
+    });
+    auto pure = gguf_load(q8);
+    auto mixed = gguf_load(d / "mixed.gguf");
+    CHECK(kdial::io::gguf_file::open(d / "mixed.gguf").info("blk.0.ffn_down_exps.weight").type
+        == kdial::io::ggml_type::f32);
+    CHECK(mixed.weights.layers[0].moe->experts().type() == kdial::dtype::q8);
+    const auto a = logits_of(std::move(pure.weights), tokens.size());
+    const auto b = logits_of(std::move(mixed.weights), tokens.size());
+    CHECK(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
 }

@@ -24,6 +24,7 @@
 #include <string>
 #include <string_view>
 #include <unordered_set>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -61,7 +62,8 @@ struct gguf_tokenizer {
 
         nlohmann::ordered_json vocab = nlohmann::ordered_json::object();
         nlohmann::ordered_json added = nlohmann::ordered_json::array();
-        std::unordered_set<std::string_view> seen;
+        std::unordered_set<std::string> seen;
+        std::vector<std::size_t> added_ids;
         for (std::size_t i = 0; i < tokens.size(); ++i) {
             const std::string_view t = tokens[i];
             const std::int64_t ty = types ? types->int_at(i).value_or(1) : 1;
@@ -70,11 +72,20 @@ struct gguf_tokenizer {
             if (ty == 3 || ty == 4) {
                 added.push_back({ { "id", i }, { "content", std::string(t) }, { "single_word", false },
                     { "lstrip", false }, { "rstrip", false }, { "normalized", ty == 4 }, { "special", ty == 3 } });
+                added_ids.push_back(i);
                 continue;
             }
-            check(seen.insert(t).second, f.name(), ": tokenizer.ggml.tokens[", i, "] '", detail::gguf_printable(t),
-                "' appears twice");
+            check(seen.insert(std::string(t)).second, f.name(), ": tokenizer.ggml.tokens[", i, "] '",
+                detail::gguf_printable(t), "' appears twice");
             vocab[std::string(t)] = i;
+        }
+        // llama.cpp stores added tokens as plain text; their byte-level form
+        // is also in the Hugging Face vocabulary (merges may produce it), so
+        // it goes there too unless a normal token already has it.
+        for (const std::size_t i : added_ids) {
+            std::string b = byte_level_encode(tokens[i]);
+            if (seen.insert(b).second)
+                vocab[std::move(b)] = i;
         }
         nlohmann::ordered_json merges = nlohmann::ordered_json::array();
         if (f.has_key("tokenizer.ggml.merges"))
