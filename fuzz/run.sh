@@ -6,6 +6,7 @@
 #   config       config.json                               (config_fuzz.cpp)
 #   tokenizer    tokenizer.json loading                     (tokenizer_fuzz.cpp)
 #   encode       tokenizer encode/decode round trip         (encode_fuzz.cpp)
+#   gguf         GGUF header, metadata and tensor infos     (gguf_fuzz.cpp)
 # Exit status: 0 when nothing was found; non-zero on a crash, leak, UB or
 # timeout in any target (every target still runs; reproducers are kept and
 # their paths printed).
@@ -25,7 +26,7 @@ fi
 
 # name  max_len  dictionary
 all_targets=("safetensors 4096 safetensors.dict" "config 4096 config.dict" "tokenizer 8192 tokenizer.dict"
-  "encode 2048 tokenizer.dict")
+  "encode 2048 tokenizer.dict" "gguf 4096 gguf.dict")
 targets=()
 if [ "$#" -eq 0 ]; then
   targets=("${all_targets[@]}")

@@ -3,6 +3,8 @@
 // sweep, make-synthetic, demo, tokenize, detokenize. Errors go to stderr with a non-zero exit status;
 // long work shows progress on stderr.
 #include "config.hpp"
+#include "gguf_model.hpp"
+#include "gguf_synthetic.hpp"
 #include "model.hpp"
 #include "parse.hpp"
 #include "runner.hpp"
@@ -77,7 +79,8 @@ const std::map<std::string, std::string> usages
                       [--renorm] [--max-new N] [--threads N] [--weights native|int8] [--check-weights]
                       [--allow-long-context]
 Greedy generation; streams text (or ids when the model has no tokenizer.json).
-  --model DIR     checkpoint directory (config.json, *.safetensors, tokenizer.json)
+  --model DIR     checkpoint directory (config.json, *.safetensors, tokenizer.json),
+                  or one GGUF file (llama.cpp's format; F32/F16/BF16/Q8_0/Q4_0/Q4_K/Q5_K/Q6_K)
   --prompt TEXT   prompt text (needs tokenizer.json)
   --tokens LIST   prompt as comma-separated token ids
   --k K           experts per token for every layer (default: the trained k)
@@ -131,13 +134,15 @@ measured in the same run.
   --check-weights     scan every weight for NaN / inf at load
 Outputs are written atomically and may not be inputs of the command.
 )" },
-          { "make-synthetic", R"(usage: olmoe make-synthetic --out DIR [--preset NAME] [--layers N] [--dtype bf16|f32]
-                            [--shards N] [--seed S]
+          { "make-synthetic", R"(usage: olmoe make-synthetic --out DIR [--preset NAME] [--layers N]
+                            [--dtype bf16|f16|f32] [--shards N] [--seed S] [--format safetensors|gguf]
 Writes a synthetic checkpoint in the exact Hugging Face layout: config.json,
 model.safetensors (or N shards and model.safetensors.index.json), and a small
 byte-level BPE tokenizer.json. DIR must be new, empty, or hold only an earlier
 make-synthetic output (its .kdial-synthetic marker lists the files it wrote);
-no other file is ever replaced or removed. Presets:
+no other file is ever replaced or removed. --format gguf writes DIR/model.gguf
+instead (llama.cpp's layout, tokenizer included; --dtype f32|f16|bf16|q8_0|q4_0|q4_k),
+with the same weights as the safetensors output of the same seed. Presets:
   tiny, olmoe                    OLMoE; olmoe has OLMoE-1B-7B's sizes (d 2048, 16 heads,
                                  F 1024, 64 experts, top-8, vocab 50304)
   tiny-qwen2-moe, qwen2-moe      Qwen1.5-MoE-A2.7B layout (60 experts top-4 of width 1408,
@@ -289,15 +294,20 @@ struct loaded {
     olmoe::model_config cfg;
     std::unique_ptr<olmoe::model> m;
     std::optional<kdial::io::bpe_tokenizer> tok;
+    std::shared_ptr<const kdial::io::gguf_file> gguf; // --model FILE.gguf
+    std::optional<std::int32_t> prepend_bos; // GGUF tokenizer.ggml.add_bos_token
+    std::string no_tokenizer = "tokenizer.json in the model directory"; // what --prompt / --text need
 };
 
 loaded load(const args& a, std::size_t max_chunk = 256)
 {
     const std::string dir = a.need("model");
-    if (!fs::is_directory(dir))
-        throw kdial::error(cat(dir, ": not a directory (--model expects a checkpoint directory)"));
+    const bool gguf = olmoe::is_gguf_path(dir);
+    if (!gguf && !fs::is_directory(dir))
+        throw kdial::error(cat(dir, ": not a directory (--model expects a checkpoint directory or a .gguf file)"));
     loaded L;
-    L.cfg = olmoe::load_config(dir);
+    if (!gguf)
+        L.cfg = olmoe::load_config(dir);
     const std::string wt = a.get("weights", "native");
     if (wt != "native" && wt != "int8")
         throw usage_error(cat("--weights must be native or int8, got '", wt, "'"));
@@ -307,6 +317,21 @@ loaded load(const args& a, std::size_t max_chunk = 256)
     o.check_weights = a.flags.count("check-weights") != 0;
     progress p { "loading " + dir };
     o.progress = [&](int done, int total) { p(double(done) / total); };
+    if (gguf) { // one GGUF file: config, weights and tokenizer (gguf_model.hpp)
+        auto g = olmoe::load_gguf_model(dir, o);
+        L.cfg = g.cfg;
+        L.gguf = g.file;
+        if (g.tok) {
+            L.tok.emplace(std::move(g.tok->tok));
+            if (g.tok->add_bos)
+                L.prepend_bos = g.tok->bos;
+        }
+        L.no_tokenizer = g.tokenizer_error.empty() ? "a tokenizer in the GGUF metadata" : g.tokenizer_error;
+        L.m = std::make_unique<olmoe::model>(std::move(g.weights), max_chunk);
+        if (a.flags.count("renorm"))
+            L.m->set_renormalize(true);
+        return L;
+    }
     L.m = std::make_unique<olmoe::model>(olmoe::load_weights(dir, L.cfg, o), max_chunk);
     if (a.flags.count("renorm"))
         L.m->set_renormalize(true);
@@ -330,6 +355,8 @@ std::vector<std::pair<fs::path, std::string>> input_files(const args& a)
 {
     std::vector<std::pair<fs::path, std::string>> in;
     std::error_code ec;
+    if (a.has("model") && fs::is_regular_file(a.get("model"), ec))
+        in.emplace_back(a.get("model"), "the model file (--model)");
     for (auto it = fs::directory_iterator(a.get("model"), ec); !ec && it != fs::directory_iterator(); it.increment(ec))
         in.emplace_back(it->path(), "a file of the checkpoint directory (--model)");
     for (const char* f : { "text", "tokens-file" })
@@ -406,8 +433,10 @@ std::vector<std::int32_t> prompt_tokens(const args& a, const loaded& L)
         }
     } else if (a.has("prompt")) {
         if (!L.tok)
-            throw kdial::error("--prompt needs tokenizer.json in the model directory; use --tokens instead");
+            throw kdial::error(cat("--prompt needs ", L.no_tokenizer, "; use --tokens instead"));
         ids = L.tok->encode(a.get("prompt"));
+        if (L.prepend_bos)
+            ids.insert(ids.begin(), *L.prepend_bos);
         if (ids.empty())
             throw kdial::error("--prompt encodes to no tokens");
     } else
@@ -522,8 +551,8 @@ int cmd_bench(const args& a, std::FILE* out = stdout)
         else
             for (int k : klist)
                 schedules.emplace_back(std::size_t(L.cfg.layers), k);
-        if (a.get("weights", "native") == "native")
-            olmoe::prefault(L.m->weights()); // page the mapped checkpoint in before timing
+        if (a.get("weights", "native") == "native") // page the mapped checkpoint in before timing
+            L.gguf ? olmoe::gguf_prefault(*L.gguf) : olmoe::prefault(L.m->weights());
         std::mt19937 rng(7);
         std::vector<std::int32_t> prompt(prompt_len);
         for (auto& t : prompt)
@@ -566,10 +595,11 @@ int cmd_bench(const args& a, std::FILE* out = stdout)
         const double rss = peak_rss_gib();
         std::fprintf(stderr, "measuring this machine's limits with %d threads...\n", threads);
         const auto lim = kdial::bench::machine_limits();
-        std::size_t ck_bytes = 0;
-        for (const auto& e : fs::directory_iterator(a.get("model")))
-            if (e.path().extension() == ".safetensors")
-                ck_bytes += std::size_t(e.file_size());
+        std::size_t ck_bytes = L.gguf ? L.gguf->bytes().size() : 0;
+        if (!L.gguf)
+            for (const auto& e : fs::directory_iterator(a.get("model")))
+                if (e.path().extension() == ".safetensors")
+                    ck_bytes += std::size_t(e.file_size());
         nlohmann::json rows = nlohmann::json::array();
         if (!a.flags.count("json"))
             std::fprintf(out, "%4s %14s %14s %12s %12s %10s\n", "k", "prefill tok/s", "decode tok/s", "GB/token",
@@ -631,7 +661,7 @@ int cmd_sweep(const args& a, std::FILE* out = stdout)
         std::vector<std::int32_t> tokens;
         if (a.has("text")) {
             if (!L.tok)
-                throw kdial::error("--text needs tokenizer.json in the model directory; use --tokens-file instead");
+                throw kdial::error(cat("--text needs ", L.no_tokenizer, "; use --tokens-file instead"));
             tokens = L.tok->encode(text);
         } else
             tokens = olmoe::parse_token_ids(text, src, c.vocab);
@@ -757,8 +787,12 @@ int cmd_make_synthetic(const args& a)
     if (dir.empty())
         throw usage_error("--out is empty");
     progress p { "writing " + dir };
+    const std::string format = a.get("format", "safetensors");
+    if (format != "safetensors" && format != "gguf")
+        throw usage_error(cat("--format must be safetensors or gguf, got '", format, "'"));
+    const auto report = [&](std::size_t done, std::size_t total) { p(double(done) / double(total)); };
     const auto c
-        = olmoe::make_synthetic(dir, o, [&](std::size_t done, std::size_t total) { p(double(done) / double(total)); });
+        = format == "gguf" ? olmoe::make_synthetic_gguf(dir, o, report) : olmoe::make_synthetic(dir, o, report);
     std::fprintf(stderr, "wrote %s: %s, %d layers, d %d, %d experts (top-%d), vocab %d, %s, %d shard(s)\n", dir.c_str(),
         olmoe::family_name(c.fam), c.layers, c.hidden, c.experts, c.top_k, c.vocab, o.dtype.c_str(), o.shards);
     return 0;
@@ -942,7 +976,7 @@ int main(int argc, char** argv)
                 { "renorm", "check-weights" }));
         if (cmd == "make-synthetic")
             return cmd_make_synthetic(
-                parse_args(argc, argv, { "out", "preset", "layers", "dtype", "shards", "seed" }, {}));
+                parse_args(argc, argv, { "out", "preset", "layers", "dtype", "shards", "seed", "format" }, {}));
         if (cmd == "demo")
             return cmd_demo(parse_args(argc, argv, { "dir" }, {}));
         if (cmd == "tokenize")

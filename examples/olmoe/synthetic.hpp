@@ -286,14 +286,15 @@ inline model_config make_synthetic(const std::string& dir, const synthetic_optio
     using kdial::detail::cat;
     using kdial::detail::check;
     namespace fs = std::filesystem;
-    check(o.dtype == "bf16" || o.dtype == "f32", "make-synthetic: --dtype must be bf16 or f32, got '", o.dtype, "'");
+    check(o.dtype == "bf16" || o.dtype == "f32" || o.dtype == "f16",
+        "make-synthetic: --dtype must be bf16, f16 or f32, got '", o.dtype, "'");
     check(o.shards >= 1 && o.shards <= 64, "make-synthetic: --shards must be in [1, 64], got ", o.shards);
     check(o.layers >= 0 && o.layers <= 64, "make-synthetic: --layers must be in [1, 64], got ", o.layers);
     const bool qwen3 = o.preset == "qwen3-moe" || o.preset == "tiny-qwen3-moe";
     const bool qwen = qwen3 || o.preset == "qwen2-moe" || o.preset == "tiny-qwen2-moe";
     const bool tiny = o.preset.rfind("tiny", 0) == 0;
     const auto [tok_json, tok_vocab] = synth::tokenizer_json(tiny ? 120 : 400, qwen);
-    const char* torch_dtype = o.dtype == "bf16" ? "bfloat16" : "float32";
+    const char* torch_dtype = o.dtype == "bf16" ? "bfloat16" : o.dtype == "f16" ? "float16" : "float32";
     nlohmann::ordered_json cfg;
     if (o.preset == "tiny" || o.preset == "olmoe") {
         cfg = { { "architectures", { "OlmoeForCausalLM" } }, { "model_type", "olmoe" },
@@ -442,8 +443,8 @@ inline model_config make_synthetic(const std::string& dir, const synthetic_optio
     std::set<std::string> both = earlier;
     both.insert(ours.begin(), ours.end());
     synth::write_marker(dir, both); // covers this run's files should it be interrupted
-    const bool bf = o.dtype == "bf16";
-    std::size_t total_bytes = 0, elem = bf ? 2 : 4;
+    const bool bf = o.dtype == "bf16", half = o.dtype == "f16";
+    std::size_t total_bytes = 0, elem = bf || half ? 2 : 4;
     for (const auto& s : specs) {
         std::size_t n = 1;
         for (auto x : s.shape)
@@ -468,6 +469,7 @@ inline model_config make_synthetic(const std::string& dir, const synthetic_optio
         const std::string& file = shard_files[std::size_t(sh)];
         std::vector<std::vector<float>> f32s;
         std::vector<std::vector<kdial::bf16>> bf16s;
+        std::vector<std::vector<kdial::f16>> f16s;
         std::vector<kdial::io::tensor_data> tensors;
         for (std::size_t i = 0; i < specs.size(); ++i) {
             if (shard_of[i] != sh)
@@ -491,7 +493,13 @@ inline model_config make_synthetic(const std::string& dir, const synthetic_optio
                         || row >= std::size_t(tok_vocab))
                         std::fill(v.begin() + std::ptrdiff_t(row * s.shape[1]),
                             v.begin() + std::ptrdiff_t((row + 1) * s.shape[1]), 0.0f);
-            if (bf) {
+            if (half) {
+                std::vector<kdial::f16> h(n);
+                for (std::size_t j = 0; j < n; ++j)
+                    h[j] = kdial::f16::from_float(v[j]);
+                f16s.push_back(std::move(h));
+                tensors.push_back({ s.name, kdial::io::st_dtype::f16, s.shape, std::as_bytes(std::span(f16s.back())) });
+            } else if (bf) {
                 std::vector<kdial::bf16> b(n);
                 for (std::size_t j = 0; j < n; ++j)
                     b[j] = kdial::bf16::from_float(v[j]);

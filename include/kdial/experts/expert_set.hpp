@@ -28,7 +28,7 @@ namespace kdial {
 // here (and its kernels).
 template <weight_type... Ws> struct weight_type_list {
 };
-using expert_weight_types = weight_type_list<f32_t, bf16_t, f16_t, q8_t>;
+using expert_weight_types = weight_type_list<f32_t, bf16_t, f16_t, q8_t, q4_0_t, q4_k_t>;
 
 // One stacked expert tensor [E, rows, cols] of format W: expert e's matrix
 // starts at data + e * expert_stride, its row r at + r * row_stride (both in

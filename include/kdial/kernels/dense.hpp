@@ -1,6 +1,6 @@
 // A dense linear layer whose weight format is known only at run time (the
 // projections of attention, lm_head, a dense MLP): any_weight_view holds a
-// weight_view of f32, bf16, f16 or q8, and dense_linear() runs Y = X Wᵀ (+ b) in
+// weight_view of f32, bf16, f16, q8, q4_0 or q4_k, and dense_linear() runs Y = X Wᵀ (+ b) in
 // parallel over tiles of output columns sized by the weight bytes (never by
 // the thread count), so results are bit-identical for any thread count.
 // Several layers that read the same input can run in one launch.
@@ -18,7 +18,8 @@
 
 namespace kdial {
 
-using any_weight_view = std::variant<weight_view<f32_t>, weight_view<bf16_t>, weight_view<f16_t>, weight_view<q8_t>>;
+using any_weight_view = std::variant<weight_view<f32_t>, weight_view<bf16_t>, weight_view<f16_t>, weight_view<q8_t>,
+    weight_view<q4_0_t>, weight_view<q4_k_t>>;
 
 inline std::size_t rows_of(const any_weight_view& w) noexcept
 {
@@ -66,6 +67,8 @@ inline void dense_linear(cmatrix_view<float> X, std::span<const dense_output> ou
         const std::size_t O = rows_of(*o.w), K = cols_of(*o.w);
         detail::check(X.cols == K && o.y.rows == X.rows && o.y.cols == O, "kdial::dense_linear: X [", X.rows, ", ",
             X.cols, "] . W [", O, ", ", K, "]ᵀ does not fit Y [", o.y.rows, ", ", o.y.cols, "]");
+        detail::check(type_of(*o.w) != dtype::q4_k || K % qk_k == 0, "kdial::dense_linear: a q4_k weight has ", K,
+            " inputs per row, not a multiple of ", qk_k);
         tiles += row_tiles * ((O + detail::dense_cols(*o.w) - 1) / detail::dense_cols(*o.w));
     }
     if (X.rows == 0 || tiles == 0)

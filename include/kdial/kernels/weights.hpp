@@ -1,9 +1,11 @@
 // A non-owning view of one weight matrix in Hugging Face orientation
-// [out, in], row-major, in any weight format (f32, bf16, f16, q8). Used by
-// the expert kernels (stage 3); the data may live in a memory-mapped
-// checkpoint (a GGUF Q8_0 tensor is such a q8 matrix, in place). For q8 a
-// row holds ceil(in / 32) blocks (the last one zero-padded) and row_stride
-// counts blocks; for f32/bf16/f16 it counts elements.
+// [out, in], row-major, in any weight format (f32, bf16, f16, q8, q4_0,
+// q4_k). Used by the expert kernels (stage 3); the data may live in a
+// memory-mapped checkpoint (a GGUF Q8_0, Q4_0 or Q4_K tensor is such a
+// matrix, in place). For q8 and q4_0 a row holds ceil(in / 32) blocks (the
+// last one zero-padded), for q4_k in / 256 super-blocks (in % 256 == 0,
+// checked), and row_stride counts blocks; for f32/bf16/f16 it counts
+// elements.
 #pragma once
 
 #include <cstddef>
@@ -18,6 +20,10 @@ template <weight_type W> constexpr std::size_t storage_cols(std::size_t cols) no
 {
     if constexpr (std::is_same_v<W, q8_t>)
         return (cols + q8_block_size - 1) / q8_block_size;
+    else if constexpr (std::is_same_v<W, q4_0_t>)
+        return (cols + q4_0_block_size - 1) / q4_0_block_size;
+    else if constexpr (std::is_same_v<W, q4_k_t>)
+        return (cols + qk_k - 1) / qk_k;
     else
         return cols;
 }
@@ -61,6 +67,9 @@ void check_weight_shape(
 {
     check(w.rows == rows && w.cols == cols, where, ": ", name, " (", dtype_name(W::id), ") has shape [", w.rows, ", ",
         w.cols, "], expected [", rows, ", ", cols, "]");
+    if constexpr (std::is_same_v<W, q4_k_t>)
+        check(w.cols % qk_k == 0, where, ": ", name, " (q4_k) has ", w.cols, " inputs per row, not a multiple of ",
+            qk_k, " (a Q4_K super-block covers 256 inputs)");
     check(w.row_stride >= storage_cols<W>(w.cols), where, ": ", name, " has row stride ", w.row_stride, " < ",
         storage_cols<W>(w.cols), " storage elements per row");
     check(w.data != nullptr || w.rows == 0 || w.cols == 0, where, ": ", name, " is null");

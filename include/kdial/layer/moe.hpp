@@ -428,8 +428,12 @@ struct moe_stages {
         }
     }
 
-    // Approximate bytes per weight, for tile sizing only.
-    static std::size_t bytes_per_weight(dtype t) noexcept { return t == dtype::f32 ? 4 : t == dtype::q8 ? 1 : 2; }
+    // Approximate bytes per weight, for tile sizing only (4-bit formats
+    // count as 1: their tiles hold half the bytes of the others).
+    static std::size_t bytes_per_weight(dtype t) noexcept
+    {
+        return t == dtype::f32 ? 4 : t == dtype::q8 || t == dtype::q4_0 || t == dtype::q4_k ? 1 : 2;
+    }
 
     static void build_tiles(const moe_weights& w, moe_workspace& ws, std::size_t T)
     {

@@ -1,6 +1,7 @@
 // Widening loads for the weight formats: bf16 -> f32 (an exact 16-bit
-// shift), f16 -> f32 (exact; F16C on x86, NEON on aarch64) and q8 (int8 ->
-// f32, times the block scale). Used by the expert kernels (stage 3) to
+// shift), f16 -> f32 (exact; F16C on x86, NEON on aarch64), q8 (int8 ->
+// f32, times the block scale), q4_0 ((4-bit q - 8) times the block scale,
+// exact) and q4_k (d sc q - dmin m, one rounding, see core/blocks.hpp). Used by the expert kernels (stage 3) to
 // convert weights in registers, so a bf16, f16 or q8 matrix is never
 // materialised as a full f32 copy. Pure functions of their input: the value
 // loaded for a weight is the same in every kernel, every path and every
@@ -13,6 +14,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "../core/blocks.hpp"
 #include "../core/dtype.hpp"
 #include "compat.hpp"
 
@@ -154,8 +156,68 @@ template <class Arch = xsimd::default_arch> inline xsimd::batch<float, Arch> loa
     }
 }
 
-// Logical elements per storage element (q8: a block of 32).
-template <class S> inline constexpr std::size_t weight_group = std::is_same_v<S, q8_block> ? q8_block_size : 1;
+// batch::size consecutive 4-bit values as f32 in [0, 15]: the low nibbles
+// (high = false) or the high nibbles of the bytes p[0 : batch::size] (any
+// alignment; exactly batch::size bytes are read).
+template <class Arch = xsimd::default_arch>
+inline xsimd::batch<float, Arch> load_u4(const std::uint8_t* p, bool high) noexcept
+{
+    using B = xsimd::batch<float, Arch>;
+    if constexpr (false) {
+    }
+#if KDIAL_SIMD_X86 && XSIMD_WITH_AVX512F
+    else if constexpr (is_avx512_arch<Arch>) {
+        const __m512i w
+            = _mm512_maskz_cvtepu8_epi32(__mmask16(0xffff), _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+        const __m512i n = high ? _mm512_maskz_srli_epi32(__mmask16(0xffff), w, 4)
+                               : _mm512_maskz_and_epi32(__mmask16(0xffff), w, _mm512_set1_epi32(0xf));
+        return B(_mm512_maskz_cvtepi32_ps(__mmask16(0xffff), n));
+    }
+#endif
+#if KDIAL_SIMD_X86 && XSIMD_WITH_AVX2
+    else if constexpr (is_avx2_arch<Arch>) {
+        std::int64_t bits;
+        std::memcpy(&bits, p, sizeof bits);
+        const __m256i w = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(bits));
+        const __m256i n = high ? _mm256_srli_epi32(w, 4) : _mm256_and_si256(w, _mm256_set1_epi32(0xf));
+        return B(_mm256_cvtepi32_ps(n));
+    }
+#endif
+#if KDIAL_SIMD_X86 && XSIMD_WITH_SSE4_1
+    else if constexpr (is_sse_arch<Arch> && std::is_base_of_v<xsimd::sse4_1, Arch>) {
+        std::int32_t bits;
+        std::memcpy(&bits, p, sizeof bits);
+        const __m128i w = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(bits));
+        const __m128i n = high ? _mm_srli_epi32(w, 4) : _mm_and_si128(w, _mm_set1_epi32(0xf));
+        return B(_mm_cvtepi32_ps(n));
+    }
+#endif
+#if KDIAL_SIMD_NEON64
+    else if constexpr (is_neon64_arch<Arch>) {
+        std::uint32_t bits;
+        std::memcpy(&bits, p, sizeof bits);
+        const uint32x4_t w = vmovl_u16(vget_low_u16(vmovl_u8(vreinterpret_u8_u32(vdup_n_u32(bits)))));
+        return B(vcvtq_f32_u32(high ? vshrq_n_u32(w, 4) : vandq_u32(w, vdupq_n_u32(0xf))));
+    }
+#endif
+    else {
+        alignas(Arch::alignment()) float tmp[B::size];
+        for (std::size_t i = 0; i < B::size; ++i)
+            tmp[i] = static_cast<float>(high ? p[i] >> 4 : p[i] & 0xf);
+        return B::load_aligned(tmp);
+    }
+}
+
+// Logical elements per storage element (q8, q4_0: a block of 32; q4_k: a
+// super-block of 256).
+template <class S>
+inline constexpr std::size_t weight_group = std::is_same_v<S, q8_block> || std::is_same_v<S, q4_0_block> ? 32
+    : std::is_same_v<S, q4_k_block>                                                                      ? qk_k
+                                                                                                         : 1;
+
+// Formats whose blocks are 32 integers times one f16 scale (q8, q4_0): the
+// GEMV sums integer times x per block and scales once.
+template <class S> inline constexpr bool is_scaled_block = std::is_same_v<S, q8_block> || std::is_same_v<S, q4_0_block>;
 
 // A read hint for the cache line holding p (no effect on results).
 inline void prefetch(const void* p) noexcept
@@ -190,6 +252,57 @@ inline xsimd::batch<float, Arch> load_q8(const q8_block& b, std::size_t i) noexc
     return load_i8<Arch>(b.q + i) * xsimd::batch<float, Arch>(scale_of(b));
 }
 
+// The scale of a q4_0 block as f32 (exact widening of its f16 d).
+inline float scale_of(const q4_0_block& b) noexcept
+{
+    return widen(b.scale_f16());
+}
+
+// The integers of elements [i, i + batch::size) of a scaled block, as f32
+// (q8: q; q4_0: q - 8). i is a multiple of batch::size (which divides 16
+// for q4_0, so a vector never mixes low and high nibbles).
+template <class Arch = xsimd::default_arch>
+inline xsimd::batch<float, Arch> block_ints(const q8_block& b, std::size_t i) noexcept
+{
+    return load_i8<Arch>(b.q + i);
+}
+template <class Arch = xsimd::default_arch>
+inline xsimd::batch<float, Arch> block_ints(const q4_0_block& b, std::size_t i) noexcept
+{
+    return load_u4<Arch>(b.qs + i % 16, i >= 16) - xsimd::batch<float, Arch>(8.0f);
+}
+
+// Elements [i, i + batch::size) of a q4_0 block, dequantised (d (q - 8),
+// exact). Requires i + batch::size <= 32.
+template <class Arch = xsimd::default_arch>
+inline xsimd::batch<float, Arch> load_q4_0(const q4_0_block& b, std::size_t i) noexcept
+{
+    return block_ints<Arch>(b, i) * xsimd::batch<float, Arch>(scale_of(b));
+}
+
+// D = d sc and M = dmin m of sub-block j of a q4_k super-block (exact), with
+// the CPU's f16 widening.
+inline k_sub_scale sub_scale_of(const q4_k_block& b, std::size_t j) noexcept
+{
+    const k_scale_min s = k_scale_min_at(b.scales, j);
+    return { widen(f16_at(b.d)) * static_cast<float>(s.sc), widen(f16_at(b.dmin)) * static_cast<float>(s.m) };
+}
+
+// Elements [i, i + batch::size) of a q4_k super-block, dequantised:
+// fma(q, D, -M), the same single rounding as block_value. i is a multiple
+// of batch::size, so the vector lies in one sub-block of 32.
+template <class Arch = xsimd::default_arch>
+inline xsimd::batch<float, Arch> load_q4_k(const q4_k_block& b, std::size_t i, k_sub_scale s) noexcept
+{
+    using B = xsimd::batch<float, Arch>;
+    return simd::fma(load_u4<Arch>(b.qs + (i / 64) * 32 + i % 32, (i / 32) % 2 == 1), B(s.d), B(-s.m));
+}
+template <class Arch = xsimd::default_arch>
+inline xsimd::batch<float, Arch> load_q4_k(const q4_k_block& b, std::size_t i) noexcept
+{
+    return load_q4_k<Arch>(b, i, sub_scale_of(b, i / 32));
+}
+
 // Element k of a weight row in storage format W, as f32 (scalar tails,
 // packing and references).
 inline float weight_at(const float* row, std::size_t k) noexcept
@@ -208,9 +321,17 @@ inline float weight_at(const q8_block* row, std::size_t k) noexcept
 {
     return dequant(row[k / q8_block_size], k % q8_block_size);
 }
+inline float weight_at(const q4_0_block* row, std::size_t k) noexcept
+{
+    return block_value(row[k / q4_0_block_size], k % q4_0_block_size);
+}
+inline float weight_at(const q4_k_block* row, std::size_t k) noexcept
+{
+    return block_value(row[k / qk_k], k % qk_k);
+}
 
-// Elements [k, k + batch::size) of a weight row, as f32. For q8 the range
-// must not cross a block boundary (batch::size divides 32).
+// Elements [k, k + batch::size) of a weight row, as f32. For the block
+// formats the range must not cross a block of 32 (batch::size divides 32).
 template <class Arch = xsimd::default_arch>
 inline xsimd::batch<float, Arch> load_weights(const float* row, std::size_t k) noexcept
 {
@@ -230,6 +351,16 @@ template <class Arch = xsimd::default_arch>
 inline xsimd::batch<float, Arch> load_weights(const q8_block* row, std::size_t k) noexcept
 {
     return load_q8<Arch>(row[k / q8_block_size], k % q8_block_size);
+}
+template <class Arch = xsimd::default_arch>
+inline xsimd::batch<float, Arch> load_weights(const q4_0_block* row, std::size_t k) noexcept
+{
+    return load_q4_0<Arch>(row[k / q4_0_block_size], k % q4_0_block_size);
+}
+template <class Arch = xsimd::default_arch>
+inline xsimd::batch<float, Arch> load_weights(const q4_k_block* row, std::size_t k) noexcept
+{
+    return load_q4_k<Arch>(row[k / qk_k], k % qk_k);
 }
 
 } // namespace kdial::simd
