@@ -1,7 +1,11 @@
 // One expert's SwiGLU FFN (stage 3), single thread: d = 2048, F = 1024,
-// n rows in {1, 4, 64, 512}, weights in f32 / bf16 / f16 / q8 (GGUF Q8_0).
+// n rows in {1, 4, 64, 512}, weights in f32 / bf16 / f16 / q8 (GGUF Q8_0) /
+// q4_0 (GGUF Q4_0) / q4_k (GGUF Q4_K, in place); decode (n = 1) also on the
+// AVX2 + FMA path (xsimd fma3<avx2>) where the CPU has it, so the AVX2-only
+// machines' regime is timed on any x86 machine.
 // Formulas (stated once):
-//   weight bytes = 3 * F * d * bytes_per_weight   (f32 4, bf16 f16 2, q8 34/32)
+//   weight bytes = 3 * F * d * bytes_per_weight   (f32 4, bf16 f16 2, q8 34/32,
+//                                                  q4_0 18/32, q4_k 144/256)
 //   flops        = 2 * n * 3 * F * d
 // Counters: GB/s of weight bytes, GFLOP/s, and both as fractions of the
 // single-thread limits from bench/roofline.hpp measured in this run.
@@ -45,10 +49,21 @@ template <kdial::weight_type W> void fill(typename W::storage* p, std::size_t co
             p[i] = kdial::bf16::from_float(0.05f * uniform(s));
         } else if constexpr (std::is_same_v<W, kdial::f16_t>) {
             p[i] = kdial::f16::from_float(0.05f * uniform(s));
-        } else {
+        } else if constexpr (std::is_same_v<W, kdial::q8_t>) {
             p[i].set_scale(kdial::f16::from_float(0.05f / 127.0f));
             for (auto& q : p[i].q)
                 q = static_cast<std::int8_t>(int(next(s) % 255) - 127);
+        } else {
+            // Random quants; f16 scales of about 0.05 / 8 (q4_0: d; q4_k:
+            // d and dmin, with random 6-bit sub-block scales).
+            auto* b = reinterpret_cast<std::uint8_t*>(p + i);
+            for (std::size_t j = 0; j < sizeof(p[i]); ++j)
+                b[j] = static_cast<std::uint8_t>(next(s));
+            const kdial::f16 d = kdial::f16::from_float(0.05f / 8.0f / (std::is_same_v<W, kdial::q4_k_t> ? 32 : 1));
+            for (int j = 0; j < (std::is_same_v<W, kdial::q4_k_t> ? 4 : 2); j += 2) {
+                b[j] = static_cast<std::uint8_t>(d.bits & 0xff);
+                b[j + 1] = static_cast<std::uint8_t>(d.bits >> 8);
+            }
         }
     }
 }
@@ -104,7 +119,7 @@ const kdial::bench::limits& single_thread_limits()
     return lim;
 }
 
-template <kdial::weight_type W> void bm_expert(benchmark::State& state)
+template <kdial::weight_type W, class Arch = xsimd::default_arch> void bm_expert(benchmark::State& state)
 {
     const std::size_t n = static_cast<std::size_t>(state.range(0));
     const kdial::bench::limits& lim = single_thread_limits();
@@ -118,7 +133,7 @@ template <kdial::weight_type W> void bm_expert(benchmark::State& state)
     std::size_t e = 0;
     const auto t0 = std::chrono::steady_clock::now();
     for (auto _ : state) {
-        kdial::swiglu_expert(p.experts[e], xv, hv, yv);
+        kdial::swiglu_expert<W, Arch>(p.experts[e], xv, hv, yv);
         benchmark::DoNotOptimize(y.data());
         benchmark::ClobberMemory();
         e = e + 1 == p.experts.size() ? 0 : e + 1;
@@ -133,8 +148,9 @@ template <kdial::weight_type W> void bm_expert(benchmark::State& state)
     state.counters["GFLOPps"] = gflops;
     state.counters["bw_frac"] = gbs / lim.read_gbs; // of the in-run read bandwidth
     state.counters["fma_frac"] = gflops / lim.fma_gflops; // of the in-run FMA peak
-    state.SetLabel(std::string(kdial::dtype_name(W::id)) + " read " + std::to_string(lim.read_gbs).substr(0, 5)
-        + " GB/s, fma " + std::to_string(lim.fma_gflops).substr(0, 6) + " GFLOP/s (1 thread)");
+    state.SetLabel(std::string(kdial::dtype_name(W::id)) + " " + Arch::name() + " read "
+        + std::to_string(lim.read_gbs).substr(0, 5) + " GB/s, fma " + std::to_string(lim.fma_gflops).substr(0, 6)
+        + " GFLOP/s (1 thread)");
 }
 
 } // namespace
@@ -148,3 +164,19 @@ BENCHMARK_TEMPLATE(bm_expert, kdial::f32_t)->Apply(expert_args);
 BENCHMARK_TEMPLATE(bm_expert, kdial::bf16_t)->Apply(expert_args);
 BENCHMARK_TEMPLATE(bm_expert, kdial::f16_t)->Apply(expert_args);
 BENCHMARK_TEMPLATE(bm_expert, kdial::q8_t)->Apply(expert_args);
+BENCHMARK_TEMPLATE(bm_expert, kdial::q4_0_t)->Apply(expert_args);
+BENCHMARK_TEMPLATE(bm_expert, kdial::q4_k_t)->Apply(expert_args);
+
+#if (defined(__x86_64__) || defined(__i386__)) && XSIMD_WITH_AVX2 && XSIMD_WITH_FMA3_AVX2
+// Decode on the AVX2 + FMA path (built when the compiler targets AVX2; the
+// native arch above may be AVX-512).
+static void avx2_args(benchmark::internal::Benchmark* b)
+{
+    b->Arg(1)->Unit(benchmark::kMillisecond)->MinTime(0.3);
+}
+using avx2_fma = xsimd::fma3<xsimd::avx2>;
+BENCHMARK_TEMPLATE(bm_expert, kdial::bf16_t, avx2_fma)->Apply(avx2_args);
+BENCHMARK_TEMPLATE(bm_expert, kdial::q8_t, avx2_fma)->Apply(avx2_args);
+BENCHMARK_TEMPLATE(bm_expert, kdial::q4_0_t, avx2_fma)->Apply(avx2_args);
+BENCHMARK_TEMPLATE(bm_expert, kdial::q4_k_t, avx2_fma)->Apply(avx2_args);
+#endif

@@ -12,7 +12,8 @@
 
 using namespace kdial;
 
-TEST_CASE_TEMPLATE("swiglu_expert: matches reference within derived bound [experts][swiglu]", W, f32_t, bf16_t, q8_t)
+TEST_CASE_TEMPLATE(
+    "swiglu_expert: matches reference within derived bound [experts][swiglu]", W, f32_t, bf16_t, q8_t, q4_0_t)
 {
     std::mt19937 rng(21);
     struct shape {

@@ -31,6 +31,8 @@ struct arch_kernels {
     arch_fns<bf16_t> bf16;
     arch_fns<f16_t> f16;
     arch_fns<q8_t> q8;
+    arch_fns<q4_0_t> q4_0;
+    arch_fns<q4_k_t> q4_k;
 
     template <weight_type W> constexpr const arch_fns<W>& get() const noexcept
     {
@@ -40,8 +42,12 @@ struct arch_kernels {
             return bf16;
         else if constexpr (std::is_same_v<W, f16_t>)
             return f16;
-        else
+        else if constexpr (std::is_same_v<W, q8_t>)
             return q8;
+        else if constexpr (std::is_same_v<W, q4_0_t>)
+            return q4_0;
+        else
+            return q4_k;
     }
 };
 
@@ -58,7 +64,8 @@ template <class Arch, weight_type W> constexpr arch_fns<W> make_arch_fns() noexc
 template <class Arch> constexpr arch_kernels make_arch_kernels() noexcept
 {
     return { Arch::name(), xsimd::batch<float, Arch>::size, make_arch_fns<Arch, f32_t>(), make_arch_fns<Arch, bf16_t>(),
-        make_arch_fns<Arch, f16_t>(), make_arch_fns<Arch, q8_t>() };
+        make_arch_fns<Arch, f16_t>(), make_arch_fns<Arch, q8_t>(), make_arch_fns<Arch, q4_0_t>(),
+        make_arch_fns<Arch, q4_k_t>() };
 }
 
 // The tables of the arch TUs built for this target (defined there).

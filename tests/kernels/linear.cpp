@@ -1,5 +1,5 @@
 // kernels/linear.hpp: linear and swiglu_gate_up against the scalar reference
-// on odd shapes, every dtype, both paths (GEMV n <= 4, GEMM n > 4), every
+// on odd shapes (q4_k: rows of whole 256-blocks), every dtype, both paths (GEMV n <= 4, GEMM n > 4), every
 // column split bit-identical, strided and misaligned views; for every SIMD
 // arch this CPU runs (SSE4.2, AVX2 + FMA, AVX-512 on x86; NEON on aarch64),
 // each from its own TU (tests/kernels/arch/).
@@ -59,6 +59,13 @@ void linear_split(const arch_fns<W>& k, const weight_view<W>& w, cmatrix_view<fl
     k.linear(w, x, o0, w.rows, y);
 }
 
+// The row length to test for format W: K itself, or for q4_k (whose rows
+// are whole super-blocks) K rounded up to a multiple of 256.
+template <weight_type W> std::size_t fit_cols(std::size_t K)
+{
+    return std::is_same_v<W, q4_k_t> ? (K + qk_k - 1) / qk_k * qk_k : K;
+}
+
 bool same_bytes(cmatrix_view<float> a, cmatrix_view<float> b)
 {
     for (std::size_t i = 0; i < a.rows; ++i)
@@ -78,7 +85,7 @@ bool padding_intact(const ref::owned_matrix& m)
 
 } // namespace
 
-#define KDIAL_WEIGHT_TYPES f32_t, bf16_t, f16_t, q8_t
+#define KDIAL_WEIGHT_TYPES f32_t, bf16_t, f16_t, q8_t, q4_0_t, q4_k_t
 
 TEST_CASE("kernel archs: the native arch is among those tested [kernels][arch]")
 {
@@ -116,6 +123,7 @@ TEST_CASE_TEMPLATE(
         // K = 1..531: not multiples of 8 or 32; 257 and 531 cross the GEMM K block.
         for (shape s : { shape { 1, 1 }, shape { 7, 3 }, shape { 13, 31 }, shape { 37, 33 }, shape { 45, 67 },
                  shape { 33, 257 }, shape { 19, 531 } }) {
+            s.K = fit_cols<W>(s.K);
             const auto w = ref::random_weights<W>(s.O, s.K, rng, /*pad*/ 3, /*offset*/ 1);
             const std::vector<float> wf = ref::dequantize(w.view);
             for (std::size_t n : row_counts) {
@@ -129,8 +137,10 @@ TEST_CASE_TEMPLATE(
                 std::vector<double> want, abs;
                 ref::linear(wf, s.O, s.K, x.view.data, n, x.view.stride, want, abs);
                 // Bound: gamma_K * sum |w x| (w the dequantised f32 weight). For
-                // f32/bf16 every path only reorders an FMA sum of the exact
-                // products. The q8 GEMV path sums q * x per 32-block first and
+                // f32/bf16/q4_k every path only reorders an FMA sum of the
+                // exact products (q4_k: of the loaded values fma(q, D, -M),
+                // which ref::dequantize gives too). The q8 and q4_0 GEMV
+                // paths sum the integers (q, or q - 8) times x per 32-block first and
                 // scales once (fma(block sum, scale, acc)), i.e. it uses the exact
                 // scale * q instead of w = fl(scale * q) = scale * q (1 + d),
                 // |d| <= u. Each term then carries at most m + 1 factors
@@ -159,7 +169,7 @@ TEST_CASE_TEMPLATE("linear: every column split gives identical bytes, every arch
         CAPTURE(arch->name);
         const arch_fns<W>& kf = arch->get<W>();
         std::mt19937 rng(12);
-        const std::size_t O = 53, K = 291;
+        const std::size_t O = 53, K = fit_cols<W>(291);
         const auto w = ref::random_weights<W>(O, K, rng);
         for (std::size_t n : row_counts) {
             CAPTURE(n);
@@ -201,7 +211,7 @@ TEST_CASE_TEMPLATE("linear: GEMM rows do not depend on the row count, every arch
         CAPTURE(arch->name);
         const arch_fns<W>& kf = arch->get<W>();
         std::mt19937 rng(13);
-        const std::size_t O = 29, K = 300, n = 600; // n > the GEMM row block
+        const std::size_t O = 29, K = fit_cols<W>(300), n = 600; // n > the GEMM row block
         const auto w = ref::random_weights<W>(O, K, rng);
         const auto x = ref::random_matrix(n, K, rng);
         auto full = ref::filled_matrix(n, O);
@@ -223,7 +233,7 @@ TEST_CASE_TEMPLATE("swiglu_gate_up: matches reference and splits are bit-identic
         CAPTURE(arch->name);
         const arch_fns<W>& kf = arch->get<W>();
         std::mt19937 rng(14);
-        const std::size_t F = 45, d = 67 + 256;
+        const std::size_t F = 45, d = fit_cols<W>(67 + 256);
         const auto g = ref::random_weights<W>(F, d, rng, 1, 1);
         const auto u = ref::random_weights<W>(F, d, rng, 2, 0);
         const std::vector<float> gf = ref::dequantize(g.view), uf = ref::dequantize(u.view);

@@ -81,11 +81,11 @@ TEST_CASE("rope: rotate-half pairs (i, i + rot/2), angles pos * theta^(-2i/rot),
 }
 
 TEST_CASE_TEMPLATE("dense_linear: matches the reference with bias, bit-identical for 1 and 2 threads [kernels][dense]",
-    W, f32_t, bf16_t, f16_t, q8_t)
+    W, f32_t, bf16_t, f16_t, q8_t, q4_0_t, q4_k_t)
 {
     std::mt19937 rng(5);
     for (std::size_t n : { std::size_t(1), std::size_t(3), std::size_t(70), std::size_t(300) }) {
-        const std::size_t O = 333, K = 129;
+        const std::size_t O = 333, K = std::is_same_v<W, q4_k_t> ? 256 : 129;
         auto w = ref::random_weights<W>(O, K, rng);
         const auto X = test::random_floats(n * K, n);
         const auto bias = test::random_floats(O, n + 9);
@@ -113,7 +113,7 @@ TEST_CASE_TEMPLATE("dense_linear: matches the reference with bias, bit-identical
     }
     std::vector<float> X(4 * 5), Y(4 * 6);
     std::mt19937 r2(1);
-    auto w = ref::random_weights<W>(7, 5, r2);
+    auto w = ref::random_weights<W>(7, std::is_same_v<W, q4_k_t> ? 256 : 5, r2);
     CHECK_THROWS_AS(
         dense_linear(any_weight_view(w.view), cmatrix_view<float>(X.data(), 4, 5), matrix_view<float>(Y.data(), 4, 6)),
         kdial::error);

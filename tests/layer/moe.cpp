@@ -13,7 +13,7 @@ using namespace kdial;
 using kdial::test::layer_fixture;
 using kdial::test::run;
 
-TEST_CASE_TEMPLATE("moe: matches the reference for every k and T, odd d and F [layer]", W, f32_t, bf16_t, q8_t)
+TEST_CASE_TEMPLATE("moe: matches the reference for every k and T, odd d and F [layer]", W, f32_t, bf16_t, q8_t, q4_0_t)
 {
     const std::size_t d = 37, F = 45;
     for (int E : { 1, 8 }) {
@@ -79,10 +79,12 @@ TEST_CASE_TEMPLATE("moe: shared expert with and without its sigmoid gate [layer]
 }
 
 TEST_CASE_TEMPLATE("moe: bit-identical for 1 and 2 threads, repeated calls, fixed and dynamic k [layer][determinism]",
-    W, f32_t, bf16_t, q8_t)
+    W, f32_t, bf16_t, q8_t, q4_0_t, q4_k_t)
 {
-    const std::size_t d = 256, F = 96, T = 200;
-    layer_fixture<W> fx(d, F, 16, 3, 64);
+    // q4_k rows are whole super-blocks of 256 inputs.
+    constexpr bool k4 = std::is_same_v<W, q4_k_t>;
+    const std::size_t d = 256, F = k4 ? 256 : 96, T = 200;
+    layer_fixture<W> fx(d, F, 16, 3, k4 ? 256 : 64);
     const auto w = fx.make();
     moe_workspace ws(w.shape(T, 8));
     const auto X = test::random_floats(T * d, 4);
@@ -95,6 +97,19 @@ TEST_CASE_TEMPLATE("moe: bit-identical for 1 and 2 threads, repeated calls, fixe
         CHECK(test::same_bytes(one, two));
         CHECK(test::same_bytes(one, again));
         CHECK(test::same_bytes(one, fixed));
+    }
+}
+
+TEST_CASE("moe: q4_k experts (d, F multiples of 256) match the reference for every k [layer]")
+{
+    const std::size_t d = 256, F = 512;
+    layer_fixture<q4_k_t> fx(d, F, 4, 31);
+    const auto w = fx.make();
+    moe_workspace ws(w.shape(70, 4));
+    for (std::size_t T : { std::size_t(1), std::size_t(3), std::size_t(70) }) {
+        const auto X = test::random_floats(T * d, T + 3u);
+        for (int k = 1; k <= 4; ++k)
+            fx.check(ws, X, T, k, router_options {}, run(w, ws, X, T, dynamic_k { k }));
     }
 }
 

@@ -7,9 +7,11 @@
 
 #include <cmath>
 #include <cstddef>
+#include <cstring>
 #include <random>
 #include <vector>
 
+#include <kdial/core/blocks.hpp>
 #include <kdial/core/dtype.hpp>
 #include <kdial/kernels/quantize.hpp>
 #include <kdial/kernels/weights.hpp>
@@ -38,6 +40,11 @@ template <weight_type W> std::vector<float> dequantize(const weight_view<W>& w)
             if constexpr (std::is_same_v<W, q8_t>) {
                 const q8_block& b = w.row(r)[c / q8_block_size];
                 out[r * w.cols + c] = b.scale_f16().to_float() * static_cast<float>(b.q[c % q8_block_size]);
+            } else if constexpr (std::is_same_v<W, q4_0_t> || std::is_same_v<W, q4_k_t>) {
+                // The scalar block values (tested bit for bit against an
+                // independent unpacking in tests/kernels/blocks.cpp).
+                constexpr std::size_t G = block_elems<typename W::storage>;
+                out[r * w.cols + c] = block_value(w.row(r)[c / G], c % G);
             } else {
                 out[r * w.cols + c] = to_f32(w.row(r)[c]);
             }
@@ -131,6 +138,15 @@ owned_weights<W> random_weights(std::size_t rows, std::size_t cols, std::mt19937
         }
         if (rows > 0 && cols > 0)
             quantize_q8(cmatrix_view<float>(f.data(), rows, cols), base, stride);
+    } else if constexpr (std::is_same_v<W, q4_0_t> || std::is_same_v<W, q4_k_t>) {
+        for (auto& b : o.buf) // garbage in the padding
+            std::memset(static_cast<void*>(&b), 0x7b, sizeof b);
+        if (rows > 0 && cols > 0) {
+            if constexpr (std::is_same_v<W, q4_0_t>)
+                quantize_q4_0(f.data(), cols, rows, cols, base, stride);
+            else
+                quantize_q4_k(f.data(), cols, rows, cols, base, stride);
+        }
     } else {
         const auto narrow = [](float v) {
             if constexpr (std::is_same_v<W, bf16_t>)

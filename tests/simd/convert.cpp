@@ -4,6 +4,7 @@
 // the scalar weight_at on misaligned rows, for every arch this CPU runs.
 #include <doctest/doctest.h>
 
+#include <kdial/core/blocks.hpp>
 #include <kdial/kernels/quantize.hpp>
 #include <kdial/simd/convert.hpp>
 
@@ -77,13 +78,14 @@ TEST_CASE("f16: narrowing rounds to nearest even at every midpoint [simd][conver
     CHECK(f16::from_float(65504.0f).bits == 0x7bffu);
 }
 
-TEST_CASE_TEMPLATE(
-    "convert: each arch's widening loads equal weight_at, misaligned [simd][convert]", W, f32_t, bf16_t, f16_t, q8_t)
+TEST_CASE_TEMPLATE("convert: each arch's widening loads equal weight_at, misaligned [simd][convert]", W, f32_t, bf16_t,
+    f16_t, q8_t, q4_0_t, q4_k_t)
 {
     using S = typename W::storage;
+    constexpr bool blocks = simd::weight_group < S >> 1;
     std::mt19937 rng(5);
     std::uniform_real_distribution<float> U(-2.f, 2.f);
-    const std::size_t cols = 3 * q8_block_size;
+    const std::size_t cols = std::is_same_v<W, q4_k_t> ? 2 * qk_k : 3 * q8_block_size;
     std::vector<float> f(cols);
     for (float& v : f)
         v = U(rng);
@@ -94,6 +96,10 @@ TEST_CASE_TEMPLATE(
     S* row = buf.data() + 1;
     if constexpr (std::is_same_v<W, q8_t>) {
         quantize_q8(cmatrix_view<float>(f.data(), 1, cols), row, storage_cols<W>(cols));
+    } else if constexpr (std::is_same_v<W, q4_0_t>) {
+        quantize_q4_0(f.data(), cols, 1, cols, row, storage_cols<W>(cols));
+    } else if constexpr (std::is_same_v<W, q4_k_t>) {
+        quantize_q4_k(f.data(), cols, 1, cols, row, storage_cols<W>(cols));
     } else {
         for (std::size_t i = 0; i < cols; ++i) {
             if constexpr (std::is_same_v<W, f32_t>)
@@ -106,9 +112,9 @@ TEST_CASE_TEMPLATE(
         CAPTURE(arch->name);
         const std::size_t L = arch->lanes;
         float out[64];
-        // Every vector position (q8: within a block), so every start
-        // alignment of the storage is taken.
-        for (std::size_t k = 0; k + L <= cols; k += (std::is_same_v<W, q8_t> ? L : 1)) {
+        // Every vector position (block formats: within a block of 32), so
+        // every start alignment of the storage is taken.
+        for (std::size_t k = 0; k + L <= cols; k += (blocks ? L : 1)) {
             arch->get<W>().load(row, k, out);
             for (std::size_t i = 0; i < L; ++i) {
                 const float want = simd::weight_at(static_cast<const S*>(row), k + i);

@@ -107,13 +107,13 @@ template <class Block> inline void dequantize_row(const Block* blocks, std::size
 // So m itself gets q = 0 (exactly -8 d = m up to d's f16 rounding) and the
 // other end of the range is clamped at q = 15 (value 7 d).
 // Error bound per element, amax = |m|, |d| = amax / 8:
-//  - unclamped, |w / d + 8 - q| <= 1/2 (plus the f32 rounding of w * (1/d),
-//    below 2^-20 |d|); clamped (w / d > 7.5, only for w of the opposite sign
+//  - unclamped, |w / d + 8 - q| <= 1/2 (plus the f32 roundings of w * (1/d)
+//    and of + 8.5, below 2^-18 in units of d); clamped (w / d > 7.5, only for w of the opposite sign
 //    to m with |w| > 15/16 amax): |w - 7 d| <= |d| = amax / 8;
 //  - d16 = f16(d): |d - d16| <= 2^-11 |d| for a normal d16, else <= 2^-25;
 //    times |q - 8| <= 8.
-//  So |w - d16 (q - 8)| <= amax / 8 + amax / 2^11 + 2^-22 (and amax / 16 +
-//  that for every unclamped element). Returns false (a meaningless block)
+//  So |w - d16 (q - 8)| <= amax / 8 (1 + 2^-15) + amax / 2^11 + 2^-22, and
+//  amax / 16 (1 + 2^-15) + amax / 2^11 + 2^-22 for every unclamped element. Returns false (a meaningless block)
 //  for a non-finite value or a d outside the f16 range (amax >= 8 * 65520).
 inline bool quantize_block(const float* w, std::size_t n, q4_0_block& out) noexcept
 {
@@ -163,7 +163,8 @@ inline f16 f16_ceil(float x) noexcept
 // <= 63), so D_j = d sc_j >= s_j and M_j = dmin m_j >= -lo_j: w + M_j >= 0
 // and (w + M_j) / D_j <= 15 + dmin / D_j. Then q = min(15, round((w + M_j) /
 // D_j)), and with the value v = D_j q - M_j (rounded once to f32):
-//   |w - v| <= max(D_j / 2, dmin) (1 + 2^-20) + ulp(v) / 2,
+//   |w - v| <= max(D_j / 2, dmin) (1 + 2^-16) + ulp(v) / 2
+// (the slack covers the f32 roundings of (w + M_j) / D_j),
 // where D_j <= s_j + d <= s_j + (max_j s_j / 63)(1 + 2^-10) and dmin <=
 // (max_j -lo_j / 63)(1 + 2^-10) for normal f16 scales (+ 2^-24 when
 // subnormal). Returns false for a non-finite value or scales beyond f16.

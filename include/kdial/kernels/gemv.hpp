@@ -61,14 +61,28 @@ inline void gemv_rows(
             for (int r = 0; r < R; ++r)
                 simd::prefetch(next[r] + b);
             B bs[R][NR];
-            for (std::size_t v = 0; v < V; ++v) {
-                B q[R];
-                for (int r = 0; r < R; ++r)
-                    q[r] = simd::block_ints<Arch>(rows[r][b], v * L);
-                for (int i = 0; i < NR; ++i) {
-                    const B xv = B::load_unaligned(x + i * ldx + k + v * L);
+            if constexpr (std::is_same_v<S, q8_block>) {
+                for (std::size_t v = 0; v < V; ++v) {
+                    B q[R];
                     for (int r = 0; r < R; ++r)
-                        bs[r][i] = v == 0 ? q[r] * xv : simd::fma(q[r], xv, bs[r][i]);
+                        q[r] = simd::block_ints<Arch>(rows[r][b], v * L);
+                    for (int i = 0; i < NR; ++i) {
+                        const B xv = B::load_unaligned(x + i * ldx + k + v * L);
+                        for (int r = 0; r < R; ++r)
+                            bs[r][i] = v == 0 ? q[r] * xv : simd::fma(q[r], xv, bs[r][i]);
+                    }
+                }
+            } else {
+                // q4_0: a row's whole block decoded at once (the same
+                // values, and the same order v = 0, 1, ... per sum).
+                for (int r = 0; r < R; ++r) {
+                    B q[V];
+                    simd::block_ints_all<Arch>(rows[r][b], q);
+                    for (int i = 0; i < NR; ++i) {
+                        bs[r][i] = q[0] * B::load_unaligned(x + i * ldx + k);
+                        for (std::size_t v = 1; v < V; ++v)
+                            bs[r][i] = simd::fma(q[v], B::load_unaligned(x + i * ldx + k + v * L), bs[r][i]);
+                    }
                 }
             }
             for (int r = 0; r < R; ++r) {
@@ -78,13 +92,17 @@ inline void gemv_rows(
             }
         }
     } else if constexpr (std::is_same_v<S, q4_k_block>) {
-        // Super-blocks of 256 (cols % 256 == 0): per sub-block of 32 its
-        // scale D and offset M once per row, then each vector's weights
+        // Super-blocks of 256 (cols % 256 == 0): the scales D and offsets M
+        // of all 8 sub-blocks once per row (AVX-512: per sub-block a
+        // 16-entry table of its values), then each vector's weights
         // fma(q, D, -M) (the values simd::load_weights gives) into the
         // chains in the vector order v % C, as the generic path below.
         constexpr std::size_t V = 32 / L;
         const std::size_t nb = cols / qk_k;
         for (std::size_t b = 0; b < nb; ++b) {
+            simd::q4_k_scales sc[R]; // all 8 sub-blocks' D and M, once per row
+            for (int r = 0; r < R; ++r)
+                sc[r] = simd::scales_of(rows[r][b]);
             for (std::size_t j = 0; j < 8; ++j, k += 32) {
                 if (j < 3) // a super-block is 144 bytes: at most 4 lines
                     for (int r = 0; r < R; ++r)
@@ -93,13 +111,16 @@ inline void gemv_rows(
                     for (int r = 0; r < R; ++r)
                         simd::prefetch(reinterpret_cast<const char*>(next[r] + b) + sizeof(S) - 1);
                 k_sub_scale ds[R];
-                for (int r = 0; r < R; ++r)
-                    ds[r] = simd::sub_scale_of(rows[r][b], j);
+                B lut[R];
+                for (int r = 0; r < R; ++r) {
+                    ds[r] = { sc[r].d[j], sc[r].m[j] };
+                    lut[r] = simd::q4_k_lut<Arch>(ds[r]);
+                }
                 for (std::size_t v = 0; v < V; ++v) {
                     const int c = int(((k + v * L) / L) % C);
                     B wv[R];
                     for (int r = 0; r < R; ++r)
-                        wv[r] = simd::load_q4_k<Arch>(rows[r][b], j * 32 + v * L, ds[r]);
+                        wv[r] = simd::load_q4_k<Arch>(rows[r][b], j * 32 + v * L, ds[r], lut[r]);
                     for (int i = 0; i < NR; ++i) {
                         const B xv = B::load_unaligned(x + i * ldx + k + v * L);
                         for (int r = 0; r < R; ++r)
