@@ -92,7 +92,7 @@ template <class Edit> void rewrite(const fs::path& src, const fs::path& dst, Edi
 TEST_CASE("gguf model: same logits as the safetensors checkpoint of the same values [gguf][model]")
 {
     temp_dir d;
-    for (const std::string preset : { "tiny", "tiny-qwen2-moe", "tiny-mixtral" })
+    for (const std::string preset : { "tiny", "tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-mixtral" })
         for (const std::string dtype : { "f32", "f16", "bf16" }) {
             CAPTURE(preset);
             CAPTURE(dtype);
