@@ -31,65 +31,18 @@
 #include "../core/blocks.hpp"
 #include "../core/dtype.hpp"
 #include "../core/error.hpp"
+#include "../core/ggml_types.hpp"
 #include "dense.hpp"
 #include "quantize.hpp"
 #include "weights.hpp"
 
 namespace kdial {
 
-// The ggml type ids of GGUF tensor infos that kdial names.
-enum class ggml_type : std::uint32_t {
-    f32 = 0,
-    f16 = 1,
-    q4_0 = 2,
-    q4_1 = 3,
-    q5_0 = 6,
-    q5_1 = 7,
-    q8_0 = 8,
-    q8_1 = 9,
-    q2_k = 10,
-    q3_k = 11,
-    q4_k = 12,
-    q5_k = 13,
-    q6_k = 14,
-    q8_k = 15,
-    bf16 = 30,
-};
-
+// A type id's name ("Q4_K"), or "type N" for an id ggml does not define.
 inline std::string ggml_type_name(std::uint32_t t)
 {
-    switch (static_cast<ggml_type>(t)) {
-    case ggml_type::f32:
-        return "F32";
-    case ggml_type::f16:
-        return "F16";
-    case ggml_type::q4_0:
-        return "Q4_0";
-    case ggml_type::q4_1:
-        return "Q4_1";
-    case ggml_type::q5_0:
-        return "Q5_0";
-    case ggml_type::q5_1:
-        return "Q5_1";
-    case ggml_type::q8_0:
-        return "Q8_0";
-    case ggml_type::q8_1:
-        return "Q8_1";
-    case ggml_type::q2_k:
-        return "Q2_K";
-    case ggml_type::q3_k:
-        return "Q3_K";
-    case ggml_type::q4_k:
-        return "Q4_K";
-    case ggml_type::q5_k:
-        return "Q5_K";
-    case ggml_type::q6_k:
-        return "Q6_K";
-    case ggml_type::q8_k:
-        return "Q8_K";
-    case ggml_type::bf16:
-        return "BF16";
-    }
+    if (const auto i = ggml_type_info(t))
+        return std::string(i->name);
     return detail::cat("type ", t);
 }
 
