@@ -177,9 +177,10 @@ Makes a tiny synthetic OLMoE checkpoint (default: $XDG_CACHE_HOME/kdial/demo or
 ~/.cache/kdial/demo; the same rules as make-synthetic --out), then shows
 generation and a benchmark at several k.
 )" },
-          { "tokenize", R"(usage: olmoe tokenize --model DIR (--prompt TEXT | --file F) [--ids-only]
+          { "tokenize", R"(usage: olmoe tokenize --model DIR|FILE.gguf (--prompt TEXT | --file F) [--ids-only]
                       [--no-add-special] [--no-parse-special]
-Tokenizes a text with the checkpoint's tokenizer.json (only that file is read)
+Tokenizes a text with the checkpoint's tokenizer.json (only that file is read;
+of a GGUF file, its tokenizer metadata, with the BOS it asks for)
 as Hugging Face's tokenizer.encode(text) does, and prints one line per token,
 "id -> 'piece'" (the piece's bytes; newline, tab, quote, backslash, control
 characters and the bytes of a character split over tokens are escaped).
@@ -190,8 +191,9 @@ characters and the bytes of a character split over tokens are escaped).
                       HF's add_special_tokens=False)
   --no-parse-special  encode special tokens' strings in the text as plain text
 )" },
-          { "detokenize", R"(usage: olmoe detokenize --model DIR (--ids 1,2,3 | --file F) [--skip-special]
-Decodes token ids with the checkpoint's tokenizer.json and prints the text
+          { "detokenize", R"(usage: olmoe detokenize --model DIR|FILE.gguf (--ids 1,2,3 | --file F) [--skip-special]
+Decodes token ids with the checkpoint's tokenizer (tokenizer.json, or a GGUF
+file's tokenizer metadata) and prints the text
 exactly, with no newline added (ill-formed UTF-8 becomes U+FFFD).
   --ids LIST        comma-separated token ids
   --file F          token ids separated by commas and/or whitespace
@@ -861,10 +863,14 @@ int cmd_tokenize(const args& a)
 {
     if (a.has("prompt") == a.has("file"))
         throw usage_error("give --prompt TEXT or --file F");
-    const auto tok = olmoe::load_tokenizer(a.need("model"));
+    std::optional<std::int32_t> bos; // a GGUF file's add_bos_token, as generate prepends it
+    const auto tok = olmoe::load_tokenizer(a.need("model"), &bos);
     const std::string text
         = a.has("prompt") ? a.get("prompt") : kdial::io::read_file(a.get("file"), std::size_t(1) << 30);
-    const auto ids = tok.encode(text, !a.flags.count("no-parse-special"), !a.flags.count("no-add-special"));
+    const bool add_special = !a.flags.count("no-add-special");
+    auto ids = tok.encode(text, !a.flags.count("no-parse-special"), add_special);
+    if (bos && add_special)
+        ids.insert(ids.begin(), *bos);
     olmoe::print_tokens(stdout, tok, ids, a.flags.count("ids-only") != 0);
     return 0;
 }

@@ -8,24 +8,40 @@
 
 #include <kdial/core/error.hpp>
 #include <kdial/io/file.hpp>
+#include <kdial/io/gguf_tokenizer.hpp>
 #include <kdial/io/tokenizer.hpp>
 
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
 
 namespace olmoe {
 
-// The tokenizer.json of checkpoint directory `dir`; errors name the path.
-inline kdial::io::bpe_tokenizer load_tokenizer(const std::string& dir)
+// The tokenizer of --model: a checkpoint directory's tokenizer.json, or the
+// tokenizer.ggml.* metadata of a GGUF file (then `bos`, if given, receives the
+// id the file asks to prepend to a prompt: tokenizer.ggml.add_bos_token).
+// Errors name the path.
+inline kdial::io::bpe_tokenizer load_tokenizer(const std::string& model, std::optional<std::int32_t>* bos = nullptr)
 {
     namespace fs = std::filesystem;
-    if (!fs::is_directory(dir))
-        throw kdial::error(kdial::detail::cat(dir, ": not a directory (--model expects a checkpoint directory)"));
-    const fs::path path = fs::path(dir) / "tokenizer.json";
+    std::error_code ec;
+    if (!fs::is_directory(model, ec) && (fs::path(model).extension() == ".gguf" || kdial::io::looks_like_gguf(model))) {
+        const auto f = kdial::io::gguf_file::open(model);
+        auto g = kdial::io::gguf_tokenizer::from_gguf(f);
+        if (!g)
+            throw kdial::error(kdial::detail::cat(model, ": no tokenizer.ggml.model (the file holds no tokenizer)"));
+        if (bos != nullptr && g->add_bos)
+            *bos = g->bos;
+        return std::move(g->tok);
+    }
+    if (!fs::is_directory(model))
+        throw kdial::error(
+            kdial::detail::cat(model, ": not a directory (--model expects a checkpoint directory or a .gguf file)"));
+    const fs::path path = fs::path(model) / "tokenizer.json";
     if (!fs::exists(fs::symlink_status(path)))
         throw kdial::error(kdial::detail::cat(path.string(), ": no such file (the checkpoint has no tokenizer)"));
     return kdial::io::bpe_tokenizer::from_file(path);

@@ -3,7 +3,9 @@
 # every line of the default output is "id -> 'piece'", and detokenize of the
 # ids (--ids and --file) gives TEXT back byte for byte (TEXT is in NFC).
 # Also: --skip-special drops the special token, --no-parse-special encodes its
-# string as text. Arguments: OLMOE, MODEL, WORK (a scratch directory).
+# string as text. Arguments: OLMOE, MODEL, WORK (a scratch directory), and
+# optionally REF_MODEL: a checkpoint whose tokenizer must give the same ids
+# (a GGUF file against the tokenizer.json it was made from).
 set(text "Hello world! it's 123 café — naïve\tend<|endoftext|>  two  spaces\n")
 file(MAKE_DIRECTORY ${WORK})
 file(WRITE ${WORK}/text.txt "${text}")
@@ -65,4 +67,11 @@ run(plain tokenize --model ${MODEL} --prompt "<|endoftext|>" --ids-only --no-par
 string(STRIP "${plain}" plain)
 if(plain STREQUAL "0" OR NOT plain MATCHES ",")
   message(FATAL_ERROR "--no-parse-special gave '${plain}'")
+endif()
+if(DEFINED REF_MODEL)
+  run(ref_ids tokenize --model ${REF_MODEL} --prompt "${text}" --ids-only)
+  string(STRIP "${ref_ids}" ref_ids)
+  if(NOT ids STREQUAL ref_ids)
+    message(FATAL_ERROR "${MODEL} and ${REF_MODEL} disagree:\n${ids}\n${ref_ids}")
+  endif()
 endif()
