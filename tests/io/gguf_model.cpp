@@ -87,6 +87,45 @@ template <class Edit> void rewrite(const fs::path& src, const fs::path& dst, Edi
     kdial::io::write_gguf(dst, md, ts);
 }
 
+// Logits of a quantised GGUF next to the f32 safetensors of the same seed:
+// the largest |difference|, the largest |logit| of the reference and the
+// positions where the argmax agrees.
+struct logits_gap {
+    double worst = 0, scale = 0;
+    std::size_t agree = 0;
+};
+logits_gap compare_logits(const std::vector<float>& ref, const std::vector<float>& got, std::size_t T)
+{
+    logits_gap g;
+    const std::size_t V = ref.size() / T;
+    for (std::size_t t = 0; t < T; ++t) {
+        std::size_t ar = 0, ag = 0;
+        for (std::size_t v = 0; v < V; ++v) {
+            const float r = ref[t * V + v], x = got[t * V + v];
+            g.worst = std::max(g.worst, double(std::fabs(r - x)));
+            g.scale = std::max(g.scale, double(std::fabs(r)));
+            ar = r > ref[t * V + ar] ? v : ar;
+            ag = x > got[t * V + ag] ? v : ag;
+        }
+        g.agree += ar == ag;
+    }
+    return g;
+}
+
+// The f32 safetensors checkpoint of `preset` and its GGUF in `dtype`, both in d.
+std::pair<std::string, std::string> make_pair_of(const fs::path& d, const std::string& preset, const std::string& dtype)
+{
+    olmoe::synthetic_options o;
+    o.preset = preset;
+    o.dtype = "f32";
+    const std::string st = (d / (preset + "-st")).string();
+    olmoe::make_synthetic(st, o);
+    o.dtype = dtype;
+    const std::string gg = (d / (preset + "-" + dtype)).string();
+    olmoe::make_synthetic_gguf(gg, o);
+    return { st, gg };
+}
+
 } // namespace
 
 TEST_CASE("gguf model: same logits as the safetensors checkpoint of the same values [gguf][model]")
@@ -153,33 +192,13 @@ TEST_CASE("gguf model: Q8_0 logits within the quantisation bound of f32, argmax 
     temp_dir d;
     for (const std::string preset : { "tiny", "tiny-qwen2-moe" }) {
         CAPTURE(preset);
-        olmoe::synthetic_options o;
-        o.preset = preset;
-        o.dtype = "f32";
-        const std::string st = (d / (preset + "-st")).string();
-        olmoe::make_synthetic(st, o);
-        o.dtype = "q8_0";
-        const std::string gg = (d / (preset + "-q8")).string();
-        olmoe::make_synthetic_gguf(gg, o);
+        const auto [st, gg] = make_pair_of(d.path, preset, "q8_0");
         const auto ref = safetensors_logits(st);
         auto g = gguf_load(fs::path(gg) / "model.gguf");
         CHECK(g.weights.layers[0].moe->experts().type() == kdial::dtype::q8);
         CHECK(kdial::type_of(g.weights.embed) == kdial::dtype::q8);
-        const auto got = logits_of(std::move(g.weights), tokens.size());
-        const std::size_t V = ref.size() / tokens.size();
-        double worst = 0, scale = 0;
-        std::size_t agree = 0;
-        for (std::size_t t = 0; t < tokens.size(); ++t) {
-            std::size_t ar = 0, ag = 0;
-            for (std::size_t v = 0; v < V; ++v) {
-                const float r = ref[t * V + v], x = got[t * V + v];
-                worst = std::max(worst, double(std::fabs(r - x)));
-                scale = std::max(scale, double(std::fabs(r)));
-                ar = r > ref[t * V + ar] ? v : ar;
-                ag = x > got[t * V + ag] ? v : ag;
-            }
-            agree += ar == ag;
-        }
+        const auto [worst, scale, agree]
+            = compare_logits(ref, logits_of(std::move(g.weights), tokens.size()), tokens.size());
         // Q8_0 errs by at most max|w_block| / 225 per weight (kernels/quantize.hpp),
         // under 0.5% of a weight's block maximum: through a few layers the
         // logits move by a few percent of their range at most.
@@ -337,31 +356,12 @@ TEST_CASE("gguf model: Q4_0 runs in place, logits near f32 [gguf][model]")
     temp_dir d;
     for (const std::string preset : { "tiny", "tiny-qwen2-moe" }) {
         CAPTURE(preset);
-        olmoe::synthetic_options o;
-        o.preset = preset;
-        o.dtype = "f32";
-        const std::string st = (d / (preset + "-st")).string();
-        olmoe::make_synthetic(st, o);
-        o.dtype = "q4_0";
-        const std::string gg = (d / (preset + "-q4")).string();
-        olmoe::make_synthetic_gguf(gg, o);
+        const auto [st, gg] = make_pair_of(d.path, preset, "q4_0");
         const auto ref = safetensors_logits(st);
         auto g = gguf_load(fs::path(gg) / "model.gguf");
         CHECK(g.weights.layers[0].moe->experts().type() == kdial::dtype::q4_0);
-        const auto got = logits_of(std::move(g.weights), tokens.size());
-        const std::size_t V = ref.size() / tokens.size();
-        double worst = 0, scale = 0;
-        std::size_t agree = 0;
-        for (std::size_t t = 0; t < tokens.size(); ++t) {
-            std::size_t ar = 0, ag = 0;
-            for (std::size_t v = 0; v < V; ++v) {
-                worst = std::max(worst, double(std::fabs(ref[t * V + v] - got[t * V + v])));
-                scale = std::max(scale, double(std::fabs(ref[t * V + v])));
-                ar = ref[t * V + v] > ref[t * V + ar] ? v : ar;
-                ag = got[t * V + v] > got[t * V + ag] ? v : ag;
-            }
-            agree += ar == ag;
-        }
+        const auto [worst, scale, agree]
+            = compare_logits(ref, logits_of(std::move(g.weights), tokens.size()), tokens.size());
         // Q4_0 steps are max|w_block| / 8 (16 levels): 16x coarser than Q8_0,
         // so the logits move by up to about a third of their range here.
         MESSAGE(preset, ": Q4_0 vs f32 logits: max |diff| ", worst, " (max |logit| ", scale, "), argmax agrees at ",
