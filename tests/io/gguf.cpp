@@ -309,12 +309,15 @@ TEST_CASE("gguf: bad files are refused with a clear error [io][gguf]")
     }
     SUBCASE("reading floats of a type that has no float reader")
     {
-        std::vector<std::byte> q4(18);
-        const std::vector<gguf_out_tensor> ts { { "q", ggml_type::q4_0, { 32 }, q4 } };
+        std::vector<std::byte> q4(18), q2(84);
+        const std::vector<gguf_out_tensor> ts { { "q", ggml_type::q4_0, { 32 }, q4, {} },
+            { "k", ggml_type::q2_k, { 256 }, q2, {} } };
         const auto img = encode_gguf({}, ts);
         const auto f = parse(img);
         CHECK(f.info("q").traits.name == "Q4_0");
-        check_error([&] { (void)f.read_floats("q"); }, { "tensor 'q'", "type Q4_0", "F32, F16, BF16 and Q8_0" });
+        CHECK(f.read_floats("q") == std::vector<float>(32, 0.0f)); // a block of scale 0
+        check_error(
+            [&] { (void)f.read_floats("k"); }, { "tensor 'k'", "type Q2_K", "Q8_0, Q4_0, Q4_K, Q5_K and Q6_K" });
     }
 }
 

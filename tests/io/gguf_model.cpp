@@ -462,3 +462,50 @@ TEST_CASE("gguf model: an expert set whose tensors differ in type runs as q8 [gg
     const auto b = logits_of(std::move(mixed.weights), tokens.size());
     CHECK(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
 }
+
+TEST_CASE("gguf model: a quantised file computes with exactly the values it holds [gguf][model]")
+{
+    // The quantised kernels must add no error of their own: the logits of a
+    // Q8_0 / Q4_0 file equal those of an F32 file holding its dequantised
+    // values (read_floats, the dequantisers of core/blocks.hpp), up to the
+    // order of the f32 sums (the kernels apply a block's scale once per block:
+    // a few ulps of the logits' range). The tiny presets' rows (64) are too
+    // short for Q4_K's 256-element blocks: the K-quant test below covers it.
+    temp_dir d;
+    for (const std::string preset : { "tiny", "tiny-qwen2-moe" })
+        for (const std::string dtype : { "q8_0", "q4_0" }) {
+            CAPTURE(preset);
+            CAPTURE(dtype);
+            olmoe::synthetic_options o;
+            o.preset = preset;
+            o.dtype = dtype;
+            const fs::path q = d / (preset + "-" + dtype);
+            olmoe::make_synthetic_gguf(q.string(), o);
+            const auto src = kdial::io::gguf_file::open(q / "model.gguf");
+            std::size_t quantised = 0;
+            rewrite(q / "model.gguf", d / "deq.gguf", [&](auto&, auto& ts, auto& keep) {
+                for (auto& t : ts) {
+                    const auto& info = src.info(t.name);
+                    if (info.type == kdial::io::ggml_type::f32 || info.type == kdial::io::ggml_type::f16
+                        || info.type == kdial::io::ggml_type::bf16)
+                        continue;
+                    const auto v = src.read_floats(t.name);
+                    keep.emplace_back(v.size() * 4);
+                    std::memcpy(keep.back().data(), v.data(), v.size() * 4);
+                    t.type = kdial::io::ggml_type::f32;
+                    t.bytes = keep.back();
+                    ++quantised;
+                }
+            });
+            CHECK(quantised > 0);
+            auto g = gguf_load(q / "model.gguf");
+            auto f = gguf_load(d / "deq.gguf");
+            CHECK(f.weights.layers[0].moe->experts().type() == kdial::dtype::f32);
+            const auto want = logits_of(std::move(f.weights), tokens.size());
+            const auto [worst, scale, agree]
+                = compare_logits(want, logits_of(std::move(g.weights), tokens.size()), tokens.size());
+            MESSAGE(preset, " ", dtype, ": vs F32 of the same values: max |diff| ", worst, " of max |logit| ", scale);
+            CHECK(worst <= 1e-5 * scale);
+            CHECK(agree == tokens.size());
+        }
+}

@@ -36,6 +36,7 @@
 #include <utility>
 #include <vector>
 
+#include "../core/blocks.hpp"
 #include "../core/dtype.hpp"
 #include "../core/error.hpp"
 #include "../core/ggml_types.hpp"
@@ -641,9 +642,11 @@ public:
         return *t;
     }
 
-    // Elements [first, first + out.size()) of an F32 / F16 / BF16 / Q8_0
-    // tensor (in its flat ne[0]-fastest order) as floats, for any alignment.
-    // Q8_0 ranges must start and end on block boundaries.
+    // Elements [first, first + out.size()) of an F32 / F16 / BF16 / Q8_0 /
+    // Q4_0 / Q4_K / Q5_K / Q6_K tensor (in its flat ne[0]-fastest order) as
+    // floats, for any alignment: the exact values the kernels use (the
+    // dequantisers of core/blocks.hpp). Block-type ranges must start and end
+    // on block boundaries.
     void read_floats(const gguf_tensor_info& t, std::size_t first, std::span<float> out) const
     {
         const std::size_t n = t.numel();
@@ -664,19 +667,19 @@ public:
                                                    : f16::from_bits(b).to_float();
             }
             return;
-        case ggml_type::q8_0: {
-            detail::check(first % 32 == 0 && out.size() % 32 == 0, name_, ": tensor '", t.name,
-                "': Q8_0 elements are read in whole blocks of 32");
-            const auto* blocks = reinterpret_cast<const q8_block*>(p) + first / 32;
-            for (std::size_t i = 0; i < out.size(); ++i) {
-                const q8_block& b = blocks[i / 32];
-                out[i] = b.scale() * float(b.q[i % 32]);
-            }
-            return;
-        }
+        case ggml_type::q8_0:
+            return read_blocks<q8_block>(t, p, first, out);
+        case ggml_type::q4_0:
+            return read_blocks<q4_0_block>(t, p, first, out);
+        case ggml_type::q4_k:
+            return read_blocks<q4_k_block>(t, p, first, out);
+        case ggml_type::q5_k:
+            return read_blocks<q5_k_block>(t, p, first, out);
+        case ggml_type::q6_k:
+            return read_blocks<q6_k_block>(t, p, first, out);
         default:
             throw error(detail::cat(name_, ": tensor '", t.name, "' has type ", t.traits.name,
-                "; only F32, F16, BF16 and Q8_0 are read as floats"));
+                "; only F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q5_K and Q6_K are read as floats"));
         }
     }
     std::vector<float> read_floats(std::string_view name) const
@@ -688,6 +691,15 @@ public:
     }
 
 private:
+    template <class Block>
+    void read_blocks(const gguf_tensor_info& t, const std::byte* p, std::size_t first, std::span<float> out) const
+    {
+        constexpr std::size_t G = block_elems<Block>;
+        detail::check(first % G == 0 && out.size() % G == 0, name_, ": tensor '", t.name, "': ", t.traits.name,
+            " elements are read in whole blocks of ", G);
+        dequantize_row(reinterpret_cast<const Block*>(p) + first / G, out.size(), out.data());
+    }
+
     gguf_file() = default;
     std::string name_;
     mapped_file map_;
