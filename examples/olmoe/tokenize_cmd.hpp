@@ -4,6 +4,7 @@
 // parses the options and maps usage errors to exit status 2.
 #pragma once
 
+#include "gguf_model.hpp" // is_gguf_path
 #include "sweep.hpp" // parse_token_ids
 
 #include <kdial/core/error.hpp>
@@ -28,8 +29,7 @@ namespace olmoe {
 inline kdial::io::bpe_tokenizer load_tokenizer(const std::string& model, std::optional<std::int32_t>* bos = nullptr)
 {
     namespace fs = std::filesystem;
-    std::error_code ec;
-    if (!fs::is_directory(model, ec) && (fs::path(model).extension() == ".gguf" || kdial::io::looks_like_gguf(model))) {
+    if (is_gguf_path(model)) {
         const auto f = kdial::io::gguf_file::open(model);
         auto g = kdial::io::gguf_tokenizer::from_gguf(f);
         if (!g)

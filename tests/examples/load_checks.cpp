@@ -32,11 +32,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-std::string slurp(const fs::path& p)
-{
-    std::ifstream in(p, std::ios::binary);
-    return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-}
+using kdial::test::slurp;
 
 // Name -> content of every entry of a directory (what "nothing changed" compares).
 std::map<std::string, std::string> snapshot(const fs::path& dir)

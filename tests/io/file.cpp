@@ -31,11 +31,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-std::string slurp(const fs::path& p)
-{
-    std::ifstream in(p, std::ios::binary);
-    return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-}
+using kdial::test::slurp;
 
 // Runs f with the process's file-size limit at `bytes` (writes beyond it
 // fail with EFBIG; SIGXFSZ ignored), restoring both afterwards.

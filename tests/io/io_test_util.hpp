@@ -10,6 +10,7 @@
 
 #include <cstddef>
 #include <filesystem>
+#include <iterator>
 #include <fstream>
 #include <initializer_list>
 #include <span>
@@ -36,6 +37,13 @@ struct temp_dir {
     temp_dir& operator=(const temp_dir&) = delete;
     std::filesystem::path operator/(std::string_view name) const { return path / name; }
 };
+
+// The whole content of a file ("" when it cannot be read).
+inline std::string slurp(const std::filesystem::path& p)
+{
+    std::ifstream in(p, std::ios::binary);
+    return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
 
 inline void write_file(const std::filesystem::path& p, std::span<const std::byte> bytes)
 {

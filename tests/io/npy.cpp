@@ -17,11 +17,7 @@ using kdial::test::write_file;
 
 namespace {
 
-std::string slurp(const std::filesystem::path& p)
-{
-    std::ifstream in(p, std::ios::binary);
-    return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-}
+using kdial::test::slurp;
 
 // A v1.0 file with the given header dict text (padded to 64 like NumPy) and data bytes.
 std::string npy_image(std::string dict, std::size_t data_bytes)
