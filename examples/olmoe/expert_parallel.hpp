@@ -127,20 +127,29 @@ inline std::string summary()
 {
     const auto& st = current()->ws->stats();
     char b[256];
-    std::snprintf(b, sizeof b, "[expert parallel: %d ranks; rank 0: %zu layer calls, %.3f s in exchanges, %.3f s in its experts, %zu rows (%.1f MB) sent]",
+    std::snprintf(b, sizeof b,
+        "[expert parallel: %d ranks; rank 0: %zu layer calls, %.3f s in exchanges, %.3f s in its experts, %zu rows "
+        "(%.1f MB) sent]",
         current()->size, st.calls, st.exchange_seconds, st.expert_seconds, st.rows_sent, double(st.bytes_sent) / 1e6);
     return b;
 }
 
 #else
 
-inline int rank() { return 0; }
+inline int rank()
+{
+    return 0;
+}
 inline void init(int&, char**&)
 {
-    throw kdial::error("--expert-parallel: this olmoe was built without MPI (apt-get install libopenmpi-dev openmpi-bin, then reconfigure)");
+    throw kdial::error("--expert-parallel: this olmoe was built without MPI (apt-get install libopenmpi-dev "
+                       "openmpi-bin, then reconfigure)");
 }
 inline void attach(model&) { }
-inline std::string summary() { return {}; }
+inline std::string summary()
+{
+    return {};
+}
 
 #endif
 

@@ -36,7 +36,8 @@ int world_size()
 }
 
 // This rank's experts from a full fixture, in placement order.
-template <weight_type W> expert_set local_experts(const test::layer_fixture<W>& fx, const expert_placement& pl, int rank)
+template <weight_type W>
+expert_set local_experts(const test::layer_fixture<W>& fx, const expert_placement& pl, int rank)
 {
     std::vector<expert_weights<W>> v;
     for (std::int32_t e : pl.experts_of(rank))
@@ -95,8 +96,8 @@ bool same_as_one_process(const test::layer_fixture<W>& fx, const expert_placemen
         matrix_view<float>(want.data(), s.all, d), o.mode);
 
     const int me = world_rank();
-    const distributed::ep_weights ew(MPI_COMM_WORLD, pl, full.router(), local_experts(fx, pl, me), o.routing,
-        full.shared());
+    const distributed::ep_weights ew(
+        MPI_COMM_WORLD, pl, full.router(), local_experts(fx, pl, me), o.routing, full.shared());
     distributed::ep_workspace ews(ew, s.max, max_k);
     std::vector<float> got(base.begin() + std::ptrdiff_t(s.g0 * d), base.begin() + std::ptrdiff_t((s.g0 + s.mine) * d));
     distributed::forward(ew, ews, cmatrix_view<float>(X.data() + s.g0 * d, s.mine, d), make_policy(s.g0, s.mine),
@@ -113,18 +114,19 @@ auto every_token_k(int k)
 
 } // namespace
 
-TEST_CASE_TEMPLATE("expert parallel: bit-identical to one process for k = 1..E, T = 0 on a rank [mpi]", W, f32_t,
-    bf16_t, q8_t)
+TEST_CASE_TEMPLATE(
+    "expert parallel: bit-identical to one process for k = 1..E, T = 0 on a rank [mpi]", W, f32_t, bf16_t, q8_t)
 {
     const int N = world_size(), me = world_rank();
     const test::layer_fixture<W> fx(64, 32, 7, 5);
     for (const auto& pl : { expert_placement::contiguous(7, N),
-             expert_placement([&] {
-                 std::vector<int> o(7);
-                 for (int e = 0; e < 7; ++e)
-                     o[std::size_t(e)] = (2 * e + 1) % N; // scattered, uneven
-                 return o;
-             }(),
+             expert_placement(
+                 [&] {
+                     std::vector<int> o(7);
+                     for (int e = 0; e < 7; ++e)
+                         o[std::size_t(e)] = (2 * e + 1) % N; // scattered, uneven
+                     return o;
+                 }(),
                  N) }) {
         const split s = tokens_per_rank({ 6, 0, 11 });
         for (int k = 1; k <= 7; ++k) {
@@ -174,8 +176,7 @@ TEST_CASE("expert parallel: a k per token and thresholds drop work, dropped slot
         k = 1 + int(rng() % unsigned(E));
     CHECK(same_as_one_process(fx, pl, s, E,
         [&](std::size_t g0, std::size_t T) { return per_token_k { std::span<const int>(ks.data() + g0, T) }; }));
-    CHECK(same_as_one_process(
-        fx, pl, s, E, [](std::size_t, std::size_t) { return threshold_options { 0.5f, 1, 4 }; }));
+    CHECK(same_as_one_process(fx, pl, s, E, [](std::size_t, std::size_t) { return threshold_options { 0.5f, 1, 4 }; }));
     // A given routing with holes: the rows sent are exactly the kept
     // assignments bound for other ranks.
     std::vector<std::int32_t> ids(s.all * 3, no_expert);
@@ -282,8 +283,7 @@ TEST_CASE("expert parallel: ranks that disagree fail on every rank with a clear 
     for (int e = 0; e < 6; ++e)
         owner[std::size_t(e)] = e % N;
     const auto other = me == 0 ? expert_placement(owner, N) : pl;
-    CHECK_THROWS_WITH_AS(
-        distributed::ep_weights(MPI_COMM_WORLD, other, full.router(), local_experts(fx, other, me)),
+    CHECK_THROWS_WITH_AS(distributed::ep_weights(MPI_COMM_WORLD, other, full.router(), local_experts(fx, other, me)),
         doctest::Contains("ranks disagree on the placement"), kdial::error);
 
     // A rank holding the wrong experts for the placement: its message on every rank.
@@ -301,8 +301,8 @@ TEST_CASE("expert parallel: ranks that disagree fail on every rank with a clear 
     const auto X = test::random_floats(4 * 32, 5);
     std::vector<float> out(4 * 32);
     const int bad_k = me == N - 1 ? 7 : 2;
-    CHECK_THROWS_AS(distributed::forward(ew, ws, cmatrix_view<float>(X.data(), 4, 32), bad_k,
-                        matrix_view<float>(out.data(), 4, 32)),
+    CHECK_THROWS_AS(distributed::forward(
+                        ew, ws, cmatrix_view<float>(X.data(), 4, 32), bad_k, matrix_view<float>(out.data(), 4, 32)),
         kdial::error);
     const split s = tokens_per_rank({ 4 });
     CHECK(same_as_one_process(fx, pl, s, 2, every_token_k(2)));
@@ -310,11 +310,11 @@ TEST_CASE("expert parallel: ranks that disagree fail on every rank with a clear 
     std::vector<float> Xn = X;
     if (me == 0)
         Xn[3] = std::numeric_limits<float>::quiet_NaN();
-    CHECK_THROWS_AS(distributed::forward(ew, ws, cmatrix_view<float>(Xn.data(), 4, 32), 2,
-                        matrix_view<float>(out.data(), 4, 32)),
+    CHECK_THROWS_AS(
+        distributed::forward(ew, ws, cmatrix_view<float>(Xn.data(), 4, 32), 2, matrix_view<float>(out.data(), 4, 32)),
         kdial::error);
-    CHECK_NOTHROW(distributed::forward(ew, ws, cmatrix_view<float>(X.data(), 4, 32), 2,
-        matrix_view<float>(out.data(), 4, 32)));
+    CHECK_NOTHROW(
+        distributed::forward(ew, ws, cmatrix_view<float>(X.data(), 4, 32), 2, matrix_view<float>(out.data(), 4, 32)));
 }
 
 TEST_CASE("expert placement: contiguous blocks and wire order [mpi]")
@@ -332,6 +332,6 @@ TEST_CASE("expert placement: contiguous blocks and wire order [mpi]")
     CHECK(q.wire(2) == 3);
     CHECK(q.wire_begin(1) == 2);
     CHECK(p.hash() != expert_placement::contiguous(64, 4).hash());
-    CHECK_THROWS_WITH_AS(expert_placement(std::vector<int> { 0, 2 }, 2), doctest::Contains("placed on rank 2"),
-        kdial::error);
+    CHECK_THROWS_WITH_AS(
+        expert_placement(std::vector<int> { 0, 2 }, 2), doctest::Contains("placed on rank 2"), kdial::error);
 }

@@ -74,8 +74,8 @@ inline void agree(MPI_Comm comm, const std::string& local_error, const char* whe
     mpi_check(MPI_Allgather(mine.data(), int(len), MPI_CHAR, all.data(), int(len), MPI_CHAR, comm), "MPI_Allgather");
     for (int r = 0; r < size; ++r)
         if (all[std::size_t(r) * len] != 0)
-            throw kdial::error(
-                kdial::detail::cat(where, ": rank ", r, " of ", size, ": ", std::string(all.data() + std::size_t(r) * len)));
+            throw kdial::error(kdial::detail::cat(
+                where, ": rank ", r, " of ", size, ": ", std::string(all.data() + std::size_t(r) * len)));
 }
 
 // The pieces of rows [g0, g0 + m) cut at the chunk boundaries of a T-row
@@ -103,8 +103,14 @@ inline bool needs_padding(const piece& p) noexcept
 // Rows of the padded batch, and where the piece's rows sit in it: a GEMV
 // chunk is rebuilt whole (zeros in the other rows), a GEMM one is padded to
 // gemv_max_rows + 1 rows (GEMM rows do not depend on the row count).
-inline std::size_t padded_rows(const piece& p) noexcept { return p.nc <= gemv_max_rows ? p.nc : gemv_max_rows + 1; }
-inline std::size_t padded_at(const piece& p) noexcept { return p.nc <= gemv_max_rows ? p.a : 0; }
+inline std::size_t padded_rows(const piece& p) noexcept
+{
+    return p.nc <= gemv_max_rows ? p.nc : gemv_max_rows + 1;
+}
+inline std::size_t padded_at(const piece& p) noexcept
+{
+    return p.nc <= gemv_max_rows ? p.a : 0;
+}
 
 // Y rows = f(X rows) for this rank's rows [g0, g0 + X.rows) of a T-row call
 // that one process runs in chunks of `chunk` rows, each row with that call's
@@ -129,8 +135,10 @@ void rows_as_one_process(cmatrix_view<float> X, std::size_t g0, std::size_t T, s
     });
 }
 
-inline double now() { return MPI_Wtime(); }
-
+inline double now()
+{
+    return MPI_Wtime();
+}
 
 struct ep_stages;
 
@@ -162,14 +170,14 @@ public:
                 " ranks, the communicator has ", size_);
             kdial::detail::check(placement_.num_experts() == E, where, ": placement has ", placement_.num_experts(),
                 " experts, the router weight ", E, " rows");
-            kdial::detail::check(E >= 1 && E <= std::size_t(max_experts), where, ": expert count E = ", E, " outside [1, ",
-                max_experts, "]");
+            kdial::detail::check(E >= 1 && E <= std::size_t(max_experts), where, ": expert count E = ", E,
+                " outside [1, ", max_experts, "]");
             const std::size_t n_local = placement_.count(rank_);
-            kdial::detail::check(local_experts.size() == n_local, where, ": rank ", rank_, " holds ", local_experts.size(),
-                " experts, the placement gives it ", n_local);
+            kdial::detail::check(local_experts.size() == n_local, where, ": rank ", rank_, " holds ",
+                local_experts.size(), " experts, the placement gives it ", n_local);
             if (n_local > 0) {
-                kdial::detail::check(local_experts.hidden() == d, where, ": experts have hidden size ", local_experts.hidden(),
-                    ", router weight has ", d);
+                kdial::detail::check(local_experts.hidden() == d, where, ": experts have hidden size ",
+                    local_experts.hidden(), ", router weight has ", d);
                 F_ = local_experts.ffn();
                 type_ = local_experts.type();
                 // The local experts as a layer of their own (a zero router:
@@ -178,16 +186,17 @@ public:
                 local_.emplace(cmatrix_view<float>(dummy_router_->data(), n_local, d), std::move(local_experts));
             }
             // Validates the router, shared expert and options as one process would.
-            std::visit([&](const auto& w) { kdial::detail::check_weight_shape(w, E, d, where, "router weight"); },
-                router_);
+            std::visit(
+                [&](const auto& w) { kdial::detail::check_weight_shape(w, E, d, where, "router weight"); }, router_);
             kdial::detail::check_router_options(routing_, E, where);
             if (shared_) {
-                kdial::detail::check(shared_->expert.size() == 1, where, ": shared expert set has ", shared_->expert.size(),
-                    " experts, expected 1");
+                kdial::detail::check(shared_->expert.size() == 1, where, ": shared expert set has ",
+                    shared_->expert.size(), " experts, expected 1");
                 kdial::detail::check(shared_->expert.hidden() == d, where, ": shared expert has hidden size ",
                     shared_->expert.hidden(), ", expected d = ", d);
                 if (has_shared_gate())
-                    std::visit([&](const auto& g) { kdial::detail::check_weight_shape(g, 1, d, where, "shared expert gate"); },
+                    std::visit(
+                        [&](const auto& g) { kdial::detail::check_weight_shape(g, 1, d, where, "shared expert gate"); },
                         shared_->gate);
             }
         } catch (const kdial::error& e) {
@@ -221,10 +230,10 @@ private:
     // Fields every rank must agree on, gathered and compared (collective).
     void check_agreement() const
     {
-        static constexpr const char* names[] = { "expert count E", "hidden size d", "expert FFN size F",
-            "expert weight format", "router weight format", "shared expert FFN size Fs", "shared expert format",
-            "shared expert gate", "routing scoring", "routing renormalize", "routing scale (bits)",
-            "routing selection bias", "placement" };
+        static constexpr const char* names[]
+            = { "expert count E", "hidden size d", "expert FFN size F", "expert weight format", "router weight format",
+                  "shared expert FFN size Fs", "shared expert format", "shared expert gate", "routing scoring",
+                  "routing renormalize", "routing scale (bits)", "routing selection bias", "placement" };
         constexpr std::size_t n = std::size(names);
         std::uint64_t bias = 0;
         for (float b : routing_.selection_bias) {
@@ -237,11 +246,11 @@ private:
         const std::uint64_t no = ~std::uint64_t { 0 }; // a rank without experts has no F / format
         const std::array<std::uint64_t, n> mine { num_experts(), hidden(), F_ ? F_ : no,
             local_ ? std::uint64_t(type_) : no, std::uint64_t(type_of(router_)), shared_ffn(),
-            shared_ ? std::uint64_t(shared_->expert.type()) : no, has_shared_gate(),
-            std::uint64_t(routing_.score), routing_.renormalize, scale, bias, placement_.hash() };
+            shared_ ? std::uint64_t(shared_->expert.type()) : no, has_shared_gate(), std::uint64_t(routing_.score),
+            routing_.renormalize, scale, bias, placement_.hash() };
         std::vector<std::uint64_t> all(n * std::size_t(size_));
-        detail::mpi_check(MPI_Allgather(mine.data(), int(n), MPI_UINT64_T, all.data(), int(n), MPI_UINT64_T, comm_),
-            "MPI_Allgather");
+        detail::mpi_check(
+            MPI_Allgather(mine.data(), int(n), MPI_UINT64_T, all.data(), int(n), MPI_UINT64_T, comm_), "MPI_Allgather");
         for (std::size_t f = 0; f < n; ++f) {
             std::uint64_t ref = no;
             int ref_rank = -1;
@@ -306,10 +315,11 @@ public:
         detail::agree(comm_, err, where);
         const std::array<std::uint64_t, 2> mine { max_tokens, std::uint64_t(max_k) };
         std::vector<std::uint64_t> all(2 * std::size_t(size_));
-        detail::mpi_check(MPI_Allgather(mine.data(), 2, MPI_UINT64_T, all.data(), 2, MPI_UINT64_T, comm_),
-            "MPI_Allgather");
+        detail::mpi_check(
+            MPI_Allgather(mine.data(), 2, MPI_UINT64_T, all.data(), 2, MPI_UINT64_T, comm_), "MPI_Allgather");
         for (int r = 0; r < size_; ++r)
-            kdial::detail::check(all[2 * std::size_t(r)] == max_tokens && all[2 * std::size_t(r) + 1] == std::uint64_t(max_k), where,
+            kdial::detail::check(
+                all[2 * std::size_t(r)] == max_tokens && all[2 * std::size_t(r) + 1] == std::uint64_t(max_k), where,
                 ": ranks disagree on the workspace: max_tokens ", max_tokens, ", max_k ", max_k, " on rank ", rank_,
                 "; ", all[2 * std::size_t(r)], ", ", all[2 * std::size_t(r) + 1], " on rank ", r);
         const std::size_t E = w.num_experts(), d = w.hidden(), T = max_tokens, k = std::size_t(max_k);
@@ -391,203 +401,204 @@ private:
     ep_stats stats_;
 };
 
-
 namespace detail {
 
 // The body of forward(), with access to the workspace.
 struct ep_stages {
-template <routing_policy P>
-static void forward(const ep_weights& w, ep_workspace& ws, cmatrix_view<float> X, const P& policy, matrix_view<float> out,
-    combine_mode mode, executor_ref ex)
-{
-    constexpr const char* where = "kdial::distributed::forward";
-    using kdial::detail::check;
-    const std::size_t T = X.rows, d = w.hidden(), E = w.num_experts();
-    const int N = ws.size_, me = ws.rank_;
-    const expert_placement& pl = w.placement();
-    int kc = 0;
-    std::string err;
-    try {
-        kdial::detail::check(ws.d_ == d && ws.E_ == E && ws.hs_.size() >= T * w.shared_ffn()
-                && (w.local_count() == 0 || (ws.local_ws_ && ws.local_ws_->shape().ffn >= w.ffn())),
-            where, ": the workspace was made for another layer shape");
-        kdial::detail::check(T <= ws.T_max_, where, ": T = ", T, " exceeds the workspace's max_tokens = ", ws.T_max_);
-        kdial::detail::check_shape(X, T, d, where, "X");
-        kdial::detail::check_shape(out, T, d, where, "out");
-        kc = kdial::detail::check_policy(policy, T, E, where);
-        kdial::detail::check(kc <= ws.k_max_, where, ": k = ", kc, " exceeds the workspace's max_k = ", ws.k_max_);
-    } catch (const kdial::error& e) {
-        err = e.what();
-    }
-    double t0 = detail::now();
-    // 1. Every rank's T (or a failure), so each knows its rows' place in the
-    // concatenated batch.
-    const std::int64_t mine[2] = { std::int64_t(T), err.empty() ? 0 : 1 };
-    detail::mpi_check(
-        MPI_Allgather(mine, 2, MPI_INT64_T, ws.status_.data(), 2, MPI_INT64_T, ws.comm_), "MPI_Allgather");
-    for (int r = 0; r < N; ++r)
-        if (ws.status_[2 * std::size_t(r) + 1] != 0)
-            throw kdial::error(err.empty() ? kdial::detail::cat(where, ": rank ", r, " rejected its input") : err);
-    std::size_t g0 = 0, T_all = 0;
-    for (int r = 0; r < N; ++r) {
-        if (r < me)
-            g0 += std::size_t(ws.status_[2 * std::size_t(r)]);
-        T_all += std::size_t(ws.status_[2 * std::size_t(r)]);
-    }
-    ws.stats_.exchange_seconds += detail::now() - t0;
-
-    // 2. Route this rank's tokens.
-    const std::size_t k = std::size_t(kc);
-    const matrix_view<float> logits(ws.logits_.data(), T, E);
-    if constexpr (!std::same_as<P, given_routing>) {
-        std::visit(
-            [&](const auto& rw) {
-                detail::rows_as_one_process(X, g0, T_all, kdial::detail::router_tile_rows, logits, ws.pad_x_.data(),
-                    ws.pad_y_.data(), [&](cmatrix_view<float> xb, matrix_view<float> yb) {
-                        linear(rw, xb, 0, rw.rows, yb);
-                    });
-            },
-            w.router());
+    template <routing_policy P>
+    static void forward(const ep_weights& w, ep_workspace& ws, cmatrix_view<float> X, const P& policy,
+        matrix_view<float> out, combine_mode mode, executor_ref ex)
+    {
+        constexpr const char* where = "kdial::distributed::forward";
+        using kdial::detail::check;
+        const std::size_t T = X.rows, d = w.hidden(), E = w.num_experts();
+        const int N = ws.size_, me = ws.rank_;
+        const expert_placement& pl = w.placement();
+        int kc = 0;
+        std::string err;
         try {
-            kdial::detail::check_logits_finite(cmatrix_view<float>(logits), where);
+            kdial::detail::check(ws.d_ == d && ws.E_ == E && ws.hs_.size() >= T * w.shared_ffn()
+                    && (w.local_count() == 0 || (ws.local_ws_ && ws.local_ws_->shape().ffn >= w.ffn())),
+                where, ": the workspace was made for another layer shape");
+            kdial::detail::check(
+                T <= ws.T_max_, where, ": T = ", T, " exceeds the workspace's max_tokens = ", ws.T_max_);
+            kdial::detail::check_shape(X, T, d, where, "X");
+            kdial::detail::check_shape(out, T, d, where, "out");
+            kc = kdial::detail::check_policy(policy, T, E, where);
+            kdial::detail::check(kc <= ws.k_max_, where, ": k = ", kc, " exceeds the workspace's max_k = ", ws.k_max_);
         } catch (const kdial::error& e) {
             err = e.what();
         }
-    }
-    if (err.empty())
-        kdial::detail::route_policy(cmatrix_view<float>(logits), policy, kc, w.routing(),
-            matrix_view<std::int32_t>(ws.ids_.data(), T, k), matrix_view<float>(ws.weights_.data(), T, k),
-            std::span<int>(ws.kept_.data(), T), ex);
-    ws.T_ = T;
-    ws.kc_ = k;
-
-    // 3. The plan in wire order; each destination's rows are one block.
-    if (err.empty()) {
-        for (std::size_t i = 0; i < T * k; ++i)
-            ws.wire_ids_[i] = ws.ids_[i] == no_expert ? no_expert : pl.wire(std::size_t(ws.ids_[i]));
-        ws.plan_.build(cmatrix_view<std::int32_t>(ws.wire_ids_.data(), T, k));
-        gather(ws.plan_, X, matrix_view<float>(ws.xs_.data(), ws.plan_.num_slots(), d), ex);
-    }
-    // Per-expert counts of every rank (wire order), plus a failure flag.
-    t0 = detail::now();
-    std::vector<int>& all = ws.all_counts_;
-    {
-        int* my = all.data() + std::size_t(me) * (E + 1);
-        if (err.empty()) {
-            const auto c = ws.plan_.counts();
-            std::copy(c.begin(), c.end(), my);
-        } else
-            std::fill(my, my + E, 0);
-        my[E] = err.empty() ? 0 : 1;
-        detail::mpi_check(MPI_Allgather(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, all.data(), int(E + 1), MPI_INT, ws.comm_),
-            "MPI_Allgather");
-    }
-    for (int r = 0; r < N; ++r)
-        if (all[std::size_t(r) * (E + 1) + E] != 0)
-            throw kdial::error(err.empty() ? kdial::detail::cat(where, ": rank ", r, " failed to route its tokens") : err);
-    auto count_of = [&](int src, int dst) {
-        int n = 0;
-        const int* c = all.data() + std::size_t(src) * (E + 1);
-        for (std::int32_t p = pl.wire_begin(dst); p < pl.wire_begin(dst + 1); ++p)
-            n += c[p];
-        return n;
-    };
-    int R = 0, S = 0;
-    for (int q = 0; q < N; ++q) {
-        ws.scount_[std::size_t(q)] = count_of(me, q);
-        ws.sdispl_[std::size_t(q)] = ws.plan_.offsets()[std::size_t(pl.wire_begin(q))];
-        ws.rcount_[std::size_t(q)] = count_of(q, me);
-        ws.rdispl_[std::size_t(q)] = R;
-        R += ws.rcount_[std::size_t(q)];
-        if (q != me)
-            S += ws.scount_[std::size_t(q)];
-    }
-    KDIAL_ASSERT(std::size_t(R) <= ws.R_max_);
-    // 4. Rows out.
-    detail::mpi_check(MPI_Alltoallv(ws.xs_.data(), ws.scount_.data(), ws.sdispl_.data(), ws.row_type_, ws.xr_.data(),
-                          ws.rcount_.data(), ws.rdispl_.data(), ws.row_type_, ws.comm_),
-        "MPI_Alltoallv (dispatch)");
-    ws.stats_.exchange_seconds += detail::now() - t0;
-
-    // 5. The local experts on the received rows: each row is labelled with
-    // its local expert; the stable sort by label gives each expert its rows
-    // in (source rank, token) order.
-    t0 = detail::now();
-    if (R > 0) {
-        const std::int32_t base = pl.wire_begin(me);
-        const std::size_t n_local = w.local_count();
-        std::size_t i = 0;
-        for (int src = 0; src < N; ++src) {
-            const int* c = all.data() + std::size_t(src) * (E + 1) + base;
-            for (std::size_t le = 0; le < n_local; ++le)
-                for (int r = 0; r < c[le]; ++r)
-                    ws.rids_[i++] = std::int32_t(le);
+        double t0 = detail::now();
+        // 1. Every rank's T (or a failure), so each knows its rows' place in the
+        // concatenated batch.
+        const std::int64_t mine[2] = { std::int64_t(T), err.empty() ? 0 : 1 };
+        detail::mpi_check(
+            MPI_Allgather(mine, 2, MPI_INT64_T, ws.status_.data(), 2, MPI_INT64_T, ws.comm_), "MPI_Allgather");
+        for (int r = 0; r < N; ++r)
+            if (ws.status_[2 * std::size_t(r) + 1] != 0)
+                throw kdial::error(err.empty() ? kdial::detail::cat(where, ": rank ", r, " rejected its input") : err);
+        std::size_t g0 = 0, T_all = 0;
+        for (int r = 0; r < N; ++r) {
+            if (r < me)
+                g0 += std::size_t(ws.status_[2 * std::size_t(r)]);
+            T_all += std::size_t(ws.status_[2 * std::size_t(r)]);
         }
-        const std::size_t Rn = std::size_t(R);
-        const moe_weights& lw = *w.local();
-        moe_workspace& lws = *ws.local_ws_;
-        const cmatrix_view<float> xr(ws.xr_.data(), Rn, d);
-        moe::route(lw, lws, xr,
-            given_routing { cmatrix_view<std::int32_t>(ws.rids_.data(), Rn, 1),
-                cmatrix_view<float>(ws.rweights_.data(), Rn, 1) },
-            ex);
-        moe::dispatch(lw, lws, xr, ex);
-        moe::run_experts(lw, lws, xr, ex);
-        const auto slot = lws.plan().slot_of();
-        const cmatrix_view<float> ly = std::as_const(lws).expert_outputs();
-        parallel::for_each_tile(ex, Rn, parallel::tile_items(d * sizeof(float)), [&](std::size_t a, std::size_t b) {
-            for (std::size_t r = a; r < b; ++r)
-                std::memcpy(ws.back_.data() + r * d, ly.row(std::size_t(slot[r])), d * sizeof(float));
-        });
-    }
-    ws.stats_.expert_seconds += detail::now() - t0;
+        ws.stats_.exchange_seconds += detail::now() - t0;
 
-    // 6. Outputs back, into this rank's slot order.
-    t0 = detail::now();
-    detail::mpi_check(MPI_Alltoallv(ws.back_.data(), ws.rcount_.data(), ws.rdispl_.data(), ws.row_type_,
-                          ws.ys_.data(), ws.scount_.data(), ws.sdispl_.data(), ws.row_type_, ws.comm_),
-        "MPI_Alltoallv (combine)");
-    ws.stats_.exchange_seconds += detail::now() - t0;
-    ws.stats_.calls += 1;
-    ws.stats_.rows_sent += std::size_t(S);
-    ws.stats_.bytes_sent += 2 * std::size_t(S) * d * sizeof(float);
-
-    // 7. The shared expert on this rank's tokens, then combine.
-    shared_expert_term st;
-    if (w.shared() && T > 0) {
-        const std::size_t Fs = w.shared_ffn();
-        const matrix_view<float> s(ws.s_.data(), T, d);
-        w.shared()->expert.visit([&](const auto& list) {
-            const auto& ew = list[0];
-            detail::rows_as_one_process(X, g0, T_all, detail::shared_chunk_rows, s, ws.pad_x_.data(),
-                ws.pad_y_.data(), [&](cmatrix_view<float> xb, matrix_view<float> yb) {
-                    const std::size_t n = xb.rows;
-                    const matrix_view<float> h(xb.data == ws.pad_x_.data() ? ws.pad_h_.data() : ws.hs_.data(),
-                        n, Fs);
-                    constexpr std::size_t cols = 64;
-                    ex.parallel_for((Fs + cols - 1) / cols, [&](std::size_t c) {
-                        swiglu_gate_up(ew.gate, ew.up, xb, c * cols, std::min(Fs, (c + 1) * cols), h);
-                    });
-                    ex.parallel_for((d + cols - 1) / cols, [&](std::size_t c) {
-                        linear(ew.down, cmatrix_view<float>(h), c * cols, std::min(d, (c + 1) * cols), yb);
-                    });
-                });
-        });
-        st.output = cmatrix_view<float>(s);
-        if (w.has_shared_gate()) {
+        // 2. Route this rank's tokens.
+        const std::size_t k = std::size_t(kc);
+        const matrix_view<float> logits(ws.logits_.data(), T, E);
+        if constexpr (!std::same_as<P, given_routing>) {
             std::visit(
-                [&](const auto& gw) {
-                    detail::rows_as_one_process(X, g0, T_all, kdial::detail::router_tile_rows,
-                        matrix_view<float>(ws.gate_.data(), T, 1), ws.pad_x_.data(), ws.pad_y_.data(),
-                        [&](cmatrix_view<float> xb, matrix_view<float> yb) { linear(gw, xb, 0, 1, yb); });
+                [&](const auto& rw) {
+                    detail::rows_as_one_process(X, g0, T_all, kdial::detail::router_tile_rows, logits, ws.pad_x_.data(),
+                        ws.pad_y_.data(),
+                        [&](cmatrix_view<float> xb, matrix_view<float> yb) { linear(rw, xb, 0, rw.rows, yb); });
                 },
-                w.shared()->gate);
-            st.gate_logits = std::span<const float>(ws.gate_.data(), T);
+                w.router());
+            try {
+                kdial::detail::check_logits_finite(cmatrix_view<float>(logits), where);
+            } catch (const kdial::error& e) {
+                err = e.what();
+            }
         }
+        if (err.empty())
+            kdial::detail::route_policy(cmatrix_view<float>(logits), policy, kc, w.routing(),
+                matrix_view<std::int32_t>(ws.ids_.data(), T, k), matrix_view<float>(ws.weights_.data(), T, k),
+                std::span<int>(ws.kept_.data(), T), ex);
+        ws.T_ = T;
+        ws.kc_ = k;
+
+        // 3. The plan in wire order; each destination's rows are one block.
+        if (err.empty()) {
+            for (std::size_t i = 0; i < T * k; ++i)
+                ws.wire_ids_[i] = ws.ids_[i] == no_expert ? no_expert : pl.wire(std::size_t(ws.ids_[i]));
+            ws.plan_.build(cmatrix_view<std::int32_t>(ws.wire_ids_.data(), T, k));
+            gather(ws.plan_, X, matrix_view<float>(ws.xs_.data(), ws.plan_.num_slots(), d), ex);
+        }
+        // Per-expert counts of every rank (wire order), plus a failure flag.
+        t0 = detail::now();
+        std::vector<int>& all = ws.all_counts_;
+        {
+            int* my = all.data() + std::size_t(me) * (E + 1);
+            if (err.empty()) {
+                const auto c = ws.plan_.counts();
+                std::copy(c.begin(), c.end(), my);
+            } else
+                std::fill(my, my + E, 0);
+            my[E] = err.empty() ? 0 : 1;
+            detail::mpi_check(
+                MPI_Allgather(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, all.data(), int(E + 1), MPI_INT, ws.comm_),
+                "MPI_Allgather");
+        }
+        for (int r = 0; r < N; ++r)
+            if (all[std::size_t(r) * (E + 1) + E] != 0)
+                throw kdial::error(
+                    err.empty() ? kdial::detail::cat(where, ": rank ", r, " failed to route its tokens") : err);
+        auto count_of = [&](int src, int dst) {
+            int n = 0;
+            const int* c = all.data() + std::size_t(src) * (E + 1);
+            for (std::int32_t p = pl.wire_begin(dst); p < pl.wire_begin(dst + 1); ++p)
+                n += c[p];
+            return n;
+        };
+        int R = 0, S = 0;
+        for (int q = 0; q < N; ++q) {
+            ws.scount_[std::size_t(q)] = count_of(me, q);
+            ws.sdispl_[std::size_t(q)] = ws.plan_.offsets()[std::size_t(pl.wire_begin(q))];
+            ws.rcount_[std::size_t(q)] = count_of(q, me);
+            ws.rdispl_[std::size_t(q)] = R;
+            R += ws.rcount_[std::size_t(q)];
+            if (q != me)
+                S += ws.scount_[std::size_t(q)];
+        }
+        KDIAL_ASSERT(std::size_t(R) <= ws.R_max_);
+        // 4. Rows out.
+        detail::mpi_check(MPI_Alltoallv(ws.xs_.data(), ws.scount_.data(), ws.sdispl_.data(), ws.row_type_,
+                              ws.xr_.data(), ws.rcount_.data(), ws.rdispl_.data(), ws.row_type_, ws.comm_),
+            "MPI_Alltoallv (dispatch)");
+        ws.stats_.exchange_seconds += detail::now() - t0;
+
+        // 5. The local experts on the received rows: each row is labelled with
+        // its local expert; the stable sort by label gives each expert its rows
+        // in (source rank, token) order.
+        t0 = detail::now();
+        if (R > 0) {
+            const std::int32_t base = pl.wire_begin(me);
+            const std::size_t n_local = w.local_count();
+            std::size_t i = 0;
+            for (int src = 0; src < N; ++src) {
+                const int* c = all.data() + std::size_t(src) * (E + 1) + base;
+                for (std::size_t le = 0; le < n_local; ++le)
+                    for (int r = 0; r < c[le]; ++r)
+                        ws.rids_[i++] = std::int32_t(le);
+            }
+            const std::size_t Rn = std::size_t(R);
+            const moe_weights& lw = *w.local();
+            moe_workspace& lws = *ws.local_ws_;
+            const cmatrix_view<float> xr(ws.xr_.data(), Rn, d);
+            moe::route(lw, lws, xr,
+                given_routing { cmatrix_view<std::int32_t>(ws.rids_.data(), Rn, 1),
+                    cmatrix_view<float>(ws.rweights_.data(), Rn, 1) },
+                ex);
+            moe::dispatch(lw, lws, xr, ex);
+            moe::run_experts(lw, lws, xr, ex);
+            const auto slot = lws.plan().slot_of();
+            const cmatrix_view<float> ly = std::as_const(lws).expert_outputs();
+            parallel::for_each_tile(ex, Rn, parallel::tile_items(d * sizeof(float)), [&](std::size_t a, std::size_t b) {
+                for (std::size_t r = a; r < b; ++r)
+                    std::memcpy(ws.back_.data() + r * d, ly.row(std::size_t(slot[r])), d * sizeof(float));
+            });
+        }
+        ws.stats_.expert_seconds += detail::now() - t0;
+
+        // 6. Outputs back, into this rank's slot order.
+        t0 = detail::now();
+        detail::mpi_check(MPI_Alltoallv(ws.back_.data(), ws.rcount_.data(), ws.rdispl_.data(), ws.row_type_,
+                              ws.ys_.data(), ws.scount_.data(), ws.sdispl_.data(), ws.row_type_, ws.comm_),
+            "MPI_Alltoallv (combine)");
+        ws.stats_.exchange_seconds += detail::now() - t0;
+        ws.stats_.calls += 1;
+        ws.stats_.rows_sent += std::size_t(S);
+        ws.stats_.bytes_sent += 2 * std::size_t(S) * d * sizeof(float);
+
+        // 7. The shared expert on this rank's tokens, then combine.
+        shared_expert_term st;
+        if (w.shared() && T > 0) {
+            const std::size_t Fs = w.shared_ffn();
+            const matrix_view<float> s(ws.s_.data(), T, d);
+            w.shared()->expert.visit([&](const auto& list) {
+                const auto& ew = list[0];
+                detail::rows_as_one_process(X, g0, T_all, detail::shared_chunk_rows, s, ws.pad_x_.data(),
+                    ws.pad_y_.data(), [&](cmatrix_view<float> xb, matrix_view<float> yb) {
+                        const std::size_t n = xb.rows;
+                        const matrix_view<float> h(
+                            xb.data == ws.pad_x_.data() ? ws.pad_h_.data() : ws.hs_.data(), n, Fs);
+                        constexpr std::size_t cols = 64;
+                        ex.parallel_for((Fs + cols - 1) / cols, [&](std::size_t c) {
+                            swiglu_gate_up(ew.gate, ew.up, xb, c * cols, std::min(Fs, (c + 1) * cols), h);
+                        });
+                        ex.parallel_for((d + cols - 1) / cols, [&](std::size_t c) {
+                            linear(ew.down, cmatrix_view<float>(h), c * cols, std::min(d, (c + 1) * cols), yb);
+                        });
+                    });
+            });
+            st.output = cmatrix_view<float>(s);
+            if (w.has_shared_gate()) {
+                std::visit(
+                    [&](const auto& gw) {
+                        detail::rows_as_one_process(X, g0, T_all, kdial::detail::router_tile_rows,
+                            matrix_view<float>(ws.gate_.data(), T, 1), ws.pad_x_.data(), ws.pad_y_.data(),
+                            [&](cmatrix_view<float> xb, matrix_view<float> yb) { linear(gw, xb, 0, 1, yb); });
+                    },
+                    w.shared()->gate);
+                st.gate_logits = std::span<const float>(ws.gate_.data(), T);
+            }
+        }
+        kdial::combine(ws.plan_, cmatrix_view<float>(ws.weights_.data(), T, k),
+            cmatrix_view<float>(ws.ys_.data(), ws.plan_.num_slots(), d), out, st, mode, ex);
     }
-    kdial::combine(ws.plan_, cmatrix_view<float>(ws.weights_.data(), T, k),
-        cmatrix_view<float>(ws.ys_.data(), ws.plan_.num_slots(), d), out, st, mode, ex);
-}
 };
 
 } // namespace detail

@@ -51,8 +51,8 @@ public:
     // first E % N ranks hold one more (E = 64, N = 3: 22, 21, 21).
     static expert_placement contiguous(std::size_t num_experts, int ranks)
     {
-        detail::check(ranks >= 1, "kdial::distributed::expert_placement::contiguous: rank count ", ranks,
-            " must be >= 1");
+        detail::check(
+            ranks >= 1, "kdial::distributed::expert_placement::contiguous: rank count ", ranks, " must be >= 1");
         std::vector<int> owner(num_experts);
         const std::size_t N = std::size_t(ranks), base = num_experts / N, extra = num_experts % N;
         std::size_t e = 0;
@@ -68,7 +68,8 @@ public:
     // Experts on rank r, ascending: the rank's local expert i is experts_of(r)[i].
     std::span<const std::int32_t> experts_of(int r) const noexcept
     {
-        return { by_wire_.data() + first_[std::size_t(r)], std::size_t(first_[std::size_t(r) + 1] - first_[std::size_t(r)]) };
+        return { by_wire_.data() + first_[std::size_t(r)],
+            std::size_t(first_[std::size_t(r) + 1] - first_[std::size_t(r)]) };
     }
     std::size_t count(int r) const noexcept { return experts_of(r).size(); }
     // Position of expert e in wire order; rank r's experts are the wire
