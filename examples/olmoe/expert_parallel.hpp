@@ -94,9 +94,13 @@ inline void attach(model& m)
         });
         s.layers[l] = std::make_unique<kdial::distributed::ep_weights>(
             MPI_COMM_WORLD, pl, w.router(), std::move(local), w.routing(), w.shared());
-        if (!s.ws)
-            s.ws = std::make_unique<kdial::distributed::ep_workspace>(
-                *s.layers[l], (m.max_chunk() + N - 1) / N, m.max_k(m.max_chunk()));
+        if (!s.ws) {
+            // A rank gets at most ceil(T / N) of a call's T tokens; the model
+            // keeps T * k within max_chunk * max_k(max_chunk) slots.
+            const std::size_t T = (m.max_chunk() + N - 1) / N;
+            const std::size_t slots = (m.max_chunk() * std::size_t(m.max_k(m.max_chunk())) + N - 1) / N + E;
+            s.ws = std::make_unique<kdial::distributed::ep_workspace>(*s.layers[l], T, m.max_k(1), slots);
+        }
     }
     s.counts.resize(N);
     s.displs.resize(N);

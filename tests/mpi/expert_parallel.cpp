@@ -306,6 +306,13 @@ TEST_CASE("expert parallel: ranks that disagree fail on every rank with a clear 
         kdial::error);
     const split s = tokens_per_rank({ 4 });
     CHECK(same_as_one_process(fx, pl, s, 2, every_token_k(2)));
+    // A slot budget below T * k: k = 6 fits 2 tokens, not 4.
+    distributed::ep_workspace tight(ew, 4, 6, 12);
+    CHECK_THROWS_WITH_AS(
+        distributed::forward(ew, tight, cmatrix_view<float>(X.data(), 4, 32), 6, matrix_view<float>(out.data(), 4, 32)),
+        doctest::Contains("slots"), kdial::error);
+    CHECK_NOTHROW(distributed::forward(
+        ew, tight, cmatrix_view<float>(X.data(), 2, 32), 6, matrix_view<float>(out.data(), 2, 32)));
     // A non-finite router logit on one rank: every rank throws.
     std::vector<float> Xn = X;
     if (me == 0)

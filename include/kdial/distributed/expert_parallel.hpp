@@ -291,12 +291,13 @@ struct ep_stats {
 
 // The scratch of one stream on one rank, for layers of one shape (as
 // moe_workspace). Made from any layer's weights with up to max_tokens
-// tokens per call on this rank and k <= max_k; collective (every rank must
-// give the same max_tokens and max_k). A rank may receive up to
-// ranks * max_tokens * min(max_k, local experts) rows, and is sized for it.
+// tokens per call on this rank, k <= max_k and T * k <= max_slots (default
+// max_tokens * max_k); collective (every rank must give the same sizes). A
+// rank may receive up to ranks * min(max_slots, max_tokens * local experts)
+// rows, and is sized for it.
 class ep_workspace {
 public:
-    ep_workspace(const ep_weights& w, std::size_t max_tokens, int max_k)
+    ep_workspace(const ep_weights& w, std::size_t max_tokens, int max_k, std::size_t max_slots = 0)
         : comm_(w.comm())
         , rank_(w.rank())
         , size_(w.ranks())
@@ -313,17 +314,20 @@ public:
             err = e.what();
         }
         detail::agree(comm_, err, where);
-        const std::array<std::uint64_t, 2> mine { max_tokens, std::uint64_t(max_k) };
-        std::vector<std::uint64_t> all(2 * std::size_t(size_));
+        const std::size_t slots = max_slots ? max_slots : max_tokens * std::size_t(std::max(max_k, 1));
+        const std::array<std::uint64_t, 3> mine { max_tokens, std::uint64_t(max_k), slots };
+        std::vector<std::uint64_t> all(3 * std::size_t(size_));
         detail::mpi_check(
-            MPI_Allgather(mine.data(), 2, MPI_UINT64_T, all.data(), 2, MPI_UINT64_T, comm_), "MPI_Allgather");
-        for (int r = 0; r < size_; ++r)
-            kdial::detail::check(
-                all[2 * std::size_t(r)] == max_tokens && all[2 * std::size_t(r) + 1] == std::uint64_t(max_k), where,
-                ": ranks disagree on the workspace: max_tokens ", max_tokens, ", max_k ", max_k, " on rank ", rank_,
-                "; ", all[2 * std::size_t(r)], ", ", all[2 * std::size_t(r) + 1], " on rank ", r);
-        const std::size_t E = w.num_experts(), d = w.hidden(), T = max_tokens, k = std::size_t(max_k);
-        const std::size_t slots = T * k, Fs = w.shared_ffn();
+            MPI_Allgather(mine.data(), 3, MPI_UINT64_T, all.data(), 3, MPI_UINT64_T, comm_), "MPI_Allgather");
+        for (int r = 0; r < size_; ++r) {
+            const std::uint64_t* o = all.data() + 3 * std::size_t(r);
+            kdial::detail::check(o[0] == mine[0] && o[1] == mine[1] && o[2] == mine[2], where,
+                ": ranks disagree on the workspace: max_tokens ", max_tokens, ", max_k ", max_k, ", max_slots ", slots,
+                " on rank ", rank_, "; ", o[0], ", ", o[1], ", ", o[2], " on rank ", r);
+        }
+        const std::size_t E = w.num_experts(), d = w.hidden(), T = max_tokens;
+        const std::size_t Fs = w.shared_ffn();
+        slots_ = slots;
         d_ = d;
         E_ = E;
         logits_.resize(T * E);
@@ -331,7 +335,7 @@ public:
         wire_ids_.resize(slots);
         weights_.resize(slots);
         kept_.resize(T);
-        plan_ = dispatch_plan(T, int(E), max_k);
+        plan_ = dispatch_plan(T, int(E), max_k, slots);
         xs_.resize(slots * d);
         ys_.resize(slots * d);
         if (Fs) {
@@ -351,7 +355,7 @@ public:
         rdispl_.resize(std::size_t(size_));
         const std::size_t n_local = w.local_count();
         if (n_local > 0) {
-            R_max_ = std::size_t(size_) * T * std::min(k, n_local);
+            R_max_ = std::size_t(size_) * std::min(slots, T * n_local);
             xr_.resize(R_max_ * d);
             back_.resize(R_max_ * d);
             rids_.resize(R_max_);
@@ -388,7 +392,7 @@ private:
     int rank_, size_;
     std::size_t T_max_;
     int k_max_;
-    std::size_t d_ = 0, E_ = 0, R_max_ = 0;
+    std::size_t d_ = 0, E_ = 0, R_max_ = 0, slots_ = 0;
     std::vector<float> logits_, weights_, xs_, ys_, hs_, s_, gate_, pad_x_, pad_y_, pad_h_, xr_, back_, rweights_;
     std::vector<std::int32_t> ids_, wire_ids_, rids_;
     std::vector<int> kept_;
@@ -426,6 +430,8 @@ struct ep_stages {
             kdial::detail::check_shape(out, T, d, where, "out");
             kc = kdial::detail::check_policy(policy, T, E, where);
             kdial::detail::check(kc <= ws.k_max_, where, ": k = ", kc, " exceeds the workspace's max_k = ", ws.k_max_);
+            kdial::detail::check(T * std::size_t(kc) <= ws.slots_, where, ": T * k = ", T, " * ", kc,
+                " exceeds the workspace's ", ws.slots_, " slots");
         } catch (const kdial::error& e) {
             err = e.what();
         }
