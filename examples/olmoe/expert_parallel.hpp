@@ -19,6 +19,8 @@
 #include <string>
 #include <vector>
 
+#include <sys/resource.h>
+
 #if KDIAL_OLMOE_MPI
 #include <kdial/distributed/expert_parallel.hpp>
 #endif
@@ -126,15 +128,26 @@ inline void attach(model& m)
     };
 }
 
-// Time in exchanges and rows sent by this rank, as a line for rank 0.
+// Time in exchanges and rows sent by rank 0, and every rank's peak RSS, as
+// a line for rank 0. Collective.
 inline std::string summary()
 {
-    const auto& st = current()->ws->stats();
-    char b[256];
+    const state& s = *current();
+    const auto& st = s.ws->stats();
+    rusage ru {};
+    getrusage(RUSAGE_SELF, &ru);
+    const double gib = double(ru.ru_maxrss) / double(1 << 20); // ru_maxrss: KiB
+    std::vector<double> all(std::size_t(s.size));
+    MPI_Gather(&gib, 1, MPI_DOUBLE, all.data(), 1, MPI_DOUBLE, 0, MPI_COMM_WORLD);
+    std::string rss;
+    for (double g : all)
+        rss += kdial::detail::cat(rss.empty() ? "" : ", ", std::to_string(g).substr(0, 5));
+    char b[320];
     std::snprintf(b, sizeof b,
         "[expert parallel: %d ranks; rank 0: %zu layer calls, %.3f s in exchanges, %.3f s in its experts, %zu rows "
-        "(%.1f MB) sent]",
-        current()->size, st.calls, st.exchange_seconds, st.expert_seconds, st.rows_sent, double(st.bytes_sent) / 1e6);
+        "(%.1f MB) sent; peak RSS per rank (GiB): %s]",
+        s.size, st.calls, st.exchange_seconds, st.expert_seconds, st.rows_sent, double(st.bytes_sent) / 1e6,
+        rss.c_str());
     return b;
 }
 
