@@ -3,6 +3,7 @@
 // sweep, make-synthetic, demo, tokenize, detokenize. Errors go to stderr with a non-zero exit status;
 // long work shows progress on stderr.
 #include "config.hpp"
+#include "expert_parallel.hpp"
 #include "gguf_model.hpp"
 #include "gguf_synthetic.hpp"
 #include "model.hpp"
@@ -332,6 +333,8 @@ loaded load(const args& a, std::size_t max_chunk = 256)
         L.m = std::make_unique<olmoe::model>(std::move(g.weights), max_chunk);
         if (a.flags.count("renorm"))
             L.m->set_renormalize(true);
+        if (a.flags.count("expert-parallel"))
+            olmoe::ep::attach(*L.m);
         return L;
     }
     L.m = std::make_unique<olmoe::model>(olmoe::load_weights(dir, L.cfg, o), max_chunk);
@@ -339,6 +342,8 @@ loaded load(const args& a, std::size_t max_chunk = 256)
         L.m->set_renormalize(true);
     if (fs::exists(fs::symlink_status(fs::path(dir) / "tokenizer.json")))
         L.tok = kdial::io::bpe_tokenizer::from_file(fs::path(dir) / "tokenizer.json");
+    if (a.flags.count("expert-parallel"))
+        olmoe::ep::attach(*L.m);
     return L;
 }
 
@@ -519,7 +524,8 @@ int cmd_logits(const args& a)
         std::vector<float> logits(ids.size() * std::size_t(L.cfg.vocab));
         olmoe::prefill(
             *L.m, ids, cache, ks, kdial::matrix_view<float>(logits.data(), ids.size(), std::size_t(L.cfg.vocab)), true);
-        kdial::io::write_npy(outp, logits, ids.size(), std::size_t(L.cfg.vocab));
+        if (olmoe::ep::rank() == 0) // expert parallel: rank 0 writes
+            kdial::io::write_npy(outp, logits, ids.size(), std::size_t(L.cfg.vocab));
         std::fprintf(stderr, "wrote %s: float32 [%zu, %d] at k=%s\n", outp.c_str(), ids.size(), L.cfg.vocab,
             olmoe::schedule_label(ks).c_str());
         return 0;
@@ -630,6 +636,8 @@ int cmd_bench(const args& a, std::FILE* out = stdout)
                 "limits measured in this run (%d threads): read %.1f GB/s, FMA %.0f GFLOP/s\n"
                 "peak RSS %.2f GiB, checkpoint %.2f GiB (weights are memory-mapped)\n",
                 threads, lim.read_gbs, lim.fma_gflops, rss, double(ck_bytes) / double(1 << 30));
+            if (a.flags.count("expert-parallel"))
+                std::fprintf(out, "%s\n", olmoe::ep::summary().c_str());
             if (ck_bytes < (std::size_t(256) << 20))
                 std::fprintf(out,
                     "note: this checkpoint fits in the CPU caches, so decode can beat the DRAM "
@@ -963,18 +971,20 @@ int main(int argc, char** argv)
             return 0;
         }
     try {
+        if (olmoe::ep::requested(argc, argv))
+            olmoe::ep::init(argc, argv);
         if (cmd == "generate")
             return cmd_generate(parse_args(argc, argv,
                 { "model", "prompt", "tokens", "k", "k-schedule", "max-new", "threads", "weights" },
-                { "renorm", "check-weights", "allow-long-context" }));
+                { "renorm", "check-weights", "allow-long-context", "expert-parallel" }));
         if (cmd == "logits")
             return cmd_logits(
                 parse_args(argc, argv, { "model", "tokens", "k", "k-schedule", "out", "threads", "weights" },
-                    { "renorm", "check-weights", "allow-long-context" }));
+                    { "renorm", "check-weights", "allow-long-context", "expert-parallel" }));
         if (cmd == "bench")
             return cmd_bench(
                 parse_args(argc, argv, { "model", "k", "k-schedule", "prompt-len", "gen", "threads", "weights" },
-                    { "json", "renorm", "check-weights", "allow-long-context" }));
+                    { "json", "renorm", "check-weights", "allow-long-context", "expert-parallel" }));
         if (cmd == "sweep")
             return cmd_sweep(parse_args(argc, argv,
                 { "model", "text", "tokens-file", "k", "ref-k", "k-schedule", "threshold", "k-min", "k-max", "context",

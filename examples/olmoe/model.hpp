@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <span>
@@ -231,6 +232,21 @@ private:
             kdial::rmsnorm(h, L.post_norm.data(), c.rms_norm_eps, a);
             // The MoE output is added into the residual stream h.
             constexpr auto acc = kdial::combine_mode::accumulate;
+            if (moe_hook && !L.dense) { // expert parallel (expert_parallel.hpp): h += MoE(a) across ranks
+                const int k = uniform ? seqs[0].route.k_per_layer[l] : 0;
+                if (!uniform) {
+                    std::size_t t = 0;
+                    for (const auto& q : seqs) {
+                        const auto& th = q.route.threshold;
+                        const int kq = th ? 0 : q.route.k_per_layer[l];
+                        std::fill_n(rules_.begin() + std::ptrdiff_t(t), q.tokens.size(),
+                            th ? kdial::token_k { th->k_min, th->k_max, th->p } : kdial::token_k { kq, kq, 1.0f });
+                        t += q.tokens.size();
+                    }
+                }
+                moe_hook(l, a, h, k, std::span<const kdial::token_k>(rules_.data(), uniform ? 0 : T));
+                continue;
+            }
             if (L.dense)
                 kdial::moe::forward(*L.moe, *dense_ws_, a, kdial::fixed_k<1> {}, h, acc);
             else if (uniform)
@@ -338,6 +354,11 @@ public:
 
     const kdial::moe_weights& moe(std::size_t layer) const { return *w_.layers[layer].moe; }
     // Largest k a forward call of T tokens may use in every MoE layer.
+    // When set, MoE layers call it instead of moe::forward: (layer, a [T, d],
+    // h [T, d] += MoE(a), k for every token or 0 with one rule per token).
+    std::function<void(std::size_t, kdial::cmatrix_view<float>, kdial::matrix_view<float>, int,
+        std::span<const kdial::token_k>)>
+        moe_hook;
     int max_k(std::size_t T) const noexcept { return moe_ws_ ? moe_ws_->max_k(T) : w_.cfg.experts; }
 
 private:
