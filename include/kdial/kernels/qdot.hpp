@@ -430,7 +430,9 @@ template <qdot_isa I> inline __m512i qdot_us512(__m512i u, __m512i s) noexcept
 }
 inline __m512i qdot_join(__m256i lo, __m256i hi) noexcept
 {
-    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    // maskz / zext forms: GCC 12 warns about the _mm512_undefined_* of the
+    // plain ones (see simd/convert.hpp).
+    return _mm512_maskz_inserti64x4(__mmask8(0xff), _mm512_zextsi256_si512(lo), hi, 1);
 }
 // p[k] holds blocks 2k (lanes 0-7) and 2k + 1 (lanes 8-15).
 inline __m256i qdot_tree8(const __m512i* p) noexcept
@@ -438,7 +440,7 @@ inline __m256i qdot_tree8(const __m512i* p) noexcept
     __m256i h[8];
     for (int k = 0; k < 4; ++k) {
         h[2 * k] = _mm512_castsi512_si256(p[k]);
-        h[2 * k + 1] = _mm512_extracti64x4_epi64(p[k], 1);
+        h[2 * k + 1] = _mm512_maskz_extracti64x4_epi64(__mmask8(0xf), p[k], 1);
     }
     return qdot_tree8(h);
 }
@@ -448,7 +450,8 @@ inline __m256i q4_0_u256(const q4_0_block& w) noexcept
 {
     const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.qs));
     const __m128i m = _mm_set1_epi8(0x0f);
-    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
+    return _mm256_inserti128_si256(
+        _mm256_zextsi128_si256(_mm_and_si128(v, m)), _mm_and_si128(_mm_srli_epi16(v, 4), m), 1);
 }
 #endif // KDIAL_QDOT_AVX2
 
