@@ -439,7 +439,7 @@ inline __m256i qdot_tree8(const __m512i* p) noexcept
 {
     __m256i h[8];
     for (int k = 0; k < 4; ++k) {
-        h[2 * k] = _mm512_castsi512_si256(p[k]);
+        h[2 * k] = _mm512_maskz_extracti64x4_epi64(__mmask8(0xf), p[k], 0);
         h[2 * k + 1] = _mm512_maskz_extracti64x4_epi64(__mmask8(0xf), p[k], 1);
     }
     return qdot_tree8(h);
