@@ -2,9 +2,9 @@
 // on the golden checkpoints, with q8 weights (--weights int8): the golden
 // token sequence decoded one token at a time (the GEMV regime the int8 path
 // serves) at the trained k, exact vs int8 activations on the same weights.
-// Measured (README "int8 activations"): max |logit diff| / max |logit| and
-// argmax agreement per checkpoint; the bounds asserted here are those
-// numbers with a margin, so a wrong kernel (the error of a dropped block or
+// Measured (README "int8 activations"): max |logit diff| / max |logit|
+// 0.014 - 0.021 and argmax agreement 16/16 on every checkpoint; asserted:
+// <= 0.04 and >= 90 % (the numbers with a margin), so a wrong kernel (the error of a dropped block or
 // a wrong scale is far larger) fails while rounding noise does not.
 #include <doctest/doctest.h>
 
@@ -72,11 +72,12 @@ TEST_CASE("olmoe --act int8: logits within the stated bound of exact, argmax kep
         { "olmoe-tiny-f32", "olmoe-tiny-bf16", "qwen2-moe-tiny-f32", "mixtral-tiny-bf16", "qwen3-moe-tiny-bf16" }) {
         const act_error e = measure(name);
         const double rel = e.max_diff / e.max_logit;
-        MESSAGE(name, ": max |logit diff| ", e.max_diff, " (max |logit| ", e.max_logit, ", ratio ", rel,
+        const std::string nm = name;
+        MESSAGE(nm, ": max |logit diff| ", e.max_diff, " (max |logit| ", e.max_logit, ", ratio ", rel,
             "), argmax agreement ", e.agree, "/", e.positions);
-        CAPTURE(name);
+        CAPTURE(nm);
         CHECK(e.max_diff > 0.0); // the int8 path ran
-        CHECK(rel <= 0.05);
+        CHECK(rel <= 0.04); // measured <= 0.021 (README)
         CHECK(e.agree * 10 >= e.positions * 9);
     }
 }
