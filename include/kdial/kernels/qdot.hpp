@@ -432,7 +432,9 @@ inline __m512i qdot_join(__m256i lo, __m256i hi) noexcept
 {
     // maskz / zext forms: GCC 12 warns about the _mm512_undefined_* of the
     // plain ones (see simd/convert.hpp).
-    return _mm512_maskz_inserti64x4(__mmask8(0xff), _mm512_zextsi256_si512(lo), hi, 1);
+    // (GCC 12's _mm512_zextsi256_si512 warns too.)
+    const __m512i z = _mm512_maskz_inserti64x4(__mmask8(0xff), _mm512_setzero_si512(), lo, 0);
+    return _mm512_maskz_inserti64x4(__mmask8(0xff), z, hi, 1);
 }
 // p[k] holds blocks 2k (lanes 0-7) and 2k + 1 (lanes 8-15).
 inline __m256i qdot_tree8(const __m512i* p) noexcept
