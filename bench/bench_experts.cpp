@@ -14,6 +14,7 @@
 #include <benchmark/benchmark.h>
 
 #include <kdial/experts/swiglu.hpp>
+#include <kdial/kernels/qdot.hpp>
 
 #include "roofline.hpp"
 
@@ -119,7 +120,10 @@ const kdial::bench::limits& single_thread_limits()
     return lim;
 }
 
-template <kdial::weight_type W, class Arch = xsimd::default_arch> void bm_expert(benchmark::State& state)
+// Act: -1 exact (f32 activations), else the kdial::qdot_isa of the int8
+// path (activations quantised per block of 32, integer dots;
+// kernels/qdot.hpp), as swiglu_expert with act_mode::int8 runs it.
+template <kdial::weight_type W, class Arch = xsimd::default_arch, int Act = -1> void bm_expert(benchmark::State& state)
 {
     const std::size_t n = static_cast<std::size_t>(state.range(0));
     const kdial::bench::limits& lim = single_thread_limits();
@@ -131,9 +135,23 @@ template <kdial::weight_type W, class Arch = xsimd::default_arch> void bm_expert
     const kdial::cmatrix_view<float> xv(x.data(), n, d_model);
     const kdial::matrix_view<float> hv(h.data(), n, d_ffn), yv(y.data(), n, d_model);
     std::size_t e = 0;
+    // int8 path: the quantised rows of x and h (caller workspace).
+    std::vector<std::byte> qmem(kdial::act_q8_bytes(n, d_model) + kdial::act_q8_bytes(n, d_ffn) + 128);
+    std::byte* qa = qmem.data() + (64 - reinterpret_cast<std::uintptr_t>(qmem.data()) % 64) % 64;
+    const kdial::act_q8_view qx = kdial::bind_act_q8(qa, n, d_model);
+    const kdial::act_q8_view qh = kdial::bind_act_q8(qa + kdial::act_q8_bytes(n, d_model), n, d_ffn);
     const auto t0 = std::chrono::steady_clock::now();
     for (auto _ : state) {
-        kdial::swiglu_expert<W, Arch>(p.experts[e], xv, hv, yv);
+        if constexpr (Act < 0) {
+            kdial::swiglu_expert<W, Arch>(p.experts[e], xv, hv, yv);
+        } else {
+            constexpr auto I = static_cast<kdial::qdot_isa>(Act);
+            const auto& ew = p.experts[e];
+            kdial::quantize_act_q8(xv, qx);
+            kdial::swiglu_gate_up_q8act<W, Arch, I>(ew.gate, ew.up, qx, 0, d_ffn, hv);
+            kdial::quantize_act_q8(kdial::cmatrix_view<float>(hv), qh);
+            kdial::linear_q8act<W, Arch, I>(ew.down, qh, 0, d_model, yv);
+        }
         benchmark::DoNotOptimize(y.data());
         benchmark::ClobberMemory();
         e = e + 1 == p.experts.size() ? 0 : e + 1;
@@ -148,7 +166,10 @@ template <kdial::weight_type W, class Arch = xsimd::default_arch> void bm_expert
     state.counters["GFLOPps"] = gflops;
     state.counters["bw_frac"] = gbs / lim.read_gbs; // of the in-run read bandwidth
     state.counters["fma_frac"] = gflops / lim.fma_gflops; // of the in-run FMA peak
-    state.SetLabel(std::string(kdial::dtype_name(W::id)) + " " + Arch::name() + " read "
+    static constexpr const char* isa_names[]
+        = { "generic", "avx2", "avx_vnni", "avx512bw", "avx512_vnni", "neon", "neon_dot" };
+    state.SetLabel(std::string(kdial::dtype_name(W::id)) + " " + Arch::name()
+        + (Act < 0 ? std::string(" exact") : std::string(" int8-act ") + isa_names[Act < 0 ? 0 : Act]) + " read "
         + std::to_string(lim.read_gbs).substr(0, 5) + " GB/s, fma " + std::to_string(lim.fma_gflops).substr(0, 6)
         + " GFLOP/s (1 thread)");
 }
@@ -179,4 +200,27 @@ BENCHMARK_TEMPLATE(bm_expert, kdial::bf16_t, avx2_fma)->Apply(avx2_args);
 BENCHMARK_TEMPLATE(bm_expert, kdial::q8_t, avx2_fma)->Apply(avx2_args);
 BENCHMARK_TEMPLATE(bm_expert, kdial::q4_0_t, avx2_fma)->Apply(avx2_args);
 BENCHMARK_TEMPLATE(bm_expert, kdial::q4_k_t, avx2_fma)->Apply(avx2_args);
+
+// int8 activations (kernels/qdot.hpp), decode: the AVX-512 VNNI, AVX-VNNI
+// and plain AVX2 (vpmaddubsw, the Zen 3 regime) paths where built.
+constexpr int isa_int(kdial::qdot_isa i)
+{
+    return static_cast<int>(i);
+}
+#if KDIAL_QDOT_AVX512_VNNI
+BENCHMARK_TEMPLATE(bm_expert, kdial::q8_t, xsimd::default_arch, isa_int(kdial::qdot_isa::avx512_vnni))
+    ->Apply(avx2_args);
+BENCHMARK_TEMPLATE(bm_expert, kdial::q4_0_t, xsimd::default_arch, isa_int(kdial::qdot_isa::avx512_vnni))
+    ->Apply(avx2_args);
+BENCHMARK_TEMPLATE(bm_expert, kdial::q4_k_t, xsimd::default_arch, isa_int(kdial::qdot_isa::avx512_vnni))
+    ->Apply(avx2_args);
+#endif
+#if KDIAL_QDOT_AVX_VNNI
+BENCHMARK_TEMPLATE(bm_expert, kdial::q8_t, avx2_fma, isa_int(kdial::qdot_isa::avx_vnni))->Apply(avx2_args);
+BENCHMARK_TEMPLATE(bm_expert, kdial::q4_0_t, avx2_fma, isa_int(kdial::qdot_isa::avx_vnni))->Apply(avx2_args);
+BENCHMARK_TEMPLATE(bm_expert, kdial::q4_k_t, avx2_fma, isa_int(kdial::qdot_isa::avx_vnni))->Apply(avx2_args);
+#endif
+BENCHMARK_TEMPLATE(bm_expert, kdial::q8_t, avx2_fma, isa_int(kdial::qdot_isa::avx2))->Apply(avx2_args);
+BENCHMARK_TEMPLATE(bm_expert, kdial::q4_0_t, avx2_fma, isa_int(kdial::qdot_isa::avx2))->Apply(avx2_args);
+BENCHMARK_TEMPLATE(bm_expert, kdial::q4_k_t, avx2_fma, isa_int(kdial::qdot_isa::avx2))->Apply(avx2_args);
 #endif

@@ -77,8 +77,8 @@ Run 'olmoe <command> --help' for a command's options.
 
 const std::map<std::string, std::string> usages
     = { { "generate", R"(usage: olmoe generate --model DIR [--prompt TEXT | --tokens 1,2,3] [--k K | --k-schedule S]
-                      [--renorm] [--max-new N] [--threads N] [--weights native|int8] [--check-weights]
-                      [--allow-long-context]
+                      [--renorm] [--max-new N] [--threads N] [--weights native|int8] [--act exact|int8]
+                      [--check-weights] [--allow-long-context]
 Greedy generation; streams text (or ids when the model has no tokenizer.json).
   --model DIR     checkpoint directory (config.json, *.safetensors, tokenizer.json),
                   or one GGUF file (llama.cpp's format; F32/F16/BF16/Q8_0/Q4_0/Q4_K/Q5_K/Q6_K)
@@ -91,19 +91,23 @@ Greedy generation; streams text (or ids when the model has no tokenizer.json).
   --max-new N     tokens to generate (default 32); stops early at an EOS id
   --threads N     worker threads (default: all cores)
   --weights W     native (as stored, default) or int8 (quantised at load)
+  --act A         exact (default: f32 activations) or int8: decode rows (<= 4 per
+                  expert or dense layer) of q8/q4_0/q4_k weights quantised to int8 per
+                  block of 32 and integer dot products (faster, slightly different logits)
   --check-weights scan every weight for NaN / inf at load (names the tensor and element)
   --allow-long-context
                   let prompt + generated tokens exceed max_position_embeddings
                   (refused by default: the model was not trained that far)
 )" },
           { "logits", R"(usage: olmoe logits --model DIR --tokens 1,2,3 --out FILE.npy [--k K | --k-schedule S]
-                    [--renorm] [--threads N] [--weights native|int8] [--check-weights] [--allow-long-context]
+                    [--renorm] [--threads N] [--weights native|int8] [--act exact|int8] [--check-weights]
+                    [--allow-long-context]
 Writes the logits of every position, float32 [T, vocab], in NumPy .npy format
 (atomically; FILE may not be one of the checkpoint's files).
 )" },
           { "bench", R"(usage: olmoe bench --model DIR [--k 1,2,4,8 | --k-schedule S] [--renorm] [--prompt-len 512]
-                   [--gen 32] [--threads N] [--weights native|int8] [--json] [--check-weights]
-                   [--allow-long-context]
+                   [--gen 32] [--threads N] [--weights native|int8] [--act exact|int8] [--json]
+                   [--check-weights] [--allow-long-context]
 Measures prefill and decode tokens/s for each k, with the fraction of the
 memory-bandwidth roofline decode reached (weight and KV-cache bytes read per
 token / read bandwidth measured in the same run) and the peak resident memory.
@@ -314,6 +318,10 @@ loaded load(const args& a, std::size_t max_chunk = 256)
     const std::string wt = a.get("weights", "native");
     if (wt != "native" && wt != "int8")
         throw usage_error(cat("--weights must be native or int8, got '", wt, "'"));
+    const std::string act_name = a.get("act", "exact");
+    if (act_name != "exact" && act_name != "int8")
+        throw usage_error(cat("--act must be exact or int8, got '", act_name, "'"));
+    const kdial::act_mode act = act_name == "int8" ? kdial::act_mode::int8 : kdial::act_mode::exact;
     olmoe::load_options o;
     o.int8 = wt == "int8";
     o.max_chunk = max_chunk;
@@ -333,6 +341,7 @@ loaded load(const args& a, std::size_t max_chunk = 256)
         L.m = std::make_unique<olmoe::model>(std::move(g.weights), max_chunk);
         if (a.flags.count("renorm"))
             L.m->set_renormalize(true);
+        L.m->set_act_mode(act);
         if (a.flags.count("expert-parallel"))
             olmoe::ep::attach(*L.m);
         return L;
@@ -340,6 +349,7 @@ loaded load(const args& a, std::size_t max_chunk = 256)
     L.m = std::make_unique<olmoe::model>(olmoe::load_weights(dir, L.cfg, o), max_chunk);
     if (a.flags.count("renorm"))
         L.m->set_renormalize(true);
+    L.m->set_act_mode(act);
     if (fs::exists(fs::symlink_status(fs::path(dir) / "tokenizer.json")))
         L.tok = kdial::io::bpe_tokenizer::from_file(fs::path(dir) / "tokenizer.json");
     if (a.flags.count("expert-parallel"))
@@ -975,15 +985,15 @@ int main(int argc, char** argv)
             olmoe::ep::init(argc, argv);
         if (cmd == "generate")
             return cmd_generate(parse_args(argc, argv,
-                { "model", "prompt", "tokens", "k", "k-schedule", "max-new", "threads", "weights" },
+                { "model", "prompt", "tokens", "k", "k-schedule", "max-new", "threads", "weights", "act" },
                 { "renorm", "check-weights", "allow-long-context", "expert-parallel" }));
         if (cmd == "logits")
             return cmd_logits(
-                parse_args(argc, argv, { "model", "tokens", "k", "k-schedule", "out", "threads", "weights" },
+                parse_args(argc, argv, { "model", "tokens", "k", "k-schedule", "out", "threads", "weights", "act" },
                     { "renorm", "check-weights", "allow-long-context", "expert-parallel" }));
         if (cmd == "bench")
             return cmd_bench(
-                parse_args(argc, argv, { "model", "k", "k-schedule", "prompt-len", "gen", "threads", "weights" },
+                parse_args(argc, argv, { "model", "k", "k-schedule", "prompt-len", "gen", "threads", "weights", "act" },
                     { "json", "renorm", "check-weights", "allow-long-context", "expert-parallel" }));
         if (cmd == "sweep")
             return cmd_sweep(parse_args(argc, argv,

@@ -284,10 +284,23 @@ private:
             dst += n - first;
             q.cache->pos += n;
         }
-        kdial::dense_linear(w_.lm_head, a.sub_rows(0, R), logits);
+        kdial::dense_linear(w_.lm_head, a.sub_rows(0, R), logits, nullptr, act_);
     }
 
 public:
+    // int8 activations for the 8- and 4-bit weights' GEMV path (decode
+    // rows, kernels/qdot.hpp) in every layer and lm_head, or exact (the
+    // default; --act).
+    void set_act_mode(kdial::act_mode a)
+    {
+        act_ = a;
+        if (moe_ws_)
+            moe_ws_->set_act_mode(a);
+        if (dense_ws_)
+            dense_ws_->set_act_mode(a);
+    }
+    kdial::act_mode act_mode() const noexcept { return act_; }
+
     // Turns renormalisation of the kept routing weights on or off in every
     // MoE layer (--renorm: overrides norm_topk_prob = false at any k).
     void set_renormalize(bool on)
@@ -453,7 +466,7 @@ private:
         auto bias = [](const std::vector<float>& b) { return b.empty() ? nullptr : b.data(); };
         const kdial::dense_output qkv[]
             = { { &A.q, q, bias(A.q_bias) }, { &A.k, k, bias(A.k_bias) }, { &A.v, v, bias(A.v_bias) } };
-        kdial::dense_linear(a, qkv);
+        kdial::dense_linear(a, qkv, act_);
         if (c.qk_norm_per_head) { // each head's hd values: the rows of [T * heads, hd]
             const matrix_view<float> qh(q.data, T * nh, hd), kh(k.data, T * nkv, hd);
             kdial::rmsnorm(qh, A.q_norm.data(), c.rms_norm_eps, qh);
@@ -520,7 +533,7 @@ private:
                     kdial::simd::axpy(s[j], Vc + (j0 + j) * hd, ov, hd);
             }
         });
-        kdial::dense_linear(A.o, cmatrix_view<float>(o), out, bias(A.o_bias));
+        kdial::dense_linear(A.o, cmatrix_view<float>(o), out, bias(A.o_bias), act_);
     }
 
     struct att_tile {
@@ -537,6 +550,7 @@ private:
     std::vector<int> kept_; // [max_chunk] experts per token, summed over MoE layers
     std::vector<att_tile> tiles_;
     std::optional<kdial::moe_workspace> moe_ws_, dense_ws_;
+    kdial::act_mode act_ = kdial::act_mode::exact;
     std::size_t last_assignments_ = 0, last_tokens_ = 0, last_moe_bytes_ = 0;
     std::size_t layer_ = no_layer; // the layer run_batch is in, for errors
 };

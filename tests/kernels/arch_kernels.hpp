@@ -22,6 +22,11 @@ template <weight_type W> struct arch_fns {
         matrix_view<float>) noexcept;
     // out[0:lanes] = simd::load_weights<Arch>(row, k)
     void (*load)(const S* row, std::size_t k, float* out) noexcept;
+    // linear / swiglu_gate_up with act_mode::int8 (kernels/qdot.hpp).
+    void (*linear_int8)(
+        const weight_view<W>&, cmatrix_view<float>, std::size_t, std::size_t, matrix_view<float>) noexcept;
+    void (*gate_up_int8)(const weight_view<W>&, const weight_view<W>&, cmatrix_view<float>, std::size_t, std::size_t,
+        matrix_view<float>) noexcept;
 };
 
 struct arch_kernels {
@@ -56,9 +61,24 @@ template <class Arch, class S> void load_into(const S* row, std::size_t k, float
     simd::load_weights<Arch>(row, k).store_unaligned(out);
 }
 
+template <class Arch, weight_type W, act_mode A>
+void linear_as(
+    const weight_view<W>& w, cmatrix_view<float> x, std::size_t o0, std::size_t o1, matrix_view<float> y) noexcept
+{
+    kdial::linear<W, Arch>(w, x, o0, o1, y, A);
+}
+template <class Arch, weight_type W, act_mode A>
+void gate_up_as(const weight_view<W>& g, const weight_view<W>& u, cmatrix_view<float> x, std::size_t f0, std::size_t f1,
+    matrix_view<float> h) noexcept
+{
+    kdial::swiglu_gate_up<W, Arch>(g, u, x, f0, f1, h, A);
+}
+
 template <class Arch, weight_type W> constexpr arch_fns<W> make_arch_fns() noexcept
 {
-    return { &kdial::linear<W, Arch>, &kdial::swiglu_gate_up<W, Arch>, &load_into<Arch, typename W::storage> };
+    return { &linear_as<Arch, W, act_mode::exact>, &gate_up_as<Arch, W, act_mode::exact>,
+        &load_into<Arch, typename W::storage>, &linear_as<Arch, W, act_mode::int8>,
+        &gate_up_as<Arch, W, act_mode::int8> };
 }
 
 template <class Arch> constexpr arch_kernels make_arch_kernels() noexcept

@@ -41,10 +41,10 @@ void check_expert_weights(const expert_weights<W>& w, std::size_t d, std::size_t
 // check_swiglu_expert at the edge.
 template <weight_type W, class Arch = xsimd::default_arch>
 void swiglu_expert(const expert_weights<W>& w, cmatrix_view<float> x /*[n, d]*/, matrix_view<float> h /*[n, F]*/,
-    matrix_view<float> y /*[n, d]*/) noexcept
+    matrix_view<float> y /*[n, d]*/, act_mode act = act_mode::exact) noexcept
 {
-    swiglu_gate_up<W, Arch>(w.gate, w.up, x, 0, w.gate.rows, h);
-    linear<W, Arch>(w.down, cmatrix_view<float>(h), 0, w.down.rows, y);
+    swiglu_gate_up<W, Arch>(w.gate, w.up, x, 0, w.gate.rows, h, act);
+    linear<W, Arch>(w.down, cmatrix_view<float>(h), 0, w.down.rows, y, act);
 }
 
 // Validates the weights and the views of a swiglu_expert call.

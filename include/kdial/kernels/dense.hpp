@@ -59,7 +59,9 @@ inline std::size_t dense_cols(const any_weight_view& w)
 // launch, so small decode steps pay for one synchronisation instead of one
 // per layer. Tiles: 256-row chunks of X times ~512 KiB column tiles of each
 // weight, in a fixed list, so the result is the same for any thread count.
-inline void dense_linear(cmatrix_view<float> X, std::span<const dense_output> outs)
+// act: act_mode::int8 runs q8/q4_0/q4_k weights with int8 activations when
+// X has <= gemv_max_rows rows (kernels/qdot.hpp).
+inline void dense_linear(cmatrix_view<float> X, std::span<const dense_output> outs, act_mode act = act_mode::exact)
 {
     std::size_t tiles = 0;
     const std::size_t row_chunk = 256, row_tiles = (X.rows + row_chunk - 1) / row_chunk;
@@ -86,7 +88,7 @@ inline void dense_linear(cmatrix_view<float> X, std::span<const dense_output> ou
             const std::size_t r0 = rt * row_chunk, r1 = std::min(X.rows, r0 + row_chunk);
             const std::size_t c0 = ct * cols, c1 = std::min(O, c0 + cols);
             const auto y = o.y.sub_rows(r0, r1 - r0);
-            std::visit([&](const auto& wv) { linear(wv, X.sub_rows(r0, r1 - r0), c0, c1, y); }, *o.w);
+            std::visit([&](const auto& wv) { linear(wv, X.sub_rows(r0, r1 - r0), c0, c1, y, act); }, *o.w);
             if (o.bias)
                 for (std::size_t r = 0; r < y.rows; ++r)
                     for (std::size_t c = c0; c < c1; ++c)
@@ -97,11 +99,11 @@ inline void dense_linear(cmatrix_view<float> X, std::span<const dense_output> ou
 }
 
 // Y [n, O] = X [n, K] . W [O, K]ᵀ (+ bias [O] if not null).
-inline void dense_linear(
-    const any_weight_view& w, cmatrix_view<float> X, matrix_view<float> Y, const float* bias = nullptr)
+inline void dense_linear(const any_weight_view& w, cmatrix_view<float> X, matrix_view<float> Y,
+    const float* bias = nullptr, act_mode act = act_mode::exact)
 {
     const dense_output o { &w, Y, bias };
-    dense_linear(X, std::span<const dense_output>(&o, 1));
+    dense_linear(X, std::span<const dense_output>(&o, 1), act);
 }
 
 } // namespace kdial

@@ -12,6 +12,7 @@
 #include "../core/views.hpp"
 #include "gemm.hpp"
 #include "gemv.hpp"
+#include "qdot.hpp"
 #include "weights.hpp"
 
 namespace kdial {
@@ -21,14 +22,44 @@ namespace kdial {
 // n = 5 on, packing a panel once and reusing it across rows is faster.
 inline constexpr std::size_t gemv_max_rows = 4;
 
+namespace detail {
+// act_mode::int8 on the GEMV path: X quantised into a stack buffer (see
+// act_q8_stack_elems), then the integer-dot kernel. False (nothing done)
+// when W has no integer path, n > gemv_max_rows or X does not fit.
+template <class Arch, weight_type W>
+bool try_int8(const weight_view<W>* w, const weight_view<W>* up, cmatrix_view<float> x, std::size_t o0, std::size_t o1,
+    matrix_view<float> y) noexcept
+{
+    if constexpr (qdot_weight<W>) {
+        const std::size_t nb = (x.cols + act_block - 1) / act_block;
+        if (x.rows > gemv_max_rows || x.rows * nb * act_block > act_q8_stack_elems)
+            return false;
+        alignas(64) std::int8_t q[act_q8_stack_elems];
+        float d[act_q8_stack_elems / act_block];
+        std::int32_t s[act_q8_stack_elems / act_block];
+        const act_q8_view v { q, d, s, x.rows, nb };
+        quantize_act_q8(x, v);
+        if (up)
+            swiglu_gate_up_q8act<W, Arch>(*w, *up, v, o0, o1, y);
+        else
+            linear_q8act<W, Arch>(*w, v, o0, o1, y);
+        return true;
+    } else
+        return false;
+}
+} // namespace detail
+
 // Y[:, o0:o1] = X . W[o0:o1, :]ᵀ; other columns of Y are not touched.
 // Requires W.cols == X.cols, o0 <= o1 <= W.rows, Y.rows == X.rows,
-// o1 <= Y.cols.
+// o1 <= Y.cols. act: act_mode::int8 quantises X for q8/q4_0/q4_k weights
+// on the GEMV path (kernels/qdot.hpp); exact otherwise.
 template <weight_type W, class Arch = xsimd::default_arch>
 void linear(const weight_view<W>& w /*[O, K]*/, cmatrix_view<float> x /*[n, K]*/, std::size_t o0, std::size_t o1,
-    matrix_view<float> y /*[n, O]*/) noexcept
+    matrix_view<float> y /*[n, O]*/, act_mode act = act_mode::exact) noexcept
 {
     if (x.rows == 0 || o0 >= o1)
+        return;
+    if (act == act_mode::int8 && detail::try_int8<Arch, W>(&w, nullptr, x, o0, o1, y))
         return;
     switch (x.rows) {
     case 1:
@@ -54,9 +85,12 @@ void linear(const weight_view<W>& w /*[O, K]*/, cmatrix_view<float> x /*[n, K]*/
 // X.cols == d, f0 <= f1 <= F, H.rows == X.rows, f1 <= H.cols.
 template <weight_type W, class Arch = xsimd::default_arch>
 void swiglu_gate_up(const weight_view<W>& gate /*[F, d]*/, const weight_view<W>& up /*[F, d]*/,
-    cmatrix_view<float> x /*[n, d]*/, std::size_t f0, std::size_t f1, matrix_view<float> h /*[n, F]*/) noexcept
+    cmatrix_view<float> x /*[n, d]*/, std::size_t f0, std::size_t f1, matrix_view<float> h /*[n, F]*/,
+    act_mode act = act_mode::exact) noexcept
 {
     if (x.rows == 0 || f0 >= f1)
+        return;
+    if (act == act_mode::int8 && detail::try_int8<Arch, W>(&gate, &up, x, f0, f1, h))
         return;
     switch (x.rows) {
     case 1:

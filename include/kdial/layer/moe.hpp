@@ -197,6 +197,11 @@ public:
     stage state() const noexcept { return stage_; }
 
     const moe_shape& shape() const noexcept { return shape_; }
+    // How the experts' GEMV path (n <= 4 rows per expert) treats the
+    // activations of q8 / q4_0 / q4_k weights (kernels/qdot.hpp): exact
+    // (the default) or int8. Applies to every later call on this workspace.
+    void set_act_mode(act_mode a) noexcept { act_ = a; }
+    act_mode act() const noexcept { return act_; }
     // Largest k a call with T tokens may use.
     int max_k(std::size_t T = 1) const noexcept
     {
@@ -332,6 +337,7 @@ private:
     std::size_t T_ = 0, kc_ = 0;
     bool has_logits_ = false;
     stage stage_ = stage::empty;
+    act_mode act_ = act_mode::exact;
 };
 
 namespace detail {
@@ -485,12 +491,13 @@ struct moe_stages {
                 const std::size_t r = std::size_t(offsets[std::size_t(tl.expert)]) + tl.r0;
                 experts.visit([&](const auto& list) {
                     const auto& ew = list[std::size_t(tl.expert)];
-                    swiglu_gate_up(
-                        ew.gate, ew.up, cmatrix_view<float>(xs.sub_rows(r, n)), tl.c0, tl.c1, h.sub_rows(r, n));
+                    swiglu_gate_up(ew.gate, ew.up, cmatrix_view<float>(xs.sub_rows(r, n)), tl.c0, tl.c1,
+                        h.sub_rows(r, n), ws.act_);
                 });
             } else {
                 shared->visit([&](const auto& list) {
-                    swiglu_gate_up(list[0].gate, list[0].up, X.sub_rows(tl.r0, n), tl.c0, tl.c1, hs.sub_rows(tl.r0, n));
+                    swiglu_gate_up(
+                        list[0].gate, list[0].up, X.sub_rows(tl.r0, n), tl.c0, tl.c1, hs.sub_rows(tl.r0, n), ws.act_);
                 });
             }
         };
@@ -503,12 +510,12 @@ struct moe_stages {
                 const std::size_t r = std::size_t(offsets[std::size_t(tl.expert)]) + tl.r0;
                 experts.visit([&](const auto& list) {
                     linear(list[std::size_t(tl.expert)].down, cmatrix_view<float>(h.sub_rows(r, n)), tl.c0, tl.c1,
-                        ys.sub_rows(r, n));
+                        ys.sub_rows(r, n), ws.act_);
                 });
             } else {
                 shared->visit([&](const auto& list) {
-                    linear(
-                        list[0].down, cmatrix_view<float>(hs.sub_rows(tl.r0, n)), tl.c0, tl.c1, s.sub_rows(tl.r0, n));
+                    linear(list[0].down, cmatrix_view<float>(hs.sub_rows(tl.r0, n)), tl.c0, tl.c1, s.sub_rows(tl.r0, n),
+                        ws.act_);
                 });
             }
         };

@@ -1,0 +1,798 @@
+// Integer dot products for 8- and 4-bit weights (stage 3, decode: n <= 4
+// rows of activations), the act_mode::int8 alternative to the exact GEMV:
+// each row of X is quantised per block of 32 to int8 with an f32 scale (as
+// the GGUF Q8_0 x Q8_0 dot does), then every (x block, weight block) pair
+// gives an exact int32 dot (VPDPBUSD on AVX-512 VNNI / AVX-VNNI,
+// vpmaddubsw + vpmaddwd on AVX2 and AVX-512BW, sdot or smull + sadalp on
+// aarch64, plain loops elsewhere), scaled and summed in f32.
+//
+// One summation order for every path (so the result is bit-identical for
+// any thread count, any output split AND across all arch paths: generic,
+// AVX2, AVX-VNNI, AVX-512BW, AVX-512 VNNI, NEON; tested): block b of a row
+// (32 inputs; q4_k: sub-block b % 8 of super-block b / 8) goes to lane
+// b % 8 of 8 f32 accumulators,
+//   q8, q4_0: a[b % 8] = fma(float(I_b), dw_b * dx_b, a[b % 8])
+//             I_b = sum q_w q_x (q4_0: q_w = nibble - 8), exact in int32;
+//   q4_k:     a[j] = fma(float(I_b), D_j * dx_b, a[j]);
+//             a[j] = fma(float(S_b), -(M_j * dx_b), a[j])
+//             I_b = sum nibble q_x, S_b = sum q_x, D_j = d sc_j, M_j = dmin m_j;
+// then out = ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7)).
+// Every int32 is exact (|I_b| <= 32 * 128 * 127 < 2^24, so float(I_b) is
+// too); the only roundings are the f32 products and sums above.
+// Serial, noexcept, no allocation, no checks (the caller validates).
+#pragma once
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <span>
+#include <type_traits>
+
+#include "../core/blocks.hpp"
+#include "../core/dtype.hpp"
+#include "../core/views.hpp"
+#include "../simd/compat.hpp"
+#include "../simd/convert.hpp"
+#include "../simd/vec.hpp"
+#include "weights.hpp"
+
+#if KDIAL_SIMD_X86 && (defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__)))
+#define KDIAL_QDOT_AVX_VNNI 1
+#else
+#define KDIAL_QDOT_AVX_VNNI 0
+#endif
+#if KDIAL_SIMD_X86 && defined(__AVX512BW__)
+#define KDIAL_QDOT_AVX512BW 1
+#else
+#define KDIAL_QDOT_AVX512BW 0
+#endif
+#if KDIAL_QDOT_AVX512BW && defined(__AVX512VNNI__)
+#define KDIAL_QDOT_AVX512_VNNI 1
+#else
+#define KDIAL_QDOT_AVX512_VNNI 0
+#endif
+#if KDIAL_SIMD_X86 && defined(__AVX2__) && defined(__FMA__)
+#define KDIAL_QDOT_AVX2 1
+#else
+#define KDIAL_QDOT_AVX2 0
+#endif
+#if KDIAL_SIMD_NEON64 && defined(__ARM_FEATURE_DOTPROD)
+#define KDIAL_QDOT_NEON_DOT 1
+#else
+#define KDIAL_QDOT_NEON_DOT 0
+#endif
+
+namespace kdial {
+
+// How the GEMV path (n <= gemv_max_rows) of q8, q4_0 and q4_k weights
+// treats its activations. exact (the default): f32 activations times the
+// weights widened to f32 (kernels/gemv.hpp). int8: activations quantised
+// to int8 per block of 32 and integer dot products (this header); other
+// formats and the GEMM path (n > 4) ignore it and run exact.
+enum class act_mode { exact, int8 };
+
+// Elements per activation block.
+inline constexpr std::size_t act_block = 32;
+
+// Rows of activations quantised per block of 32: row i, block b holds
+// q[i * stride + 32 b + l] (int8 in [-127, 127]), its scale d[i * blocks + b]
+// (value ~= d * q) and the sum of its 32 q, s[i * blocks + b]. stride =
+// 32 * blocks; a row's last block is zero past the row's end.
+struct act_q8_view {
+    std::int8_t* q = nullptr;
+    float* d = nullptr;
+    std::int32_t* s = nullptr;
+    std::size_t rows = 0, blocks = 0;
+};
+struct act_q8_cview {
+    const std::int8_t* q = nullptr;
+    const float* d = nullptr;
+    const std::int32_t* s = nullptr;
+    std::size_t rows = 0, blocks = 0;
+
+    act_q8_cview() = default;
+    act_q8_cview(const act_q8_view& v) noexcept
+        : q(v.q)
+        , d(v.d)
+        , s(v.s)
+        , rows(v.rows)
+        , blocks(v.blocks)
+    {
+    }
+    act_q8_cview(const std::int8_t* q_, const float* d_, const std::int32_t* s_, std::size_t r, std::size_t b) noexcept
+        : q(q_)
+        , d(d_)
+        , s(s_)
+        , rows(r)
+        , blocks(b)
+    {
+    }
+    const std::int8_t* qrow(std::size_t i) const noexcept { return q + i * blocks * act_block; }
+    const float* drow(std::size_t i) const noexcept { return d + i * blocks; }
+    const std::int32_t* srow(std::size_t i) const noexcept { return s + i * blocks; }
+};
+
+// Bytes an act_q8_view of `rows` rows of `cols` inputs takes in
+// bind_act_q8 (each array 64-byte aligned).
+inline constexpr std::size_t act_q8_bytes(std::size_t rows, std::size_t cols) noexcept
+{
+    const std::size_t nb = (cols + act_block - 1) / act_block;
+    auto up = [](std::size_t n) { return (n + 63) / 64 * 64; };
+    return up(rows * nb * act_block) + up(rows * nb * sizeof(float)) + up(rows * nb * sizeof(std::int32_t));
+}
+
+// Lays an act_q8_view on caller memory (64-byte aligned, at least
+// act_q8_bytes(rows, cols) bytes; not checked).
+inline act_q8_view bind_act_q8(std::byte* mem, std::size_t rows, std::size_t cols) noexcept
+{
+    const std::size_t nb = (cols + act_block - 1) / act_block;
+    auto up = [](std::size_t n) { return (n + 63) / 64 * 64; };
+    act_q8_view v;
+    v.q = reinterpret_cast<std::int8_t*>(mem);
+    v.d = reinterpret_cast<float*>(mem + up(rows * nb * act_block));
+    v.s = reinterpret_cast<std::int32_t*>(mem + up(rows * nb * act_block) + up(rows * nb * sizeof(float)));
+    v.rows = rows;
+    v.blocks = nb;
+    return v;
+}
+
+namespace detail {
+// The scale of a block whose largest magnitude is amax: amax / 127; 0 when
+// that is below the f32 normal range (the block then quantises to zero:
+// its values are below 127 * 2^-126 ~ 1.5e-36, and 1 / d would overflow);
+// inf or NaN stay (a non-finite input gives a non-finite output).
+inline float act_scale(float amax) noexcept
+{
+    const float d = amax / 127.0f;
+    return d < FLT_MIN ? 0.0f : d;
+}
+inline float act_inv_scale(float d) noexcept
+{
+    return d >= FLT_MIN && d <= FLT_MAX ? 1.0f / d : 0.0f;
+}
+// q = round-to-nearest-even(clamp(x * id, -127, 127)); a NaN product gives -127.
+inline std::int8_t act_round(float x, float id) noexcept
+{
+    const float v = std::fmin(std::fmax(x * id, -127.0f), 127.0f);
+    return static_cast<std::int8_t>(static_cast<int>(std::nearbyint(v)));
+}
+} // namespace detail
+
+// Quantises the rows of x [n, K] into out (out.rows == n, out.blocks ==
+// ceil(K / 32)), per block of 32: d = max|x| / 127 (in f32; 0 below the
+// normal range, see act_scale), q = round-to-nearest-even(x * (1 / d))
+// clamped to [-127, 127], s = sum q. The tail past K is zero. Same bytes on
+// every path (the AVX2 one is a vector copy of the scalar rule).
+// |x - d q| <= d / 2 (plus the f32 rounding of x * (1 / d), < 2^-17 d).
+inline void quantize_act_q8(cmatrix_view<float> x, const act_q8_view& out) noexcept
+{
+    const std::size_t K = x.cols, nb = out.blocks;
+    for (std::size_t i = 0; i < x.rows; ++i) {
+        const float* xr = x.row(i);
+        std::int8_t* q = out.q + i * nb * act_block;
+        for (std::size_t b = 0; b < nb; ++b) {
+            const std::size_t k0 = b * act_block, n = std::min(act_block, K - k0);
+            std::int8_t* qb = q + k0;
+#if KDIAL_QDOT_AVX2
+            if (n == act_block) {
+                const __m256 sign = _mm256_set1_ps(-0.0f);
+                __m256 v[4], m = _mm256_setzero_ps();
+                for (int j = 0; j < 4; ++j) {
+                    v[j] = _mm256_loadu_ps(xr + k0 + 8 * j);
+                    m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[j]));
+                }
+                __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+                m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+                m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+                // A NaN lane: _mm_max_ps keeps its second operand, so fold
+                // NaN in explicitly as the scalar rule (fmax ignores NaN,
+                // but the block's d must become NaN).
+                float amax = _mm_cvtss_f32(m4);
+                for (int j = 0; j < 4; ++j)
+                    if (_mm256_movemask_ps(_mm256_cmp_ps(v[j], v[j], _CMP_UNORD_Q)))
+                        amax = NAN;
+                const float d = detail::act_scale(amax), id = detail::act_inv_scale(d);
+                const __m256 vid = _mm256_set1_ps(id), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+                __m256i r[4];
+                for (int j = 0; j < 4; ++j) {
+                    // max(p, lo): a NaN p gives lo, as fmax(NaN, -127).
+                    const __m256 p = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(v[j], vid), lo), hi);
+                    r[j] = _mm256_cvtps_epi32(p);
+                }
+                const __m256i p01 = _mm256_packs_epi32(r[0], r[1]), p23 = _mm256_packs_epi32(r[2], r[3]);
+                __m256i p = _mm256_packs_epi16(p01, p23);
+                // packs interleave 128-bit lanes: restore element order.
+                p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(qb), p);
+                const __m256i s16 = _mm256_maddubs_epi16(_mm256_set1_epi8(1), p);
+                const __m256i s32 = _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
+                __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s32), _mm256_extracti128_si256(s32, 1));
+                s4 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+                s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 1));
+                out.d[i * nb + b] = d;
+                out.s[i * nb + b] = _mm_cvtsi128_si32(s4);
+                continue;
+            }
+#endif
+            float amax = 0.0f;
+            bool nan = false;
+            for (std::size_t l = 0; l < n; ++l) {
+                amax = std::fmax(amax, std::fabs(xr[k0 + l]));
+                nan = nan || std::isnan(xr[k0 + l]);
+            }
+            const float d = detail::act_scale(nan ? NAN : amax), id = detail::act_inv_scale(d);
+            std::int32_t s = 0;
+            for (std::size_t l = 0; l < act_block; ++l) {
+                qb[l] = l < n ? detail::act_round(xr[k0 + l], id) : std::int8_t(0);
+                s += qb[l];
+            }
+            out.d[i * nb + b] = d;
+            out.s[i * nb + b] = s;
+        }
+    }
+}
+
+// The integer-dot instruction families (one per kernel path).
+enum class qdot_isa { generic, avx2, avx_vnni, avx512bw, avx512_vnni, neon, neon_dot };
+
+// The path an xsimd arch takes with this build's flags.
+template <class Arch> constexpr qdot_isa qdot_isa_for() noexcept
+{
+    if constexpr (simd::is_avx512_arch<Arch>) {
+        if constexpr (KDIAL_QDOT_AVX512_VNNI)
+            return qdot_isa::avx512_vnni;
+        else if constexpr (KDIAL_QDOT_AVX512BW && KDIAL_QDOT_AVX2)
+            return qdot_isa::avx512bw;
+        else if constexpr (KDIAL_QDOT_AVX_VNNI && KDIAL_QDOT_AVX2)
+            return qdot_isa::avx_vnni;
+        else if constexpr (KDIAL_QDOT_AVX2)
+            return qdot_isa::avx2;
+        else
+            return qdot_isa::generic;
+    } else if constexpr (simd::is_avx2_arch<Arch>) {
+        if constexpr (KDIAL_QDOT_AVX_VNNI && KDIAL_QDOT_AVX2)
+            return qdot_isa::avx_vnni;
+        else if constexpr (KDIAL_QDOT_AVX2)
+            return qdot_isa::avx2;
+        else
+            return qdot_isa::generic;
+    } else if constexpr (simd::is_neon64_arch<Arch>) {
+        return KDIAL_QDOT_NEON_DOT ? qdot_isa::neon_dot : qdot_isa::neon;
+    } else
+        return qdot_isa::generic;
+}
+
+// Whether this build has the instructions of path I.
+template <qdot_isa I>
+inline constexpr bool qdot_isa_built = I == qdot_isa::generic || (I == qdot_isa::avx2 && KDIAL_QDOT_AVX2)
+    || (I == qdot_isa::avx_vnni && KDIAL_QDOT_AVX2 && KDIAL_QDOT_AVX_VNNI)
+    || (I == qdot_isa::avx512bw && KDIAL_QDOT_AVX2 && KDIAL_QDOT_AVX512BW)
+    || (I == qdot_isa::avx512_vnni && KDIAL_QDOT_AVX2 && KDIAL_QDOT_AVX512_VNNI)
+    || (I == qdot_isa::neon && KDIAL_SIMD_NEON64) || (I == qdot_isa::neon_dot && KDIAL_QDOT_NEON_DOT);
+
+template <class S>
+concept qdot_block = std::is_same_v<S, q8_block> || std::is_same_v<S, q4_0_block> || std::is_same_v<S, q4_k_block>;
+template <class W>
+concept qdot_weight = std::is_same_v<W, q8_t> || std::is_same_v<W, q4_0_t> || std::is_same_v<W, q4_k_t>;
+
+namespace detail {
+
+// ---- scalar block dots (the generic path, the tails) ----------------------
+
+// I_b for q8 / q4_0 block w against 32 int8 x (xs: their sum).
+inline std::int32_t qdot_block_int(const q8_block& w, const std::int8_t* x, std::int32_t) noexcept
+{
+    std::int32_t s = 0;
+    for (std::size_t l = 0; l < 32; ++l)
+        s += std::int32_t(w.q[l]) * x[l];
+    return s;
+}
+inline std::int32_t qdot_block_int(const q4_0_block& w, const std::int8_t* x, std::int32_t) noexcept
+{
+    // Low and high nibbles in one loop: GCC 12.2 at -O2 -march=native
+    // (AVX-512) vectorises the loop over w.nibble(l), l < 32, wrongly.
+    std::int32_t s = 0;
+    for (std::size_t l = 0; l < 16; ++l)
+        s += (std::int32_t(w.qs[l] & 0xf) - 8) * x[l] + (std::int32_t(w.qs[l] >> 4) - 8) * x[l + 16];
+    return s;
+}
+// I_b for sub-block j of a q4_k super-block.
+inline std::int32_t qdot_sub_int(const q4_k_block& w, std::size_t j, const std::int8_t* x) noexcept
+{
+    const std::uint8_t* qs = w.qs + (j / 2) * 32;
+    const int shift = j % 2 ? 4 : 0;
+    std::int32_t s = 0;
+    for (std::size_t l = 0; l < 32; ++l)
+        s += std::int32_t((qs[l] >> shift) & 0xf) * x[l];
+    return s;
+}
+
+inline float qdot_tree(const float* a) noexcept
+{
+    return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+}
+
+// ---- 8 lanes of f32 / int32 per path --------------------------------------
+
+template <qdot_isa I> struct lanes8 {
+    // Generic: plain arrays.
+    struct f {
+        float v[8];
+    };
+    struct i {
+        std::int32_t v[8];
+    };
+    static f zero() noexcept { return {}; }
+    static f load(const float* p) noexcept
+    {
+        f r;
+        std::memcpy(r.v, p, sizeof r.v);
+        return r;
+    }
+    static void store(const f& a, float* p) noexcept { std::memcpy(p, a.v, sizeof a.v); }
+    static i loadi(const std::int32_t* p) noexcept
+    {
+        i r;
+        std::memcpy(r.v, p, sizeof r.v);
+        return r;
+    }
+    static f cvt(const i& a) noexcept
+    {
+        f r;
+        for (int j = 0; j < 8; ++j)
+            r.v[j] = float(a.v[j]);
+        return r;
+    }
+    static f mul(const f& a, const f& b) noexcept
+    {
+        f r;
+        for (int j = 0; j < 8; ++j)
+            r.v[j] = a.v[j] * b.v[j];
+        return r;
+    }
+    static f fma(const f& a, const f& b, const f& c) noexcept // a * b + c
+    {
+        f r;
+        for (int j = 0; j < 8; ++j)
+            r.v[j] = std::fma(a.v[j], b.v[j], c.v[j]);
+        return r;
+    }
+    static f fnma(const f& a, const f& b, const f& c) noexcept // -(a * b) + c
+    {
+        f r;
+        for (int j = 0; j < 8; ++j)
+            r.v[j] = std::fma(a.v[j], -b.v[j], c.v[j]);
+        return r;
+    }
+};
+
+#if KDIAL_QDOT_AVX2
+struct lanes8_x86 {
+    using f = __m256;
+    using i = __m256i;
+    static f zero() noexcept { return _mm256_setzero_ps(); }
+    static f load(const float* p) noexcept { return _mm256_loadu_ps(p); }
+    static void store(const f& a, float* p) noexcept { _mm256_storeu_ps(p, a); }
+    static i loadi(const std::int32_t* p) noexcept { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+    static f cvt(const i& a) noexcept { return _mm256_cvtepi32_ps(a); }
+    static f mul(const f& a, const f& b) noexcept { return _mm256_mul_ps(a, b); }
+    static f fma(const f& a, const f& b, const f& c) noexcept { return _mm256_fmadd_ps(a, b, c); }
+    static f fnma(const f& a, const f& b, const f& c) noexcept { return _mm256_fnmadd_ps(a, b, c); }
+};
+template <> struct lanes8<qdot_isa::avx2> : lanes8_x86 {
+};
+template <> struct lanes8<qdot_isa::avx_vnni> : lanes8_x86 {
+};
+template <> struct lanes8<qdot_isa::avx512bw> : lanes8_x86 {
+};
+template <> struct lanes8<qdot_isa::avx512_vnni> : lanes8_x86 {
+};
+
+// Exact int32 totals of 8 vectors of 8 int32 partial sums: lane b = sum of
+// p[b]'s lanes.
+inline __m256i qdot_tree8(const __m256i* p) noexcept
+{
+    const __m256i h01 = _mm256_hadd_epi32(p[0], p[1]), h23 = _mm256_hadd_epi32(p[2], p[3]);
+    const __m256i h45 = _mm256_hadd_epi32(p[4], p[5]), h67 = _mm256_hadd_epi32(p[6], p[7]);
+    const __m256i g0 = _mm256_hadd_epi32(h01, h23), g1 = _mm256_hadd_epi32(h45, h67);
+    return _mm256_add_epi32(_mm256_permute2x128_si256(g0, g1, 0x20), _mm256_permute2x128_si256(g0, g1, 0x31));
+}
+
+// 8 int32 partial sums of u (unsigned bytes) times s (signed bytes).
+template <qdot_isa I> inline __m256i qdot_us256(__m256i u, __m256i s) noexcept
+{
+#if KDIAL_QDOT_AVX_VNNI
+    if constexpr (I == qdot_isa::avx_vnni || I == qdot_isa::avx512_vnni) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+        return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+        return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#endif
+    }
+#endif
+    // vpmaddubsw saturates at 2^15 - 1: no pair reaches it here, since
+    // u <= 128 (q8: |w|; q4: <= 15) and |s| <= 127 (x is clamped), so
+    // |u s + u' s'| <= 32512.
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+#if KDIAL_QDOT_AVX512BW
+template <qdot_isa I> inline __m512i qdot_us512(__m512i u, __m512i s) noexcept
+{
+#if KDIAL_QDOT_AVX512_VNNI
+    if constexpr (I == qdot_isa::avx512_vnni)
+        return _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, s);
+#endif
+    return _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1));
+}
+inline __m512i qdot_join(__m256i lo, __m256i hi) noexcept
+{
+    // maskz / zext forms: GCC 12 warns about the _mm512_undefined_* of the
+    // plain ones (see simd/convert.hpp).
+    // (GCC 12's _mm512_zextsi256_si512 warns too.)
+    const __m512i z = _mm512_maskz_inserti64x4(__mmask8(0xff), _mm512_setzero_si512(), lo, 0);
+    return _mm512_maskz_inserti64x4(__mmask8(0xff), z, hi, 1);
+}
+// p[k] holds blocks 2k (lanes 0-7) and 2k + 1 (lanes 8-15).
+inline __m256i qdot_tree8(const __m512i* p) noexcept
+{
+    __m256i h[8];
+    for (int k = 0; k < 4; ++k) {
+        h[2 * k] = _mm512_maskz_extracti64x4_epi64(__mmask8(0xf), p[k], 0);
+        h[2 * k + 1] = _mm512_maskz_extracti64x4_epi64(__mmask8(0xf), p[k], 1);
+    }
+    return qdot_tree8(h);
+}
+#endif
+
+inline __m256i q4_0_u256(const q4_0_block& w) noexcept
+{
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.qs));
+    const __m128i m = _mm_set1_epi8(0x0f);
+    return _mm256_inserti128_si256(
+        _mm256_zextsi128_si256(_mm_and_si128(v, m)), _mm_and_si128(_mm_srli_epi16(v, 4), m), 1);
+}
+#endif // KDIAL_QDOT_AVX2
+
+#if KDIAL_SIMD_NEON64
+struct lanes8_neon {
+    struct f {
+        float32x4_t lo, hi;
+    };
+    struct i {
+        int32x4_t lo, hi;
+    };
+    static f zero() noexcept { return { vdupq_n_f32(0.0f), vdupq_n_f32(0.0f) }; }
+    static f load(const float* p) noexcept { return { vld1q_f32(p), vld1q_f32(p + 4) }; }
+    static void store(const f& a, float* p) noexcept
+    {
+        vst1q_f32(p, a.lo);
+        vst1q_f32(p + 4, a.hi);
+    }
+    static i loadi(const std::int32_t* p) noexcept { return { vld1q_s32(p), vld1q_s32(p + 4) }; }
+    static f cvt(const i& a) noexcept { return { vcvtq_f32_s32(a.lo), vcvtq_f32_s32(a.hi) }; }
+    static f mul(const f& a, const f& b) noexcept { return { vmulq_f32(a.lo, b.lo), vmulq_f32(a.hi, b.hi) }; }
+    static f fma(const f& a, const f& b, const f& c) noexcept
+    {
+        return { vfmaq_f32(c.lo, a.lo, b.lo), vfmaq_f32(c.hi, a.hi, b.hi) };
+    }
+    static f fnma(const f& a, const f& b, const f& c) noexcept
+    {
+        return { vfmsq_f32(c.lo, a.lo, b.lo), vfmsq_f32(c.hi, a.hi, b.hi) };
+    }
+};
+template <> struct lanes8<qdot_isa::neon> : lanes8_neon {
+};
+template <> struct lanes8<qdot_isa::neon_dot> : lanes8_neon {
+};
+
+// The sum of 16 products of signed bytes, as 4 int32 partial sums added into acc.
+template <qdot_isa I> inline int32x4_t qdot_s16(int32x4_t acc, int8x16_t a, int8x16_t b) noexcept
+{
+#if KDIAL_QDOT_NEON_DOT
+    if constexpr (I == qdot_isa::neon_dot)
+        return vdotq_s32(acc, a, b);
+#endif
+    acc = vpadalq_s16(acc, vmull_s8(vget_low_s8(a), vget_low_s8(b)));
+    return vpadalq_s16(acc, vmull_high_s8(a, b));
+}
+#endif
+
+// ---- the integer totals of 8 blocks per path -------------------------------
+
+// I_b of the 8 blocks w[0:8] against x[0:256] (xs: the 8 blocks' sums).
+template <qdot_isa I, class S>
+inline typename lanes8<I>::i qdot_ints8(const S* w, const std::int8_t* x, const std::int32_t* xs) noexcept
+{
+    if constexpr (false) {
+    }
+#if KDIAL_QDOT_AVX512BW && KDIAL_QDOT_AVX2
+    else if constexpr (I == qdot_isa::avx512bw || I == qdot_isa::avx512_vnni) {
+        __m512i p[4];
+        for (int k = 0; k < 4; ++k) {
+            const __m512i xv = _mm512_loadu_si512(x + 64 * k);
+            if constexpr (std::is_same_v<S, q8_block>) {
+                const __m512i wv = qdot_join(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[2 * k].q)),
+                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[2 * k + 1].q)));
+                const __mmask64 neg = _mm512_movepi8_mask(wv);
+                p[k] = qdot_us512<I>(_mm512_abs_epi8(wv), _mm512_mask_sub_epi8(xv, neg, _mm512_setzero_si512(), xv));
+            } else if constexpr (std::is_same_v<S, q4_0_block>) {
+                p[k] = qdot_us512<I>(qdot_join(q4_0_u256(w[2 * k]), q4_0_u256(w[2 * k + 1])), xv);
+            } else {
+                // q4_k: w is one super-block; bytes 32k..32k+31 hold
+                // sub-block 2k (low nibbles) and 2k + 1 (high).
+                const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w->qs + 32 * k));
+                const __m512i u = _mm512_and_si512(qdot_join(v, _mm256_srli_epi16(v, 4)), _mm512_set1_epi8(0x0f));
+                p[k] = qdot_us512<I>(u, xv);
+            }
+        }
+        __m256i t = qdot_tree8(p);
+        if constexpr (std::is_same_v<S, q4_0_block>)
+            t = _mm256_sub_epi32(t, _mm256_slli_epi32(lanes8<I>::loadi(xs), 3));
+        return t;
+    }
+#endif
+#if KDIAL_QDOT_AVX2
+    else if constexpr (I == qdot_isa::avx2 || I == qdot_isa::avx_vnni) {
+        __m256i p[8];
+        for (int b = 0; b < 8; ++b) {
+            const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32 * b));
+            if constexpr (std::is_same_v<S, q8_block>) {
+                const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[b].q));
+                p[b] = qdot_us256<I>(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv));
+            } else if constexpr (std::is_same_v<S, q4_0_block>) {
+                p[b] = qdot_us256<I>(q4_0_u256(w[b]), xv);
+            } else {
+                const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w->qs + 32 * (b / 2)));
+                const __m256i u = _mm256_and_si256(b % 2 ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(0x0f));
+                p[b] = qdot_us256<I>(u, xv);
+            }
+        }
+        __m256i t = qdot_tree8(p);
+        if constexpr (std::is_same_v<S, q4_0_block>)
+            t = _mm256_sub_epi32(t, _mm256_slli_epi32(lanes8<I>::loadi(xs), 3));
+        return t;
+    }
+#endif
+#if KDIAL_SIMD_NEON64
+    else if constexpr (I == qdot_isa::neon || I == qdot_isa::neon_dot) {
+        alignas(16) std::int32_t t[8];
+        for (int b = 0; b < 8; ++b) {
+            const int8x16_t x0 = vld1q_s8(x + 32 * b), x1 = vld1q_s8(x + 32 * b + 16);
+            int8x16_t w0, w1;
+            if constexpr (std::is_same_v<S, q8_block>) {
+                w0 = vld1q_s8(w[b].q);
+                w1 = vld1q_s8(w[b].q + 16);
+            } else if constexpr (std::is_same_v<S, q4_0_block>) {
+                const uint8x16_t v = vld1q_u8(w[b].qs);
+                const int8x16_t e = vdupq_n_s8(8);
+                w0 = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(0x0f))), e);
+                w1 = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(v, 4)), e);
+            } else {
+                const uint8x16_t v0 = vld1q_u8(w->qs + 32 * (b / 2)), v1 = vld1q_u8(w->qs + 32 * (b / 2) + 16);
+                if (b % 2) {
+                    w0 = vreinterpretq_s8_u8(vshrq_n_u8(v0, 4));
+                    w1 = vreinterpretq_s8_u8(vshrq_n_u8(v1, 4));
+                } else {
+                    w0 = vreinterpretq_s8_u8(vandq_u8(v0, vdupq_n_u8(0x0f)));
+                    w1 = vreinterpretq_s8_u8(vandq_u8(v1, vdupq_n_u8(0x0f)));
+                }
+            }
+            t[b] = vaddvq_s32(qdot_s16<I>(qdot_s16<I>(vdupq_n_s32(0), w0, x0), w1, x1));
+        }
+        return lanes8<I>::loadi(t);
+    }
+#endif
+    else {
+        typename lanes8<I>::i t;
+        for (int b = 0; b < 8; ++b) {
+            if constexpr (std::is_same_v<S, q4_k_block>)
+                t.v[b] = qdot_sub_int(*w, std::size_t(b), x + 32 * b);
+            else
+                t.v[b] = qdot_block_int(w[b], x + 32 * b, xs[b]);
+        }
+        return t;
+    }
+}
+
+// dw of 8 consecutive q8 / q4_0 blocks, widened exactly.
+template <qdot_isa I, class S> inline typename lanes8<I>::f qdot_wscales8(const S* w) noexcept
+{
+#if KDIAL_QDOT_AVX2 && defined(__F16C__)
+    if constexpr (I == qdot_isa::avx2 || I == qdot_isa::avx_vnni || I == qdot_isa::avx512bw
+        || I == qdot_isa::avx512_vnni) {
+        std::uint16_t h[8];
+        for (int b = 0; b < 8; ++b)
+            h[b] = w[b].scale_f16().bits;
+        return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h)));
+    }
+#endif
+    float s[8];
+    for (int b = 0; b < 8; ++b)
+        s[b] = simd::scale_of(w[b]);
+    return lanes8<I>::load(s);
+}
+
+// out[r * NR + i] = the int8-activation dot of weight row r (blocks
+// rows[r][0:..]) and activation row i of xq, in the order of the header
+// comment. nb blocks of 32 (q4_k: nb % 8 == 0). `next`: rows to prefetch.
+template <qdot_isa I, class S, int NR, int R>
+inline void qdot_rows(
+    const S* const* rows, const S* const* next, std::size_t nb, const act_q8_cview& xq, float* out) noexcept
+{
+    using L = lanes8<I>;
+    using F = typename L::f;
+    F acc[R][NR];
+    for (int r = 0; r < R; ++r)
+        for (int i = 0; i < NR; ++i)
+            acc[r][i] = L::zero();
+    const std::size_t ng = nb / 8;
+    for (std::size_t g = 0; g < ng; ++g) {
+        const std::size_t b0 = 8 * g;
+        if constexpr (std::is_same_v<S, q4_k_block>) {
+            for (int r = 0; r < R; ++r)
+                for (std::size_t p = 0; p < sizeof(S); p += 64)
+                    simd::prefetch(reinterpret_cast<const char*>(next[r] + g) + p);
+            for (int r = 0; r < R; ++r) {
+                const simd::q4_k_scales sc = simd::scales_of(rows[r][g]);
+                const F D = L::load(sc.d), M = L::load(sc.m);
+                for (int i = 0; i < NR; ++i) {
+                    const auto t = qdot_ints8<I>(rows[r] + g, xq.qrow(i) + 32 * b0, xq.srow(i) + b0);
+                    const F dx = L::load(xq.drow(i) + b0);
+                    acc[r][i] = L::fma(L::cvt(t), L::mul(D, dx), acc[r][i]);
+                    acc[r][i] = L::fnma(L::cvt(L::loadi(xq.srow(i) + b0)), L::mul(M, dx), acc[r][i]);
+                }
+            }
+        } else {
+            for (int r = 0; r < R; ++r)
+                for (std::size_t p = 0; p < 8 * sizeof(S); p += 64)
+                    simd::prefetch(reinterpret_cast<const char*>(next[r] + b0) + p);
+            for (int r = 0; r < R; ++r) {
+                const F dw = qdot_wscales8<I>(rows[r] + b0);
+                for (int i = 0; i < NR; ++i) {
+                    const auto t = qdot_ints8<I>(rows[r] + b0, xq.qrow(i) + 32 * b0, xq.srow(i) + b0);
+                    acc[r][i] = L::fma(L::cvt(t), L::mul(dw, L::load(xq.drow(i) + b0)), acc[r][i]);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int i = 0; i < NR; ++i) {
+            float a[8];
+            L::store(acc[r][i], a);
+            if constexpr (!std::is_same_v<S, q4_k_block>) {
+                // The last nb % 8 blocks, lane b % 8, scalar (same ops).
+                for (std::size_t b = 8 * ng; b < nb; ++b) {
+                    const std::int32_t t = qdot_block_int(rows[r][b], xq.qrow(i) + 32 * b, xq.srow(i)[b]);
+                    a[b % 8] = std::fma(float(t), simd::scale_of(rows[r][b]) * xq.drow(i)[b], a[b % 8]);
+                }
+            }
+            out[r * NR + i] = qdot_tree(a);
+        }
+}
+
+template <int NR> inline constexpr int qdot_rows_per_pass = NR == 1 ? 4 : 2;
+
+// y[i, o] = int8-activation dot of x row i and weight row o, o in [o0, o1), i < NR.
+template <qdot_isa I, weight_type W, int NR>
+void linear_qgemv(
+    const weight_view<W>& w, const act_q8_cview& xq, std::size_t o0, std::size_t o1, float* y, std::size_t ldy) noexcept
+{
+    using S = typename W::storage;
+    constexpr int R = qdot_rows_per_pass<NR>;
+    const std::size_t nb = xq.blocks;
+    float out[R * NR];
+    std::size_t o = o0;
+    for (; o + R <= o1; o += R) {
+        const S* rows[R];
+        const S* next[R];
+        const std::size_t on = o + 2 * R <= o1 ? o + R : o;
+        for (int r = 0; r < R; ++r) {
+            rows[r] = w.row(o + r);
+            next[r] = w.row(on + r);
+        }
+        qdot_rows<I, S, NR, R>(rows, next, nb, xq, out);
+        for (int r = 0; r < R; ++r)
+            for (int i = 0; i < NR; ++i)
+                y[i * ldy + o + r] = out[r * NR + i];
+    }
+    for (; o < o1; ++o) {
+        const S* rows[1] = { w.row(o) };
+        qdot_rows<I, S, NR, 1>(rows, rows, nb, xq, out);
+        for (int i = 0; i < NR; ++i)
+            y[i * ldy + o] = out[i];
+    }
+}
+
+// h[i, f] = silu(gate . x) * (up . x) for f in [f0, f1), i < NR (int8 activations).
+template <qdot_isa I, weight_type W, int NR>
+void gate_up_qgemv(const weight_view<W>& gate, const weight_view<W>& up, const act_q8_cview& xq, std::size_t f0,
+    std::size_t f1, float* h, std::size_t ldh) noexcept
+{
+    using S = typename W::storage;
+    constexpr int P = qdot_rows_per_pass<NR> / 2;
+    const std::size_t nb = xq.blocks;
+    float out[2 * P * NR];
+    std::size_t f = f0;
+    if constexpr (P > 1) {
+        for (; f + P <= f1; f += P) {
+            const S* rows[2 * P];
+            const S* next[2 * P];
+            const std::size_t fn = f + 2 * P <= f1 ? f + P : f;
+            for (int p = 0; p < P; ++p) {
+                rows[2 * p] = gate.row(f + p);
+                rows[2 * p + 1] = up.row(f + p);
+                next[2 * p] = gate.row(fn + p);
+                next[2 * p + 1] = up.row(fn + p);
+            }
+            qdot_rows<I, S, NR, 2 * P>(rows, next, nb, xq, out);
+            for (int p = 0; p < P; ++p)
+                for (int i = 0; i < NR; ++i)
+                    h[i * ldh + f + p] = simd::silu(out[2 * p * NR + i]) * out[(2 * p + 1) * NR + i];
+        }
+    }
+    for (; f < f1; ++f) {
+        const S* rows[2] = { gate.row(f), up.row(f) };
+        const S* next[2] = { gate.row(f + 1 < f1 ? f + 1 : f), up.row(f + 1 < f1 ? f + 1 : f) };
+        qdot_rows<I, S, NR, 2>(rows, next, nb, xq, out);
+        for (int i = 0; i < NR; ++i)
+            h[i * ldh + f] = simd::silu(out[i]) * out[NR + i];
+    }
+}
+
+} // namespace detail
+
+// Y[:, o0:o1] = X . W[o0:o1, :]ᵀ with X given quantised (quantize_act_q8;
+// xq.rows in [1, 4], xq.blocks == ceil(W.cols / 32)); path I (default:
+// the one of Arch). Other columns of Y are not touched.
+template <qdot_weight W, class Arch = xsimd::default_arch, qdot_isa I = qdot_isa_for<Arch>()>
+void linear_q8act(const weight_view<W>& w /*[O, K]*/, const act_q8_cview& xq /*[n, K]*/, std::size_t o0, std::size_t o1,
+    matrix_view<float> y /*[n, O]*/) noexcept
+{
+    static_assert(qdot_isa_built<I>, "kdial::linear_q8act: this build lacks the instructions of path I");
+    switch (xq.rows) {
+    case 1:
+        return detail::linear_qgemv<I, W, 1>(w, xq, o0, o1, y.data, y.stride);
+    case 2:
+        return detail::linear_qgemv<I, W, 2>(w, xq, o0, o1, y.data, y.stride);
+    case 3:
+        return detail::linear_qgemv<I, W, 3>(w, xq, o0, o1, y.data, y.stride);
+    case 4:
+        return detail::linear_qgemv<I, W, 4>(w, xq, o0, o1, y.data, y.stride);
+    default:
+        return;
+    }
+}
+
+// H[:, f0:f1] = silu(X . Wg[f0:f1]ᵀ) * (X . Wu[f0:f1]ᵀ) with X given quantised.
+template <qdot_weight W, class Arch = xsimd::default_arch, qdot_isa I = qdot_isa_for<Arch>()>
+void swiglu_gate_up_q8act(const weight_view<W>& gate /*[F, d]*/, const weight_view<W>& up /*[F, d]*/,
+    const act_q8_cview& xq /*[n, d]*/, std::size_t f0, std::size_t f1, matrix_view<float> h /*[n, F]*/) noexcept
+{
+    static_assert(qdot_isa_built<I>, "kdial::swiglu_gate_up_q8act: this build lacks the instructions of path I");
+    switch (xq.rows) {
+    case 1:
+        return detail::gate_up_qgemv<I, W, 1>(gate, up, xq, f0, f1, h.data, h.stride);
+    case 2:
+        return detail::gate_up_qgemv<I, W, 2>(gate, up, xq, f0, f1, h.data, h.stride);
+    case 3:
+        return detail::gate_up_qgemv<I, W, 3>(gate, up, xq, f0, f1, h.data, h.stride);
+    case 4:
+        return detail::gate_up_qgemv<I, W, 4>(gate, up, xq, f0, f1, h.data, h.stride);
+    default:
+        return;
+    }
+}
+
+// The stack buffer linear() / swiglu_gate_up() quantise X into for
+// act_mode::int8 (rows * cols int8 plus scales and sums): X with
+// rows * cols <= this runs the int8 path, larger X the exact one (n = 1:
+// K <= 16384; n = 4: K <= 4096; OLMoE, Qwen1.5-MoE and Mixtral decode fit
+// at n = 1). Callers that quantise once for many calls use the *_q8act
+// entry points with their own workspace.
+inline constexpr std::size_t act_q8_stack_elems = 16384;
+
+} // namespace kdial

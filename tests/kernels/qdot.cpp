@@ -1,0 +1,338 @@
+// kernels/qdot.hpp: the int8 activation quantiser and the integer-dot GEMV
+// (q8, q4_0, q4_k weights; n = 1..4) against the scalar reference written
+// from the definition (tests/ref/qdot_ref.hpp), bit for bit, on every
+// integer-dot path this build has and this CPU runs (generic, AVX2,
+// AVX-VNNI, AVX-512BW, AVX-512 VNNI; NEON / NEON dotprod on aarch64), odd
+// shapes, every output split, extreme inputs; through linear() for every
+// arch TU; dense_linear with 1 and 2 threads; and the extra error of int8
+// activations against the exact f32 path, within a derived bound.
+#include <doctest/doctest.h>
+
+#include <kdial/kernels/dense.hpp>
+#include <kdial/kernels/linear.hpp>
+#include <kdial/kernels/qdot.hpp>
+
+#include "kernels/arch_kernels.hpp"
+#include "ref/kernels_ref.hpp"
+#include "ref/qdot_ref.hpp"
+#include "test_util.hpp"
+
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+using namespace kdial;
+
+namespace {
+
+template <weight_type W> struct qfns {
+    void (*lin)(
+        const weight_view<W>&, const act_q8_cview&, std::size_t, std::size_t, matrix_view<float>) noexcept = nullptr;
+    void (*gu)(const weight_view<W>&, const weight_view<W>&, const act_q8_cview&, std::size_t, std::size_t,
+        matrix_view<float>) noexcept = nullptr;
+};
+
+struct isa_entry {
+    const char* name;
+    bool runs; // built and this CPU has it
+    qfns<q8_t> q8;
+    qfns<q4_0_t> q4_0;
+    qfns<q4_k_t> q4_k;
+    template <weight_type W> const qfns<W>& get() const
+    {
+        if constexpr (std::is_same_v<W, q8_t>)
+            return q8;
+        else if constexpr (std::is_same_v<W, q4_0_t>)
+            return q4_0;
+        else
+            return q4_k;
+    }
+};
+
+template <qdot_isa I, weight_type W> qfns<W> make_qfns()
+{
+    if constexpr (qdot_isa_built<I>)
+        return { &linear_q8act<W, xsimd::default_arch, I>, &swiglu_gate_up_q8act<W, xsimd::default_arch, I> };
+    else
+        return {};
+}
+
+template <qdot_isa I> isa_entry make_entry(const char* name, bool cpu)
+{
+    return { name, qdot_isa_built<I> && cpu, make_qfns<I, q8_t>(), make_qfns<I, q4_0_t>(), make_qfns<I, q4_k_t>() };
+}
+
+bool cpu_has([[maybe_unused]] const char* what)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    const std::string w = what;
+    if (w == "avx2")
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (w == "avx512bw")
+        return __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+    if (w == "avx512vnni")
+        return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw")
+            && __builtin_cpu_supports("avx512vl");
+    if (w == "avxvnni") {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+        return cpu_has("avx512vnni"); // the EVEX form is what this build emits
+#else
+        return __builtin_cpu_supports("avxvnni");
+#endif
+    }
+#endif
+    return true;
+}
+
+std::vector<isa_entry> isas()
+{
+    std::vector<isa_entry> v { make_entry<qdot_isa::generic>("generic", true),
+        make_entry<qdot_isa::avx2>("avx2", cpu_has("avx2")),
+        make_entry<qdot_isa::avx_vnni>("avx_vnni", cpu_has("avx2") && cpu_has("avxvnni")),
+        make_entry<qdot_isa::avx512bw>("avx512bw", cpu_has("avx512bw")),
+        make_entry<qdot_isa::avx512_vnni>("avx512_vnni", cpu_has("avx512vnni")),
+        make_entry<qdot_isa::neon>("neon", true), make_entry<qdot_isa::neon_dot>("neon_dot", true) };
+    std::vector<isa_entry> r;
+    for (const auto& e : v)
+        if (e.runs)
+            r.push_back(e);
+    return r;
+}
+
+template <weight_type W> std::size_t fit_cols(std::size_t K)
+{
+    return std::is_same_v<W, q4_k_t> ? (K + qk_k - 1) / qk_k * qk_k : K;
+}
+
+struct owned_act {
+    std::vector<std::byte> mem;
+    act_q8_view v;
+};
+owned_act quantize(cmatrix_view<float> x)
+{
+    owned_act a;
+    a.mem.resize(act_q8_bytes(x.rows, x.cols) + 64);
+    auto* p = a.mem.data();
+    p += (64 - reinterpret_cast<std::uintptr_t>(p) % 64) % 64;
+    a.v = bind_act_q8(p, x.rows, x.cols);
+    quantize_act_q8(x, a.v);
+    return a;
+}
+
+bool same_float(float a, float b)
+{
+    return std::memcmp(&a, &b, sizeof a) == 0 || (std::isnan(a) && std::isnan(b));
+}
+
+// Fills rows of x with the hard cases, block by block: zeros, huge, f32
+// subnormals, values just above the smallest normal scale, one huge value
+// among small ones, exact ties (q = k + 1/2).
+void add_extremes(matrix_view<float> x, std::mt19937& rng)
+{
+    std::uniform_real_distribution<float> U(-1.0f, 1.0f);
+    for (std::size_t i = 0; i < x.rows; ++i)
+        for (std::size_t k = 0; k < x.cols; ++k) {
+            const std::size_t kind = (k / 32 + i) % 7;
+            const float u = U(rng);
+            float v = x(i, k);
+            switch (kind) {
+            case 0:
+                v = 0.0f;
+                break;
+            case 1:
+                v = u * 3e38f;
+                break;
+            case 2:
+                v = u * 1e-40f;
+                break;
+            case 3:
+                v = u * 2e-36f;
+                break;
+            case 4:
+                v = k % 32 == 5 ? 1e30f : u;
+                break;
+            case 5:
+                v = k % 32 == 0 ? 127.0f : float(int(u * 100)) + 0.5f; // ties at d = 1
+                break;
+            default:
+                break;
+            }
+            x(i, k) = v;
+        }
+}
+
+} // namespace
+
+TEST_CASE("quantize_act_q8: matches the definition, odd widths and extreme blocks [kernels][qdot]")
+{
+    std::mt19937 rng(7);
+    for (std::size_t K : { 1u, 31u, 32u, 33u, 100u, 256u, 2053u })
+        for (std::size_t n : { 1u, 3u }) {
+            for (int extremes = 0; extremes < 2; ++extremes) {
+                auto x = ref::random_matrix(n, K, rng, 3, 1, 4.0f);
+                if (extremes)
+                    add_extremes(x.view, rng);
+                const auto a = quantize(cmatrix_view<float>(x.view));
+                const auto r = ref::quantize_act(x.view.data, n, K, x.view.stride);
+                CAPTURE(K);
+                CAPTURE(n);
+                CHECK(std::memcmp(a.v.q, r.q.data(), r.q.size()) == 0);
+                CHECK(std::memcmp(a.v.s, r.s.data(), r.s.size() * sizeof(std::int32_t)) == 0);
+                bool dsame = true;
+                for (std::size_t j = 0; j < r.d.size(); ++j)
+                    dsame = dsame && same_float(a.v.d[j], r.d[j]);
+                CHECK(dsame);
+                if (extremes && K >= 64)
+                    CHECK(r.d[0] == 0.0f); // the zero block (row 0, block 0)
+            }
+        }
+    // Subnormal-only and non-finite blocks.
+    std::vector<float> x(64, 1e-40f);
+    x[40] = NAN;
+    const auto a = quantize(cmatrix_view<float>(x.data(), 1, 64));
+    CHECK(a.v.d[0] == 0.0f);
+    CHECK(a.v.s[0] == 0);
+    CHECK(std::isnan(a.v.d[1]));
+}
+
+TEST_CASE_TEMPLATE("linear_q8act / swiglu_gate_up_q8act: bit-identical to the reference on every path [kernels][qdot]",
+    W, q8_t, q4_0_t, q4_k_t)
+{
+    const auto list = isas();
+    REQUIRE(!list.empty());
+    std::mt19937 rng(11);
+    const std::size_t Ks[] = { 32, 96, 288, 544, 2080 };
+    const std::size_t Os[] = { 1, 3, 7, 33 };
+    for (const auto& isa : list) {
+        const auto& f = isa.get<W>();
+        for (std::size_t K0 : Ks)
+            for (std::size_t O : Os)
+                for (std::size_t n = 1; n <= 4; ++n)
+                    for (int extremes = 0; extremes < 2; ++extremes) {
+                        const std::size_t K = fit_cols<W>(K0 + (std::is_same_v<W, q4_k_t> ? 0 : O % 2 * 7));
+                        const auto w = ref::random_weights<W>(O, K, rng, 1, 1);
+                        const auto up = ref::random_weights<W>(O, K, rng);
+                        auto x = ref::random_matrix(n, K, rng, 5, 1, 2.0f);
+                        if (extremes)
+                            add_extremes(x.view, rng);
+                        const auto a = quantize(cmatrix_view<float>(x.view));
+                        const auto want = ref::linear_int8(w.view, x.view.data, n, x.view.stride);
+                        CAPTURE(isa.name);
+                        CAPTURE(K);
+                        CAPTURE(O);
+                        CAPTURE(n);
+                        // Split at an odd cut: outputs do not depend on the split.
+                        auto y = ref::filled_matrix(n, O, 2);
+                        const std::size_t cut = O / 3;
+                        f.lin(w.view, a.v, 0, cut, y.view);
+                        f.lin(w.view, a.v, cut, O, y.view);
+                        bool same = true;
+                        for (std::size_t i = 0; i < n; ++i)
+                            for (std::size_t o = 0; o < O; ++o)
+                                same = same && same_float(y.view(i, o), want[i * O + o]);
+                        CHECK(same);
+                        CHECK(y.buf.back() == ref::sentinel);
+                        // gate/up: silu(g) * u from the reference dots.
+                        const auto wu = ref::linear_int8(up.view, x.view.data, n, x.view.stride);
+                        auto h = ref::filled_matrix(n, O, 1);
+                        f.gu(w.view, up.view, a.v, 0, cut, h.view);
+                        f.gu(w.view, up.view, a.v, cut, O, h.view);
+                        bool hsame = true;
+                        for (std::size_t i = 0; i < n; ++i)
+                            for (std::size_t o = 0; o < O; ++o)
+                                hsame = hsame && same_float(h.view(i, o), simd::silu(want[i * O + o]) * wu[i * O + o]);
+                        CHECK(hsame);
+                    }
+    }
+}
+
+TEST_CASE_TEMPLATE("linear with act_mode::int8: every arch TU equals the reference; n > 4 stays exact [kernels][qdot]",
+    W, q8_t, q4_0_t, q4_k_t)
+{
+    std::mt19937 rng(5);
+    for (const auto* k : test::kernel_archs()) {
+        const auto& f = k->get<W>();
+        for (std::size_t n : { 1u, 2u, 3u, 4u, 5u }) {
+            const std::size_t K = fit_cols<W>(std::is_same_v<W, q4_k_t> ? 512 : 320), O = 37;
+            const auto w = ref::random_weights<W>(O, K, rng);
+            const auto x = ref::random_matrix(n, K, rng, 1, 1);
+            auto y = ref::filled_matrix(n, O);
+            f.linear_int8(w.view, cmatrix_view<float>(x.view), 0, O, y.view);
+            std::vector<float> want;
+            if (n <= gemv_max_rows) {
+                want = ref::linear_int8(w.view, x.view.data, n, x.view.stride);
+            } else {
+                auto e = ref::filled_matrix(n, O);
+                f.linear(w.view, cmatrix_view<float>(x.view), 0, O, e.view);
+                for (std::size_t i = 0; i < n; ++i)
+                    for (std::size_t o = 0; o < O; ++o)
+                        want.push_back(e.view(i, o));
+            }
+            CAPTURE(k->name);
+            CAPTURE(n);
+            bool same = true;
+            for (std::size_t i = 0; i < n; ++i)
+                for (std::size_t o = 0; o < O; ++o)
+                    same = same && same_float(y.view(i, o), want[i * O + o]);
+            CHECK(same);
+        }
+    }
+}
+
+TEST_CASE_TEMPLATE("linear act_mode::int8: error vs the exact path within the quantisation bound [kernels][qdot]", W,
+    q8_t, q4_0_t, q4_k_t)
+{
+    // |int8 - exact dot| <= sum_b (dx_b / 2) sum_l |w| (activation rounding,
+    // plus 2^-17 dx for the rounding of x / d) + the f32 roundings of both
+    // paths, gamma_{K/32 + 8} and gamma_K times the magnitudes they sum.
+    std::mt19937 rng(3);
+    for (std::size_t n = 1; n <= 4; ++n) {
+        const std::size_t K = 1024, O = 64;
+        const auto w = ref::random_weights<W>(O, K, rng);
+        const auto x = ref::random_matrix(n, K, rng, 0, 0, 3.0f);
+        auto yi = ref::filled_matrix(n, O), ye = ref::filled_matrix(n, O);
+        linear(w.view, cmatrix_view<float>(x.view), 0, O, yi.view, act_mode::int8);
+        linear(w.view, cmatrix_view<float>(x.view), 0, O, ye.view);
+        const auto wf = ref::dequantize(w.view);
+        const auto a = ref::quantize_act(x.view.data, n, K, x.view.stride);
+        double worst = 0, rel_sum = 0;
+        for (std::size_t i = 0; i < n; ++i)
+            for (std::size_t o = 0; o < O; ++o) {
+                double eq = 0, mag = 0;
+                for (std::size_t k = 0; k < K; ++k) {
+                    const double dx = a.d[i * a.blocks + k / 32];
+                    eq += (dx / 2) * (1 + 0x1p-16) * std::fabs(wf[o * K + k]);
+                    mag += std::fabs(wf[o * K + k]) * (std::fabs(x.view(i, k)) + dx);
+                }
+                const double bound = eq + (ref::gamma(K / 32 + 8) + ref::gamma(K)) * mag;
+                const double err = std::fabs(double(yi.view(i, o)) - double(ye.view(i, o)));
+                worst = std::max(worst, err / bound);
+                rel_sum += err / std::max(1e-30, mag);
+            }
+        CAPTURE(n);
+        CHECK(worst <= 1.0);
+        CHECK(worst > 0.0); // int8 activations do change the result
+    }
+}
+
+TEST_CASE("dense_linear act_mode::int8: 1 and 2 threads give identical bytes [kernels][qdot][threads]")
+{
+    std::mt19937 rng(9);
+    const std::size_t K = 2048, O = 3000;
+    const auto w = ref::random_weights<q4_0_t>(O, K, rng);
+    const any_weight_view wv = w.view;
+    for (std::size_t n = 1; n <= 4; ++n) {
+        const auto x = ref::random_matrix(n, K, rng);
+        std::vector<float> y1(n * O), y2(n * O);
+        test::with_threads(1, [&] {
+            dense_linear(wv, cmatrix_view<float>(x.view), matrix_view<float>(y1.data(), n, O), nullptr, act_mode::int8);
+        });
+        test::with_threads(2, [&] {
+            dense_linear(wv, cmatrix_view<float>(x.view), matrix_view<float>(y2.data(), n, O), nullptr, act_mode::int8);
+        });
+        CHECK(test::same_bytes(y1, y2));
+        const auto want = ref::linear_int8(w.view, x.view.data, n, x.view.stride);
+        CHECK(test::same_bytes(y1, want));
+    }
+}
