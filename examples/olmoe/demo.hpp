@@ -177,7 +177,6 @@ inline int run_demo(const demo_options& o, std::FILE* out)
         const std::vector<int> ks(std::size_t(cfg.layers), k);
         std::mt19937_64 rng(o.seed);
         cache.reset();
-        const auto t0 = std::chrono::steady_clock::now();
         prefill(m, prompt, cache, ks, lv, false);
         std::vector<std::int32_t> gen;
         for (int i = 0; i < o.max_new; ++i) {
@@ -189,9 +188,7 @@ inline int run_demo(const demo_options& o, std::FILE* out)
             if (i + 1 < o.max_new)
                 m.forward(std::span<const std::int32_t>(&next, 1), cache, ks, lv, false);
         }
-        const double dt = seconds_since(t0);
-        std::fprintf(out, "k=%d: %s%s   [%.0f tok/s]\n", k, o.prompt.c_str(),
-            demo_detail::one_line(tok.decode(gen)).c_str(), double(prompt.size() + gen.size()) / std::max(dt, 1e-9));
+        std::fprintf(out, "k=%d: %s%s\n", k, o.prompt.c_str(), demo_detail::one_line(tok.decode(gen)).c_str());
     }
 
     // The quality/latency table of the dial.
