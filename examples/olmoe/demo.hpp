@@ -51,8 +51,8 @@ struct demo_options {
     std::string text = demo_checkpoints_dir() + "/test-slice.txt"; // the sweep's text ("" or missing: skipped)
     std::string cloze = demo_checkpoints_dir() + "/cloze-subset.jsonl"; // the probe ("" or missing: skipped)
     std::size_t cloze_items = 0; // 0: all of the file
-    std::string prompt = "The jury said that";
-    int max_new = 40; // tokens generated at each k
+    std::string prompt = "The President said";
+    int max_new = 32; // tokens generated at each k
     double temperature = 0.0; // 0: greedy; else sampling with this temperature and top_p
     double top_p = 0.9;
     std::uint64_t seed = 1; // sampling seed, the same at every k

@@ -203,8 +203,8 @@ quality/latency table: perplexity, argmax agreement and KL against the trained
 k on a committed slice of the test split, the cloze probe's accuracy and
 answer-level agreement, active parameters and decode latency per k.
   --model DIR       the checkpoint (default: examples/phds/checkpoints/phds)
-  --prompt TEXT     default "The jury said that"
-  --max-new N       tokens generated at each k (default 40)
+  --prompt TEXT     default "The President said"
+  --max-new N       tokens generated at each k (default 32)
   --temperature T   sample (top-p 0.9) instead of greedy, with the same --seed
                     (default 1) at every k
   --text FILE       the sweep's text (default examples/phds/checkpoints/test-slice.txt)
@@ -937,7 +937,7 @@ int cmd_demo(const args& a)
         olmoe::demo_options o;
         o.model_dir = a.get("model", o.model_dir);
         o.prompt = a.get("prompt", o.prompt);
-        o.max_new = int(parse_int("max-new", a.get("max-new", "40"), 1, 4096));
+        o.max_new = int(parse_int("max-new", a.get("max-new", "32"), 1, 4096));
         if (a.has("temperature")) {
             char* end = nullptr;
             o.temperature = std::strtod(a.get("temperature").c_str(), &end);
