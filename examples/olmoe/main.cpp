@@ -2,8 +2,11 @@
 // CPU with kdial, k dialed at run time. Subcommands: generate, logits, bench,
 // sweep, make-synthetic, demo, tokenize, detokenize. Errors go to stderr with a non-zero exit status;
 // long work shows progress on stderr.
+#include "cloze.hpp"
+#include "compare.hpp"
 #include "config.hpp"
 #include "expert_parallel.hpp"
+#include "demo.hpp"
 #include "gguf_model.hpp"
 #include "gguf_synthetic.hpp"
 #include "model.hpp"
@@ -67,7 +70,8 @@ commands:
   sweep           quality vs cost per operating point: perplexity, agreement
                   with a reference k, active parameters, tokens/s, SVG plot
   make-synthetic  write a synthetic checkpoint in the Hugging Face layout
-  demo            make a tiny synthetic checkpoint, generate and bench it
+  demo            the main job: a real trained checkpoint (the PHDS one committed
+                  in examples/phds) loaded once, text at every k, the dial's table
   tokenize        the token ids (and pieces) of a text, by tokenizer.json
   detokenize      the text of a list of token ids
   serve           OpenAI-compatible HTTP server, k per request, continuous batching
@@ -116,7 +120,8 @@ token / read bandwidth measured in the same run) and the peak resident memory.
           { "sweep", R"(usage: olmoe sweep --model DIR (--text FILE | --tokens-file FILE) [--k 1,2,4,8] [--ref-k K]
                    [--k-schedule S] [--threshold P[,P...]] [--k-min N] [--k-max N] [--renorm]
                    [--context N] [--decode-tokens N] [--json FILE] [--plot FILE.svg] [--threads N]
-                   [--weights native|int8] [--check-weights]
+                   [--weights native|int8] [--check-weights] [--cloze FILE.jsonl [--cloze-items N]]
+       olmoe sweep --compare [NAME=]FILE.json,[NAME=]FILE.json,... [--plot FILE.svg]
 Teacher-forced evaluation of each operating point over the text, printing
 perplexity and mean next-token log-likelihood, agreement with the reference k
 (share of positions whose argmax matches; mean KL(ref || point) in nats),
@@ -137,6 +142,21 @@ measured in the same run.
   --json FILE         also write the results as JSON
   --plot FILE.svg     write a plot of quality against decode latency
   --check-weights     scan every weight for NaN / inf at load
+  --cloze FILE.jsonl  also score a multiple-choice probe at every point (one JSON
+                      object per line: "context", "choices" (strings), "answer"
+                      (index); examples/phds/make_cloze.py writes one): a
+                      candidate's score is the summed log-probability of its
+                      tokens after the context, the choice the best candidate;
+                      adds the columns cloze accuracy and cloze agreement (share of
+                      items whose choice equals the reference k's choice:
+                      answer-level cross-sparsity agreement)
+  --cloze-items N     score only the first N items
+  --compare LIST      no model is run: reads the --json outputs of earlier sweeps
+                      (one per model; NAME defaults to the sweep's model directory
+                      name), prints a Markdown table per metric (models x global k)
+                      and with --plot draws quality against k, one line per model:
+                      perplexity, argmax agreement and, when the sweeps scored a
+                      cloze probe, cloze accuracy and answer agreement
 Outputs are written atomically and may not be inputs of the command.
 )" },
           { "make-synthetic", R"(usage: olmoe make-synthetic --out DIR [--preset NAME] [--layers N]
@@ -177,10 +197,27 @@ Requests may set "k", "k_schedule" or "threshold"; otherwise the policy picks k.
   --drain-timeout S on SIGINT/SIGTERM, seconds to finish running requests
 See README.md, "olmoe serve".
 )" },
-          { "demo", R"(usage: olmoe demo [--dir DIR]
-Makes a tiny synthetic OLMoE checkpoint (default: $XDG_CACHE_HOME/kdial/demo or
-~/.cache/kdial/demo; the same rules as make-synthetic --out), then shows
-generation and a benchmark at several k.
+          { "demo", R"(usage: olmoe demo [--model DIR] [--prompt TEXT] [--max-new N] [--temperature T [--seed S]]
+                  [--text FILE] [--cloze FILE.jsonl] [--cloze-items N] [--threads N]
+       olmoe demo --synthetic [--dir DIR]
+Loads a trained checkpoint once (default: the PHDS checkpoint committed in the
+source tree, examples/phds/checkpoints/phds: a small OLMoE trained on the Brown
+corpus and fine-tuned with MoE-PHDS so that one checkpoint serves every k),
+generates from one prompt at every k = 1..trained k, and prints the dial's
+quality/latency table: perplexity, argmax agreement and KL against the trained
+k on a committed slice of the test split, the cloze probe's accuracy and
+answer-level agreement, active parameters and decode latency per k.
+  --model DIR       the checkpoint (default: examples/phds/checkpoints/phds)
+  --prompt TEXT     default "The President said"
+  --max-new N       tokens generated at each k (default 32)
+  --temperature T   sample (top-p 0.9) instead of greedy, with the same --seed
+                    (default 1) at every k
+  --text FILE       the sweep's text (default examples/phds/checkpoints/test-slice.txt)
+  --cloze FILE      the probe (default examples/phds/checkpoints/cloze-subset.jsonl)
+--synthetic makes a tiny synthetic OLMoE checkpoint instead (in --dir DIR; default
+$XDG_CACHE_HOME/kdial/demo or ~/.cache/kdial/demo; the same rules as
+make-synthetic --out; --dir implies --synthetic) and generates and benchmarks it
+at k = 1, 2, 4, 8: random weights, so that text is noise.
 )" },
           { "tokenize", R"(usage: olmoe tokenize --model DIR|FILE.gguf (--prompt TEXT | --file F) [--ids-only]
                       [--no-add-special] [--no-parse-special]
@@ -376,7 +413,7 @@ std::vector<std::pair<fs::path, std::string>> input_files(const args& a)
         in.emplace_back(a.get("model"), "the model file (--model)");
     for (auto it = fs::directory_iterator(a.get("model"), ec); !ec && it != fs::directory_iterator(); it.increment(ec))
         in.emplace_back(it->path(), "a file of the checkpoint directory (--model)");
-    for (const char* f : { "text", "tokens-file" })
+    for (const char* f : { "text", "tokens-file", "cloze" })
         if (a.has(f))
             in.emplace_back(a.get(f), cat("the input file (--", f, ")"));
     return in;
@@ -666,8 +703,50 @@ double parse_prob(const std::string& flag, const std::string& v)
     return x;
 }
 
+// `olmoe sweep --compare`: tables and one plot from earlier sweeps' JSON.
+int cmd_sweep_compare(const args& a, std::FILE* out)
+{
+    for (const auto& [k, v] : a.opt)
+        if (k != "compare" && k != "plot")
+            throw usage_error(cat("--compare takes only --plot, not --", k));
+    if (!a.flags.empty())
+        throw usage_error(cat("--compare takes only --plot, not --", *a.flags.begin()));
+    std::vector<std::string> specs;
+    const std::string v = a.get("compare");
+    for (std::size_t p = 0; p <= v.size();) {
+        const std::size_t q = std::min(v.find(',', p), v.size());
+        specs.push_back(v.substr(p, q - p));
+        p = q + 1;
+    }
+    if (a.has("plot")) {
+        check_outputs(a, { "plot" });
+        for (const auto& sp : specs) {
+            const std::string f = sp.substr(sp.find('=') == std::string::npos ? 0 : sp.find('=') + 1);
+            if (kdial::io::same_file(a.get("plot"), f))
+                throw kdial::error(cat("--plot ", a.get("plot"), " is ", f,
+                    ", an input file (--compare); refusing to "
+                    "overwrite an input of this command"));
+        }
+    }
+    std::vector<olmoe::compared_model> models;
+    for (const auto& sp : specs)
+        models.push_back(olmoe::read_compared(sp));
+    const std::string tables = olmoe::compare_tables(models);
+    std::fwrite(tables.data(), 1, tables.size(), out);
+    if (a.has("plot")) {
+        std::string title = "quality vs k:";
+        for (std::size_t i = 0; i < models.size(); ++i)
+            title += (i ? ", " : " ") + models[i].name;
+        olmoe::svg::write(a.get("plot"), title, olmoe::compare_panels(models), olmoe::compare_names(models), 2);
+        std::fprintf(stderr, "wrote %s\n", a.get("plot").c_str());
+    }
+    return 0;
+}
+
 int cmd_sweep(const args& a, std::FILE* out = stdout)
 {
+    if (a.has("compare"))
+        return cmd_sweep_compare(a, out);
     const int threads = threads_of(a);
     tbb::task_arena arena(threads);
     return arena.execute([&] {
@@ -740,14 +819,31 @@ int cmd_sweep(const args& a, std::FILE* out = stdout)
             pr.what = "sweep (" + what + ")";
             pr(fr);
         });
+        std::vector<olmoe::cloze_result> cz; // [points] when --cloze
+        if (a.has("cloze")) {
+            if (!L.tok)
+                throw kdial::error(cat("--cloze needs ", L.no_tokenizer));
+            const auto items = olmoe::load_cloze(a.get("cloze"), *L.tok,
+                a.has("cloze-items") ? std::size_t(parse_int("cloze-items", a.get("cloze-items"), 1, 1L << 30)) : 0);
+            progress cp { "cloze" };
+            cz = olmoe::run_cloze(*L.m, items, points, ref, [&](double fr, const std::string& what) {
+                cp.what = what;
+                cp(fr);
+            });
+        }
 
-        std::fprintf(out, "%-14s %10s %9s %8s %9s %8s %12s %11s %11s %10s\n", "point", "perplexity", "loglik", "agree",
-            "KL", "exp/tok", "active Mpar", "prefill t/s", "decode t/s", "decode ms");
+        std::fprintf(out, "%-14s %10s %9s %8s %9s %8s %12s %11s %11s %10s%s\n", "point", "perplexity", "loglik",
+            "agree", "KL", "exp/tok", "active Mpar", "prefill t/s", "decode t/s", "decode ms",
+            cz.empty() ? "" : "  cloze acc  cloze agr");
         nlohmann::json rows = nlohmann::json::array();
-        for (const auto& r : res) {
-            std::fprintf(out, "%-14s %10.3f %9.4f %8.4f %9.5f %8.2f %12.1f %11.1f %11.2f %10.2f\n",
-                r.point.label.c_str(), r.perplexity, r.mean_loglik, r.agreement, r.mean_kl, r.experts_per_token,
-                r.active_params / 1e6, r.prefill_tok_s(), r.decode_tok_s(), r.decode_ms());
+        for (std::size_t i = 0; i < res.size(); ++i) {
+            const auto& r = res[i];
+            std::fprintf(out, "%-14s %10.3f %9.4f %8.4f %9.5f %8.2f %12.1f %11.1f %11.2f %10.2f", r.point.label.c_str(),
+                r.perplexity, r.mean_loglik, r.agreement, r.mean_kl, r.experts_per_token, r.active_params / 1e6,
+                r.prefill_tok_s(), r.decode_tok_s(), r.decode_ms());
+            if (!cz.empty())
+                std::fprintf(out, " %10.4f %10.4f", cz[i].accuracy, cz[i].agreement);
+            std::fputc('\n', out);
             nlohmann::json j = { { "label", r.point.label }, { "predicted_tokens", r.predicted },
                 { "perplexity", r.perplexity }, { "mean_loglik", r.mean_loglik }, { "agreement", r.agreement },
                 { "mean_kl", r.mean_kl }, { "experts_per_token", r.experts_per_token },
@@ -760,18 +856,28 @@ int cmd_sweep(const args& a, std::FILE* out = stdout)
                     { "k_max", r.point.threshold->k_max } };
             else
                 j["k_per_layer"] = r.point.k_per_layer;
+            if (!cz.empty()) {
+                j["cloze_accuracy"] = cz[i].accuracy;
+                j["cloze_agreement"] = cz[i].agreement;
+                j["cloze_choices"] = cz[i].picks;
+            }
             rows.push_back(j);
         }
+        if (!cz.empty())
+            std::fprintf(out, "cloze: %zu items of %s; agreement: share of items whose choice equals %s's\n",
+                cz[0].items, a.get("cloze").c_str(), ref.label.c_str());
         std::fprintf(out,
             "agreement and KL against %s; %zu positions; prefill tok/s with logits at every position; "
             "active parameters exclude the embedding\n",
             ref.label.c_str(), res.empty() ? std::size_t(0) : res[0].predicted);
         if (a.has("json")) {
-            const nlohmann::json doc = { { "model", a.get("model") }, { "source", src }, { "tokens", tokens.size() },
+            nlohmann::json doc = { { "model", a.get("model") }, { "source", src }, { "tokens", tokens.size() },
                 { "reference", ref.label }, { "renorm", a.flags.count("renorm") != 0 }, { "context", o.context },
                 { "threads", threads }, { "weights", a.get("weights", "native") },
                 { "params_per_expert", L.m->params_per_expert() }, { "always_on_params", L.m->always_on_params() },
                 { "points", rows } };
+            if (!cz.empty())
+                doc["cloze"] = { { "file", a.get("cloze") }, { "items", cz[0].items } };
             kdial::io::write_file_atomic(a.get("json"), doc.dump(2) + "\n");
             std::fprintf(stderr, "wrote %s\n", a.get("json").c_str());
         }
@@ -845,6 +951,28 @@ void adopt_legacy_demo_dir(const std::string& dir)
 
 int cmd_demo(const args& a)
 {
+    if (!a.flags.count("synthetic") && !a.has("dir")) { // the real checkpoint (demo.hpp)
+        olmoe::demo_options o;
+        o.model_dir = a.get("model", o.model_dir);
+        o.prompt = a.get("prompt", o.prompt);
+        o.max_new = int(parse_int("max-new", a.get("max-new", "32"), 1, 4096));
+        if (a.has("temperature")) {
+            char* end = nullptr;
+            o.temperature = std::strtod(a.get("temperature").c_str(), &end);
+            if (*end || !(o.temperature >= 0 && o.temperature <= 100))
+                throw usage_error(cat("--temperature expects a number in [0, 100], got '", a.get("temperature"), "'"));
+        }
+        o.seed = std::uint64_t(parse_int("seed", a.get("seed", "1"), 0, (1L << 62)));
+        o.text = a.get("text", o.text);
+        o.cloze = a.get("cloze", o.cloze);
+        if (a.has("cloze-items"))
+            o.cloze_items = std::size_t(parse_int("cloze-items", a.get("cloze-items"), 1, 1L << 30));
+        tbb::task_arena arena(threads_of(a));
+        return arena.execute([&] { return olmoe::run_demo(o, stdout); });
+    }
+    for (const auto& [k, v] : a.opt)
+        if (k != "dir")
+            throw usage_error(cat("--", k, " is an option of the real-checkpoint demo, not of --synthetic"));
     std::string dir = a.get("dir");
     if (a.has("dir") && dir.empty())
         throw usage_error("--dir is empty");
@@ -998,13 +1126,16 @@ int main(int argc, char** argv)
         if (cmd == "sweep")
             return cmd_sweep(parse_args(argc, argv,
                 { "model", "text", "tokens-file", "k", "ref-k", "k-schedule", "threshold", "k-min", "k-max", "context",
-                    "decode-tokens", "json", "plot", "threads", "weights" },
+                    "decode-tokens", "json", "plot", "threads", "weights", "cloze", "cloze-items", "compare" },
                 { "renorm", "check-weights" }));
         if (cmd == "make-synthetic")
             return cmd_make_synthetic(
                 parse_args(argc, argv, { "out", "preset", "layers", "dtype", "shards", "seed", "format" }, {}));
         if (cmd == "demo")
-            return cmd_demo(parse_args(argc, argv, { "dir" }, {}));
+            return cmd_demo(parse_args(argc, argv,
+                { "dir", "model", "prompt", "max-new", "temperature", "seed", "text", "cloze", "cloze-items",
+                    "threads" },
+                { "synthetic" }));
         if (cmd == "tokenize")
             return cmd_tokenize(parse_args(
                 argc, argv, { "model", "prompt", "file" }, { "ids-only", "no-add-special", "no-parse-special" }));
