@@ -1,9 +1,13 @@
 // Linear layers of an expert (stage 3): Y[n, o0:o1] = X[n, :] . W[o0:o1, :]ᵀ
 // and the fused SwiGLU front half H[:, f0:f1] = silu(X Wgᵀ) * (X Wuᵀ), for
 // weights in f32, bf16, f16 or q8, tiled over output columns by the caller.
-// Path rule: n <= gemv_max_rows streams weights (GEMV, memory-bound), larger n
-// packs weight panels (GEMM, FMA-bound); the choice depends on n only. Within a
-// path a row's outputs are bit-identical for any column split [o0, o1).
+// Path rule, by n only: n <= gemv_max_rows streams weights (GEMV,
+// memory-bound); n <= small_max_rows converts weights in registers and reuses
+// them across groups of rows (kernels/rows.hpp); larger n packs weight panels
+// (GEMM, FMA-bound). Within a path a row's outputs are bit-identical for any
+// column split [o0, o1); the GEMV at n = 3, 4 and the small-row path give a
+// row the same bits for any n in [3, small_max_rows], and the GEMM gives a
+// row the same bits for any n > small_max_rows.
 // Serial, noexcept, no heap allocation, no checks: validate at the edge.
 #pragma once
 
@@ -12,6 +16,7 @@
 #include "../core/views.hpp"
 #include "gemm.hpp"
 #include "gemv.hpp"
+#include "rows.hpp"
 #include "weights.hpp"
 
 namespace kdial {
@@ -20,6 +25,9 @@ namespace kdial {
 // streams weights at memory speed and does 4 FMAs per converted weight; from
 // n = 5 on, packing a panel once and reusing it across rows is faster.
 inline constexpr std::size_t gemv_max_rows = 4;
+
+// Largest row count that takes the small-row path (the rest: packed GEMM).
+inline constexpr std::size_t small_max_rows = 128;
 
 // Y[:, o0:o1] = X . W[o0:o1, :]ᵀ; other columns of Y are not touched.
 // Requires W.cols == X.cols, o0 <= o1 <= W.rows, Y.rows == X.rows,
@@ -44,7 +52,10 @@ void linear(const weight_view<W>& w /*[O, K]*/, cmatrix_view<float> x /*[n, K]*/
         detail::linear_gemv<Arch, W, 4>(w, x.data, x.stride, o0, o1, y.data, y.stride);
         break;
     default:
-        detail::linear_gemm<Arch, W>(w, x, o0, o1, y);
+        if (x.rows <= small_max_rows)
+            detail::linear_rows<Arch, W>(w, x, o0, o1, y);
+        else
+            detail::linear_gemm<Arch, W>(w, x, o0, o1, y);
         break;
     }
 }
@@ -72,7 +83,10 @@ void swiglu_gate_up(const weight_view<W>& gate /*[F, d]*/, const weight_view<W>&
         detail::gate_up_gemv<Arch, W, 4>(gate, up, x.data, x.stride, f0, f1, h.data, h.stride);
         break;
     default:
-        detail::gate_up_gemm<Arch, W>(gate, up, x, f0, f1, h);
+        if (x.rows <= small_max_rows)
+            detail::gate_up_rows<Arch, W>(gate, up, x, f0, f1, h);
+        else
+            detail::gate_up_gemm<Arch, W>(gate, up, x, f0, f1, h);
         break;
     }
 }
