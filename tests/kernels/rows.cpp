@@ -165,7 +165,7 @@ TEST_CASE_TEMPLATE("linear, swiglu_gate_up: weights wider than one cache-derived
         std::mt19937 rng(23);
         const auto w = ref::random_weights<W>(O, K, rng);
         const std::vector<float> wf = ref::dequantize(w.view);
-        for (std::size_t n : { 5u, 11u, 40u }) {
+        for (std::size_t n : { std::size_t { 5 }, std::size_t { 9 }, small_max_rows }) {
             CAPTURE(n);
             const auto x = ref::random_matrix(n, K, rng);
             std::size_t wi = 0, wj = 0;

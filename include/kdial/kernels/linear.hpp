@@ -27,7 +27,12 @@ namespace kdial {
 inline constexpr std::size_t gemv_max_rows = 4;
 
 // Largest row count that takes the small-row path (the rest: packed GEMM).
-inline constexpr std::size_t small_max_rows = 128;
+// Measured (AMD Zen 5, 1 thread of a loaded machine, thread CPU time, one
+// expert d = 2048, F = 1024, warm weights; GFLOP/s small-row / GEMM):
+// 8 rows: f32 38 / 40, bf16 62 / 46, q8 59 / 72 (AVX-512); f32 31 / 27,
+// bf16 44 / 35, q8 48 / 38 (AVX2); 16 rows: the GEMM wins or ties on every
+// format and arch (bf16 61 / 75, AVX2 bf16 54 / 54), and by 2x at 64.
+inline constexpr std::size_t small_max_rows = 12;
 
 // Y[:, o0:o1] = X . W[o0:o1, :]ᵀ; other columns of Y are not touched.
 // Requires W.cols == X.cols, o0 <= o1 <= W.rows, Y.rows == X.rows,

@@ -1,17 +1,18 @@
-// Small-row expert kernels (stage 3, prefill at low k: 5 to
-// small_max_rows rows per expert, e.g. ~8 rows per expert at T = 512, k = 1,
-// E = 64). Between the GEMV (n <= 4, kernels/gemv.hpp) and the packed GEMM
-// (kernels/gemm.hpp): the packed GEMM converts and transposes every weight
-// into a panel and then reuses it for only a few rows, so at 8 rows the pack
-// costs about as much as the FMAs (measured 0.17-0.29 of FMA peak, and 8
-// rows slower than 4). Here the weights are converted in registers with no
-// panel, by the GEMV's inner kernel (gemv_rows), and each converted vector
-// serves a group of up to 8 rows (6 with 16 vector registers). Three levels
-// of blocking: output columns in blocks whose weights fit half the L2 (read
-// at run time, core/cache.hpp), so a block is streamed from memory once for
-// all row groups; rows in near-equal groups; and the inputs in chunks of
-// rows_kc = 512, so a group's slice of X (<= 16 KiB) stays in L1 while every
-// weight row of the block passes over it.
+// Small-row expert kernels (stage 3, prefill at low k: 5 to small_max_rows
+// = 12 rows per expert, e.g. ~8 rows per expert at T = 512, k = 1, E = 64;
+// the measurements that set the threshold are in linear.hpp). Between the
+// GEMV (n <= 4, kernels/gemv.hpp) and the packed GEMM (kernels/gemm.hpp):
+// the packed GEMM converts and transposes every weight into a panel and then
+// reuses it for only a few rows, so at 8 rows the pack costs about as much
+// as the FMAs (measured 0.17-0.29 of FMA peak, and 8 rows slower than 4).
+// Here the weights are converted in registers with no panel, by the GEMV's
+// inner kernel (gemv_rows), and each converted vector serves a group of up
+// to 8 rows (6 with 16 vector registers). Three levels of blocking: output
+// columns in blocks whose weights fit half the L2 (read at run time,
+// core/cache.hpp), so a block is streamed from memory once for all row
+// groups; rows in near-equal groups; and the inputs in chunks of rows_kc =
+// 512, so a group's slice of X (<= 16 KiB) stays in L1 while every weight
+// row of the block passes over it.
 // Bits: each output is the sum, in chunk order, of the GEMV's one-chain dot
 // products (gemv_chains<NR> == 1 for every group of >= 3 rows) over the
 // fixed 512-input chunks: it does not depend on the row count (5 ...
