@@ -1,5 +1,5 @@
 // One expert's SwiGLU FFN (stage 3), single thread: d = 2048, F = 1024,
-// n rows in {1, 4, 64, 512}, weights in f32 / bf16 / f16 / q8 (GGUF Q8_0) /
+// n rows in {1, 2, 4, 8, 16, 32, 64, 128, 512}, weights in f32 / bf16 / f16 / q8 (GGUF Q8_0) /
 // q4_0 (GGUF Q4_0) / q4_k (GGUF Q4_K, in place); decode (n = 1) also on the
 // AVX2 + FMA path (xsimd fma3<avx2>) where the CPU has it, so the AVX2-only
 // machines' regime is timed on any x86 machine.
@@ -176,10 +176,13 @@ template <kdial::weight_type W, class Arch = xsimd::default_arch, int Act = -1> 
 
 } // namespace
 
-// n rows in {1, 4, 64, 512}, milliseconds, at least 0.3 s per case.
+// n rows (rows per expert) in {1, 2, 4, ..., 128, 512}: the GEMV, small-row
+// and packed-GEMM regimes; milliseconds, at least 0.3 s per case.
 static void expert_args(benchmark::internal::Benchmark* b)
 {
-    b->Arg(1)->Arg(4)->Arg(64)->Arg(512)->Unit(benchmark::kMillisecond)->MinTime(0.3);
+    for (int n : { 1, 2, 4, 8, 16, 32, 64, 128, 512 })
+        b->Arg(n);
+    b->Unit(benchmark::kMillisecond)->MinTime(0.3);
 }
 BENCHMARK_TEMPLATE(bm_expert, kdial::f32_t)->Apply(expert_args);
 BENCHMARK_TEMPLATE(bm_expert, kdial::bf16_t)->Apply(expert_args);
@@ -189,15 +192,17 @@ BENCHMARK_TEMPLATE(bm_expert, kdial::q4_0_t)->Apply(expert_args);
 BENCHMARK_TEMPLATE(bm_expert, kdial::q4_k_t)->Apply(expert_args);
 
 #if (defined(__x86_64__) || defined(__i386__)) && XSIMD_WITH_AVX2 && XSIMD_WITH_FMA3_AVX2
-// Decode on the AVX2 + FMA path (built when the compiler targets AVX2; the
-// native arch above may be AVX-512).
+// The AVX2 + FMA path (built when the compiler targets AVX2; the native arch
+// above may be AVX-512): every row count for f32, bf16 and q8, decode for
+// the 4-bit formats.
 static void avx2_args(benchmark::internal::Benchmark* b)
 {
     b->Arg(1)->Unit(benchmark::kMillisecond)->MinTime(0.3);
 }
 using avx2_fma = xsimd::fma3<xsimd::avx2>;
-BENCHMARK_TEMPLATE(bm_expert, kdial::bf16_t, avx2_fma)->Apply(avx2_args);
-BENCHMARK_TEMPLATE(bm_expert, kdial::q8_t, avx2_fma)->Apply(avx2_args);
+BENCHMARK_TEMPLATE(bm_expert, kdial::f32_t, avx2_fma)->Apply(expert_args);
+BENCHMARK_TEMPLATE(bm_expert, kdial::bf16_t, avx2_fma)->Apply(expert_args);
+BENCHMARK_TEMPLATE(bm_expert, kdial::q8_t, avx2_fma)->Apply(expert_args);
 BENCHMARK_TEMPLATE(bm_expert, kdial::q4_0_t, avx2_fma)->Apply(avx2_args);
 BENCHMARK_TEMPLATE(bm_expert, kdial::q4_k_t, avx2_fma)->Apply(avx2_args);
 

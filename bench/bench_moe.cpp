@@ -10,7 +10,7 @@
 //           frac_peak = (prefill flops / time) / in-run FMA peak.
 // Decode cycles through a pool of layers larger than the last-level cache
 // (>= 2 GiB of weights) so every call streams its experts from memory.
-// Args: {T, k, threads}.
+// Args: {T, k, threads}. skew/: routing skew at T = 512 (bm_skew).
 #include <kdial/kdial.hpp>
 
 #include "roofline.hpp"
@@ -19,6 +19,7 @@
 #include <tbb/parallel_for.h>
 #include <tbb/task_arena.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <memory>
@@ -162,8 +163,90 @@ void prefill_args(benchmark::internal::Benchmark* b)
     b->ArgNames({ "T", "k", "threads" });
 }
 
+// Routing skew at T = 512 with the same total work (T * k expert rows):
+// pattern 0 uniform (token t -> experts (t k + j) mod E: T k / E rows each),
+// 1 Zipf (expert of rank r drawn with probability ~ 1 / (r + 1), k distinct
+// per token), 2 hot (expert 0 holds half the slots: with k = 1 every other
+// token, with k = 2 every token, the other slots uniform over the rest).
+// The routing is given (moe::forward with a given_routing), so the times
+// are those of dispatch, experts and combine. Args: {pattern, k, threads}.
+template <kdial::weight_type W> void bm_skew(benchmark::State& state)
+{
+    constexpr std::size_t T = 512;
+    const int pattern = int(state.range(0)), k = int(state.range(1));
+    tbb::task_arena arena(int(state.range(2)));
+    kdial::bench::limits lim;
+    arena.execute([&] { lim = kdial::bench::machine_limits(); });
+    auto& p = pool<W>(1);
+    const auto& L = *p[0]->layer;
+    kdial::moe_workspace ws(L.shape(T, 8));
+    std::vector<std::int32_t> ids(T * std::size_t(k));
+    std::vector<float> wts(ids.size(), 1.0f / float(k));
+    // Zipf weights 1 / (r + 1) over a fixed permutation of the experts.
+    std::vector<double> cdf(n_experts);
+    double sum = 0;
+    for (std::size_t r = 0; r < n_experts; ++r)
+        cdf[r] = sum += 1.0 / double(r + 1);
+    for (std::size_t t = 0; t < T; ++t) {
+        for (int j = 0; j < k; ++j) {
+            std::int32_t e = 0;
+            if (pattern == 0) {
+                e = std::int32_t((t * std::size_t(k) + std::size_t(j)) % n_experts);
+            } else if (pattern == 1) {
+                for (std::uint64_t a = 0;; ++a) { // draw until distinct
+                    const double u = double(mix(t * 1000 + std::size_t(j) * 37 + a * 7919) >> 11) / 9007199254740992.0;
+                    const auto r = std::size_t(std::lower_bound(cdf.begin(), cdf.end(), u * sum) - cdf.begin());
+                    e = std::int32_t((std::min(r, n_experts - 1) * 37) % n_experts);
+                    if (std::find(ids.begin() + std::ptrdiff_t(t) * k, ids.begin() + std::ptrdiff_t(t) * k + j, e)
+                        == ids.begin() + std::ptrdiff_t(t) * k + j)
+                        break;
+                }
+            } else {
+                const bool hot = k == 1 ? t % 2 == 0 : j == 0;
+                e = hot ? 0 : std::int32_t(1 + (t * std::size_t(k) + std::size_t(j)) % (n_experts - 1));
+            }
+            ids[t * std::size_t(k) + std::size_t(j)] = e;
+        }
+    }
+    const kdial::given_routing routing { kdial::cmatrix_view<std::int32_t>(ids.data(), T, std::size_t(k)),
+        kdial::cmatrix_view<float>(wts.data(), T, std::size_t(k)) };
+    std::vector<float> x(T * d_model), out(T * d_model);
+    for (std::size_t i = 0; i < x.size(); ++i)
+        x[i] = unit(i * 31 + 5);
+    double secs = 0;
+    for (auto _ : state) {
+        const auto t0 = std::chrono::steady_clock::now();
+        arena.execute([&] {
+            kdial::moe::forward(L, ws, kdial::cmatrix_view<float>(x.data(), T, d_model), routing,
+                kdial::matrix_view<float>(out.data(), T, d_model));
+        });
+        secs += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        benchmark::DoNotOptimize(out.data());
+    }
+    const double n = double(state.iterations());
+    const double flops = 2.0 * double(T) * k * 3.0 * d_ffn * d_model * n;
+    std::int32_t most = 0;
+    for (auto c : ws.plan().counts())
+        most = std::max(most, c);
+    state.counters["ms"] = secs / n * 1e3;
+    state.counters["GFLOP/s"] = flops / secs / 1e9;
+    state.counters["frac_peak"] = flops / secs / 1e9 / lim.fma_gflops;
+    state.counters["max_rows"] = double(most);
+    state.SetLabel(std::string(kdial::dtype_name(W::id)) + (pattern == 0 ? " uniform" : pattern == 1 ? " zipf" : " hot"));
+}
+
+void skew_args(benchmark::internal::Benchmark* b)
+{
+    for (int threads : { 1, 2 })
+        for (int k : { 1, 2, 8 })
+            for (int pattern : { 0, 1, 2 })
+                b->Args({ pattern, k, threads });
+    b->ArgNames({ "pattern", "k", "threads" });
+}
+
 } // namespace
 
+BENCHMARK(bm_skew<kdial::bf16_t>)->Name("skew/bf16")->Apply(skew_args)->MinTime(0.3)->UseRealTime();
 BENCHMARK(bm_moe<kdial::bf16_t>)->Name("decode/bf16")->Apply(decode_args)->MinTime(0.3)->UseRealTime();
 BENCHMARK(bm_moe<kdial::q8_t>)->Name("decode/q8")->Apply(decode_args)->MinTime(0.3)->UseRealTime();
 BENCHMARK(bm_moe<kdial::f32_t>)->Name("decode/f32")->Apply(decode_args)->MinTime(0.3)->UseRealTime();

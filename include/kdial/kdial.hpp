@@ -18,7 +18,7 @@
 #include "routing/policy.hpp" // 1. route: the routing policies
 #include "dispatch/plan.hpp" // 2. dispatch
 #include "combine/combine.hpp" // 4. combine
-#include "kernels/linear.hpp" // 3. experts: GEMV / GEMM kernels
+#include "kernels/linear.hpp" // 3. experts: GEMV / small-row / GEMM kernels
 #include "experts/swiglu.hpp" // 3. experts: one SwiGLU expert
 #include "experts/expert_set.hpp" // 3. experts: the E experts of a layer
 #include "layer/moe.hpp" // the whole layer: weights, workspace, one forward and its stages

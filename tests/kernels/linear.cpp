@@ -1,5 +1,6 @@
 // kernels/linear.hpp: linear and swiglu_gate_up against the scalar reference
-// on odd shapes (q4_k: rows of whole 256-blocks), every dtype, both paths (GEMV n <= 4, GEMM n > 4), every
+// on odd shapes (q4_k: rows of whole 256-blocks), every dtype, every path (GEMV n <= 4, small-row
+// n <= small_max_rows, GEMM above; tests/kernels/rows.cpp sweeps every n), every
 // column split bit-identical, strided and misaligned views; for every SIMD
 // arch this CPU runs (SSE4.2, AVX2 + FMA, AVX-512 on x86; NEON on aarch64),
 // each from its own TU (tests/kernels/arch/).
@@ -44,7 +45,7 @@ namespace {
 using test::arch_fns;
 using test::kernel_archs;
 
-const std::size_t row_counts[] = { 0, 1, 2, 3, 4, 5, 17, 64, 300 };
+const std::size_t row_counts[] = { 0, 1, 2, 3, 4, 5, 17, 64, small_max_rows + 1, 300 };
 
 // Runs linear over [0, O) split at the given cut points, into y.
 template <weight_type W>
@@ -216,7 +217,7 @@ TEST_CASE_TEMPLATE("linear: GEMM rows do not depend on the row count, every arch
         const auto x = ref::random_matrix(n, K, rng);
         auto full = ref::filled_matrix(n, O);
         kf.linear(w.view, x.view, 0, O, full.view);
-        for (std::size_t m : { 5u, 6u, 7u, 13u, 299u }) {
+        for (std::size_t m : { small_max_rows + 1, small_max_rows + 2, small_max_rows + 7, std::size_t { 299 } }) {
             for (std::size_t r0 : { std::size_t { 0 }, std::size_t { 1 }, n - m }) {
                 auto part = ref::filled_matrix(m, O);
                 kf.linear(w.view, x.view.sub_rows(r0, m), 0, O, part.view);

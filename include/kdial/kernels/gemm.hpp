@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "../core/cache.hpp"
 #include "../core/views.hpp"
 #include "../simd/compat.hpp"
 #include "../simd/convert.hpp"
@@ -27,7 +28,7 @@ namespace kdial::detail {
 // chains, 8 loads per 12 FMAs, fits AVX2's 16 registers. Panel KC x NC
 // floats = 16 KiB (AVX2) / 32 KiB (AVX-512), L1-resident; partial sums for
 // MC rows live in `part` (MC x NC floats = 64 KiB), so up to MC rows share
-// one packing of the weights. Measured on Sapphire Rapids (AVX-512, 1 core,
+// one packing of the weights (mc_rows: as many as half the L2 holds). Measured on Sapphire Rapids (AVX-512, 1 core,
 // d=2048, F=1024, gate+up, n=64, 256-column calls): the scalar scatter-pack
 // took 35% of the time (40% for f32); the vectorised transpose-pack took
 // bf16 from 104-118 to 137-157 GFLOP/s. With it, 6x2/KC=256, 6x4/KC=64 or
@@ -40,8 +41,20 @@ template <class Arch> struct gemm_blocking {
     static constexpr std::size_t nc = nv * lanes;
     static constexpr int mr = 6;
     static constexpr std::size_t kc = 256; // multiple of q8_block_size and of lanes
-    static constexpr std::size_t mc = 16384 / nc;
+    static constexpr std::size_t mc = 16384 / nc; // most rows per part block (the stack arrays)
     static_assert(kc % q8_block_size == 0 && kc % lanes == 0);
+
+    // Rows per part block on this CPU: their x block (rows x kc floats) fits
+    // half the L2 read at run time (core/cache.hpp; 512 rows with a 1 MiB
+    // L2, 256 with Zen 3's 512 KiB; the constant mc gave AVX2 a 1 MiB x
+    // block), a multiple of mr, at most mc. Rows are independent sums, so
+    // this never changes a result.
+    static std::size_t mc_rows() noexcept
+    {
+        static const std::size_t m = std::clamp<std::size_t>(
+            cpu_caches().l2 / 2 / (kc * sizeof(float)) / mr * mr, std::size_t { 4 } * mr, mc / mr * mr);
+        return m;
+    }
 };
 
 // part[i, 0:NC] (+)= sum_k x[i * ldx + k] * panel[k, 0:NC] for i < MR, k < kc,
@@ -169,6 +182,7 @@ void linear_gemm(
     constexpr std::size_t NC = G::nc;
     alignas(64) float panel[G::kc * NC];
     alignas(64) float part[G::mc * NC];
+    const std::size_t mc = G::mc_rows();
     for (std::size_t j = o0; j < o1; j += NC) {
         const std::size_t nc = std::min(NC, o1 - j);
         const S* src[NC];
@@ -177,9 +191,9 @@ void linear_gemm(
             src[c] = c < nc ? w.row(j + c) : nullptr;
             nsrc[c] = j + NC + c < o1 ? w.row(j + NC + c) : nullptr;
         }
-        for (std::size_t r0 = 0; r0 < x.rows; r0 += G::mc) {
-            const std::size_t m = std::min(G::mc, x.rows - r0);
-            const S* const* next = r0 + G::mc < x.rows ? src : j + NC < o1 ? nsrc : nullptr;
+        for (std::size_t r0 = 0; r0 < x.rows; r0 += mc) {
+            const std::size_t m = std::min(mc, x.rows - r0);
+            const S* const* next = r0 + mc < x.rows ? src : j + NC < o1 ? nsrc : nullptr;
             gemm_panel<Arch>(src, next, w.cols, x.row(r0), x.stride, m, panel, part);
             for (std::size_t i = 0; i < m; ++i)
                 std::memcpy(y.row(r0 + i) + j, part + i * NC, nc * sizeof(float));
@@ -200,6 +214,7 @@ void gate_up_gemm(const weight_view<W>& gate, const weight_view<W>& up, cmatrix_
     alignas(64) float panel[G::kc * NC];
     alignas(64) float part[G::mc * NC];
     alignas(64) float tmp[HC];
+    const std::size_t mc = G::mc_rows();
     for (std::size_t f = f0; f < f1; f += HC) {
         const std::size_t nf = std::min(HC, f1 - f);
         const S* src[NC];
@@ -210,9 +225,9 @@ void gate_up_gemm(const weight_view<W>& gate, const weight_view<W>& up, cmatrix_
             nsrc[c] = f + HC + c < f1 ? gate.row(f + HC + c) : nullptr;
             nsrc[HC + c] = f + HC + c < f1 ? up.row(f + HC + c) : nullptr;
         }
-        for (std::size_t r0 = 0; r0 < x.rows; r0 += G::mc) {
-            const std::size_t m = std::min(G::mc, x.rows - r0);
-            const S* const* next = r0 + G::mc < x.rows ? src : f + HC < f1 ? nsrc : nullptr;
+        for (std::size_t r0 = 0; r0 < x.rows; r0 += mc) {
+            const std::size_t m = std::min(mc, x.rows - r0);
+            const S* const* next = r0 + mc < x.rows ? src : f + HC < f1 ? nsrc : nullptr;
             gemm_panel<Arch>(src, next, gate.cols, x.row(r0), x.stride, m, panel, part);
             // Epilogue: the same vector silu for every column (padding lanes
             // are 0 and give 0), so h does not depend on the panel split.

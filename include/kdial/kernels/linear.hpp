@@ -1,9 +1,13 @@
 // Linear layers of an expert (stage 3): Y[n, o0:o1] = X[n, :] . W[o0:o1, :]ᵀ
 // and the fused SwiGLU front half H[:, f0:f1] = silu(X Wgᵀ) * (X Wuᵀ), for
 // weights in f32, bf16, f16 or q8, tiled over output columns by the caller.
-// Path rule: n <= gemv_max_rows streams weights (GEMV, memory-bound), larger n
-// packs weight panels (GEMM, FMA-bound); the choice depends on n only. Within a
-// path a row's outputs are bit-identical for any column split [o0, o1).
+// Path rule, by n only: n <= gemv_max_rows streams weights (GEMV,
+// memory-bound); n <= small_max_rows converts weights in registers and reuses
+// them across groups of rows (kernels/rows.hpp); larger n packs weight panels
+// (GEMM, FMA-bound). Within a path a row's outputs are bit-identical for any
+// column split [o0, o1); the GEMV at n = 3, 4 and the small-row path give a
+// row the same bits for any n in [3, small_max_rows], and the GEMM gives a
+// row the same bits for any n > small_max_rows.
 // Serial, noexcept, no heap allocation, no checks: validate at the edge.
 #pragma once
 
@@ -13,6 +17,7 @@
 #include "gemm.hpp"
 #include "gemv.hpp"
 #include "qdot.hpp"
+#include "rows.hpp"
 #include "weights.hpp"
 
 namespace kdial {
@@ -48,6 +53,13 @@ bool try_int8(const weight_view<W>* w, const weight_view<W>* up, cmatrix_view<fl
         return false;
 }
 } // namespace detail
+// Largest row count that takes the small-row path (the rest: packed GEMM).
+// Measured (AMD Zen 5, 1 thread of a loaded machine, thread CPU time, one
+// expert d = 2048, F = 1024, warm weights; GFLOP/s small-row / GEMM):
+// 8 rows: f32 38 / 40, bf16 62 / 46, q8 59 / 72 (AVX-512); f32 31 / 27,
+// bf16 44 / 35, q8 48 / 38 (AVX2); 16 rows: the GEMM wins or ties on every
+// format and arch (bf16 61 / 75, AVX2 bf16 54 / 54), and by 2x at 64.
+inline constexpr std::size_t small_max_rows = 12;
 
 // Y[:, o0:o1] = X . W[o0:o1, :]ᵀ; other columns of Y are not touched.
 // Requires W.cols == X.cols, o0 <= o1 <= W.rows, Y.rows == X.rows,
@@ -75,7 +87,10 @@ void linear(const weight_view<W>& w /*[O, K]*/, cmatrix_view<float> x /*[n, K]*/
         detail::linear_gemv<Arch, W, 4>(w, x.data, x.stride, o0, o1, y.data, y.stride);
         break;
     default:
-        detail::linear_gemm<Arch, W>(w, x, o0, o1, y);
+        if (x.rows <= small_max_rows)
+            detail::linear_rows<Arch, W>(w, x, o0, o1, y);
+        else
+            detail::linear_gemm<Arch, W>(w, x, o0, o1, y);
         break;
     }
 }
@@ -106,7 +121,10 @@ void swiglu_gate_up(const weight_view<W>& gate /*[F, d]*/, const weight_view<W>&
         detail::gate_up_gemv<Arch, W, 4>(gate, up, x.data, x.stride, f0, f1, h.data, h.stride);
         break;
     default:
-        detail::gate_up_gemm<Arch, W>(gate, up, x, f0, f1, h);
+        if (x.rows <= small_max_rows)
+            detail::gate_up_rows<Arch, W>(gate, up, x, f0, f1, h);
+        else
+            detail::gate_up_gemm<Arch, W>(gate, up, x, f0, f1, h);
         break;
     }
 }

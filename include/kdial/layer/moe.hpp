@@ -239,7 +239,8 @@ private:
         std::uint32_t c0, c1; // output columns
     };
 
-    // Row chunk of the GEMM path and the smallest column chunk of a tile.
+    // Most rows of a row chunk (chunks are near-equal, see add_tiles) and the
+    // smallest column chunk of a tile.
     static constexpr std::size_t gemm_rows = 512;
     static constexpr std::size_t min_cols = 16;
 
@@ -422,16 +423,46 @@ struct moe_stages {
         return std::min(c, cols);
     }
 
+    // An expert's n rows are cut into ceil(n / gemm_rows) near-equal row
+    // chunks (a hot expert, holding most of the tokens, is split by rows as
+    // well as by columns, so it spreads over every thread); each chunk of an
+    // expert with n > gemm_rows holds more than small_max_rows rows, so it
+    // stays on the GEMM path and its rows get the bits of one unsplit call.
     static void add_tiles(tile* tiles, std::size_t& count, std::int32_t e, std::size_t n, std::size_t cols,
         std::size_t col_bytes, std::size_t col_flops)
     {
-        for (std::size_t r0 = 0; r0 < n; r0 += moe_workspace::gemm_rows) {
-            const std::size_t r1 = std::min(n, r0 + moe_workspace::gemm_rows);
+        static_assert(moe_workspace::gemm_rows / 2 > small_max_rows);
+        if (n == 0)
+            return;
+        const std::size_t chunks = (n + moe_workspace::gemm_rows - 1) / moe_workspace::gemm_rows;
+        const std::size_t base = n / chunks, extra = n % chunks;
+        std::size_t r0 = 0;
+        for (std::size_t j = 0; j < chunks; ++j) {
+            const std::size_t r1 = r0 + base + (j < extra ? 1 : 0);
             const std::size_t cc = col_chunk(cols, r1 - r0, col_bytes, col_flops);
             for (std::size_t c0 = 0; c0 < cols; c0 += cc)
                 tiles[count++] = { e, std::uint32_t(r0), std::uint32_t(r1), std::uint32_t(c0),
                     std::uint32_t(std::min(cols, c0 + cc)) };
+            r0 = r1;
         }
+    }
+
+    // Largest tiles first (cost ~ rows x columns; ties in list order by
+    // expert, rows, columns: a total order, so the list is the same on every
+    // run). The executor starts the big tiles early and the small ones fill
+    // the end; which thread runs a tile never changes its bits. In place, no
+    // allocation.
+    static void order_tiles(tile* tiles, std::size_t count) noexcept
+    {
+        std::sort(tiles, tiles + count, [](const tile& a, const tile& b) {
+            const std::uint64_t ca = std::uint64_t(a.r1 - a.r0) * (a.c1 - a.c0);
+            const std::uint64_t cb = std::uint64_t(b.r1 - b.r0) * (b.c1 - b.c0);
+            if (ca != cb)
+                return ca > cb;
+            if (a.expert != b.expert)
+                return a.expert < b.expert;
+            return a.r0 != b.r0 ? a.r0 < b.r0 : a.c0 < b.c0;
+        });
     }
 
     // Approximate bytes per weight, for tile sizing only (4-bit formats
@@ -459,6 +490,8 @@ struct moe_stages {
             add_tiles(ws.down_, ws.n_down_, std::int32_t(counts.size()), T, d, Fs * sb, 2 * Fs);
         }
         KDIAL_ASSERT(ws.n_up_ <= ws.cap_up_ && ws.n_down_ <= ws.cap_down_);
+        order_tiles(ws.up_, ws.n_up_);
+        order_tiles(ws.down_, ws.n_down_);
     }
 
     static void dispatch(const moe_weights& w, moe_workspace& ws, cmatrix_view<float> X, executor_ref ex)

@@ -1,0 +1,185 @@
+// Small-row expert kernels (stage 3, prefill at low k: 5 to small_max_rows
+// = 12 rows per expert, e.g. ~8 rows per expert at T = 512, k = 1, E = 64;
+// the measurements that set the threshold are in linear.hpp). Between the
+// GEMV (n <= 4, kernels/gemv.hpp) and the packed GEMM (kernels/gemm.hpp):
+// the packed GEMM converts and transposes every weight into a panel and then
+// reuses it for only a few rows, so at 8 rows the pack costs about as much
+// as the FMAs (measured 0.17-0.29 of FMA peak, and 8 rows slower than 4).
+// Here the weights are converted in registers with no panel, by the GEMV's
+// inner kernel (gemv_rows), and each converted vector serves a group of up
+// to 8 rows (6 with 16 vector registers). Three levels of blocking: output
+// columns in blocks whose weights fit half the L2 (read at run time,
+// core/cache.hpp), so a block is streamed from memory once for all row
+// groups; rows in near-equal groups; and the inputs in chunks of rows_kc =
+// 512, so a group's slice of X (<= 16 KiB) stays in L1 while every weight
+// row of the block passes over it.
+// Bits: each output is the sum, in chunk order, of the GEMV's one-chain dot
+// products (gemv_chains<NR> == 1 for every group of >= 3 rows) over the
+// fixed 512-input chunks: it does not depend on the row count (5 ...
+// small_max_rows), the row group, the column block, the column split or the
+// cache sizes. Serial, noexcept, no heap allocation, no checks.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+
+#include "../core/cache.hpp"
+#include "../core/views.hpp"
+#include "../simd/compat.hpp"
+#include "gemv.hpp"
+#include "weights.hpp"
+
+namespace kdial::detail {
+
+// Most rows per group: 8 with 32 vector registers (AVX-512, NEON; 6 for
+// q8 and q4_0, whose block sums double the live registers), else 6 (AVX2,
+// SSE: 16 registers). Groups of a call hold ceil or floor of n / g rows for
+// g = ceil(n / max) groups, so 3 <= rows <= max for any n >= 5.
+template <class Arch, class S>
+inline constexpr int rows_group_max
+    = (simd::is_avx512_arch<Arch> || KDIAL_SIMD_NEON64) && !simd::is_scaled_block<S> ? 8 : 6;
+
+// Inputs per chunk: a fixed constant (the sum is split here, so it must not
+// depend on the machine), a multiple of 256 (whole q4_k super-blocks, whole
+// q8 / q4_0 blocks) and of every lane count; 8 rows x 512 floats = 16 KiB.
+inline constexpr std::size_t rows_kc = 512;
+
+// Most output columns of a block (bounds the gate/up scratch on the stack).
+inline constexpr std::size_t rows_max_block = 256;
+
+// Weight bytes per column block: half the L2, at least 64 KiB.
+inline std::size_t rows_block_bytes() noexcept
+{
+    static const std::size_t b = std::max<std::size_t>(std::size_t { 64 } << 10, cpu_caches().l2 / 2);
+    return b;
+}
+
+// Output columns per block for weight rows of row_bytes bytes, `per` rows
+// per column (gate + up: 2): a multiple of 4, in [4, rows_max_block].
+inline std::size_t rows_block_cols(std::size_t row_bytes, std::size_t per) noexcept
+{
+    const std::size_t c = rows_block_bytes() / std::max<std::size_t>(1, per * row_bytes) / 4 * 4;
+    return std::clamp<std::size_t>(c, 4, rows_max_block);
+}
+
+// Calls f.template operator()<NR>(i0) for every row group [i0, i0 + NR) of n rows.
+template <int M, class F> inline void for_row_groups(std::size_t n, F&& f) noexcept
+{
+    const std::size_t g = (n + M - 1) / M, base = n / g, extra = n % g;
+    std::size_t i0 = 0;
+    for (std::size_t j = 0; j < g; ++j) {
+        const std::size_t nr = base + (j < extra ? 1 : 0);
+        switch (nr) {
+        case 3:
+            f.template operator()<3>(i0);
+            break;
+        case 4:
+            f.template operator()<4>(i0);
+            break;
+        case 5:
+            f.template operator()<5>(i0);
+            break;
+        case 6:
+            f.template operator()<6>(i0);
+            break;
+        default:
+            if constexpr (M >= 8) {
+                if (nr == 7)
+                    f.template operator()<7>(i0);
+                else
+                    f.template operator()<8>(i0);
+            }
+            break;
+        }
+        i0 += nr;
+    }
+}
+
+// Y[:, o0:o1] = X . W[o0:o1, :]ᵀ for 5 <= X.rows.
+template <class Arch, weight_type W>
+void linear_rows(
+    const weight_view<W>& w, cmatrix_view<float> x, std::size_t o0, std::size_t o1, matrix_view<float> y) noexcept
+{
+    using S = typename W::storage;
+    constexpr std::size_t G = simd::weight_group<S>; // inputs per storage element
+    const std::size_t K = w.cols;
+    const std::size_t ob = rows_block_cols(storage_cols<W>(K) * sizeof(S), 1);
+    for (std::size_t b0 = o0; b0 < o1; b0 += ob) {
+        const std::size_t b1 = std::min(o1, b0 + ob);
+        for_row_groups<rows_group_max<Arch, S>>(x.rows, [&]<int NR>(std::size_t i0) {
+            const float* xg = x.row(i0);
+            float* yg = y.row(i0);
+            // K == 0 runs one empty chunk (zeros).
+            for (std::size_t k0 = 0; k0 < K || k0 == 0; k0 += rows_kc) {
+                const std::size_t kn = std::min(rows_kc, K - k0);
+                const bool first = k0 == 0;
+                float out[2 * NR];
+                const auto put = [&](std::size_t o, int R) {
+                    for (int r = 0; r < R; ++r)
+                        for (int i = 0; i < NR; ++i) {
+                            float& d = yg[std::size_t(i) * y.stride + o + std::size_t(r)];
+                            d = first ? out[r * NR + i] : d + out[r * NR + i];
+                        }
+                };
+                std::size_t o = b0;
+                for (; o + 2 <= b1; o += 2) {
+                    const std::size_t on = o + 4 <= b1 ? o + 2 : o;
+                    const S* rows[2] = { w.row(o) + k0 / G, w.row(o + 1) + k0 / G };
+                    const S* next[2] = { w.row(on) + k0 / G, w.row(on + 1) + k0 / G };
+                    gemv_rows<Arch, S, NR, 2>(rows, next, kn, xg + k0, x.stride, out);
+                    put(o, 2);
+                }
+                if (o < b1) {
+                    const S* rows[1] = { w.row(o) + k0 / G };
+                    gemv_rows<Arch, S, NR, 1>(rows, rows, kn, xg + k0, x.stride, out);
+                    put(o, 1);
+                }
+            }
+        });
+    }
+}
+
+// H[:, f0:f1] = silu(X . Wg[f0:f1]ᵀ) * (X . Wu[f0:f1]ᵀ) for 5 <= X.rows: a
+// feature's gate and up rows go through one pass; their sums stay on the
+// stack until the last chunk, then h = silu(g) * u as in the GEMV.
+template <class Arch, weight_type W>
+void gate_up_rows(const weight_view<W>& gate, const weight_view<W>& up, cmatrix_view<float> x, std::size_t f0,
+    std::size_t f1, matrix_view<float> h) noexcept
+{
+    using S = typename W::storage;
+    constexpr std::size_t G = simd::weight_group<S>;
+    constexpr int M = rows_group_max<Arch, S>;
+    const std::size_t K = gate.cols;
+    const std::size_t fb = rows_block_cols(storage_cols<W>(K) * sizeof(S), 2);
+    float g[M][rows_max_block], u[M][rows_max_block];
+    for (std::size_t b0 = f0; b0 < f1; b0 += fb) {
+        const std::size_t b1 = std::min(f1, b0 + fb);
+        for_row_groups<M>(x.rows, [&]<int NR>(std::size_t i0) {
+            const float* xg = x.row(i0);
+            for (std::size_t k0 = 0; k0 < K || k0 == 0; k0 += rows_kc) {
+                const std::size_t kn = std::min(rows_kc, K - k0);
+                const bool first = k0 == 0;
+                float out[2 * NR];
+                for (std::size_t f = b0; f < b1; ++f) {
+                    const std::size_t fn = f + 1 < b1 ? f + 1 : f;
+                    const S* rows[2] = { gate.row(f) + k0 / G, up.row(f) + k0 / G };
+                    const S* next[2] = { gate.row(fn) + k0 / G, up.row(fn) + k0 / G };
+                    gemv_rows<Arch, S, NR, 2>(rows, next, kn, xg + k0, x.stride, out);
+                    for (int i = 0; i < NR; ++i) {
+                        float& gd = g[i][f - b0];
+                        float& ud = u[i][f - b0];
+                        gd = first ? out[i] : gd + out[i];
+                        ud = first ? out[NR + i] : ud + out[NR + i];
+                    }
+                }
+            }
+            for (int i = 0; i < NR; ++i) {
+                float* hr = h.row(i0 + std::size_t(i));
+                for (std::size_t f = b0; f < b1; ++f)
+                    hr[f] = simd::silu(g[i][f - b0]) * u[i][f - b0];
+            }
+        });
+    }
+}
+
+} // namespace kdial::detail
