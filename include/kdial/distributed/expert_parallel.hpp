@@ -19,9 +19,10 @@
 // of all ranks concatenated in rank order, for any rank count, placement
 // and thread count. The experts' bits follow from the identical blocks; the
 // router and shared expert rows come from kernels whose bits depend on the
-// row count of the call (GEMV for <= gemv_max_rows rows, GEMM above, which
-// is row-count independent), so rows of a chunk one process would run are
-// recomputed on a copy padded to the same path and row count.
+// row count of the call (GEMV for <= gemv_max_rows rows, then the small-row
+// path, then the GEMM; each of the last two row-count independent), so rows
+// of a chunk one process would run are recomputed on a copy padded to the
+// same path and row count.
 // Errors: configurations are checked collectively at construction and
 // inputs before any exchange; a failure on one rank throws kdial::error on
 // every rank (no hang). Nothing allocates per call.
@@ -37,6 +38,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "../layer/moe.hpp"
@@ -47,8 +49,8 @@ namespace kdial::distributed {
 namespace detail {
 using kdial::detail::check;
 
-// Row chunk of one process's shared-expert tiles (moe_workspace::gemm_rows;
-// tests/mpi checks a shared expert past it).
+// Row chunk of one process's shared-expert tiles (moe_workspace::gemm_rows,
+// cut into near-equal chunks; tests/mpi checks a shared expert past it).
 inline constexpr std::size_t shared_chunk_rows = 512;
 
 inline void mpi_check(int rc, const char* what)
@@ -78,45 +80,77 @@ inline void agree(MPI_Comm comm, const std::string& local_error, const char* whe
                 where, ": rank ", r, " of ", size, ": ", std::string(all.data() + std::size_t(r) * len)));
 }
 
+// How one process cuts a T-row call into row chunks: fixed chunks of
+// `rows` (the last one shorter; the router's tiles), or ceil(T / rows)
+// near-equal chunks, the first T % chunks one row longer (moe.hpp's
+// add_tiles: experts and the shared expert).
+struct chunking {
+    std::size_t rows;
+    bool near_equal;
+};
+// The chunk [c0, c0 + nc) of a T-row call that holds row g.
+inline std::pair<std::size_t, std::size_t> chunk_of(std::size_t g, std::size_t T, chunking c) noexcept
+{
+    if (!c.near_equal) {
+        const std::size_t c0 = g / c.rows * c.rows;
+        return { c0, std::min(c.rows, T - c0) };
+    }
+    const std::size_t chunks = (T + c.rows - 1) / c.rows, base = T / chunks, extra = T % chunks;
+    const std::size_t long_rows = extra * (base + 1);
+    if (g < long_rows)
+        return { g / (base + 1) * (base + 1), base + 1 };
+    return { long_rows + (g - long_rows) / base * base, base };
+}
+
 // The pieces of rows [g0, g0 + m) cut at the chunk boundaries of a T-row
-// call that runs in chunks of `chunk` rows. piece: local rows [i, i + n),
+// call that one process runs in chunks `c`. piece: local rows [i, i + n),
 // at offset a in a chunk of nc rows.
 struct piece {
     std::size_t i, n, a, nc;
 };
-template <class F> void for_each_piece(std::size_t g0, std::size_t m, std::size_t T, std::size_t chunk, F&& f)
+template <class F> void for_each_piece(std::size_t g0, std::size_t m, std::size_t T, chunking c, F&& f)
 {
     for (std::size_t i = 0; i < m;) {
-        const std::size_t g = g0 + i, c0 = g / chunk * chunk, nc = std::min(chunk, T - c0);
+        const std::size_t g = g0 + i;
+        const auto [c0, nc] = chunk_of(g, T, c);
         const std::size_t a = g - c0, n = std::min(nc - a, m - i);
         f(piece { i, n, a, nc });
         i += n;
     }
 }
 
-// Rows of a piece that cannot run alone with the bits of one process: a
-// GEMV chunk they do not fill, or fewer rows than the GEMM path takes.
+// The linear kernels' row classes (kernels/linear.hpp): a GEMV row's bits
+// depend on the exact row count (1..gemv_max_rows); the small-row path gives
+// a row the same bits for any count in (gemv_max_rows, small_max_rows]; the
+// GEMM for any count above. A row keeps one process's bits when it runs in a
+// call of the same class (and, for the GEMV, the same count and position).
+inline std::size_t row_class(std::size_t n) noexcept
+{
+    return n <= gemv_max_rows ? n : n <= small_max_rows ? small_max_rows : small_max_rows + 1;
+}
+// Rows of a piece that cannot run alone with the bits of one process.
 inline bool needs_padding(const piece& p) noexcept
 {
-    return p.n != p.nc && (p.nc <= gemv_max_rows || p.n <= gemv_max_rows);
+    return row_class(p.n) != row_class(p.nc);
 }
 // Rows of the padded batch, and where the piece's rows sit in it: a GEMV
-// chunk is rebuilt whole (zeros in the other rows), a GEMM one is padded to
-// gemv_max_rows + 1 rows (GEMM rows do not depend on the row count).
+// chunk is rebuilt whole (zeros in the other rows); a small-row or GEMM one
+// is padded to the fewest rows of its class.
 inline std::size_t padded_rows(const piece& p) noexcept
 {
-    return p.nc <= gemv_max_rows ? p.nc : gemv_max_rows + 1;
+    return p.nc <= gemv_max_rows ? p.nc : p.nc <= small_max_rows ? gemv_max_rows + 1 : small_max_rows + 1;
 }
 inline std::size_t padded_at(const piece& p) noexcept
 {
     return p.nc <= gemv_max_rows ? p.a : 0;
 }
+inline constexpr std::size_t max_padded_rows = small_max_rows + 1;
 
 // Y rows = f(X rows) for this rank's rows [g0, g0 + X.rows) of a T-row call
-// that one process runs in chunks of `chunk` rows, each row with that call's
+// that one process runs in chunks `chunk`, each row with that call's
 // bits. f(xb, yb) is a row-wise kernel call (linear, an FFN).
 template <class F>
-void rows_as_one_process(cmatrix_view<float> X, std::size_t g0, std::size_t T, std::size_t chunk, matrix_view<float> Y,
+void rows_as_one_process(cmatrix_view<float> X, std::size_t g0, std::size_t T, chunking chunk, matrix_view<float> Y,
     float* pad_x, float* pad_y, F&& f)
 {
     const std::size_t d = X.cols, o = Y.cols;
@@ -343,7 +377,7 @@ public:
             s_.resize(T * d);
             gate_.resize(T);
         }
-        const std::size_t pad = gemv_max_rows + 1;
+        const std::size_t pad = detail::max_padded_rows;
         pad_x_.resize(pad * d);
         pad_y_.resize(pad * std::max({ E, d, std::size_t { 1 } }));
         pad_h_.resize(pad * std::max<std::size_t>(Fs, 1));
@@ -458,8 +492,8 @@ struct ep_stages {
         if constexpr (!std::same_as<P, given_routing>) {
             std::visit(
                 [&](const auto& rw) {
-                    detail::rows_as_one_process(X, g0, T_all, kdial::detail::router_tile_rows, logits, ws.pad_x_.data(),
-                        ws.pad_y_.data(),
+                    detail::rows_as_one_process(X, g0, T_all, { kdial::detail::router_tile_rows, false }, logits,
+                        ws.pad_x_.data(), ws.pad_y_.data(),
                         [&](cmatrix_view<float> xb, matrix_view<float> yb) { linear(rw, xb, 0, rw.rows, yb); });
                 },
                 w.router());
@@ -576,7 +610,7 @@ struct ep_stages {
             const matrix_view<float> s(ws.s_.data(), T, d);
             w.shared()->expert.visit([&](const auto& list) {
                 const auto& ew = list[0];
-                detail::rows_as_one_process(X, g0, T_all, detail::shared_chunk_rows, s, ws.pad_x_.data(),
+                detail::rows_as_one_process(X, g0, T_all, { detail::shared_chunk_rows, true }, s, ws.pad_x_.data(),
                     ws.pad_y_.data(), [&](cmatrix_view<float> xb, matrix_view<float> yb) {
                         const std::size_t n = xb.rows;
                         const matrix_view<float> h(
@@ -594,7 +628,7 @@ struct ep_stages {
             if (w.has_shared_gate()) {
                 std::visit(
                     [&](const auto& gw) {
-                        detail::rows_as_one_process(X, g0, T_all, kdial::detail::router_tile_rows,
+                        detail::rows_as_one_process(X, g0, T_all, { kdial::detail::router_tile_rows, false },
                             matrix_view<float>(ws.gate_.data(), T, 1), ws.pad_x_.data(), ws.pad_y_.data(),
                             [&](cmatrix_view<float> xb, matrix_view<float> yb) { linear(gw, xb, 0, 1, yb); });
                     },
