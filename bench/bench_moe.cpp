@@ -232,7 +232,10 @@ template <kdial::weight_type W> void bm_skew(benchmark::State& state)
     state.counters["GFLOP/s"] = flops / secs / 1e9;
     state.counters["frac_peak"] = flops / secs / 1e9 / lim.fma_gflops;
     state.counters["max_rows"] = double(most);
-    state.SetLabel(std::string(kdial::dtype_name(W::id)) + (pattern == 0 ? " uniform" : pattern == 1 ? " zipf" : " hot"));
+    state.SetLabel(std::string(kdial::dtype_name(W::id))
+        + (pattern == 0        ? " uniform"
+                : pattern == 1 ? " zipf"
+                               : " hot"));
 }
 
 void skew_args(benchmark::internal::Benchmark* b)

@@ -369,8 +369,8 @@ public:
     // Largest k a forward call of T tokens may use in every MoE layer.
     // When set, MoE layers call it instead of moe::forward: (layer, a [T, d],
     // h [T, d] += MoE(a), k for every token or 0 with one rule per token).
-    std::function<void(std::size_t, kdial::cmatrix_view<float>, kdial::matrix_view<float>, int,
-        std::span<const kdial::token_k>)>
+    std::function<void(
+        std::size_t, kdial::cmatrix_view<float>, kdial::matrix_view<float>, int, std::span<const kdial::token_k>)>
         moe_hook;
     int max_k(std::size_t T) const noexcept { return moe_ws_ ? moe_ws_->max_k(T) : w_.cfg.experts; }
 

@@ -370,7 +370,8 @@ TEST_CASE_TEMPLATE("moe: a hot expert split by rows and columns is bit-identical
     const std::size_t r = std::size_t(ws.plan().offsets()[2]);
     std::vector<float> h(T * F), y(T * d);
     w.experts().visit([&](const auto& list) {
-        swiglu_expert(list[2], xs.sub_rows(r, T), matrix_view<float>(h.data(), T, F), matrix_view<float>(y.data(), T, d));
+        swiglu_expert(
+            list[2], xs.sub_rows(r, T), matrix_view<float>(h.data(), T, F), matrix_view<float>(y.data(), T, d));
     });
     CHECK(test::same_bytes(y, std::vector<float>(ys.row(r), ys.row(r) + T * d)));
 }
