@@ -11,6 +11,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <optional>
@@ -347,6 +348,35 @@ inline model_config load_config(const std::string& dir)
 {
     const std::string file = dir + "/config.json";
     return parse_config(kdial::io::read_file_checked(file, "config file", config_limits::max_file_bytes), file);
+}
+
+// Floating-point operations (a multiply-add counts 2) of a prefill of T
+// tokens from an empty cache with per-layer k (ks[l]), the logits of the
+// last row only: the projections, attention scores and values (causal,
+// within the sliding window), routers, the experts each token runs, shared
+// experts and dense MLP layers, lm_head. Norms, RoPE and softmax are left
+// out (under 1 % at every size here). `olmoe bench` divides it by the
+// prefill time to report the fraction of the FMA peak.
+inline double prefill_flops(const model_config& c, std::size_t T, const std::vector<int>& ks)
+{
+    const double d = c.hidden, hd = c.head_dim, tq = double(c.heads) * hd, tkv = double(c.kv_heads) * hd;
+    // Keys each query attends to, summed over the T positions.
+    double keys = 0;
+    for (std::size_t p = 0; p < T; ++p)
+        keys += double(c.sliding_window ? std::min<std::size_t>(p + 1, std::size_t(*c.sliding_window)) : p + 1);
+    double f = 0;
+    for (int l = 0; l < c.layers; ++l) {
+        f += double(T) * 2.0 * d * (2.0 * tq + 2.0 * tkv); // q, o; k, v
+        f += keys * 2.0 * 2.0 * tq; // q.k and p.v over every head
+        if (c.is_moe_layer(l)) {
+            const int k = ks.empty() ? c.top_k : ks[std::size_t(l) % ks.size()];
+            f += double(T) * 2.0 * d * c.experts; // router
+            f += double(T) * k * 3.0 * 2.0 * d * c.expert_ffn; // gate, up, down
+            f += double(T) * (3.0 * 2.0 * d * c.shared_ffn + (c.shared_gate ? 2.0 * d : 0.0));
+        } else
+            f += double(T) * 3.0 * 2.0 * d * c.dense_ffn;
+    }
+    return f + 2.0 * d * c.vocab; // lm_head on the last row
 }
 
 } // namespace olmoe

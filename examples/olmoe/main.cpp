@@ -114,7 +114,10 @@ Writes the logits of every position, float32 [T, vocab], in NumPy .npy format
                    [--check-weights] [--allow-long-context]
 Measures prefill and decode tokens/s for each k, with the fraction of the
 memory-bandwidth roofline decode reached (weight and KV-cache bytes read per
-token / read bandwidth measured in the same run) and the peak resident memory.
+token / read bandwidth measured in the same run), prefill GFLOP/s as a
+fraction of the FMA peak measured in the same run (FLOPs counted from the
+config: projections, attention, routers, the k experts, shared/dense MLPs)
+and the peak resident memory.
 --k-schedule measures that one per-layer schedule instead of a list of k.
 )" },
           { "sweep", R"(usage: olmoe sweep --model DIR (--text FILE | --tokens-file FILE) [--k 1,2,4,8] [--ref-k K]
@@ -617,7 +620,7 @@ int cmd_bench(const args& a, std::FILE* out = stdout)
         const kdial::matrix_view<float> lv(logits.data(), 1, logits.size());
         struct measured {
             std::string k;
-            double prefill_s, decode_s, bytes;
+            double prefill_s, decode_s, bytes, prefill_flops;
         };
         std::vector<measured> ms;
         for (const auto& ks : schedules) {
@@ -644,7 +647,7 @@ int cmd_bench(const args& a, std::FILE* out = stdout)
                 next = olmoe::argmax(logits);
                 p(0.5 + 0.5 * (g + 1) / gen);
             }
-            ms.push_back({ k, tp, td, bytes });
+            ms.push_back({ k, tp, td, bytes, olmoe::prefill_flops(L.cfg, prompt_len, ks) });
         }
         // Peak memory before the bandwidth probe (which allocates 1.5 GiB).
         const double rss = peak_rss_gib();
@@ -657,21 +660,24 @@ int cmd_bench(const args& a, std::FILE* out = stdout)
                     ck_bytes += std::size_t(e.file_size());
         nlohmann::json rows = nlohmann::json::array();
         if (!a.flags.count("json"))
-            std::fprintf(out, "%4s %14s %14s %12s %12s %10s\n", "k", "prefill tok/s", "decode tok/s", "GB/token",
-                "decode GB/s", "roofline");
+            std::fprintf(out, "%4s %14s %14s %10s %14s %12s %12s %10s\n", "k", "prefill tok/s", "prefill GF/s",
+                "of peak", "decode tok/s", "GB/token", "decode GB/s", "roofline");
         for (const auto& m : ms) {
             const double n = gen - 1;
             const double gbs = m.bytes / m.decode_s / 1e9;
+            const double gfs = m.prefill_flops / m.prefill_s / 1e9;
             nlohmann::json kj = m.k;
             if (m.k.find_first_not_of("0123456789") == std::string::npos)
                 kj = std::stoi(m.k);
             rows.push_back({ { "k", kj }, { "prefill_tokens", prompt_len },
-                { "prefill_tok_s", double(prompt_len) / m.prefill_s }, { "decode_tokens", n },
+                { "prefill_tok_s", double(prompt_len) / m.prefill_s }, { "prefill_gflop_s", gfs },
+                { "prefill_fma_fraction", gfs / lim.fma_gflops }, { "decode_tokens", n },
                 { "decode_tok_s", n / m.decode_s }, { "decode_bytes_per_token", m.bytes / n }, { "decode_gb_s", gbs },
                 { "roofline_fraction", gbs / lim.read_gbs } });
             if (!a.flags.count("json"))
-                std::fprintf(out, "%4s %14.1f %14.2f %12.4f %12.2f %10.2f\n", m.k.c_str(),
-                    double(prompt_len) / m.prefill_s, n / m.decode_s, m.bytes / n / 1e9, gbs, gbs / lim.read_gbs);
+                std::fprintf(out, "%4s %14.1f %14.1f %10.2f %14.2f %12.4f %12.2f %10.2f\n", m.k.c_str(),
+                    double(prompt_len) / m.prefill_s, gfs, gfs / lim.fma_gflops, n / m.decode_s, m.bytes / n / 1e9, gbs,
+                    gbs / lim.read_gbs);
         }
         const nlohmann::json result = { { "model", a.get("model") }, { "weights", a.get("weights", "native") },
             { "threads", threads }, { "read_bandwidth_gb_s", lim.read_gbs }, { "fma_peak_gflop_s", lim.fma_gflops },

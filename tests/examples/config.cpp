@@ -184,4 +184,36 @@ TEST_SUITE("examples/config")
         write_file(dir / "config.json", golden_config("olmoe-tiny-f32").dump());
         CHECK(olmoe::load_config(d).layers == 2);
     }
+
+    TEST_CASE("prefill_flops counts every matrix product of a prefill [examples][config]")
+    {
+        // A config small enough to count by hand: d 4, 2 heads of 2 with one
+        // kv head, 4 experts of width 3, vocab 5, a window of 2, T = 3.
+        olmoe::model_config c;
+        c.hidden = 4;
+        c.layers = 2;
+        c.heads = 2;
+        c.kv_heads = 1;
+        c.head_dim = 2;
+        c.vocab = 5;
+        c.experts = 4;
+        c.top_k = 2;
+        c.expert_ffn = 3;
+        c.sliding_window = 2;
+        // Per layer: projections 3 tokens * 2 * 4 * (2*4 + 2*2) = 288; keys
+        // attended 1 + 2 + 2 = 5, times 2 * 2 * 4 = 80; router 3 * 2 * 4 * 4
+        // = 96; experts 3 * k * 6 * 4 * 3 = 216 k. lm_head 2 * 4 * 5 = 40.
+        CHECK(olmoe::prefill_flops(c, 3, { 1, 2 }) == 288 + 80 + 96 + 216 + 288 + 80 + 96 + 432 + 40);
+        CHECK(olmoe::prefill_flops(c, 3, {}) == 2 * (288 + 80 + 96 + 432) + 40); // k = top_k
+        // Without the window the keys are 1 + 2 + 3 = 6 (96 per layer).
+        c.sliding_window.reset();
+        CHECK(olmoe::prefill_flops(c, 3, { 2 }) == 2 * (288 + 96 + 96 + 432) + 40);
+        // A shared expert of width 5 with its gate, and layer 0 dense (width 7).
+        c.shared_ffn = 5;
+        c.shared_gate = true;
+        c.mlp_only_layers = { 0 };
+        c.dense_ffn = 7;
+        CHECK(olmoe::prefill_flops(c, 3, { 2 })
+            == (288 + 96 + 3 * 6 * 4 * 7) + (288 + 96 + 96 + 432 + 3 * 6 * 4 * 5 + 3 * 2 * 4) + 40);
+    }
 }
