@@ -453,7 +453,7 @@ private:
     }
     kdial::any_weight_view quantised(const std::vector<float>& fl, std::size_t rows, std::size_t cols)
     {
-        auto& q = w_.owned_q8.emplace_back(rows * kdial::storage_cols<kdial::q8_t>(cols));
+        const auto q = w_.owned_q8.take<kdial::q8_block>(rows * kdial::storage_cols<kdial::q8_t>(cols));
         kdial::quantize_q8(
             kdial::cmatrix_view<float>(fl.data(), rows, cols), q.data(), kdial::storage_cols<kdial::q8_t>(cols));
         return kdial::weight_view<kdial::q8_t>(q.data(), rows, cols);

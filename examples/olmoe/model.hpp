@@ -15,11 +15,15 @@
 #include <kdial/kernels/rope.hpp>
 #include <kdial/kernels/softmax.hpp>
 
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <new>
+#include <type_traits>
 #include <optional>
 #include <span>
 #include <string_view>
@@ -46,6 +50,58 @@ struct layer_weights {
     bool dense = false; // a dense MLP run as a one-expert layer
 };
 
+// Memory for weights converted at load (the int8 copies of --weights int8
+// and of repacked GGUF K-quants): 64 MiB regions with
+// madvise(MADV_HUGEPAGE), cut into 64-byte aligned pieces, so a stream over
+// one expert's weights crosses no 4 KiB page boundary (where hardware
+// prefetchers stop) and needs few TLB entries. Only the pages written are
+// resident; where transparent huge pages are off it is plain anonymous
+// memory. Pieces live as long as the arena.
+class weight_arena {
+public:
+    weight_arena() = default;
+    weight_arena(const weight_arena&) = delete;
+    weight_arena& operator=(const weight_arena&) = delete;
+    weight_arena(weight_arena&& o) noexcept
+        : regions_(std::move(o.regions_))
+        , used_(std::exchange(o.used_, 0))
+    {
+    }
+    ~weight_arena()
+    {
+        for (const auto& r : regions_)
+            ::munmap(r.p, r.bytes);
+    }
+
+    // n zeroed elements of T (trivially copyable), 64-byte aligned.
+    template <class T> std::span<T> take(std::size_t n)
+    {
+        static_assert(std::is_trivially_copyable_v<T> && alignof(T) <= 64);
+        const std::size_t bytes = (n * sizeof(T) + 63) / 64 * 64;
+        if (regions_.empty() || regions_.back().bytes - used_ < bytes) {
+            const std::size_t size = std::max(region, (bytes + huge - 1) / huge * huge);
+            void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            if (p == MAP_FAILED)
+                throw std::bad_alloc();
+            ::madvise(p, size, MADV_HUGEPAGE); // advice only: failure leaves 4 KiB pages
+            regions_.push_back({ static_cast<std::byte*>(p), size });
+            used_ = 0;
+        }
+        T* out = reinterpret_cast<T*>(regions_.back().p + used_);
+        used_ += bytes;
+        return { out, n }; // fresh anonymous pages read as zeros
+    }
+
+private:
+    static constexpr std::size_t huge = std::size_t(2) << 20, region = std::size_t(64) << 20;
+    struct mapping {
+        std::byte* p;
+        std::size_t bytes;
+    };
+    std::vector<mapping> regions_;
+    std::size_t used_ = 0;
+};
+
 // Everything the forward pass reads. Views may point into a memory-mapped
 // checkpoint held by `keep_alive`; converted copies live in `owned_*`.
 struct model_weights {
@@ -55,7 +111,7 @@ struct model_weights {
     any_weight_view lm_head; // [V, d]
     std::vector<layer_weights> layers;
     std::shared_ptr<void> keep_alive;
-    std::vector<std::vector<kdial::q8_block>> owned_q8;
+    weight_arena owned_q8; // int8 copies
     std::vector<std::vector<float>> owned_f32;
     // Workspace shapes of the MoE layers and of the dense MLP layers (run as
     // one-expert layers); experts == 0: no such layer.

@@ -84,7 +84,7 @@ public:
         check(t.dtype == st_dtype::bf16 || t.dtype == st_dtype::f32 || t.dtype == st_dtype::f16, file, ": tensor '",
             name, "' has dtype ", kdial::io::st_dtype_name(t.dtype), "; weights must be BF16, F16 or F32");
         if (int8_ && quantise) {
-            auto& q = w_.owned_q8.emplace_back(rows * kdial::storage_cols<kdial::q8_t>(cols));
+            const auto q = w_.owned_q8.take<kdial::q8_block>(rows * kdial::storage_cols<kdial::q8_t>(cols));
             if (aligned_bf16)
                 kdial::quantize_q8(kdial::cmatrix_view<kdial::bf16>(
                                        reinterpret_cast<const kdial::bf16*>(t.bytes.data()) + off, rows, cols),

@@ -19,6 +19,9 @@
 #include <nlohmann/json.hpp>
 #include <sys/resource.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <fstream>
 #include <limits>
 #include <map>
@@ -275,5 +278,27 @@ TEST_CASE("non-finite weights: found at load, by the router (naming the layer) o
         });
         auto m = load(d.path);
         check_error([&] { run(*m); }, { "output logit of row 0", "nan", "--check-weights" });
+    }
+}
+
+TEST_CASE("weight_arena: aligned, zeroed, disjoint pieces that outlive a move")
+{
+    olmoe::weight_arena a;
+    std::vector<std::span<kdial::q8_block>> got;
+    // Pieces of odd sizes, one larger than a 64 MiB region, across regions.
+    for (std::size_t n : { std::size_t(1), std::size_t(3), std::size_t(70) << 20 >> 5, std::size_t(1000),
+             std::size_t(33) << 20 >> 5, std::size_t(40) << 20 >> 5, std::size_t(7) })
+        got.push_back(a.take<kdial::q8_block>(n));
+    for (std::size_t i = 0; i < got.size(); ++i) {
+        const auto g = got[i];
+        CHECK(reinterpret_cast<std::uintptr_t>(g.data()) % 64 == 0);
+        const auto* b = reinterpret_cast<const unsigned char*>(g.data());
+        CHECK(std::all_of(b, b + g.size_bytes(), [](unsigned char c) { return c == 0; }));
+        std::memset(g.data(), int(i + 1), g.size_bytes());
+    }
+    olmoe::weight_arena moved(std::move(a));
+    for (std::size_t i = 0; i < got.size(); ++i) { // each piece still holds its own byte
+        const auto* b = reinterpret_cast<const unsigned char*>(got[i].data());
+        CHECK(std::all_of(b, b + got[i].size_bytes(), [&](unsigned char c) { return c == i + 1; }));
     }
 }
