@@ -289,16 +289,28 @@ TEST_CASE("weight_arena: aligned, zeroed, disjoint pieces that outlive a move")
     for (std::size_t n : { std::size_t(1), std::size_t(3), std::size_t(70) << 20 >> 5, std::size_t(1000),
              std::size_t(33) << 20 >> 5, std::size_t(40) << 20 >> 5, std::size_t(7) })
         got.push_back(a.take<kdial::q8_block>(n));
+    // Pairwise disjoint address ranges, 64-byte aligned starts.
     for (std::size_t i = 0; i < got.size(); ++i) {
-        const auto g = got[i];
-        CHECK(reinterpret_cast<std::uintptr_t>(g.data()) % 64 == 0);
-        const auto* b = reinterpret_cast<const unsigned char*>(g.data());
-        CHECK(std::all_of(b, b + g.size_bytes(), [](unsigned char c) { return c == 0; }));
-        std::memset(g.data(), int(i + 1), g.size_bytes());
+        CHECK(reinterpret_cast<std::uintptr_t>(got[i].data()) % 64 == 0);
+        for (std::size_t j = 0; j < i; ++j)
+            CHECK((got[i].data() + got[i].size() <= got[j].data() || got[j].data() + got[j].size() <= got[i].data()));
     }
+    // Zeroed at both ends; then marked, and the marks survive a move.
+    const auto ends = [](std::span<kdial::q8_block> g, auto&& f) {
+        auto* b = reinterpret_cast<unsigned char*>(g.data());
+        const std::size_t n = std::min<std::size_t>(256, g.size_bytes());
+        f(b, n);
+        f(b + g.size_bytes() - n, n);
+    };
+    for (std::size_t i = 0; i < got.size(); ++i)
+        ends(got[i], [](unsigned char* b, std::size_t n) {
+            CHECK(std::all_of(b, b + n, [](unsigned char c) { return c == 0; }));
+        });
+    for (std::size_t i = 0; i < got.size(); ++i)
+        ends(got[i], [&](unsigned char* b, std::size_t n) { std::memset(b, int(i + 1), n); });
     olmoe::weight_arena moved(std::move(a));
-    for (std::size_t i = 0; i < got.size(); ++i) { // each piece still holds its own byte
-        const auto* b = reinterpret_cast<const unsigned char*>(got[i].data());
-        CHECK(std::all_of(b, b + got[i].size_bytes(), [&](unsigned char c) { return c == i + 1; }));
-    }
+    for (std::size_t i = 0; i < got.size(); ++i)
+        ends(got[i], [&](unsigned char* b, std::size_t n) {
+            CHECK(std::all_of(b, b + n, [&](unsigned char c) { return c == i + 1; }));
+        });
 }
