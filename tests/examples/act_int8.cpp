@@ -58,8 +58,8 @@ TEST_CASE("olmoe --act int8: logits within the stated bound of exact, argmax kep
         const std::size_t positions = m.second;
         const double rel = e.worst / e.scale;
         const std::string nm = name;
-        MESSAGE(nm, ": max |logit diff| ", e.worst, " (max |logit| ", e.scale, ", ratio ", rel,
-            "), argmax agreement ", e.agree, "/", positions);
+        MESSAGE(nm, ": max |logit diff| ", e.worst, " (max |logit| ", e.scale, ", ratio ", rel, "), argmax agreement ",
+            e.agree, "/", positions);
         CAPTURE(nm);
         CHECK(e.worst > 0.0); // the int8 path ran
         CHECK(rel <= 0.04); // measured <= 0.021 (README)

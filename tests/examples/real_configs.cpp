@@ -204,8 +204,8 @@ constexpr released all_released[] = {
         1e-6f, 151936, 8192, 151643, 151643 },
     { "Mixtral-8x7B-v0.1", mixtral_8x7b, nullptr, family::mixtral, 4096, 32, 32, 8, 128, 8, 2, 14336, 0, true, 1e6,
         1e-5f, 32000, 32768, 2, 1 },
-    { "Qwen3-30B-A3B", qwen3_30b_a3b, nullptr, family::qwen3_moe, 2048, 48, 32, 4, 128, 128, 8, 768, 0, true, 1e6, 1e-6f,
-        151936, 40960, 151645, 151643 },
+    { "Qwen3-30B-A3B", qwen3_30b_a3b, nullptr, family::qwen3_moe, 2048, 48, 32, 4, 128, 128, 8, 768, 0, true, 1e6,
+        1e-6f, 151936, 40960, 151645, 151643 },
 };
 
 nlohmann::json json_of(const released& r)

@@ -171,7 +171,7 @@ struct near_equal_chunks {
         return g < long_rows ? g / (base + 1) : extra + (g - long_rows) / base;
     }
 };
-}
+} // namespace detail
 
 // The scratch of one stream (see the header comment).
 class moe_workspace {
