@@ -1,9 +1,12 @@
 // Shared helpers for the kdial tests: seeded random data, running a callable
-// in an arena with a given thread count, byte comparison.
+// in an arena with a given thread count, byte comparison, logits compared
+// with a reference's.
 #pragma once
 
 #include <tbb/task_arena.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <random>
@@ -41,6 +44,31 @@ template <class F> void with_threads(int threads, F&& f)
 template <class T> bool same_bytes(const std::vector<T>& a, const std::vector<T>& b)
 {
     return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
+}
+
+// Logits [T, V] next to a reference's [T, V]: the largest |difference|, the
+// largest |reference logit| and the positions whose argmax (first maximum)
+// agrees.
+struct logits_gap {
+    double worst = 0, scale = 0;
+    std::size_t agree = 0;
+};
+inline logits_gap compare_logits(const std::vector<float>& ref, const std::vector<float>& got, std::size_t T)
+{
+    logits_gap g;
+    const std::size_t V = ref.size() / T;
+    for (std::size_t t = 0; t < T; ++t) {
+        std::size_t ar = 0, ag = 0;
+        for (std::size_t v = 0; v < V; ++v) {
+            const float r = ref[t * V + v], x = got[t * V + v];
+            g.worst = std::max(g.worst, double(std::fabs(r - x)));
+            g.scale = std::max(g.scale, double(std::fabs(r)));
+            ar = r > ref[t * V + ar] ? v : ar;
+            ag = x > got[t * V + ag] ? v : ag;
+        }
+        g.agree += ar == ag;
+    }
+    return g;
 }
 
 } // namespace kdial::test

@@ -209,6 +209,7 @@ struct composition {{
     char32_t composite;
 }};
 
+// clang-format off
 // value: 1 letter (L*), 2 number (N*), 3 White_Space; absent ranges are "other".
 {emit_array("char_classes", "range_value", class_rows, 4)}
 
@@ -221,6 +222,7 @@ struct composition {{
 
 // NFC_QC is No or Maybe.
 {emit_array("nfc_quick_check_not_yes", "range", qc_rows, 5)}
+// clang-format on
 
 }} // namespace kdial::io::detail::unicode_tables
 """

@@ -65,37 +65,12 @@ constexpr const char* olmoe_0924 = R"({
 // allenai/OLMoE-1B-7B-0125/config.json: not found verbatim here. Written
 // from the 0924 file (same architecture per spec §3.1) with the fields later
 // OLMoE exports carry (_name_or_path, rms_norm_eps 1e-05 written out, a
-// 4.48 transformers_version), as seen in a public OLMoE training export.
-constexpr const char* olmoe_0125 = R"({
+// 4.48 transformers_version), as seen in a public OLMoE training export:
+// this JSON merge patch on olmoe_0924.
+constexpr const char* olmoe_0125_patch = R"({
   "_name_or_path": "allenai/OLMoE-1B-7B-0125",
-  "architectures": ["OlmoeForCausalLM"],
-  "attention_bias": false,
-  "attention_dropout": 0.0,
-  "clip_qkv": null,
-  "eos_token_id": 50279,
-  "hidden_act": "silu",
-  "hidden_size": 2048,
-  "initializer_range": 0.02,
-  "intermediate_size": 1024,
-  "max_position_embeddings": 4096,
-  "model_type": "olmoe",
-  "norm_topk_prob": false,
-  "num_attention_heads": 16,
-  "num_experts": 64,
-  "num_experts_per_tok": 8,
-  "num_hidden_layers": 16,
-  "num_key_value_heads": 16,
-  "output_router_logits": false,
-  "pad_token_id": 1,
   "rms_norm_eps": 1e-05,
-  "rope_scaling": null,
-  "rope_theta": 10000.0,
-  "router_aux_loss_coef": 0.01,
-  "tie_word_embeddings": false,
-  "torch_dtype": "bfloat16",
-  "transformers_version": "4.48.1",
-  "use_cache": true,
-  "vocab_size": 50304
+  "transformers_version": "4.48.1"
 })";
 
 // Qwen/Qwen1.5-MoE-A2.7B/config.json: the field list of Qwen's own
@@ -205,13 +180,41 @@ constexpr const char* qwen3_30b_a3b = R"({
   "vocab_size": 151936
 })";
 
+// A released config and the model card's values it must give.
 struct released {
     const char* name;
     const char* json;
+    const char* patch; // JSON merge patch on json, or nullptr
+    olmoe::family fam;
+    int hidden, layers, heads, kv_heads, head_dim;
+    int experts, top_k, expert_ffn, shared_ffn;
+    bool norm_topk_prob;
+    double rope_theta;
+    float rms_norm_eps; // absent in olmoe_0924: the class default
+    int vocab, max_positions, eos, bos; // bos -1: none
 };
 
-constexpr released all_released[] = { { "OLMoE-1B-7B-0924", olmoe_0924 }, { "OLMoE-1B-7B-0125", olmoe_0125 },
-    { "Qwen1.5-MoE-A2.7B", qwen15_moe }, { "Mixtral-8x7B-v0.1", mixtral_8x7b }, { "Qwen3-30B-A3B", qwen3_30b_a3b } };
+using olmoe::family;
+constexpr released all_released[] = {
+    { "OLMoE-1B-7B-0924", olmoe_0924, nullptr, family::olmoe, 2048, 16, 16, 16, 128, 64, 8, 1024, 0, false, 1e4, 1e-5f,
+        50304, 4096, 50279, -1 },
+    { "OLMoE-1B-7B-0125", olmoe_0924, olmoe_0125_patch, family::olmoe, 2048, 16, 16, 16, 128, 64, 8, 1024, 0, false,
+        1e4, 1e-5f, 50304, 4096, 50279, -1 },
+    { "Qwen1.5-MoE-A2.7B", qwen15_moe, nullptr, family::qwen2_moe, 2048, 24, 16, 16, 128, 60, 4, 1408, 5632, false, 1e6,
+        1e-6f, 151936, 8192, 151643, 151643 },
+    { "Mixtral-8x7B-v0.1", mixtral_8x7b, nullptr, family::mixtral, 4096, 32, 32, 8, 128, 8, 2, 14336, 0, true, 1e6,
+        1e-5f, 32000, 32768, 2, 1 },
+    { "Qwen3-30B-A3B", qwen3_30b_a3b, nullptr, family::qwen3_moe, 2048, 48, 32, 4, 128, 128, 8, 768, 0, true, 1e6,
+        1e-6f, 151936, 40960, 151645, 151643 },
+};
+
+nlohmann::json json_of(const released& r)
+{
+    auto j = nlohmann::json::parse(r.json);
+    if (r.patch)
+        j.merge_patch(nlohmann::json::parse(r.patch));
+    return j;
+}
 
 olmoe::model_config parse(const nlohmann::json& j, const std::string& name)
 {
@@ -290,45 +293,39 @@ TEST_SUITE("examples/config")
     {
         for (const auto& r : all_released) {
             CAPTURE(r.name);
-            const auto j = nlohmann::json::parse(r.json);
+            const auto j = json_of(r);
             CHECK_NOTHROW((void)parse(j, r.name));
+            const auto c = parse(j, r.name);
+            CHECK(c.fam == r.fam);
+            CHECK((c.hidden == r.hidden && c.layers == r.layers && c.heads == r.heads && c.kv_heads == r.kv_heads));
+            CHECK(c.head_dim == r.head_dim); // qwen3: given, 32 x 128 = 4096 != hidden_size
+            CHECK((c.experts == r.experts && c.top_k == r.top_k && c.expert_ffn == r.expert_ffn));
+            CHECK((c.shared_ffn == r.shared_ffn && c.shared_gate == (r.shared_ffn > 0)));
+            CHECK(c.norm_topk_prob == r.norm_topk_prob);
+            CHECK((c.rope_theta == r.rope_theta && c.rms_norm_eps == r.rms_norm_eps));
+            CHECK((c.vocab == r.vocab && c.max_positions == r.max_positions));
+            CHECK(c.eos_ids == std::vector<int> { r.eos });
+            CHECK(c.bos_id.value_or(-1) == r.bos);
+            CHECK(!c.sliding_window);
+            for (int l = 0; l < c.layers; ++l)
+                CHECK(c.is_moe_layer(l));
+            // What each family adds.
+            switch (c.fam) {
+            case family::olmoe:
+                CHECK((c.qk_norm && !c.qk_norm_per_head && !c.attention_bias && !c.clip_qkv));
+                break;
+            case family::qwen2_moe:
+                CHECK((c.qkv_bias && !c.qk_norm));
+                break;
+            case family::qwen3_moe:
+                CHECK(c.dense_ffn == 6144);
+                CHECK((c.qk_norm && c.qk_norm_per_head && !c.attention_bias && !c.qkv_bias && !c.clip_qkv));
+                CHECK(!c.tie_word_embeddings);
+                break;
+            case family::mixtral: // nothing beyond the common fields
+                break;
+            }
         }
-        const auto o = parse(nlohmann::json::parse(olmoe_0924), "olmoe-0924");
-        CHECK(o.fam == olmoe::family::olmoe);
-        CHECK((o.hidden == 2048 && o.layers == 16 && o.heads == 16 && o.kv_heads == 16 && o.head_dim == 128));
-        CHECK((o.experts == 64 && o.top_k == 8 && o.expert_ffn == 1024 && o.shared_ffn == 0 && !o.norm_topk_prob));
-        CHECK((o.qk_norm && !o.qk_norm_per_head && !o.attention_bias && !o.clip_qkv));
-        CHECK(o.rms_norm_eps == 1e-5f); // absent: the class default
-        CHECK((o.vocab == 50304 && o.eos_ids == std::vector<int> { 50279 } && !o.bos_id));
-        const auto o2 = parse(nlohmann::json::parse(olmoe_0125), "olmoe-0125");
-        CHECK((o2.fam == o.fam && o2.rms_norm_eps == 1e-5f && o2.max_positions == 4096));
-
-        const auto q = parse(nlohmann::json::parse(qwen15_moe), "qwen1.5-moe");
-        CHECK(q.fam == olmoe::family::qwen2_moe);
-        CHECK((q.hidden == 2048 && q.layers == 24 && q.heads == 16 && q.kv_heads == 16 && q.head_dim == 128));
-        CHECK((q.experts == 60 && q.top_k == 4 && q.expert_ffn == 1408 && q.shared_ffn == 5632 && q.shared_gate));
-        CHECK((q.qkv_bias && !q.qk_norm && !q.sliding_window && q.rope_theta == 1e6 && q.rms_norm_eps == 1e-6f));
-        for (int l = 0; l < q.layers; ++l)
-            CHECK(q.is_moe_layer(l));
-
-        const auto m = parse(nlohmann::json::parse(mixtral_8x7b), "mixtral");
-        CHECK(m.fam == olmoe::family::mixtral);
-        CHECK((m.hidden == 4096 && m.layers == 32 && m.heads == 32 && m.kv_heads == 8 && m.head_dim == 128));
-        CHECK((m.experts == 8 && m.top_k == 2 && m.expert_ffn == 14336 && m.norm_topk_prob && !m.sliding_window));
-        CHECK((m.vocab == 32000 && m.bos_id == 1 && m.eos_ids == std::vector<int> { 2 } && m.max_positions == 32768));
-
-        const auto q3 = parse(nlohmann::json::parse(qwen3_30b_a3b), "qwen3-30b-a3b");
-        CHECK(q3.fam == olmoe::family::qwen3_moe);
-        CHECK((q3.hidden == 2048 && q3.layers == 48 && q3.heads == 32 && q3.kv_heads == 4));
-        CHECK(q3.head_dim == 128); // given: 32 x 128 = 4096 != hidden_size
-        CHECK((q3.experts == 128 && q3.top_k == 8 && q3.expert_ffn == 768 && q3.dense_ffn == 6144));
-        CHECK((q3.shared_ffn == 0 && !q3.shared_gate && q3.norm_topk_prob));
-        CHECK((q3.qk_norm && q3.qk_norm_per_head && !q3.attention_bias && !q3.qkv_bias && !q3.clip_qkv));
-        CHECK((q3.rope_theta == 1e6 && q3.rms_norm_eps == 1e-6f && !q3.sliding_window && !q3.tie_word_embeddings));
-        CHECK((q3.vocab == 151936 && q3.max_positions == 40960 && q3.bos_id == 151643));
-        CHECK(q3.eos_ids == std::vector<int> { 151645 });
-        for (int l = 0; l < q3.layers; ++l)
-            CHECK(q3.is_moe_layer(l));
     }
 
     TEST_CASE("qwen3_moe: the fields Hugging Face honours change the model, unsupported ones are clear errors "
@@ -386,7 +383,7 @@ TEST_SUITE("examples/config")
             CAPTURE(r.name);
             const fs::path dir = tmp.path / r.name;
             fs::create_directories(dir);
-            const auto j = shrunk(nlohmann::json::parse(r.json));
+            const auto j = shrunk(json_of(r));
             write_checkpoint(dir, j);
             const auto cfg = olmoe::load_config(dir.string());
             olmoe::load_options o;

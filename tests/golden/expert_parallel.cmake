@@ -1,7 +1,9 @@
 # `olmoe logits --expert-parallel` under mpirun gives the bytes of one
 # process, at every k in KS and every rank count in NPS.
 # -D: OLMOE, COMPARE, MPIEXEC, MPIFLAGS (|-separated), MODEL, TOKENS, KS and
-# NPS (comma-separated), DIR (for the .npy files).
+# NPS (comma-separated), DIR (for the .npy files; one per test, so tests run
+# in parallel do not overwrite each other's).
+file(MAKE_DIRECTORY ${DIR})
 string(REPLACE "," ";" _ks "${KS}")
 string(REPLACE "," ";" _nps "${NPS}")
 string(REPLACE "|" ";" _flags "${MPIFLAGS}")

@@ -84,8 +84,8 @@ TEST_CASE("gguf: every metadata value type round-trips through the writer [io][g
     std::vector<std::byte> q8(34 * 2);
     for (std::size_t i = 0; i < q8.size(); ++i)
         q8[i] = std::byte(i * 7);
-    const std::vector<gguf_out_tensor> ts { { "a.weight", ggml_type::f32, { 3, 2 }, std::as_bytes(std::span(w)) },
-        { "b.weight", ggml_type::q8_0, { 32, 2 }, q8 } };
+    const std::vector<gguf_out_tensor> ts { { "a.weight", ggml_type::f32, { 3, 2 }, std::as_bytes(std::span(w)), {} },
+        { "b.weight", ggml_type::q8_0, { 32, 2 }, q8, {} } };
     const auto img = encode_gguf(md, ts);
     const auto f = parse(img);
     CHECK(f.version() == 3);
@@ -152,8 +152,8 @@ TEST_CASE("gguf: write_gguf writes a file that opens mapped [io][gguf]")
 {
     kdial::test::temp_dir d;
     const std::vector<kdial::bf16> w { kdial::bf16::from_float(1.0f), kdial::bf16::from_float(-2.0f) };
-    const std::vector<gguf_out_tensor> ts { { "x", ggml_type::bf16, { 2 }, std::as_bytes(std::span(w)) },
-        { "e", ggml_type::f32, { 0, 4 }, {} } };
+    const std::vector<gguf_out_tensor> ts { { "x", ggml_type::bf16, { 2 }, std::as_bytes(std::span(w)), {} },
+        { "e", ggml_type::f32, { 0, 4 }, {}, {} } };
     write_gguf(d / "m.gguf", { { "k", gguf_out_value::i32(3) } }, ts);
     CHECK(looks_like_gguf(d / "m.gguf"));
     const auto f = gguf_file::open(d / "m.gguf");
@@ -162,7 +162,7 @@ TEST_CASE("gguf: write_gguf writes a file that opens mapped [io][gguf]")
     CHECK(f.get_int("k", 0, 5) == 3);
     CHECK_FALSE(std::filesystem::exists(d / "m.gguf.partial"));
     // The writer refuses bad input before writing anything.
-    const std::vector<gguf_out_tensor> bad { { "x", ggml_type::f32, { 3 }, std::as_bytes(std::span(w)) } };
+    const std::vector<gguf_out_tensor> bad { { "x", ggml_type::f32, { 3 }, std::as_bytes(std::span(w)), {} } };
     check_error([&] { write_gguf(d / "b.gguf", {}, bad); }, { "b.gguf", "tensor 'x'", "4 bytes given", "needs 12" });
     const std::vector<gguf_out_tensor> dup { ts[0], ts[0] };
     check_error([&] { write_gguf(d / "b.gguf", {}, dup); }, { "tensor 'x' given twice" });

@@ -11,6 +11,7 @@
 #include "weights.hpp"
 
 #include "io_test_util.hpp"
+#include "test_util.hpp"
 
 #include <kdial/io/gguf_writer.hpp>
 #include <kdial/io/tokenizer.hpp>
@@ -23,6 +24,7 @@
 namespace {
 
 using kdial::test::check_error;
+using kdial::test::compare_logits;
 using kdial::test::temp_dir;
 namespace fs = std::filesystem;
 
@@ -85,31 +87,6 @@ template <class Edit> void rewrite(const fs::path& src, const fs::path& dst, Edi
     std::vector<std::vector<std::byte>> keep;
     edit(md, ts, keep);
     kdial::io::write_gguf(dst, md, ts);
-}
-
-// Logits of a quantised GGUF next to the f32 safetensors of the same seed:
-// the largest |difference|, the largest |logit| of the reference and the
-// positions where the argmax agrees.
-struct logits_gap {
-    double worst = 0, scale = 0;
-    std::size_t agree = 0;
-};
-logits_gap compare_logits(const std::vector<float>& ref, const std::vector<float>& got, std::size_t T)
-{
-    logits_gap g;
-    const std::size_t V = ref.size() / T;
-    for (std::size_t t = 0; t < T; ++t) {
-        std::size_t ar = 0, ag = 0;
-        for (std::size_t v = 0; v < V; ++v) {
-            const float r = ref[t * V + v], x = got[t * V + v];
-            g.worst = std::max(g.worst, double(std::fabs(r - x)));
-            g.scale = std::max(g.scale, double(std::fabs(r)));
-            ar = r > ref[t * V + ar] ? v : ar;
-            ag = x > got[t * V + ag] ? v : ag;
-        }
-        g.agree += ar == ag;
-    }
-    return g;
 }
 
 // The f32 safetensors checkpoint of `preset` and its GGUF in `dtype`, both in d.

@@ -21,6 +21,8 @@ import sys
 import threading
 import time
 
+import serve_http
+
 
 def pct(xs, p):
     if not xs:
@@ -57,8 +59,7 @@ def client(i, a, mix, stop_at, res, lock):
         t0 = time.time()
         try:
             c = http.client.HTTPConnection(a.host, a.port, timeout=a.timeout)
-            c.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
-            resp = c.getresponse()
+            resp = serve_http.send(c, "POST", "/v1/completions", body)
             if resp.status != 200:
                 resp.read()
                 c.close()
@@ -69,14 +70,10 @@ def client(i, a, mix, stop_at, res, lock):
                 continue
             first, last, n, ept, done = None, None, 0, None, False
             gaps = []
-            for raw in resp:
-                line = raw.decode().strip()
-                if not line.startswith("data: "):
-                    continue
-                if line == "data: [DONE]":
+            for j in serve_http.chunks(resp):
+                if j is None:
                     done = True
                     break
-                j = json.loads(line[6:])
                 if "error" in j:
                     break
                 now = time.time()

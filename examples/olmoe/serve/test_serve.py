@@ -23,6 +23,8 @@ import tempfile
 import threading
 import time
 
+import serve_http
+
 FAILS = []
 
 
@@ -61,9 +63,7 @@ class Server:
 
     def request(self, method, path, body=None, raw=None):
         c = self.conn()
-        data = raw if raw is not None else (json.dumps(body) if body is not None else None)
-        c.request(method, path, body=data, headers={"Content-Type": "application/json"})
-        r = c.getresponse()
+        r = serve_http.send(c, method, path, body, raw)
         text = r.read().decode()
         c.close()
         try:
@@ -78,20 +78,14 @@ class Server:
     def stream(self, path, body):
         """Returns (status, text, token ids, last chunk) of a streamed request."""
         c = self.conn()
-        c.request("POST", path, body=json.dumps(dict(body, stream=True)),
-                  headers={"Content-Type": "application/json"})
-        r = c.getresponse()
+        r = serve_http.send(c, "POST", path, dict(body, stream=True))
         if r.status != 200:
             return r.status, None, None, json.loads(r.read())
         text, ids, last, done = "", [], None, False
-        for raw in r:
-            line = raw.decode().rstrip("\n")
-            if not line.startswith("data: "):
-                continue
-            if line == "data: [DONE]":
+        for j in serve_http.chunks(r):
+            if j is None:
                 done = True
                 break
-            j = json.loads(line[6:])
             last = j
             for ch in j.get("choices", []):
                 text += ch.get("text", "") or ch.get("delta", {}).get("content", "") or ""
@@ -269,9 +263,8 @@ def run(a, s, ctx):
 
     def open_stream(n):
         c = s.conn()
-        c.request("POST", "/v1/completions", body=json.dumps(
-            {"prompt": "the experts", "max_tokens": n, "temperature": 0, "stream": True}))
-        r = c.getresponse()
+        r = serve_http.send(c, "POST", "/v1/completions",
+                            {"prompt": "the experts", "max_tokens": n, "temperature": 0, "stream": True})
         return c, r
 
     for _ in range(2):  # two slots busy

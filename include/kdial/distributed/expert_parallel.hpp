@@ -49,10 +49,6 @@ namespace kdial::distributed {
 namespace detail {
 using kdial::detail::check;
 
-// Row chunk of one process's shared-expert tiles (moe_workspace::gemm_rows,
-// cut into near-equal chunks; tests/mpi checks a shared expert past it).
-inline constexpr std::size_t shared_chunk_rows = 512;
-
 inline void mpi_check(int rc, const char* what)
 {
     if (rc != MPI_SUCCESS) {
@@ -81,9 +77,9 @@ inline void agree(MPI_Comm comm, const std::string& local_error, const char* whe
 }
 
 // How one process cuts a T-row call into row chunks: fixed chunks of
-// `rows` (the last one shorter; the router's tiles), or ceil(T / rows)
-// near-equal chunks, the first T % chunks one row longer (moe.hpp's
-// add_tiles: experts and the shared expert).
+// `rows` (the last one shorter; the router's tiles), or
+// kdial::detail::near_equal_chunks(T, rows) (moe.hpp's tiles: experts and
+// the shared expert; tests/mpi checks a shared expert past gemm_rows).
 struct chunking {
     std::size_t rows;
     bool near_equal;
@@ -95,11 +91,9 @@ inline std::pair<std::size_t, std::size_t> chunk_of(std::size_t g, std::size_t T
         const std::size_t c0 = g / c.rows * c.rows;
         return { c0, std::min(c.rows, T - c0) };
     }
-    const std::size_t chunks = (T + c.rows - 1) / c.rows, base = T / chunks, extra = T % chunks;
-    const std::size_t long_rows = extra * (base + 1);
-    if (g < long_rows)
-        return { g / (base + 1) * (base + 1), base + 1 };
-    return { long_rows + (g - long_rows) / base * base, base };
+    const kdial::detail::near_equal_chunks rc(T, c.rows);
+    const std::size_t j = rc.of(g);
+    return { rc.begin(j), rc.rows(j) };
 }
 
 // The pieces of rows [g0, g0 + m) cut at the chunk boundaries of a T-row
@@ -119,16 +113,10 @@ template <class F> void for_each_piece(std::size_t g0, std::size_t m, std::size_
     }
 }
 
-// The linear kernels' row classes (kernels/linear.hpp): a GEMV row's bits
-// depend on the exact row count (1..gemv_max_rows); the small-row path gives
-// a row the same bits for any count in (gemv_max_rows, small_max_rows]; the
-// GEMM for any count above. A row keeps one process's bits when it runs in a
-// call of the same class (and, for the GEMV, the same count and position).
-inline std::size_t row_class(std::size_t n) noexcept
-{
-    return n <= gemv_max_rows ? n : n <= small_max_rows ? small_max_rows : small_max_rows + 1;
-}
-// Rows of a piece that cannot run alone with the bits of one process.
+// Rows of a piece that cannot run alone with the bits of one process: a
+// row keeps them when it runs in a call of the same row class
+// (kdial::row_class, kernels/linear.hpp; for the GEMV, the same count and
+// position).
 inline bool needs_padding(const piece& p) noexcept
 {
     return row_class(p.n) != row_class(p.nc);
@@ -610,7 +598,7 @@ struct ep_stages {
             const matrix_view<float> s(ws.s_.data(), T, d);
             w.shared()->expert.visit([&](const auto& list) {
                 const auto& ew = list[0];
-                detail::rows_as_one_process(X, g0, T_all, { detail::shared_chunk_rows, true }, s, ws.pad_x_.data(),
+                detail::rows_as_one_process(X, g0, T_all, { moe_workspace::gemm_rows, true }, s, ws.pad_x_.data(),
                     ws.pad_y_.data(), [&](cmatrix_view<float> xb, matrix_view<float> yb) {
                         const std::size_t n = xb.rows;
                         const matrix_view<float> h(

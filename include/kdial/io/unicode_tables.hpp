@@ -41,6 +41,7 @@ struct composition {
     char32_t composite;
 };
 
+// clang-format off
 // value: 1 letter (L*), 2 number (N*), 3 White_Space; absent ranges are "other".
 inline constexpr range_value char_classes[] = {
     {0x9, 0xD, 3}, {0x20, 0x20, 3}, {0x30, 0x39, 2}, {0x41, 0x5A, 1},
@@ -1117,5 +1118,6 @@ inline constexpr range nfc_quick_check_not_yes[] = {
     {0x114BA, 0x114BA}, {0x114BD, 0x114BD}, {0x115AF, 0x115AF}, {0x1D15E, 0x1D164}, {0x1D1BB, 0x1D1C0},
     {0x2F800, 0x2FA1D},
 };
+// clang-format on
 
 } // namespace kdial::io::detail::unicode_tables

@@ -130,3 +130,15 @@ void swiglu_gate_up(const weight_view<W>& gate /*[F, d]*/, const weight_view<W>&
 }
 
 } // namespace kdial
+
+namespace kdial {
+// The row class of an n-row call, the key to a row's bits: n itself on the
+// GEMV path (bits depend on the exact count, 1..gemv_max_rows),
+// small_max_rows on the small-row path, small_max_rows + 1 on the GEMM. Two
+// calls of one class give a row the same bits (for the GEMV, at the same
+// position), whatever else they hold (distributed/ pads rows to keep them).
+constexpr std::size_t row_class(std::size_t n) noexcept
+{
+    return n <= gemv_max_rows ? n : n <= small_max_rows ? small_max_rows : small_max_rows + 1;
+}
+} // namespace kdial

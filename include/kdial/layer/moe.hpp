@@ -148,7 +148,30 @@ private:
 
 namespace detail {
 struct moe_stages;
-}
+
+// n rows cut into count = ceil(n / max_rows) near-equal chunks, the first
+// n % count of them one row longer: the tile scheduler's row chunks
+// (moe_stages::add_tiles), which distributed/ reproduces to keep one
+// process's bits.
+struct near_equal_chunks {
+    std::size_t count, base, extra;
+    near_equal_chunks(std::size_t n, std::size_t max_rows) noexcept
+        : count((n + max_rows - 1) / max_rows)
+        , base(count ? n / count : 0)
+        , extra(count ? n % count : 0)
+    {
+    }
+    // First row and row count of chunk j < count.
+    std::size_t begin(std::size_t j) const noexcept { return j * base + std::min(j, extra); }
+    std::size_t rows(std::size_t j) const noexcept { return base + (j < extra ? 1 : 0); }
+    // The chunk that holds row g < n.
+    std::size_t of(std::size_t g) const noexcept
+    {
+        const std::size_t long_rows = extra * (base + 1);
+        return g < long_rows ? g / (base + 1) : extra + (g - long_rows) / base;
+    }
+};
+} // namespace detail
 
 // The scratch of one stream (see the header comment).
 class moe_workspace {
@@ -230,6 +253,10 @@ public:
     matrix_view<float> expert_outputs() noexcept { return { ys_, slots(), shape_.hidden }; }
     cmatrix_view<float> expert_outputs() const noexcept { return { ys_, slots(), shape_.hidden }; }
 
+    // Most rows of a tile's row chunk: an expert's n rows (and the shared
+    // expert's T) run in detail::near_equal_chunks(n, gemm_rows).
+    static constexpr std::size_t gemm_rows = 512;
+
 private:
     friend struct detail::moe_stages;
 
@@ -239,9 +266,7 @@ private:
         std::uint32_t c0, c1; // output columns
     };
 
-    // Most rows of a row chunk (chunks are near-equal, see add_tiles) and the
-    // smallest column chunk of a tile.
-    static constexpr std::size_t gemm_rows = 512;
+    // Smallest column chunk of a tile.
     static constexpr std::size_t min_cols = 16;
 
     static void check_shape(const moe_shape& s)
@@ -434,16 +459,13 @@ struct moe_stages {
         static_assert(moe_workspace::gemm_rows / 2 > small_max_rows);
         if (n == 0)
             return;
-        const std::size_t chunks = (n + moe_workspace::gemm_rows - 1) / moe_workspace::gemm_rows;
-        const std::size_t base = n / chunks, extra = n % chunks;
-        std::size_t r0 = 0;
-        for (std::size_t j = 0; j < chunks; ++j) {
-            const std::size_t r1 = r0 + base + (j < extra ? 1 : 0);
+        const near_equal_chunks rc(n, moe_workspace::gemm_rows);
+        for (std::size_t j = 0; j < rc.count; ++j) {
+            const std::size_t r0 = rc.begin(j), r1 = r0 + rc.rows(j);
             const std::size_t cc = col_chunk(cols, r1 - r0, col_bytes, col_flops);
             for (std::size_t c0 = 0; c0 < cols; c0 += cc)
                 tiles[count++] = { e, std::uint32_t(r0), std::uint32_t(r1), std::uint32_t(c0),
                     std::uint32_t(std::min(cols, c0 + cc)) };
-            r0 = r1;
         }
     }
 
