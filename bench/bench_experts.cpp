@@ -2,7 +2,10 @@
 // n rows in {1, 2, 4, 8, 16, 32, 64, 128, 512}, weights in f32 / bf16 / f16 / q8 (GGUF Q8_0) /
 // q4_0 (GGUF Q4_0) / q4_k (GGUF Q4_K, in place); decode (n = 1) also on the
 // AVX2 + FMA path (xsimd fma3<avx2>) where the CPU has it, so the AVX2-only
-// machines' regime is timed on any x86 machine.
+// machines' regime is timed on any x86 machine. int8 activations
+// (kernels/qdot.hpp, activations quantised once per call, as moe::run_experts
+// does) at every row count for q8 and q4_0 (decode for q4_k), on the native
+// integer-dot path and on the AVX-VNNI and plain AVX2 ones.
 // Formulas (stated once):
 //   weight bytes = 3 * F * d * bytes_per_weight   (f32 4, bf16 f16 2, q8 34/32,
 //                                                  q4_0 18/32, q4_k 144/256)
@@ -203,29 +206,30 @@ using avx2_fma = xsimd::fma3<xsimd::avx2>;
 BENCHMARK_TEMPLATE(bm_expert, kdial::f32_t, avx2_fma)->Apply(expert_args);
 BENCHMARK_TEMPLATE(bm_expert, kdial::bf16_t, avx2_fma)->Apply(expert_args);
 BENCHMARK_TEMPLATE(bm_expert, kdial::q8_t, avx2_fma)->Apply(expert_args);
-BENCHMARK_TEMPLATE(bm_expert, kdial::q4_0_t, avx2_fma)->Apply(avx2_args);
+BENCHMARK_TEMPLATE(bm_expert, kdial::q4_0_t, avx2_fma)->Apply(expert_args);
 BENCHMARK_TEMPLATE(bm_expert, kdial::q4_k_t, avx2_fma)->Apply(avx2_args);
 
-// int8 activations (kernels/qdot.hpp), decode: the AVX-512 VNNI, AVX-VNNI
-// and plain AVX2 (vpmaddubsw, the Zen 3 regime) paths where built.
+// int8 activations (kernels/qdot.hpp), every row count for q8 and q4_0:
+// the AVX-512 VNNI, AVX-VNNI and plain AVX2 (vpmaddubsw, the Zen 3 regime)
+// paths where built.
 constexpr int isa_int(kdial::qdot_isa i)
 {
     return static_cast<int>(i);
 }
 #if KDIAL_QDOT_AVX512_VNNI
 BENCHMARK_TEMPLATE(bm_expert, kdial::q8_t, xsimd::default_arch, isa_int(kdial::qdot_isa::avx512_vnni))
-    ->Apply(avx2_args);
+    ->Apply(expert_args);
 BENCHMARK_TEMPLATE(bm_expert, kdial::q4_0_t, xsimd::default_arch, isa_int(kdial::qdot_isa::avx512_vnni))
-    ->Apply(avx2_args);
+    ->Apply(expert_args);
 BENCHMARK_TEMPLATE(bm_expert, kdial::q4_k_t, xsimd::default_arch, isa_int(kdial::qdot_isa::avx512_vnni))
     ->Apply(avx2_args);
 #endif
 #if KDIAL_QDOT_AVX_VNNI
-BENCHMARK_TEMPLATE(bm_expert, kdial::q8_t, avx2_fma, isa_int(kdial::qdot_isa::avx_vnni))->Apply(avx2_args);
-BENCHMARK_TEMPLATE(bm_expert, kdial::q4_0_t, avx2_fma, isa_int(kdial::qdot_isa::avx_vnni))->Apply(avx2_args);
+BENCHMARK_TEMPLATE(bm_expert, kdial::q8_t, avx2_fma, isa_int(kdial::qdot_isa::avx_vnni))->Apply(expert_args);
+BENCHMARK_TEMPLATE(bm_expert, kdial::q4_0_t, avx2_fma, isa_int(kdial::qdot_isa::avx_vnni))->Apply(expert_args);
 BENCHMARK_TEMPLATE(bm_expert, kdial::q4_k_t, avx2_fma, isa_int(kdial::qdot_isa::avx_vnni))->Apply(avx2_args);
 #endif
-BENCHMARK_TEMPLATE(bm_expert, kdial::q8_t, avx2_fma, isa_int(kdial::qdot_isa::avx2))->Apply(avx2_args);
-BENCHMARK_TEMPLATE(bm_expert, kdial::q4_0_t, avx2_fma, isa_int(kdial::qdot_isa::avx2))->Apply(avx2_args);
+BENCHMARK_TEMPLATE(bm_expert, kdial::q8_t, avx2_fma, isa_int(kdial::qdot_isa::avx2))->Apply(expert_args);
+BENCHMARK_TEMPLATE(bm_expert, kdial::q4_0_t, avx2_fma, isa_int(kdial::qdot_isa::avx2))->Apply(expert_args);
 BENCHMARK_TEMPLATE(bm_expert, kdial::q4_k_t, avx2_fma, isa_int(kdial::qdot_isa::avx2))->Apply(avx2_args);
 #endif

@@ -95,8 +95,8 @@ Greedy generation; streams text (or ids when the model has no tokenizer.json).
   --max-new N     tokens to generate (default 32); stops early at an EOS id
   --threads N     worker threads (default: all cores)
   --weights W     native (as stored, default) or int8 (quantised at load)
-  --act A         exact (default: f32 activations) or int8: decode rows (<= 4 per
-                  expert or dense layer) of q8/q4_0/q4_k weights quantised to int8 per
+  --act A         exact (default: f32 activations) or int8: the activations of
+                  q8/q4_0/q4_k weights (decode and prefill) quantised to int8 per
                   block of 32 and integer dot products (faster, slightly different logits)
   --check-weights scan every weight for NaN / inf at load (names the tensor and element)
   --allow-long-context

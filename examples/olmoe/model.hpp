@@ -344,9 +344,9 @@ private:
     }
 
 public:
-    // int8 activations for the 8- and 4-bit weights' GEMV path (decode
-    // rows, kernels/qdot.hpp) in every layer and lm_head, or exact (the
-    // default; --act).
+    // int8 activations for the 8- and 4-bit weights (any row count,
+    // kernels/qdot.hpp) in every layer and lm_head, or exact (the default;
+    // --act).
     void set_act_mode(kdial::act_mode a)
     {
         act_ = a;

@@ -1,11 +1,14 @@
-// kernels/qdot.hpp: the int8 activation quantiser and the integer-dot GEMV
-// (q8, q4_0, q4_k weights; n = 1..4) against the scalar reference written
-// from the definition (tests/ref/qdot_ref.hpp), bit for bit, on every
-// integer-dot path this build has and this CPU runs (generic, AVX2,
-// AVX-VNNI, AVX-512BW, AVX-512 VNNI; NEON / NEON dotprod on aarch64), odd
-// shapes, every output split, extreme inputs; through linear() for every
-// arch TU; dense_linear with 1 and 2 threads; and the extra error of int8
-// activations against the exact f32 path, within a derived bound.
+// kernels/qdot.hpp: the int8 activation quantiser and the integer-dot
+// kernels (q8, q4_0, q4_k weights; decode n = 1..4 and prefill at any row
+// count) against the scalar reference written from the definition
+// (tests/ref/qdot_ref.hpp), bit for bit, on every integer-dot path this build
+// has and this CPU runs (generic, AVX2, AVX-VNNI, AVX-512BW, AVX-512 VNNI;
+// NEON / NEON dotprod on aarch64), odd shapes, every output split, extreme
+// inputs, every row count and position (so a row's bits do not depend on the
+// row count, its group or the column blocks); through linear() for every
+// arch TU; dense_linear (several outputs, row chunks) with 1 and 2 threads;
+// and the extra error of int8 activations against the exact f32 path,
+// within a derived bound.
 #include <doctest/doctest.h>
 
 #include <kdial/kernels/dense.hpp>
@@ -247,35 +250,117 @@ TEST_CASE_TEMPLATE("linear_q8act / swiglu_gate_up_q8act: bit-identical to the re
     }
 }
 
-TEST_CASE_TEMPLATE("linear with act_mode::int8: every arch TU equals the reference; n > 4 stays exact [kernels][qdot]",
+TEST_CASE_TEMPLATE("linear_q8act / swiglu_gate_up_q8act: any row count and position, every path, bit-identical "
+                   "to the reference [kernels][qdot]",
     W, q8_t, q4_0_t, q4_k_t)
+{
+    // 130 rows quantised once; every n in a dense sample of 1..130 at the
+    // first, a middle and the last position, split at an odd column: each
+    // row must give the reference's bits (which depend on that row alone).
+    const auto list = isas();
+    std::mt19937 rng(13);
+    constexpr bool k4 = std::is_same_v<W, q4_k_t>;
+    const std::size_t K = k4 ? 512 : 295, O = 37, N = 130;
+    const auto w = ref::random_weights<W>(O, K, rng, 1, 1);
+    const auto up = ref::random_weights<W>(O, K, rng);
+    auto x = ref::random_matrix(N, K, rng, 3, 1, 2.0f);
+    for (std::size_t i = 0; i < N; i += 9) // some rows with the hard blocks
+        add_extremes(x.view.sub_rows(i, 1), rng);
+    const auto a = quantize(cmatrix_view<float>(x.view));
+    const auto want = ref::linear_int8(w.view, x.view.data, N, x.view.stride);
+    const auto wu = ref::linear_int8(up.view, x.view.data, N, x.view.stride);
+    std::vector<std::size_t> ns;
+    for (std::size_t n = 1; n <= 17; ++n)
+        ns.push_back(n);
+    for (std::size_t n : { 23u, 31u, 32u, 33u, 47u, 63u, 64u, 65u, 100u, 127u, 128u, 129u, 130u })
+        ns.push_back(n);
+    for (const auto& isa : list) {
+        const auto& f = isa.get<W>();
+        CAPTURE(isa.name);
+        for (std::size_t n : ns)
+            for (const std::size_t r0 : { std::size_t { 0 }, (N - n) / 2, N - n }) {
+                CAPTURE(n);
+                CAPTURE(r0);
+                const act_q8_cview xq = act_q8_cview(a.v).sub_rows(r0, n);
+                auto y = ref::filled_matrix(n, O, 2), h = ref::filled_matrix(n, O, 1);
+                const std::size_t cut = 2 * O / 3 + 1;
+                f.lin(w.view, xq, cut, O, y.view);
+                f.lin(w.view, xq, 0, cut, y.view);
+                f.gu(w.view, up.view, xq, 0, cut, h.view);
+                f.gu(w.view, up.view, xq, cut, O, h.view);
+                bool same = true, hsame = true;
+                for (std::size_t i = 0; i < n; ++i)
+                    for (std::size_t o = 0; o < O; ++o) {
+                        const std::size_t j = (r0 + i) * O + o;
+                        same = same && same_float(y.view(i, o), want[j]);
+                        hsame = hsame && same_float(h.view(i, o), simd::silu(want[j]) * wu[j]);
+                    }
+                CHECK(same);
+                CHECK(hsame);
+                CHECK(y.buf.back() == ref::sentinel);
+            }
+    }
+}
+
+TEST_CASE_TEMPLATE("linear_q8act: weights wider than one cache-derived column block give the reference's bits "
+                   "[kernels][qdot]",
+    W, q8_t, q4_0_t, q4_k_t)
+{
+    // Long rows make the L2-sized column blocks a few columns wide: O spans
+    // several blocks for linear and for gate/up (two rows per column).
+    const std::size_t K = 16384;
+    const std::size_t row_bytes = storage_cols<W>(K) * sizeof(typename W::storage);
+    const std::size_t O = std::min<std::size_t>(2 * detail::qdot_block_cols(row_bytes, 1) + 5, 200);
+    std::mt19937 rng(17);
+    const auto w = ref::random_weights<W>(O, K, rng);
+    const auto up = ref::random_weights<W>(O, K, rng);
+    for (std::size_t n : { 5u, 9u }) {
+        const auto x = ref::random_matrix(n, K, rng);
+        const auto a = quantize(cmatrix_view<float>(x.view));
+        const auto want = ref::linear_int8(w.view, x.view.data, n, x.view.stride);
+        const auto wu = ref::linear_int8(up.view, x.view.data, n, x.view.stride);
+        auto y = ref::filled_matrix(n, O), h = ref::filled_matrix(n, O);
+        linear_q8act(w.view, a.v, 0, O, y.view);
+        swiglu_gate_up_q8act(w.view, up.view, a.v, 0, O, h.view);
+        CAPTURE(n);
+        CAPTURE(O);
+        bool same = true, hsame = true;
+        for (std::size_t i = 0; i < n; ++i)
+            for (std::size_t o = 0; o < O; ++o) {
+                same = same && same_float(y.view(i, o), want[i * O + o]);
+                hsame = hsame && same_float(h.view(i, o), simd::silu(want[i * O + o]) * wu[i * O + o]);
+            }
+        CHECK(same);
+        CHECK(hsame);
+    }
+}
+
+TEST_CASE_TEMPLATE("linear with act_mode::int8: every arch TU equals the reference at any row count [kernels][qdot]", W,
+    q8_t, q4_0_t, q4_k_t)
 {
     std::mt19937 rng(5);
     for (const auto* k : test::kernel_archs()) {
         const auto& f = k->get<W>();
-        for (std::size_t n : { 1u, 2u, 3u, 4u, 5u }) {
+        for (std::size_t n : { 1u, 2u, 3u, 4u, 5u, 8u, 13u, 64u, 65u }) {
             const std::size_t K = fit_cols<W>(std::is_same_v<W, q4_k_t> ? 512 : 320), O = 37;
             const auto w = ref::random_weights<W>(O, K, rng);
+            const auto up = ref::random_weights<W>(O, K, rng);
             const auto x = ref::random_matrix(n, K, rng, 1, 1);
-            auto y = ref::filled_matrix(n, O);
+            auto y = ref::filled_matrix(n, O), h = ref::filled_matrix(n, O);
             f.linear_int8(w.view, cmatrix_view<float>(x.view), 0, O, y.view);
-            std::vector<float> want;
-            if (n <= gemv_max_rows) {
-                want = ref::linear_int8(w.view, x.view.data, n, x.view.stride);
-            } else {
-                auto e = ref::filled_matrix(n, O);
-                f.linear(w.view, cmatrix_view<float>(x.view), 0, O, e.view);
-                for (std::size_t i = 0; i < n; ++i)
-                    for (std::size_t o = 0; o < O; ++o)
-                        want.push_back(e.view(i, o));
-            }
+            f.gate_up_int8(w.view, up.view, cmatrix_view<float>(x.view), 0, O, h.view);
+            const auto want = ref::linear_int8(w.view, x.view.data, n, x.view.stride);
+            const auto wu = ref::linear_int8(up.view, x.view.data, n, x.view.stride);
             CAPTURE(k->name);
             CAPTURE(n);
-            bool same = true;
+            bool same = true, hsame = true;
             for (std::size_t i = 0; i < n; ++i)
-                for (std::size_t o = 0; o < O; ++o)
+                for (std::size_t o = 0; o < O; ++o) {
                     same = same && same_float(y.view(i, o), want[i * O + o]);
+                    hsame = hsame && same_float(h.view(i, o), simd::silu(want[i * O + o]) * wu[i * O + o]);
+                }
             CHECK(same);
+            CHECK(hsame);
         }
     }
 }
@@ -316,13 +401,18 @@ TEST_CASE_TEMPLATE("linear act_mode::int8: error vs the exact path within the qu
     }
 }
 
-TEST_CASE("dense_linear act_mode::int8: 1 and 2 threads give identical bytes [kernels][qdot][threads]")
+TEST_CASE("dense_linear act_mode::int8: 1 and 2 threads give identical bytes, several outputs, any row count "
+          "[kernels][qdot][threads]")
 {
     std::mt19937 rng(9);
-    const std::size_t K = 2048, O = 3000;
+    const std::size_t K = 2048, O = 3000, Ok = 200;
     const auto w = ref::random_weights<q4_0_t>(O, K, rng);
-    const any_weight_view wv = w.view;
-    for (std::size_t n = 1; n <= 4; ++n) {
+    const auto wk = ref::random_weights<q8_t>(Ok, K, rng);
+    const auto wb = ref::random_weights<bf16_t>(Ok, K, rng);
+    const any_weight_view wv = w.view, wkv = wk.view, wbv = wb.view;
+    const std::vector<float> bias = test::random_floats(Ok, 3);
+    for (std::size_t n : { 1u, 2u, 3u, 4u, 5u, 37u, 300u }) {
+        CAPTURE(n);
         const auto x = ref::random_matrix(n, K, rng);
         std::vector<float> y1(n * O), y2(n * O);
         test::with_threads(1, [&] {
@@ -334,5 +424,21 @@ TEST_CASE("dense_linear act_mode::int8: 1 and 2 threads give identical bytes [ke
         CHECK(test::same_bytes(y1, y2));
         const auto want = ref::linear_int8(w.view, x.view.data, n, x.view.stride);
         CHECK(test::same_bytes(y1, want));
+        // Three outputs in one launch (q8 with a bias, bf16 exact): each as alone.
+        std::vector<float> a(n * O), b(n * Ok), c(n * Ok), b1(n * Ok), c1(n * Ok);
+        const dense_output outs[] = { { &wv, matrix_view<float>(a.data(), n, O) },
+            { &wkv, matrix_view<float>(b.data(), n, Ok), bias.data() }, { &wbv, matrix_view<float>(c.data(), n, Ok) } };
+        test::with_threads(2, [&] { dense_linear(cmatrix_view<float>(x.view), outs, act_mode::int8); });
+        dense_linear(
+            wkv, cmatrix_view<float>(x.view), matrix_view<float>(b1.data(), n, Ok), bias.data(), act_mode::int8);
+        dense_linear(wbv, cmatrix_view<float>(x.view), matrix_view<float>(c1.data(), n, Ok));
+        CHECK(test::same_bytes(a, y1));
+        CHECK(test::same_bytes(b, b1));
+        CHECK(test::same_bytes(c, c1));
+        auto wantk = ref::linear_int8(wk.view, x.view.data, n, x.view.stride);
+        for (std::size_t i = 0; i < n; ++i)
+            for (std::size_t o = 0; o < Ok; ++o)
+                wantk[i * Ok + o] += bias[o];
+        CHECK(test::same_bytes(b, wantk));
     }
 }

@@ -4,7 +4,9 @@
 // SIMD arch this CPU runs; a row's bits do not depend on the row count in
 // [5, small_max_rows] nor on its place in the call (and equal the GEMV's at
 // n = 3, 4 when K fits one 512-input chunk); a weight matrix wider than one
-// cache-derived column block; and the cache sizes themselves.
+// cache-derived column block; and the cache sizes themselves. With
+// act_mode::int8 (q8, q4_0, q4_k): every row count 1..130 gives the int8
+// reference's bits (tests/ref/qdot_ref.hpp) on every arch.
 #include <doctest/doctest.h>
 
 #include <kdial/core/cache.hpp>
@@ -12,6 +14,7 @@
 
 #include "kernels/arch_kernels.hpp"
 #include "ref/kernels_ref.hpp"
+#include "ref/qdot_ref.hpp"
 
 #include <cstring>
 #include <random>
@@ -188,6 +191,39 @@ TEST_CASE_TEMPLATE("linear, swiglu_gate_up: weights wider than one cache-derived
                 kf.gate_up(g, uu, x.view.sub_rows(i0, 5), 0, O / 2, hz.view.sub_rows(i0, 5));
             }
             CHECK(same_rows(h.view, hz.view));
+        }
+    }
+}
+
+TEST_CASE_TEMPLATE("linear, swiglu_gate_up act_mode::int8: every row count 1..130 gives the int8 reference's bits, "
+                   "every arch [kernels][rows][qdot]",
+    W, q8_t, q4_0_t, q4_k_t)
+{
+    for (const auto* arch : kernel_archs()) {
+        CAPTURE(arch->name);
+        const arch_fns<W>& kf = arch->get<W>();
+        std::mt19937 rng(24);
+        // Odd O; K: 9 blocks of 32 plus a partial one (q4_k: 2 super-blocks).
+        const std::size_t O = 19, K = std::is_same_v<W, q4_k_t> ? 512 : 301;
+        const auto w = ref::random_weights<W>(O, K, rng, 3, 1);
+        const auto g = ref::random_weights<W>(O, K, rng, 1, 0);
+        for (std::size_t n = 1; n <= 130; ++n) {
+            CAPTURE(n);
+            const auto x = ref::random_matrix(n, K, rng, 5, 1, 0.5f);
+            auto y = ref::filled_matrix(n, O, 1, 1), h = ref::filled_matrix(n, O, 2, 0);
+            kf.linear_int8(w.view, x.view, 0, O, y.view);
+            kf.gate_up_int8(g.view, w.view, x.view, 0, O, h.view);
+            const auto want = ref::linear_int8(w.view, x.view.data, n, x.view.stride);
+            const auto wg = ref::linear_int8(g.view, x.view.data, n, x.view.stride);
+            bool same = true, hsame = true;
+            for (std::size_t i = 0; i < n; ++i)
+                for (std::size_t o = 0; o < O; ++o) {
+                    const float hw = simd::silu(wg[i * O + o]) * want[i * O + o];
+                    same = same && std::memcmp(&y.view(i, o), &want[i * O + o], sizeof(float)) == 0;
+                    hsame = hsame && std::memcmp(&h.view(i, o), &hw, sizeof(float)) == 0;
+                }
+            CHECK(same);
+            CHECK(hsame);
         }
     }
 }

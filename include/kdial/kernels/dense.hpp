@@ -3,10 +3,14 @@
 // weight_view of f32, bf16, f16, q8, q4_0 or q4_k, and dense_linear() runs Y = X Wᵀ (+ b) in
 // parallel over tiles of output columns sized by the weight bytes (never by
 // the thread count), so results are bit-identical for any thread count.
-// Several layers that read the same input can run in one launch.
+// Several layers that read the same input can run in one launch; with
+// act_mode::int8 that input is quantised once for all of them.
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
 #include <span>
 #include <variant>
 
@@ -53,14 +57,89 @@ inline std::size_t dense_cols(const any_weight_view& w)
     const std::size_t row_bytes = std::max<std::size_t>(1, bytes_of(w) / std::max<std::size_t>(1, O));
     return std::max<std::size_t>(64, (std::size_t { 512 } << 10) / row_bytes / 64 * 64);
 }
+
+// Quantises the rows of x into out (out.rows == x.rows), 16 rows per tile on
+// ex: rows are independent, so the bytes equal one serial call's.
+inline void quantize_act_rows(executor_ref ex, cmatrix_view<float> x, const act_q8_view& out)
+{
+    constexpr std::size_t rows = 16;
+    const auto body = [&](std::size_t t) {
+        const std::size_t a = t * rows, b = std::min(x.rows, a + rows);
+        act_q8_view o = out;
+        o.q += a * out.blocks * act_block;
+        o.d += a * out.blocks;
+        o.s += a * out.blocks;
+        o.rows = b - a;
+        quantize_act_q8(x.sub_rows(a, b - a), o);
+    };
+    if (x.rows > 0)
+        ex.parallel_for((x.rows + rows - 1) / rows, body);
+}
+
+// 64-byte aligned scratch for the quantised X of a dense_linear call, one
+// buffer per calling thread: it grows to the largest X the thread has passed
+// and then never allocates again. A call nested in another on the same
+// thread (a TBB thread that steals a task while it waits) finds the buffer
+// busy and takes memory of its own for that call.
+class dense_act_scratch {
+public:
+    explicit dense_act_scratch(std::size_t bytes)
+    {
+        buffer& b = tls();
+        if (!b.busy) {
+            if (b.size < bytes + 64) {
+                b.p.reset(new std::byte[bytes + 64]);
+                b.size = bytes + 64;
+            }
+            b.busy = true;
+            held_ = &b;
+            base_ = b.p.get();
+        } else {
+            own_.reset(new std::byte[bytes + 64]);
+            base_ = own_.get();
+        }
+    }
+    ~dense_act_scratch()
+    {
+        if (held_)
+            held_->busy = false;
+    }
+    dense_act_scratch(const dense_act_scratch&) = delete;
+    dense_act_scratch& operator=(const dense_act_scratch&) = delete;
+    std::byte* data() const noexcept { return base_ + (64 - reinterpret_cast<std::uintptr_t>(base_) % 64) % 64; }
+
+private:
+    struct buffer {
+        std::unique_ptr<std::byte[]> p;
+        std::size_t size = 0;
+        bool busy = false;
+    };
+    static buffer& tls() noexcept
+    {
+        thread_local buffer b;
+        return b;
+    }
+    buffer* held_ = nullptr;
+    std::unique_ptr<std::byte[]> own_;
+    std::byte* base_ = nullptr;
+};
+
+inline bool has_qdot(dtype t) noexcept
+{
+    return t == dtype::q8 || t == dtype::q4_0 || t == dtype::q4_k;
+}
 } // namespace detail
 
 // Several dense layers reading the same X (e.g. q, k and v) in one parallel
 // launch, so small decode steps pay for one synchronisation instead of one
 // per layer. Tiles: 256-row chunks of X times ~512 KiB column tiles of each
 // weight, in a fixed list, so the result is the same for any thread count.
-// act: act_mode::int8 runs q8/q4_0/q4_k weights with int8 activations when
-// X has <= gemv_max_rows rows (kernels/qdot.hpp).
+// act: act_mode::int8 runs q8/q4_0/q4_k weights with int8 activations at
+// any row count (kernels/qdot.hpp). X with more than gemv_max_rows rows is
+// quantised once (in parallel, into a per-thread buffer that only grows: see
+// detail::dense_act_scratch) and shared by every output and tile; decode rows (K <=
+// act_q8_stack_elems) are quantised on the stack per tile (linear()). A row's bits do not depend on
+// the row count either way.
 inline void dense_linear(cmatrix_view<float> X, std::span<const dense_output> outs, act_mode act = act_mode::exact)
 {
     std::size_t tiles = 0;
@@ -75,6 +154,17 @@ inline void dense_linear(cmatrix_view<float> X, std::span<const dense_output> ou
     }
     if (X.rows == 0 || tiles == 0)
         return;
+    bool quantise = false;
+    if (act == act_mode::int8 && (X.rows > gemv_max_rows || X.cols > act_q8_stack_elems))
+        for (const auto& o : outs)
+            quantise = quantise || detail::has_qdot(type_of(*o.w));
+    std::optional<detail::dense_act_scratch> scratch;
+    act_q8_view xq {};
+    if (quantise) {
+        scratch.emplace(act_q8_bytes(X.rows, X.cols));
+        xq = bind_act_q8(scratch->data(), X.rows, X.cols);
+        detail::quantize_act_rows(default_executor {}, X, xq);
+    }
     parallel::for_each_index(tiles, [&](std::size_t i) {
         // Find the output and the tile within it (outs is short).
         for (const auto& o : outs) {
@@ -88,7 +178,15 @@ inline void dense_linear(cmatrix_view<float> X, std::span<const dense_output> ou
             const std::size_t r0 = rt * row_chunk, r1 = std::min(X.rows, r0 + row_chunk);
             const std::size_t c0 = ct * cols, c1 = std::min(O, c0 + cols);
             const auto y = o.y.sub_rows(r0, r1 - r0);
-            std::visit([&](const auto& wv) { linear(wv, X.sub_rows(r0, r1 - r0), c0, c1, y, act); }, *o.w);
+            std::visit(
+                [&](const auto& wv) {
+                    using W = typename std::decay_t<decltype(wv)>::format;
+                    if constexpr (qdot_weight<W>)
+                        if (quantise)
+                            return linear_q8act(wv, act_q8_cview(xq).sub_rows(r0, r1 - r0), c0, c1, y);
+                    linear(wv, X.sub_rows(r0, r1 - r0), c0, c1, y, act);
+                },
+                *o.w);
             if (o.bias)
                 for (std::size_t r = 0; r < y.rows; ++r)
                     for (std::size_t c = c0; c < c1; ++c)

@@ -1,17 +1,21 @@
 // Linear layers of an expert (stage 3): Y[n, o0:o1] = X[n, :] . W[o0:o1, :]ᵀ
 // and the fused SwiGLU front half H[:, f0:f1] = silu(X Wgᵀ) * (X Wuᵀ), for
 // weights in f32, bf16, f16 or q8, tiled over output columns by the caller.
-// Path rule, by n only: n <= gemv_max_rows streams weights (GEMV,
+// Path rule (exact activations), by n only: n <= gemv_max_rows streams weights (GEMV,
 // memory-bound); n <= small_max_rows converts weights in registers and reuses
 // them across groups of rows (kernels/rows.hpp); larger n packs weight panels
 // (GEMM, FMA-bound). Within a path a row's outputs are bit-identical for any
 // column split [o0, o1); the GEMV at n = 3, 4 and the small-row path give a
 // row the same bits for any n in [3, small_max_rows], and the GEMM gives a
-// row the same bits for any n > small_max_rows.
+// row the same bits for any n > small_max_rows. act_mode::int8 (q8, q4_0,
+// q4_k weights) takes kernels/qdot.hpp at every n: a row's bits there do not
+// depend on n at all.
 // Serial, noexcept, no heap allocation, no checks: validate at the edge.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
+#include <cstdint>
 
 #include "../core/views.hpp"
 #include "gemm.hpp"
@@ -28,26 +32,32 @@ namespace kdial {
 inline constexpr std::size_t gemv_max_rows = 4;
 
 namespace detail {
-// act_mode::int8 on the GEMV path: X quantised into a stack buffer (see
-// act_q8_stack_elems), then the integer-dot kernel. False (nothing done)
-// when W has no integer path, n > gemv_max_rows or X does not fit.
+// act_mode::int8: X quantised into a stack buffer (see act_q8_stack_elems)
+// a chunk of rows at a time (a multiple of 4 rows where K allows), then the
+// integer-dot kernel on each chunk (the rows' bits do not depend on the
+// chunking, kernels/qdot.hpp). False (nothing done) when W has no integer
+// path or a row of X does not fit the buffer.
 template <class Arch, weight_type W>
 bool try_int8(const weight_view<W>* w, const weight_view<W>* up, cmatrix_view<float> x, std::size_t o0, std::size_t o1,
     matrix_view<float> y) noexcept
 {
     if constexpr (qdot_weight<W>) {
-        const std::size_t nb = (x.cols + act_block - 1) / act_block;
-        if (x.rows > gemv_max_rows || x.rows * nb * act_block > act_q8_stack_elems)
+        const std::size_t nb = (x.cols + act_block - 1) / act_block, fit = act_q8_stack_elems / (nb * act_block);
+        if (fit == 0)
             return false;
+        const std::size_t chunk = fit >= 4 ? fit / 4 * 4 : fit;
         alignas(64) std::int8_t q[act_q8_stack_elems];
         float d[act_q8_stack_elems / act_block];
         std::int32_t s[act_q8_stack_elems / act_block];
-        const act_q8_view v { q, d, s, x.rows, nb };
-        quantize_act_q8(x, v);
-        if (up)
-            swiglu_gate_up_q8act<W, Arch>(*w, *up, v, o0, o1, y);
-        else
-            linear_q8act<W, Arch>(*w, v, o0, o1, y);
+        for (std::size_t i0 = 0; i0 < x.rows; i0 += chunk) {
+            const std::size_t n = std::min(chunk, x.rows - i0);
+            const act_q8_view v { q, d, s, n, nb };
+            quantize_act_q8(x.sub_rows(i0, n), v);
+            if (up)
+                swiglu_gate_up_q8act<W, Arch>(*w, *up, v, o0, o1, y.sub_rows(i0, n));
+            else
+                linear_q8act<W, Arch>(*w, v, o0, o1, y.sub_rows(i0, n));
+        }
         return true;
     } else
         return false;
@@ -64,7 +74,8 @@ inline constexpr std::size_t small_max_rows = 12;
 // Y[:, o0:o1] = X . W[o0:o1, :]ᵀ; other columns of Y are not touched.
 // Requires W.cols == X.cols, o0 <= o1 <= W.rows, Y.rows == X.rows,
 // o1 <= Y.cols. act: act_mode::int8 quantises X for q8/q4_0/q4_k weights
-// on the GEMV path (kernels/qdot.hpp); exact otherwise.
+// (any row count, K <= act_q8_stack_elems; kernels/qdot.hpp) and runs
+// integer dots; exact otherwise.
 template <weight_type W, class Arch = xsimd::default_arch>
 void linear(const weight_view<W>& w /*[O, K]*/, cmatrix_view<float> x /*[n, K]*/, std::size_t o0, std::size_t o1,
     matrix_view<float> y /*[n, O]*/, act_mode act = act_mode::exact) noexcept

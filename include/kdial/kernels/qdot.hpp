@@ -1,14 +1,20 @@
-// Integer dot products for 8- and 4-bit weights (stage 3, decode: n <= 4
-// rows of activations), the act_mode::int8 alternative to the exact GEMV:
-// each row of X is quantised per block of 32 to int8 with an f32 scale (as
-// the GGUF Q8_0 x Q8_0 dot does), then every (x block, weight block) pair
-// gives an exact int32 dot (VPDPBUSD on AVX-512 VNNI / AVX-VNNI,
-// vpmaddubsw + vpmaddwd on AVX2 and AVX-512BW, sdot or smull + sadalp on
-// aarch64, plain loops elsewhere), scaled and summed in f32.
+// Integer dot products for 8- and 4-bit weights (stage 3), the
+// act_mode::int8 alternative to the exact f32-activation kernels: each row of
+// X is quantised per block of 32 to int8 with an f32 scale (as the GGUF
+// Q8_0 x Q8_0 dot does), then every (x block, weight block) pair gives an
+// exact int32 dot (VPDPBUSD on AVX-512 VNNI / AVX-VNNI, vpmaddubsw +
+// vpmaddwd on AVX2 and AVX-512BW, sdot or smull + sadalp on aarch64, plain
+// loops elsewhere), scaled and summed in f32. Any row count: decode (n <= 4)
+// streams weights once for all rows; prefill (n > 4) on x86 packs 8 or 16
+// output columns into a panel whose lanes are the columns (no horizontal
+// reduction) and runs every group of rows over it; elsewhere it cuts the
+// outputs into column blocks whose weights fit half the L2 (core/cache.hpp)
+// and passes every near-equal group of <= 4 rows over a block in cache.
 //
 // One summation order for every path (so the result is bit-identical for
-// any thread count, any output split AND across all arch paths: generic,
-// AVX2, AVX-VNNI, AVX-512BW, AVX-512 VNNI, NEON; tested): block b of a row
+// any thread count, any output split, any row count, row group or position
+// AND across all arch paths: generic, AVX2, AVX-VNNI, AVX-512BW, AVX-512
+// VNNI, NEON; tested): block b of a row
 // (32 inputs; q4_k: sub-block b % 8 of super-block b / 8) goes to lane
 // b % 8 of 8 f32 accumulators,
 //   q8, q4_0: a[b % 8] = fma(float(I_b), dw_b * dx_b, a[b % 8])
@@ -18,7 +24,8 @@
 //             I_b = sum nibble q_x, S_b = sum q_x, D_j = d sc_j, M_j = dmin m_j;
 // then out = ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7)).
 // Every int32 is exact (|I_b| <= 32 * 128 * 127 < 2^24, so float(I_b) is
-// too); the only roundings are the f32 products and sums above.
+// too); the only roundings are the f32 products and sums above. So a row's
+// outputs are the same bits at decode (n = 1) and inside any prefill batch.
 // Serial, noexcept, no allocation, no checks (the caller validates).
 #pragma once
 
@@ -32,6 +39,7 @@
 #include <type_traits>
 
 #include "../core/blocks.hpp"
+#include "../core/cache.hpp"
 #include "../core/dtype.hpp"
 #include "../core/views.hpp"
 #include "../simd/compat.hpp"
@@ -67,11 +75,11 @@
 
 namespace kdial {
 
-// How the GEMV path (n <= gemv_max_rows) of q8, q4_0 and q4_k weights
-// treats its activations. exact (the default): f32 activations times the
-// weights widened to f32 (kernels/gemv.hpp). int8: activations quantised
-// to int8 per block of 32 and integer dot products (this header); other
-// formats and the GEMM path (n > 4) ignore it and run exact.
+// How the kernels of q8, q4_0 and q4_k weights treat their activations, at
+// any row count. exact (the default): f32 activations times the weights
+// widened to f32 (kernels/gemv.hpp, rows.hpp, gemm.hpp). int8: activations
+// quantised to int8 per block of 32 and integer dot products (this header);
+// other weight formats ignore it and run exact.
 enum class act_mode { exact, int8 };
 
 // Elements per activation block.
@@ -113,6 +121,11 @@ struct act_q8_cview {
     const std::int8_t* qrow(std::size_t i) const noexcept { return q + i * blocks * act_block; }
     const float* drow(std::size_t i) const noexcept { return d + i * blocks; }
     const std::int32_t* srow(std::size_t i) const noexcept { return s + i * blocks; }
+    // Rows [i0, i0 + n).
+    act_q8_cview sub_rows(std::size_t i0, std::size_t n) const noexcept
+    {
+        return { qrow(i0), drow(i0), srow(i0), n, blocks };
+    }
 };
 
 // Bytes an act_q8_view of `rows` rows of `cols` inputs takes in
@@ -743,17 +756,498 @@ void gate_up_qgemv(const weight_view<W>& gate, const weight_view<W>& up, const a
     }
 }
 
+// ---- prefill: packed panels of output columns (x86) -------------------------
+// The per-row kernels above reduce each block's 32 products across lanes
+// (qdot_tree8), which costs as much as the dot itself. With many rows it pays
+// to pack P weight rows (output columns) once into a panel whose vector lanes
+// are the columns: block b, quad u (inputs 32 b + 4 u .. + 3) is one vector
+// holding column c's 4 weight bytes in lane c. Against the broadcast 4 bytes
+// of an activation row, VPDPBUSD (or vpmaddubsw + vpmaddwd) gives the P
+// columns' I_b in P lanes with no reduction, and lane c runs the f32 fmas of
+// the per-row kernel in the same order: same bits (header comment). P = 16
+// (AVX-512 VNNI, zmm) or 8 (AVX2, AVX-VNNI, AVX-512BW: ymm). Panel bytes:
+// q8 w + 128 on VNNI (the sum starts at -128 S_b, so the offset cancels
+// exactly), q8 w itself on AVX2 (sign trick: vpmaddubsw(|w|, sign(x, w)));
+// q4_0 and q4_k the nibble everywhere (q4_0: the sum ends -8 S_b; q4_k:
+// the panel keeps D_j and M_j per sub-block and column, and the second fma
+// subtracts S_b M_j dx_b as the per-row kernel does).
+
+// Fewest rows for which a path packs panels (below: the per-row kernels),
+// and the most blocks per row (K <= 4096: a panel <= 72 KiB, on the stack).
+// Neither changes a bit.
+inline constexpr std::size_t qdot_panel_min_rows = 5;
+inline constexpr std::size_t qpanel_max_blocks = 128;
+
+template <qdot_isa I> struct qpanel {
+    static constexpr bool has = false;
+};
+
+#if KDIAL_QDOT_AVX2
+// The 32 nibbles of q4_k sub-block b (super-block b / 8) of a row, as bytes.
+inline __m256i qpanel_k4_u256(const q4_k_block* row, std::size_t b) noexcept
+{
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row[b / 8].qs + 32 * (b % 8 / 2)));
+    return _mm256_and_si256(b % 2 ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(0x0f));
+}
+// At the first sub-block of a super-block: d, m [8][C] = D_j, M_j of the C rows.
+inline void qpanel_k4_scales(const q4_k_block* const* rows, std::size_t b, std::size_t C, float* d, float* m) noexcept
+{
+    if (b % 8 != 0)
+        return;
+    for (std::size_t c = 0; c < C; ++c) {
+        const simd::q4_k_scales sc = simd::scales_of(rows[c][b / 8]);
+        for (std::size_t j = 0; j < 8; ++j) {
+            d[j * C + c] = sc.d[j];
+            m[j * C + c] = sc.m[j];
+        }
+    }
+}
+
+// 8 x 8 dword transpose: o[u] lane c = r[c] dword u.
+inline void qpanel_transpose8(const __m256i* r, __m256i* o) noexcept
+{
+    __m256i t[8], u[8];
+    for (int h = 0; h < 2; ++h) {
+        const __m256i* x = r + 4 * h;
+        t[4 * h + 0] = _mm256_unpacklo_epi32(x[0], x[1]);
+        t[4 * h + 1] = _mm256_unpackhi_epi32(x[0], x[1]);
+        t[4 * h + 2] = _mm256_unpacklo_epi32(x[2], x[3]);
+        t[4 * h + 3] = _mm256_unpackhi_epi32(x[2], x[3]);
+        u[4 * h + 0] = _mm256_unpacklo_epi64(t[4 * h + 0], t[4 * h + 2]);
+        u[4 * h + 1] = _mm256_unpackhi_epi64(t[4 * h + 0], t[4 * h + 2]);
+        u[4 * h + 2] = _mm256_unpacklo_epi64(t[4 * h + 1], t[4 * h + 3]);
+        u[4 * h + 3] = _mm256_unpackhi_epi64(t[4 * h + 1], t[4 * h + 3]);
+    }
+    for (int q = 0; q < 4; ++q) {
+        o[q] = _mm256_permute2x128_si256(u[q], u[4 + q], 0x20);
+        o[4 + q] = _mm256_permute2x128_si256(u[q], u[4 + q], 0x31);
+    }
+}
+
+// The ymm panels (8 columns): AVX2, AVX-VNNI, AVX-512BW.
+template <qdot_isa I> struct qpanel_ymm {
+    static constexpr bool has = true;
+    static constexpr std::size_t cols = 8;
+    static constexpr bool vnni = I == qdot_isa::avx_vnni;
+
+    template <class S> static __m256i bytes(const S* row, std::size_t b) noexcept
+    {
+        if constexpr (std::is_same_v<S, q4_k_block>)
+            return qpanel_k4_u256(row, b);
+        else if constexpr (std::is_same_v<S, q4_0_block>)
+            return q4_0_u256(row[b]);
+        else if constexpr (vnni)
+            return _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row[b].q)),
+                _mm256_set1_epi8(static_cast<char>(0x80)));
+        else
+            return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row[b].q));
+    }
+
+    // Block b of 8 weight rows: q [8][32] bytes, d [8] scales (q4_k: at
+    // b % 8 == 0, d and m [8][8] of the super-block's sub-blocks).
+    template <class S>
+    static void pack(const S* const* rows, std::size_t b, std::uint8_t* q, float* d, float* m) noexcept
+    {
+        (void)m;
+        __m256i r[8], o[8];
+        for (int c = 0; c < 8; ++c)
+            r[c] = bytes(rows[c], b);
+        qpanel_transpose8(r, o);
+        for (int u = 0; u < 8; ++u)
+            _mm256_store_si256(reinterpret_cast<__m256i*>(q + 32 * u), o[u]);
+        if constexpr (std::is_same_v<S, q4_k_block>)
+            qpanel_k4_scales(rows, b, 8, d, m);
+        else
+            for (int c = 0; c < 8; ++c)
+                d[c] = simd::scale_of(rows[c][b]);
+    }
+
+    template <class S, int NR>
+    static void rows(const std::uint8_t* pq, const float* pd, const float* pm, std::size_t nb, const act_q8_cview& xq,
+        float (*out)[8]) noexcept
+    {
+        (void)pm;
+        constexpr bool q8 = std::is_same_v<S, q8_block>, k4 = std::is_same_v<S, q4_k_block>;
+        constexpr std::int32_t off = q8 ? 128 : k4 ? 0 : 8;
+        alignas(32) float a[8][NR][8];
+        for (std::size_t j = 0; j < 8; ++j) {
+            __m256 f[NR];
+            for (int i = 0; i < NR; ++i)
+                f[i] = _mm256_setzero_ps();
+            for (std::size_t b = j; b < nb; b += 8) {
+                const std::uint8_t* wb = pq + 256 * b;
+                __m256i t[NR];
+                if constexpr (vnni) {
+                    for (int i = 0; i < NR; ++i)
+                        t[i] = _mm256_set1_epi32(-off * xq.srow(std::size_t(i))[b]);
+                    for (int u = 0; u < 8; ++u) {
+                        const __m256i wv = _mm256_load_si256(reinterpret_cast<const __m256i*>(wb + 32 * u));
+                        for (int i = 0; i < NR; ++i) {
+                            std::int32_t xv;
+                            std::memcpy(&xv, xq.qrow(std::size_t(i)) + 32 * b + 4 * std::size_t(u), 4);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+                            t[i] = _mm256_dpbusd_epi32(t[i], wv, _mm256_set1_epi32(xv));
+#elif KDIAL_QDOT_AVX_VNNI
+                            t[i] = _mm256_dpbusd_avx_epi32(t[i], wv, _mm256_set1_epi32(xv));
+#endif
+                        }
+                    }
+                } else if constexpr (q8) {
+                    // |w| (<= 128) times sign(x, w): pair sums <= 32512, no saturation.
+                    for (int i = 0; i < NR; ++i)
+                        t[i] = _mm256_setzero_si256();
+                    for (int u = 0; u < 8; ++u) {
+                        const __m256i wv = _mm256_load_si256(reinterpret_cast<const __m256i*>(wb + 32 * u));
+                        const __m256i aw = _mm256_abs_epi8(wv);
+                        for (int i = 0; i < NR; ++i) {
+                            std::int32_t xv;
+                            std::memcpy(&xv, xq.qrow(std::size_t(i)) + 32 * b + 4 * std::size_t(u), 4);
+                            const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(_mm256_set1_epi32(xv), wv));
+                            t[i] = _mm256_add_epi32(t[i], _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+                        }
+                    }
+                } else {
+                    // Nibbles (<= 15) times x: 8 quads of pair sums <= 8 * 3810
+                    // < 2^15, so they add up in int16 exactly.
+                    __m256i p[NR];
+                    for (int i = 0; i < NR; ++i)
+                        p[i] = _mm256_setzero_si256();
+                    for (int u = 0; u < 8; ++u) {
+                        const __m256i wv = _mm256_load_si256(reinterpret_cast<const __m256i*>(wb + 32 * u));
+                        for (int i = 0; i < NR; ++i) {
+                            std::int32_t xv;
+                            std::memcpy(&xv, xq.qrow(std::size_t(i)) + 32 * b + 4 * std::size_t(u), 4);
+                            p[i] = _mm256_add_epi16(p[i], _mm256_maddubs_epi16(wv, _mm256_set1_epi32(xv)));
+                        }
+                    }
+                    for (int i = 0; i < NR; ++i)
+                        t[i] = _mm256_add_epi32(_mm256_madd_epi16(p[i], _mm256_set1_epi16(1)),
+                            _mm256_set1_epi32(-off * xq.srow(std::size_t(i))[b]));
+                }
+                const __m256 dw = _mm256_load_ps(pd + 8 * b);
+                for (int i = 0; i < NR; ++i) {
+                    const __m256 dx = _mm256_set1_ps(xq.drow(std::size_t(i))[b]);
+                    f[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t[i]), _mm256_mul_ps(dw, dx), f[i]);
+                    if constexpr (k4)
+                        f[i] = _mm256_fnmadd_ps(_mm256_set1_ps(float(xq.srow(std::size_t(i))[b])),
+                            _mm256_mul_ps(_mm256_load_ps(pm + 8 * b), dx), f[i]);
+                }
+            }
+            for (int i = 0; i < NR; ++i)
+                _mm256_store_ps(a[j][i], f[i]);
+        }
+        for (int i = 0; i < NR; ++i) {
+            const auto ld = [&](int j) { return _mm256_load_ps(a[j][i]); };
+            _mm256_storeu_ps(out[i],
+                _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(ld(0), ld(4)), _mm256_add_ps(ld(2), ld(6))),
+                    _mm256_add_ps(_mm256_add_ps(ld(1), ld(5)), _mm256_add_ps(ld(3), ld(7)))));
+        }
+    }
+    static constexpr int max_rows = 4;
+};
+template <> struct qpanel<qdot_isa::avx2> : qpanel_ymm<qdot_isa::avx2> {
+};
+template <> struct qpanel<qdot_isa::avx512bw> : qpanel_ymm<qdot_isa::avx2> {
+};
+#if KDIAL_QDOT_AVX_VNNI
+template <> struct qpanel<qdot_isa::avx_vnni> : qpanel_ymm<qdot_isa::avx_vnni> {
+};
+#endif
+#endif // KDIAL_QDOT_AVX2
+
+#if KDIAL_QDOT_AVX512_VNNI && KDIAL_QDOT_AVX2
+// Permute indices of the 16 x 8 dword transpose of the zmm panel.
+struct qpanel_idx {
+    alignas(64) std::int32_t s1[2][16], s2[4][16], s3[2][16];
+};
+inline const qpanel_idx& qpanel_indices() noexcept
+{
+    static const qpanel_idx t = [] {
+        qpanel_idx x {};
+        for (int p = 0; p < 16; ++p) {
+            // Stage 1: (cols 4j..4j+3 from z[2j], z[2j+1]) -> quads 4t..4t+3,
+            // position (u % 4) * 4 + c % 4; z[m] position (c % 2) * 8 + u.
+            for (int t = 0; t < 2; ++t) {
+                const int c4 = p % 4, u = 4 * t + p / 4;
+                x.s1[t][p] = (c4 < 2 ? 0 : 16) + (c4 % 2) * 8 + u;
+            }
+            // Stage 2: cols 8g..8g+7 -> quads 2h, 2h + 1, position (u % 2) * 8 + c % 8.
+            for (int h = 0; h < 4; ++h) {
+                const int u = 2 * h + p / 8, c8 = p % 8;
+                x.s2[h][p] = (c8 < 4 ? 0 : 16) + (u % 4) * 4 + c8 % 4;
+            }
+            // Stage 3: both column halves -> quad u, position c.
+            for (int r = 0; r < 2; ++r)
+                x.s3[r][p] = (p < 8 ? 0 : 16) + r * 8 + p % 8;
+        }
+        return x;
+    }();
+    return t;
+}
+
+// The zmm panel (16 columns): AVX-512 VNNI.
+template <> struct qpanel<qdot_isa::avx512_vnni> {
+    static constexpr bool has = true;
+    static constexpr std::size_t cols = 16;
+
+    template <class S> static __m256i bytes(const S* row, std::size_t b) noexcept
+    {
+        if constexpr (std::is_same_v<S, q4_k_block>)
+            return qpanel_k4_u256(row, b);
+        else if constexpr (std::is_same_v<S, q4_0_block>)
+            return q4_0_u256(row[b]);
+        else
+            return _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row[b].q)),
+                _mm256_set1_epi8(static_cast<char>(0x80)));
+    }
+
+    // Block b of 16 weight rows: q [8][64] bytes, d [16] scales.
+    template <class S>
+    static void pack(const S* const* rows, std::size_t b, std::uint8_t* q, float* d, float* m) noexcept
+    {
+        (void)m;
+        const qpanel_idx& ix = qpanel_indices();
+        __m512i z[8], u[8], v[8];
+        for (int k = 0; k < 8; ++k)
+            z[k] = qdot_join(bytes(rows[2 * k], b), bytes(rows[2 * k + 1], b));
+        for (int j = 0; j < 4; ++j)
+            for (int t = 0; t < 2; ++t)
+                u[2 * j + t] = _mm512_permutex2var_epi32(z[2 * j], _mm512_load_si512(ix.s1[t]), z[2 * j + 1]);
+        for (int g = 0; g < 2; ++g)
+            for (int h = 0; h < 4; ++h)
+                v[4 * g + h] = _mm512_permutex2var_epi32(
+                    u[2 * (2 * g) + h / 2], _mm512_load_si512(ix.s2[h]), u[2 * (2 * g + 1) + h / 2]);
+        for (int w = 0; w < 8; ++w)
+            _mm512_store_si512(
+                q + 64 * w, _mm512_permutex2var_epi32(v[w / 2], _mm512_load_si512(ix.s3[w % 2]), v[4 + w / 2]));
+        if constexpr (std::is_same_v<S, q4_k_block>) {
+            qpanel_k4_scales(rows, b, 16, d, m);
+        } else {
+            alignas(32) std::uint16_t h[16];
+            for (int c = 0; c < 16; ++c)
+                h[c] = rows[c][b].scale_f16().bits;
+            _mm512_store_ps(d, _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(h))));
+        }
+    }
+
+    template <class S, int NR>
+    static void rows(const std::uint8_t* pq, const float* pd, const float* pm, std::size_t nb, const act_q8_cview& xq,
+        float (*out)[16]) noexcept
+    {
+        (void)pm;
+        constexpr bool k4 = std::is_same_v<S, q4_k_block>;
+        constexpr std::int32_t off = std::is_same_v<S, q8_block> ? 128 : k4 ? 0 : 8;
+        alignas(64) float a[8][NR][16];
+        for (std::size_t j = 0; j < 8; ++j) {
+            __m512 f[NR];
+            for (int i = 0; i < NR; ++i)
+                f[i] = _mm512_setzero_ps();
+            for (std::size_t b = j; b < nb; b += 8) {
+                const std::uint8_t* wb = pq + 512 * b;
+                __m512i t[NR];
+                for (int i = 0; i < NR; ++i)
+                    t[i] = _mm512_set1_epi32(-off * xq.srow(std::size_t(i))[b]);
+                for (int u = 0; u < 8; ++u) {
+                    const __m512i wv = _mm512_load_si512(wb + 64 * u);
+                    for (int i = 0; i < NR; ++i) {
+                        std::int32_t xv;
+                        std::memcpy(&xv, xq.qrow(std::size_t(i)) + 32 * b + 4 * std::size_t(u), 4);
+                        t[i] = _mm512_dpbusd_epi32(t[i], wv, _mm512_set1_epi32(xv));
+                    }
+                }
+                const __m512 dw = _mm512_load_ps(pd + 16 * b);
+                for (int i = 0; i < NR; ++i) {
+                    const __m512 dx = _mm512_set1_ps(xq.drow(std::size_t(i))[b]);
+                    f[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t[i]), _mm512_mul_ps(dw, dx), f[i]);
+                    if constexpr (k4)
+                        f[i] = _mm512_fnmadd_ps(_mm512_set1_ps(float(xq.srow(std::size_t(i))[b])),
+                            _mm512_mul_ps(_mm512_load_ps(pm + 16 * b), dx), f[i]);
+                }
+            }
+            for (int i = 0; i < NR; ++i)
+                _mm512_store_ps(a[j][i], f[i]);
+        }
+        for (int i = 0; i < NR; ++i) {
+            const auto ld = [&](int j) { return _mm512_load_ps(a[j][i]); };
+            _mm512_storeu_ps(out[i],
+                _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(ld(0), ld(4)), _mm512_add_ps(ld(2), ld(6))),
+                    _mm512_add_ps(_mm512_add_ps(ld(1), ld(5)), _mm512_add_ps(ld(3), ld(7)))));
+        }
+    }
+    static constexpr int max_rows = 8;
+};
+#endif // KDIAL_QDOT_AVX512_VNNI && KDIAL_QDOT_AVX2
+
+// Near-equal groups of at most M rows (M = 4: for_qrow_groups).
+template <int M, class F> inline void for_panel_row_groups(std::size_t n, F&& f) noexcept
+{
+    const std::size_t g = (n + M - 1) / M, base = n / g, extra = n % g;
+    std::size_t i0 = 0;
+    for (std::size_t j = 0; j < g; ++j) {
+        const std::size_t nr = base + (j < extra ? 1 : 0);
+        switch (nr) {
+        case 1:
+            f.template operator()<1>(i0);
+            break;
+        case 2:
+            f.template operator()<2>(i0);
+            break;
+        case 3:
+            f.template operator()<3>(i0);
+            break;
+        default:
+            if constexpr (M > 4) {
+                switch (nr) {
+                case 4:
+                    f.template operator()<4>(i0);
+                    break;
+                case 5:
+                    f.template operator()<5>(i0);
+                    break;
+                case 6:
+                    f.template operator()<6>(i0);
+                    break;
+                case 7:
+                    f.template operator()<7>(i0);
+                    break;
+                default:
+                    f.template operator()<8>(i0);
+                    break;
+                }
+            } else
+                f.template operator()<4>(i0);
+            break;
+        }
+        i0 += nr;
+    }
+}
+
+// Whether path I runs X of n rows (nb blocks each) through panels of S.
+template <qdot_isa I, class S> inline bool qdot_use_panels(std::size_t n, std::size_t nb) noexcept
+{
+    return qpanel<I>::has && n >= qdot_panel_min_rows && nb <= qpanel_max_blocks;
+}
+
+// y[i, o] for every row of xq and o in [o0, o1), panel by panel; with `up`
+// (swiglu) the panel of up follows gate's and y = silu(gate dot) * (up dot)
+// (gate's dot parked in y). Requires qdot_use_panels.
+template <qdot_isa I, class S, class WV>
+void qdot_panels(const WV& w, const WV* up, const act_q8_cview& xq, std::size_t o0, std::size_t o1, float* y,
+    std::size_t ldy) noexcept
+{
+    if constexpr (qpanel<I>::has) {
+        using P = qpanel<I>;
+        constexpr std::size_t C = P::cols;
+        const std::size_t nb = xq.blocks;
+        alignas(64) std::uint8_t pq[qpanel_max_blocks * 32 * C];
+        alignas(64) float pd[qpanel_max_blocks * C];
+        alignas(64) float pm[std::is_same_v<S, q4_k_block> ? qpanel_max_blocks * C : 1];
+        for (std::size_t c0 = o0; c0 < o1; c0 += C) {
+            const std::size_t cn = std::min(C, o1 - c0);
+            for (int pass = 0; pass < (up ? 2 : 1); ++pass) {
+                const WV& m = pass ? *up : w;
+                const S* rows[C];
+                for (std::size_t c = 0; c < C; ++c)
+                    rows[c] = m.row(c0 + std::min(c, cn - 1)); // past cn: a copy, not stored
+                for (std::size_t b = 0; b < nb; ++b)
+                    P::template pack<S>(
+                        rows, b, pq + 32 * C * b, pd + C * b, pm + (std::is_same_v<S, q4_k_block> ? C * b : 0));
+                for_panel_row_groups<P::max_rows>(xq.rows, [&]<int NR>(std::size_t i0) {
+                    float out[NR][C];
+                    P::template rows<S, NR>(pq, pd, pm, nb, xq.sub_rows(i0, NR), out);
+                    for (int i = 0; i < NR; ++i) {
+                        float* yr = y + (i0 + std::size_t(i)) * ldy + c0;
+                        for (std::size_t c = 0; c < cn; ++c)
+                            yr[c] = !up || pass == 0 ? out[i][c] : simd::silu(yr[c]) * out[i][c];
+                    }
+                });
+            }
+        }
+    }
+}
+
+// Calls f.template operator()<NR>(i0) for near-equal groups [i0, i0 + NR)
+// of at most 4 rows covering n rows (n = 5: 3 + 2; 8: 4 + 4; 9: 3 + 3 + 3).
+template <class F> inline void for_qrow_groups(std::size_t n, F&& f) noexcept
+{
+    const std::size_t g = (n + 3) / 4, base = n / g, extra = n % g;
+    std::size_t i0 = 0;
+    for (std::size_t j = 0; j < g; ++j) {
+        const std::size_t nr = base + (j < extra ? 1 : 0);
+        switch (nr) {
+        case 1:
+            f.template operator()<1>(i0);
+            break;
+        case 2:
+            f.template operator()<2>(i0);
+            break;
+        case 3:
+            f.template operator()<3>(i0);
+            break;
+        default:
+            f.template operator()<4>(i0);
+            break;
+        }
+        i0 += nr;
+    }
+}
+
+// Output columns per block of the prefill path for weight rows of
+// row_bytes bytes, `per` rows per column (gate + up: 2): half the L2 (at
+// least 64 KiB) of weights, a multiple of 4, at least 4. Changes no bits.
+inline std::size_t qdot_block_cols(std::size_t row_bytes, std::size_t per) noexcept
+{
+    static const std::size_t bytes = std::max<std::size_t>(std::size_t { 64 } << 10, cpu_caches().l2 / 2);
+    return std::max<std::size_t>(4, bytes / std::max<std::size_t>(1, per * row_bytes) / 4 * 4);
+}
+
+// linear_qgemv over any row count: column blocks outside, row groups inside.
+template <qdot_isa I, weight_type W>
+void linear_qgemm(
+    const weight_view<W>& w, const act_q8_cview& xq, std::size_t o0, std::size_t o1, float* y, std::size_t ldy) noexcept
+{
+    using S = typename W::storage;
+    if (qdot_use_panels<I, S>(xq.rows, xq.blocks))
+        return qdot_panels<I, S>(w, static_cast<const weight_view<W>*>(nullptr), xq, o0, o1, y, ldy);
+    const std::size_t ob = qdot_block_cols(storage_cols<W>(w.cols) * sizeof(S), 1);
+    for (std::size_t b0 = o0; b0 < o1; b0 += ob) {
+        const std::size_t b1 = std::min(o1, b0 + ob);
+        for_qrow_groups(xq.rows,
+            [&]<int NR>(std::size_t i0) { linear_qgemv<I, W, NR>(w, xq.sub_rows(i0, NR), b0, b1, y + i0 * ldy, ldy); });
+    }
+}
+
+// gate_up_qgemv over any row count, blocked as linear_qgemm.
+template <qdot_isa I, weight_type W>
+void gate_up_qgemm(const weight_view<W>& gate, const weight_view<W>& up, const act_q8_cview& xq, std::size_t f0,
+    std::size_t f1, float* h, std::size_t ldh) noexcept
+{
+    using S = typename W::storage;
+    if (qdot_use_panels<I, S>(xq.rows, xq.blocks))
+        return qdot_panels<I, S>(gate, &up, xq, f0, f1, h, ldh);
+    const std::size_t fb = qdot_block_cols(storage_cols<W>(gate.cols) * sizeof(S), 2);
+    for (std::size_t b0 = f0; b0 < f1; b0 += fb) {
+        const std::size_t b1 = std::min(f1, b0 + fb);
+        for_qrow_groups(xq.rows, [&]<int NR>(std::size_t i0) {
+            gate_up_qgemv<I, W, NR>(gate, up, xq.sub_rows(i0, NR), b0, b1, h + i0 * ldh, ldh);
+        });
+    }
+}
+
 } // namespace detail
 
 // Y[:, o0:o1] = X . W[o0:o1, :]ᵀ with X given quantised (quantize_act_q8;
-// xq.rows in [1, 4], xq.blocks == ceil(W.cols / 32)); path I (default:
-// the one of Arch). Other columns of Y are not touched.
+// any xq.rows, xq.blocks == ceil(W.cols / 32)); path I (default: the one
+// of Arch). Other columns of Y are not touched. Each output's bits depend
+// only on its row of X and its row of W (see the header comment).
 template <qdot_weight W, class Arch = xsimd::default_arch, qdot_isa I = qdot_isa_for<Arch>()>
 void linear_q8act(const weight_view<W>& w /*[O, K]*/, const act_q8_cview& xq /*[n, K]*/, std::size_t o0, std::size_t o1,
     matrix_view<float> y /*[n, O]*/) noexcept
 {
     static_assert(qdot_isa_built<I>, "kdial::linear_q8act: this build lacks the instructions of path I");
     switch (xq.rows) {
+    case 0:
+        return;
     case 1:
         return detail::linear_qgemv<I, W, 1>(w, xq, o0, o1, y.data, y.stride);
     case 2:
@@ -763,17 +1257,20 @@ void linear_q8act(const weight_view<W>& w /*[O, K]*/, const act_q8_cview& xq /*[
     case 4:
         return detail::linear_qgemv<I, W, 4>(w, xq, o0, o1, y.data, y.stride);
     default:
-        return;
+        return detail::linear_qgemm<I, W>(w, xq, o0, o1, y.data, y.stride);
     }
 }
 
-// H[:, f0:f1] = silu(X . Wg[f0:f1]ᵀ) * (X . Wu[f0:f1]ᵀ) with X given quantised.
+// H[:, f0:f1] = silu(X . Wg[f0:f1]ᵀ) * (X . Wu[f0:f1]ᵀ) with X given
+// quantised (any xq.rows).
 template <qdot_weight W, class Arch = xsimd::default_arch, qdot_isa I = qdot_isa_for<Arch>()>
 void swiglu_gate_up_q8act(const weight_view<W>& gate /*[F, d]*/, const weight_view<W>& up /*[F, d]*/,
     const act_q8_cview& xq /*[n, d]*/, std::size_t f0, std::size_t f1, matrix_view<float> h /*[n, F]*/) noexcept
 {
     static_assert(qdot_isa_built<I>, "kdial::swiglu_gate_up_q8act: this build lacks the instructions of path I");
     switch (xq.rows) {
+    case 0:
+        return;
     case 1:
         return detail::gate_up_qgemv<I, W, 1>(gate, up, xq, f0, f1, h.data, h.stride);
     case 2:
@@ -783,16 +1280,16 @@ void swiglu_gate_up_q8act(const weight_view<W>& gate /*[F, d]*/, const weight_vi
     case 4:
         return detail::gate_up_qgemv<I, W, 4>(gate, up, xq, f0, f1, h.data, h.stride);
     default:
-        return;
+        return detail::gate_up_qgemm<I, W>(gate, up, xq, f0, f1, h.data, h.stride);
     }
 }
 
 // The stack buffer linear() / swiglu_gate_up() quantise X into for
-// act_mode::int8 (rows * cols int8 plus scales and sums): X with
-// rows * cols <= this runs the int8 path, larger X the exact one (n = 1:
-// K <= 16384; n = 4: K <= 4096; OLMoE, Qwen1.5-MoE and Mixtral decode fit
-// at n = 1). Callers that quantise once for many calls use the *_q8act
-// entry points with their own workspace.
+// act_mode::int8, a chunk of rows at a time (rows * cols int8 plus scales
+// and sums): X with cols <= this runs the int8 path at any row count, wider
+// X the exact one (K <= 16384 covers OLMoE, Qwen1.5-MoE and Mixtral).
+// Callers that quantise once for many calls (moe::run_experts,
+// dense_linear) use the *_q8act entry points with their own memory.
 inline constexpr std::size_t act_q8_stack_elems = 16384;
 
 } // namespace kdial

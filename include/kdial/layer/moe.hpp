@@ -220,9 +220,11 @@ public:
     stage state() const noexcept { return stage_; }
 
     const moe_shape& shape() const noexcept { return shape_; }
-    // How the experts' GEMV path (n <= 4 rows per expert) treats the
-    // activations of q8 / q4_0 / q4_k weights (kernels/qdot.hpp): exact
-    // (the default) or int8. Applies to every later call on this workspace.
+    // How the experts treat the activations of q8 / q4_0 / q4_k weights
+    // (kernels/qdot.hpp), at any row count: exact (the default) or int8. With
+    // int8 each call quantises the gathered expert rows (and the shared
+    // expert's X) once, and each expert's H once, into the workspace, shared
+    // by every column tile. Applies to every later call on this workspace.
     void set_act_mode(act_mode a) noexcept { act_ = a; }
     act_mode act() const noexcept { return act_; }
     // Largest k a call with T tokens may use.
@@ -288,7 +290,7 @@ private:
     }
 
     struct layout_t {
-        std::size_t logits, ids, weights, kept, plan, xs, h, ys, hs, s, gate, up, down, total;
+        std::size_t logits, ids, weights, kept, plan, xs, h, ys, hs, s, gate, up, down, xq, hq, xsq, hsq, total;
         std::size_t n_up, n_down;
     };
     static layout_t layout(const moe_shape& s) noexcept
@@ -318,6 +320,11 @@ private:
         l.n_down = max_tiles(routed_chunks + shared_chunks, d);
         l.up = take(l.n_up * sizeof(tile));
         l.down = take(l.n_down * sizeof(tile));
+        // act_mode::int8: X, H (routed rows) and X, H (shared expert) quantised.
+        l.xq = take(act_q8_bytes(slots, d));
+        l.hq = take(act_q8_bytes(slots, F));
+        l.xsq = take(Fs ? act_q8_bytes(T, d) : 0);
+        l.hsq = take(Fs ? act_q8_bytes(T, Fs) : 0);
         l.total = off;
         return l;
     }
@@ -337,6 +344,10 @@ private:
         gate_ = reinterpret_cast<float*>(p + l.gate);
         up_ = reinterpret_cast<tile*>(p + l.up);
         down_ = reinterpret_cast<tile*>(p + l.down);
+        xq_ = p + l.xq;
+        hq_ = p + l.hq;
+        xsq_ = p + l.xsq;
+        hsq_ = p + l.hsq;
         cap_up_ = l.n_up;
         cap_down_ = l.n_down;
         const std::size_t slots = shape_.max_slots();
@@ -358,6 +369,7 @@ private:
     std::int32_t* ids_ = nullptr;
     int* kept_ = nullptr;
     tile *up_ = nullptr, *down_ = nullptr;
+    std::byte *xq_ = nullptr, *hq_ = nullptr, *xsq_ = nullptr, *hsq_ = nullptr;
     std::size_t cap_up_ = 0, cap_down_ = 0, n_up_ = 0, n_down_ = 0;
     dispatch_plan plan_;
     std::size_t T_ = 0, kc_ = 0;
@@ -538,6 +550,19 @@ struct moe_stages {
         const expert_set* shared = w.has_shared_expert() ? &w.shared()->expert : nullptr;
         const tile* up = ws.up_;
         const tile* down = ws.down_;
+        // act_mode::int8 on 8- and 4-bit weights: every row quantised once
+        // (X before phase 1, H between the phases), shared by all tiles.
+        const bool int8 = ws.act_ == act_mode::int8;
+        const bool qr = int8 && has_qdot(experts.type()), qs = int8 && shared && has_qdot(shared->type());
+        act_q8_view xq {}, hq {}, xsq {}, hsq {};
+        if (qr) {
+            xq = bind_act_q8(ws.xq_, slots, d);
+            quantize_act_rows(ex, cmatrix_view<float>(xs), xq);
+        }
+        if (qs) {
+            xsq = bind_act_q8(ws.xsq_, T, d);
+            quantize_act_rows(ex, X, xsq);
+        }
         // Phase 1: gate and up.
         const auto phase1 = [&](std::size_t i) {
             const tile& tl = up[i];
@@ -546,17 +571,35 @@ struct moe_stages {
                 const std::size_t r = std::size_t(offsets[std::size_t(tl.expert)]) + tl.r0;
                 experts.visit([&](const auto& list) {
                     const auto& ew = list[std::size_t(tl.expert)];
+                    using W = typename std::decay_t<decltype(ew.gate)>::format;
+                    if constexpr (qdot_weight<W>)
+                        if (qr)
+                            return swiglu_gate_up_q8act(
+                                ew.gate, ew.up, act_q8_cview(xq).sub_rows(r, n), tl.c0, tl.c1, h.sub_rows(r, n));
                     swiglu_gate_up(ew.gate, ew.up, cmatrix_view<float>(xs.sub_rows(r, n)), tl.c0, tl.c1,
                         h.sub_rows(r, n), ws.act_);
                 });
             } else {
                 shared->visit([&](const auto& list) {
+                    using W = typename std::decay_t<decltype(list[0].gate)>::format;
+                    if constexpr (qdot_weight<W>)
+                        if (qs)
+                            return swiglu_gate_up_q8act(list[0].gate, list[0].up, act_q8_cview(xsq).sub_rows(tl.r0, n),
+                                tl.c0, tl.c1, hs.sub_rows(tl.r0, n));
                     swiglu_gate_up(
                         list[0].gate, list[0].up, X.sub_rows(tl.r0, n), tl.c0, tl.c1, hs.sub_rows(tl.r0, n), ws.act_);
                 });
             }
         };
         ex.parallel_for(ws.n_up_, phase1);
+        if (qr) {
+            hq = bind_act_q8(ws.hq_, slots, F);
+            quantize_act_rows(ex, cmatrix_view<float>(h), hq);
+        }
+        if (qs) {
+            hsq = bind_act_q8(ws.hsq_, T, Fs);
+            quantize_act_rows(ex, cmatrix_view<float>(hs), hsq);
+        }
         // Phase 2: down.
         const auto phase2 = [&](std::size_t i) {
             const tile& tl = down[i];
@@ -564,13 +607,22 @@ struct moe_stages {
             if (std::size_t(tl.expert) < E) {
                 const std::size_t r = std::size_t(offsets[std::size_t(tl.expert)]) + tl.r0;
                 experts.visit([&](const auto& list) {
-                    linear(list[std::size_t(tl.expert)].down, cmatrix_view<float>(h.sub_rows(r, n)), tl.c0, tl.c1,
-                        ys.sub_rows(r, n), ws.act_);
+                    const auto& dw = list[std::size_t(tl.expert)].down;
+                    using W = typename std::decay_t<decltype(dw)>::format;
+                    if constexpr (qdot_weight<W>)
+                        if (qr)
+                            return linear_q8act(dw, act_q8_cview(hq).sub_rows(r, n), tl.c0, tl.c1, ys.sub_rows(r, n));
+                    linear(dw, cmatrix_view<float>(h.sub_rows(r, n)), tl.c0, tl.c1, ys.sub_rows(r, n), ws.act_);
                 });
             } else {
                 shared->visit([&](const auto& list) {
-                    linear(list[0].down, cmatrix_view<float>(hs.sub_rows(tl.r0, n)), tl.c0, tl.c1, s.sub_rows(tl.r0, n),
-                        ws.act_);
+                    const auto& dw = list[0].down;
+                    using W = typename std::decay_t<decltype(dw)>::format;
+                    if constexpr (qdot_weight<W>)
+                        if (qs)
+                            return linear_q8act(
+                                dw, act_q8_cview(hsq).sub_rows(tl.r0, n), tl.c0, tl.c1, s.sub_rows(tl.r0, n));
+                    linear(dw, cmatrix_view<float>(hs.sub_rows(tl.r0, n)), tl.c0, tl.c1, s.sub_rows(tl.r0, n), ws.act_);
                 });
             }
         };
