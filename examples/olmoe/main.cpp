@@ -362,6 +362,11 @@ loaded load(const args& a, std::size_t max_chunk = 256)
     if (act_name != "exact" && act_name != "int8")
         throw usage_error(cat("--act must be exact or int8, got '", act_name, "'"));
     const kdial::act_mode act = act_name == "int8" ? kdial::act_mode::int8 : kdial::act_mode::exact;
+    // The expert-parallel experts run on their own workspace in exact mode;
+    // refuse rather than run half the model with int8 activations.
+    if (act == kdial::act_mode::int8 && a.flags.count("expert-parallel"))
+        throw usage_error("--act int8 does not work with --expert-parallel yet (its experts run with exact "
+                          "activations); drop one of the two");
     olmoe::load_options o;
     o.int8 = wt == "int8";
     o.max_chunk = max_chunk;
