@@ -45,6 +45,7 @@
 #include "../simd/compat.hpp"
 #include "../simd/convert.hpp"
 #include "../simd/vec.hpp"
+#include "row_groups.hpp"
 #include "weights.hpp"
 
 #if KDIAL_SIMD_X86 && (defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__)))
@@ -1078,50 +1079,6 @@ template <> struct qpanel<qdot_isa::avx512_vnni> {
 };
 #endif // KDIAL_QDOT_AVX512_VNNI && KDIAL_QDOT_AVX2
 
-// Near-equal groups of at most M rows (M = 4: for_qrow_groups).
-template <int M, class F> inline void for_panel_row_groups(std::size_t n, F&& f) noexcept
-{
-    const std::size_t g = (n + M - 1) / M, base = n / g, extra = n % g;
-    std::size_t i0 = 0;
-    for (std::size_t j = 0; j < g; ++j) {
-        const std::size_t nr = base + (j < extra ? 1 : 0);
-        switch (nr) {
-        case 1:
-            f.template operator()<1>(i0);
-            break;
-        case 2:
-            f.template operator()<2>(i0);
-            break;
-        case 3:
-            f.template operator()<3>(i0);
-            break;
-        default:
-            if constexpr (M > 4) {
-                switch (nr) {
-                case 4:
-                    f.template operator()<4>(i0);
-                    break;
-                case 5:
-                    f.template operator()<5>(i0);
-                    break;
-                case 6:
-                    f.template operator()<6>(i0);
-                    break;
-                case 7:
-                    f.template operator()<7>(i0);
-                    break;
-                default:
-                    f.template operator()<8>(i0);
-                    break;
-                }
-            } else
-                f.template operator()<4>(i0);
-            break;
-        }
-        i0 += nr;
-    }
-}
-
 // Whether path I runs X of n rows (nb blocks each) through panels of S.
 template <qdot_isa I, class S> inline bool qdot_use_panels(std::size_t n, std::size_t nb) noexcept
 {
@@ -1152,7 +1109,7 @@ void qdot_panels(const WV& w, const WV* up, const act_q8_cview& xq, std::size_t 
                 for (std::size_t b = 0; b < nb; ++b)
                     P::template pack<S>(
                         rows, b, pq + 32 * C * b, pd + C * b, pm + (std::is_same_v<S, q4_k_block> ? C * b : 0));
-                for_panel_row_groups<P::max_rows>(xq.rows, [&]<int NR>(std::size_t i0) {
+                for_row_groups<1, P::max_rows>(xq.rows, [&]<int NR>(std::size_t i0) {
                     float out[NR][C];
                     P::template rows<S, NR>(pq, pd, pm, nb, xq.sub_rows(i0, NR), out);
                     for (int i = 0; i < NR; ++i) {
@@ -1163,32 +1120,6 @@ void qdot_panels(const WV& w, const WV* up, const act_q8_cview& xq, std::size_t 
                 });
             }
         }
-    }
-}
-
-// Calls f.template operator()<NR>(i0) for near-equal groups [i0, i0 + NR)
-// of at most 4 rows covering n rows (n = 5: 3 + 2; 8: 4 + 4; 9: 3 + 3 + 3).
-template <class F> inline void for_qrow_groups(std::size_t n, F&& f) noexcept
-{
-    const std::size_t g = (n + 3) / 4, base = n / g, extra = n % g;
-    std::size_t i0 = 0;
-    for (std::size_t j = 0; j < g; ++j) {
-        const std::size_t nr = base + (j < extra ? 1 : 0);
-        switch (nr) {
-        case 1:
-            f.template operator()<1>(i0);
-            break;
-        case 2:
-            f.template operator()<2>(i0);
-            break;
-        case 3:
-            f.template operator()<3>(i0);
-            break;
-        default:
-            f.template operator()<4>(i0);
-            break;
-        }
-        i0 += nr;
     }
 }
 
@@ -1212,7 +1143,7 @@ void linear_qgemm(
     const std::size_t ob = qdot_block_cols(storage_cols<W>(w.cols) * sizeof(S), 1);
     for (std::size_t b0 = o0; b0 < o1; b0 += ob) {
         const std::size_t b1 = std::min(o1, b0 + ob);
-        for_qrow_groups(xq.rows,
+        for_row_groups<1, 4>(xq.rows,
             [&]<int NR>(std::size_t i0) { linear_qgemv<I, W, NR>(w, xq.sub_rows(i0, NR), b0, b1, y + i0 * ldy, ldy); });
     }
 }
@@ -1228,7 +1159,7 @@ void gate_up_qgemm(const weight_view<W>& gate, const weight_view<W>& up, const a
     const std::size_t fb = qdot_block_cols(storage_cols<W>(gate.cols) * sizeof(S), 2);
     for (std::size_t b0 = f0; b0 < f1; b0 += fb) {
         const std::size_t b1 = std::min(f1, b0 + fb);
-        for_qrow_groups(xq.rows, [&]<int NR>(std::size_t i0) {
+        for_row_groups<1, 4>(xq.rows, [&]<int NR>(std::size_t i0) {
             gate_up_qgemv<I, W, NR>(gate, up, xq.sub_rows(i0, NR), b0, b1, h + i0 * ldh, ldh);
         });
     }

@@ -27,6 +27,7 @@
 #include "../core/views.hpp"
 #include "../simd/compat.hpp"
 #include "gemv.hpp"
+#include "row_groups.hpp"
 #include "weights.hpp"
 
 namespace kdial::detail {
@@ -62,39 +63,6 @@ inline std::size_t rows_block_cols(std::size_t row_bytes, std::size_t per) noexc
     return std::clamp<std::size_t>(c, 4, rows_max_block);
 }
 
-// Calls f.template operator()<NR>(i0) for every row group [i0, i0 + NR) of n rows.
-template <int M, class F> inline void for_row_groups(std::size_t n, F&& f) noexcept
-{
-    const std::size_t g = (n + M - 1) / M, base = n / g, extra = n % g;
-    std::size_t i0 = 0;
-    for (std::size_t j = 0; j < g; ++j) {
-        const std::size_t nr = base + (j < extra ? 1 : 0);
-        switch (nr) {
-        case 3:
-            f.template operator()<3>(i0);
-            break;
-        case 4:
-            f.template operator()<4>(i0);
-            break;
-        case 5:
-            f.template operator()<5>(i0);
-            break;
-        case 6:
-            f.template operator()<6>(i0);
-            break;
-        default:
-            if constexpr (M >= 8) {
-                if (nr == 7)
-                    f.template operator()<7>(i0);
-                else
-                    f.template operator()<8>(i0);
-            }
-            break;
-        }
-        i0 += nr;
-    }
-}
-
 // Y[:, o0:o1] = X . W[o0:o1, :]ᵀ for 5 <= X.rows.
 template <class Arch, weight_type W>
 void linear_rows(
@@ -106,7 +74,7 @@ void linear_rows(
     const std::size_t ob = rows_block_cols(storage_cols<W>(K) * sizeof(S), 1);
     for (std::size_t b0 = o0; b0 < o1; b0 += ob) {
         const std::size_t b1 = std::min(o1, b0 + ob);
-        for_row_groups<rows_group_max<Arch, S>>(x.rows, [&]<int NR>(std::size_t i0) {
+        for_row_groups<3, rows_group_max<Arch, S>>(x.rows, [&]<int NR>(std::size_t i0) {
             const float* xg = x.row(i0);
             float* yg = y.row(i0);
             // K == 0 runs one empty chunk (zeros).
@@ -154,7 +122,7 @@ void gate_up_rows(const weight_view<W>& gate, const weight_view<W>& up, cmatrix_
     float g[M][rows_max_block], u[M][rows_max_block];
     for (std::size_t b0 = f0; b0 < f1; b0 += fb) {
         const std::size_t b1 = std::min(f1, b0 + fb);
-        for_row_groups<M>(x.rows, [&]<int NR>(std::size_t i0) {
+        for_row_groups<3, M>(x.rows, [&]<int NR>(std::size_t i0) {
             const float* xg = x.row(i0);
             for (std::size_t k0 = 0; k0 < K || k0 == 0; k0 += rows_kc) {
                 const std::size_t kn = std::min(rows_kc, K - k0);
