@@ -362,11 +362,6 @@ loaded load(const args& a, std::size_t max_chunk = 256)
     if (act_name != "exact" && act_name != "int8")
         throw usage_error(cat("--act must be exact or int8, got '", act_name, "'"));
     const kdial::act_mode act = act_name == "int8" ? kdial::act_mode::int8 : kdial::act_mode::exact;
-    // The expert-parallel experts run on their own workspace in exact mode;
-    // refuse rather than run half the model with int8 activations.
-    if (act == kdial::act_mode::int8 && a.flags.count("expert-parallel"))
-        throw usage_error("--act int8 does not work with --expert-parallel yet (its experts run with exact "
-                          "activations); drop one of the two");
     olmoe::load_options o;
     o.int8 = wt == "int8";
     o.max_chunk = max_chunk;
@@ -1120,8 +1115,18 @@ int main(int argc, char** argv)
             return 0;
         }
     try {
-        if (olmoe::ep::requested(argc, argv))
+        if (olmoe::ep::requested(argc, argv)) {
+            // The expert-parallel experts run on their own workspace in exact
+            // mode; refuse rather than run half the model with int8
+            // activations. Checked before MPI starts, so a build without MPI
+            // gives the same usage error.
+            for (int i = 2; i < argc; ++i)
+                if (std::string(argv[i]) == "--act=int8"
+                    || (std::string(argv[i]) == "--act" && i + 1 < argc && std::string(argv[i + 1]) == "int8"))
+                    throw usage_error("--act int8 does not work with --expert-parallel yet (its experts run with "
+                                      "exact activations); drop one of the two");
             olmoe::ep::init(argc, argv);
+        }
         if (cmd == "generate")
             return cmd_generate(parse_args(argc, argv,
                 { "model", "prompt", "tokens", "k", "k-schedule", "max-new", "threads", "weights", "act" },
