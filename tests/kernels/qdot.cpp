@@ -302,6 +302,47 @@ TEST_CASE_TEMPLATE("linear_q8act / swiglu_gate_up_q8act: any row count and posit
     }
 }
 
+TEST_CASE_TEMPLATE("linear_q8act / swiglu_gate_up_q8act: rows longer than one panel segment, more rows than a "
+                   "chunk, every path, bit-identical to the reference [kernels][qdot]",
+    W, q8_t, q4_0_t, q4_k_t)
+{
+    // K > 32 * qpanel_max_blocks: the panels are packed a segment at a time
+    // (the last one partial), once per chunk of qpanel_chunk_rows rows, and
+    // the lane sums carry over; n spans two chunks and a partial third.
+    const auto list = isas();
+    std::mt19937 rng(29);
+    constexpr bool k4 = std::is_same_v<W, q4_k_t>;
+    const std::size_t K = k4 ? 32 * detail::qpanel_max_blocks + 2 * qk_k : 32 * detail::qpanel_max_blocks + 9 * 32 + 7;
+    const std::size_t O = 21, N = 2 * detail::qpanel_chunk_rows + 5;
+    const auto w = ref::random_weights<W>(O, K, rng, 1, 1);
+    const auto up = ref::random_weights<W>(O, K, rng);
+    const auto x = ref::random_matrix(N, K, rng, 3, 1, 2.0f);
+    const auto a = quantize(cmatrix_view<float>(x.view));
+    const auto want = ref::linear_int8(w.view, x.view.data, N, x.view.stride);
+    const auto wu = ref::linear_int8(up.view, x.view.data, N, x.view.stride);
+    for (const auto& isa : list) {
+        const auto& f = isa.get<W>();
+        CAPTURE(isa.name);
+        for (const std::size_t n : { std::size_t { 5 }, std::size_t { 33 }, N }) {
+            CAPTURE(n);
+            const act_q8_cview xq = act_q8_cview(a.v).sub_rows(N - n, n);
+            auto y = ref::filled_matrix(n, O, 2), h = ref::filled_matrix(n, O, 1);
+            f.lin(w.view, xq, 0, O, y.view);
+            f.gu(w.view, up.view, xq, 0, O, h.view);
+            bool same = true, hsame = true;
+            for (std::size_t i = 0; i < n; ++i)
+                for (std::size_t o = 0; o < O; ++o) {
+                    const std::size_t j = (N - n + i) * O + o;
+                    same = same && same_float(y.view(i, o), want[j]);
+                    hsame = hsame && same_float(h.view(i, o), simd::silu(want[j]) * wu[j]);
+                }
+            CHECK(same);
+            CHECK(hsame);
+            CHECK(y.buf.back() == ref::sentinel);
+        }
+    }
+}
+
 TEST_CASE_TEMPLATE("linear_q8act: weights wider than one cache-derived column block give the reference's bits "
                    "[kernels][qdot]",
     W, q8_t, q4_0_t, q4_k_t)

@@ -773,11 +773,14 @@ void gate_up_qgemv(const weight_view<W>& gate, const weight_view<W>& up, const a
 // the panel keeps D_j and M_j per sub-block and column, and the second fma
 // subtracts S_b M_j dx_b as the per-row kernel does).
 
-// Fewest rows for which a path packs panels (below: the per-row kernels),
-// and the most blocks per row (K <= 4096: a panel <= 72 KiB, on the stack).
-// Neither changes a bit.
+// Fewest rows for which a path packs panels (below: the per-row kernels);
+// the most blocks packed at a time (a panel segment <= 72 KiB, on the
+// stack: K <= 4096 is packed once for all rows; longer rows are packed a
+// segment at a time for each qpanel_chunk_rows rows, whose f32 lane sums
+// carry over from segment to segment in the same order). None changes a bit.
 inline constexpr std::size_t qdot_panel_min_rows = 5;
 inline constexpr std::size_t qpanel_max_blocks = 128;
+inline constexpr std::size_t qpanel_chunk_rows = 32;
 
 template <qdot_isa I> struct qpanel {
     static constexpr bool has = false;
@@ -863,20 +866,22 @@ template <qdot_isa I> struct qpanel_ymm {
                 d[c] = simd::scale_of(rows[c][b]);
     }
 
+    // Blocks [b0, b1) of the panel (pq, pd, pm hold them from b0 on; b0 % 8
+    // == 0) added into acc [NR][8][8] (row i, lane j, column c), or stored
+    // there when b0 == 0.
     template <class S, int NR>
-    static void rows(const std::uint8_t* pq, const float* pd, const float* pm, std::size_t nb, const act_q8_cview& xq,
-        float (*out)[8]) noexcept
+    static void rows(const std::uint8_t* pq, const float* pd, const float* pm, std::size_t b0, std::size_t b1,
+        const act_q8_cview& xq, float* acc) noexcept
     {
         (void)pm;
         constexpr bool q8 = std::is_same_v<S, q8_block>, k4 = std::is_same_v<S, q4_k_block>;
         constexpr std::int32_t off = q8 ? 128 : k4 ? 0 : 8;
-        alignas(32) float a[8][NR][8];
         for (std::size_t j = 0; j < 8; ++j) {
             __m256 f[NR];
             for (int i = 0; i < NR; ++i)
-                f[i] = _mm256_setzero_ps();
-            for (std::size_t b = j; b < nb; b += 8) {
-                const std::uint8_t* wb = pq + 256 * b;
+                f[i] = b0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(acc + (8 * std::size_t(i) + j) * 8);
+            for (std::size_t b = b0 + j; b < b1; b += 8) {
+                const std::uint8_t* wb = pq + 256 * (b - b0);
                 __m256i t[NR];
                 if constexpr (vnni) {
                     for (int i = 0; i < NR; ++i)
@@ -925,24 +930,26 @@ template <qdot_isa I> struct qpanel_ymm {
                         t[i] = _mm256_add_epi32(_mm256_madd_epi16(p[i], _mm256_set1_epi16(1)),
                             _mm256_set1_epi32(-off * xq.srow(std::size_t(i))[b]));
                 }
-                const __m256 dw = _mm256_load_ps(pd + 8 * b);
+                const __m256 dw = _mm256_load_ps(pd + 8 * (b - b0));
                 for (int i = 0; i < NR; ++i) {
                     const __m256 dx = _mm256_set1_ps(xq.drow(std::size_t(i))[b]);
                     f[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t[i]), _mm256_mul_ps(dw, dx), f[i]);
                     if constexpr (k4)
                         f[i] = _mm256_fnmadd_ps(_mm256_set1_ps(float(xq.srow(std::size_t(i))[b])),
-                            _mm256_mul_ps(_mm256_load_ps(pm + 8 * b), dx), f[i]);
+                            _mm256_mul_ps(_mm256_load_ps(pm + 8 * (b - b0)), dx), f[i]);
                 }
             }
             for (int i = 0; i < NR; ++i)
-                _mm256_store_ps(a[j][i], f[i]);
+                _mm256_storeu_ps(acc + (8 * std::size_t(i) + j) * 8, f[i]);
         }
-        for (int i = 0; i < NR; ++i) {
-            const auto ld = [&](int j) { return _mm256_load_ps(a[j][i]); };
-            _mm256_storeu_ps(out[i],
-                _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(ld(0), ld(4)), _mm256_add_ps(ld(2), ld(6))),
-                    _mm256_add_ps(_mm256_add_ps(ld(1), ld(5)), _mm256_add_ps(ld(3), ld(7)))));
-        }
+    }
+    // out[c] = the final tree of the header comment over a [8][8] (lane j, column c).
+    static void finish(const float* a, float* out) noexcept
+    {
+        const auto l = [&](int j) { return _mm256_loadu_ps(a + 8 * j); };
+        _mm256_storeu_ps(out,
+            _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(l(0), l(4)), _mm256_add_ps(l(2), l(6))),
+                _mm256_add_ps(_mm256_add_ps(l(1), l(5)), _mm256_add_ps(l(3), l(7)))));
     }
     static constexpr int max_rows = 4;
 };
@@ -1031,20 +1038,20 @@ template <> struct qpanel<qdot_isa::avx512_vnni> {
         }
     }
 
+    // As qpanel_ymm::rows, acc [NR][8][16].
     template <class S, int NR>
-    static void rows(const std::uint8_t* pq, const float* pd, const float* pm, std::size_t nb, const act_q8_cview& xq,
-        float (*out)[16]) noexcept
+    static void rows(const std::uint8_t* pq, const float* pd, const float* pm, std::size_t b0, std::size_t b1,
+        const act_q8_cview& xq, float* acc) noexcept
     {
         (void)pm;
         constexpr bool k4 = std::is_same_v<S, q4_k_block>;
         constexpr std::int32_t off = std::is_same_v<S, q8_block> ? 128 : k4 ? 0 : 8;
-        alignas(64) float a[8][NR][16];
         for (std::size_t j = 0; j < 8; ++j) {
             __m512 f[NR];
             for (int i = 0; i < NR; ++i)
-                f[i] = _mm512_setzero_ps();
-            for (std::size_t b = j; b < nb; b += 8) {
-                const std::uint8_t* wb = pq + 512 * b;
+                f[i] = b0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + (8 * std::size_t(i) + j) * 16);
+            for (std::size_t b = b0 + j; b < b1; b += 8) {
+                const std::uint8_t* wb = pq + 512 * (b - b0);
                 __m512i t[NR];
                 for (int i = 0; i < NR; ++i)
                     t[i] = _mm512_set1_epi32(-off * xq.srow(std::size_t(i))[b]);
@@ -1056,33 +1063,35 @@ template <> struct qpanel<qdot_isa::avx512_vnni> {
                         t[i] = _mm512_dpbusd_epi32(t[i], wv, _mm512_set1_epi32(xv));
                     }
                 }
-                const __m512 dw = _mm512_load_ps(pd + 16 * b);
+                const __m512 dw = _mm512_load_ps(pd + 16 * (b - b0));
                 for (int i = 0; i < NR; ++i) {
                     const __m512 dx = _mm512_set1_ps(xq.drow(std::size_t(i))[b]);
                     f[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t[i]), _mm512_mul_ps(dw, dx), f[i]);
                     if constexpr (k4)
                         f[i] = _mm512_fnmadd_ps(_mm512_set1_ps(float(xq.srow(std::size_t(i))[b])),
-                            _mm512_mul_ps(_mm512_load_ps(pm + 16 * b), dx), f[i]);
+                            _mm512_mul_ps(_mm512_load_ps(pm + 16 * (b - b0)), dx), f[i]);
                 }
             }
             for (int i = 0; i < NR; ++i)
-                _mm512_store_ps(a[j][i], f[i]);
+                _mm512_storeu_ps(acc + (8 * std::size_t(i) + j) * 16, f[i]);
         }
-        for (int i = 0; i < NR; ++i) {
-            const auto ld = [&](int j) { return _mm512_load_ps(a[j][i]); };
-            _mm512_storeu_ps(out[i],
-                _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(ld(0), ld(4)), _mm512_add_ps(ld(2), ld(6))),
-                    _mm512_add_ps(_mm512_add_ps(ld(1), ld(5)), _mm512_add_ps(ld(3), ld(7)))));
-        }
+    }
+    // As qpanel_ymm::finish, a [8][16].
+    static void finish(const float* a, float* out) noexcept
+    {
+        const auto l = [&](int j) { return _mm512_loadu_ps(a + 16 * j); };
+        _mm512_storeu_ps(out,
+            _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(l(0), l(4)), _mm512_add_ps(l(2), l(6))),
+                _mm512_add_ps(_mm512_add_ps(l(1), l(5)), _mm512_add_ps(l(3), l(7)))));
     }
     static constexpr int max_rows = 8;
 };
 #endif // KDIAL_QDOT_AVX512_VNNI && KDIAL_QDOT_AVX2
 
-// Whether path I runs X of n rows (nb blocks each) through panels of S.
-template <qdot_isa I, class S> inline bool qdot_use_panels(std::size_t n, std::size_t nb) noexcept
+// Whether path I runs X of n rows through panels of S.
+template <qdot_isa I, class S> inline bool qdot_use_panels(std::size_t n) noexcept
 {
-    return qpanel<I>::has && n >= qdot_panel_min_rows && nb <= qpanel_max_blocks;
+    return qpanel<I>::has && n >= qdot_panel_min_rows;
 }
 
 // y[i, o] for every row of xq and o in [o0, o1), panel by panel; with `up`
@@ -1095,10 +1104,13 @@ void qdot_panels(const WV& w, const WV* up, const act_q8_cview& xq, std::size_t 
     if constexpr (qpanel<I>::has) {
         using P = qpanel<I>;
         constexpr std::size_t C = P::cols;
-        const std::size_t nb = xq.blocks;
+        constexpr bool k4 = std::is_same_v<S, q4_k_block>;
+        const std::size_t nb = xq.blocks, n = xq.rows;
+        const bool one_segment = nb <= qpanel_max_blocks;
         alignas(64) std::uint8_t pq[qpanel_max_blocks * 32 * C];
         alignas(64) float pd[qpanel_max_blocks * C];
-        alignas(64) float pm[std::is_same_v<S, q4_k_block> ? qpanel_max_blocks * C : 1];
+        alignas(64) float pm[k4 ? qpanel_max_blocks * C : 1];
+        alignas(64) float acc[qpanel_chunk_rows * 8 * C];
         for (std::size_t c0 = o0; c0 < o1; c0 += C) {
             const std::size_t cn = std::min(C, o1 - c0);
             for (int pass = 0; pass < (up ? 2 : 1); ++pass) {
@@ -1106,18 +1118,31 @@ void qdot_panels(const WV& w, const WV* up, const act_q8_cview& xq, std::size_t 
                 const S* rows[C];
                 for (std::size_t c = 0; c < C; ++c)
                     rows[c] = m.row(c0 + std::min(c, cn - 1)); // past cn: a copy, not stored
-                for (std::size_t b = 0; b < nb; ++b)
-                    P::template pack<S>(
-                        rows, b, pq + 32 * C * b, pd + C * b, pm + (std::is_same_v<S, q4_k_block> ? C * b : 0));
-                for_row_groups<1, P::max_rows>(xq.rows, [&]<int NR>(std::size_t i0) {
-                    float out[NR][C];
-                    P::template rows<S, NR>(pq, pd, pm, nb, xq.sub_rows(i0, NR), out);
-                    for (int i = 0; i < NR; ++i) {
-                        float* yr = y + (i0 + std::size_t(i)) * ldy + c0;
-                        for (std::size_t c = 0; c < cn; ++c)
-                            yr[c] = !up || pass == 0 ? out[i][c] : simd::silu(yr[c]) * out[i][c];
+                const auto pack = [&](std::size_t s0, std::size_t s1) {
+                    for (std::size_t b = s0; b < s1; ++b)
+                        P::template pack<S>(
+                            rows, b, pq + 32 * C * (b - s0), pd + C * (b - s0), pm + (k4 ? C * (b - s0) : 0));
+                };
+                if (one_segment)
+                    pack(0, nb);
+                for (std::size_t r0 = 0; r0 < n; r0 += qpanel_chunk_rows) {
+                    const std::size_t rn = std::min(qpanel_chunk_rows, n - r0);
+                    for (std::size_t s0 = 0; s0 < nb; s0 += qpanel_max_blocks) {
+                        const std::size_t s1 = std::min(nb, s0 + qpanel_max_blocks);
+                        if (!one_segment)
+                            pack(s0, s1);
+                        for_row_groups<1, P::max_rows>(rn, [&]<int NR>(std::size_t i0) {
+                            P::template rows<S, NR>(pq, pd, pm, s0, s1, xq.sub_rows(r0 + i0, NR), acc + i0 * 8 * C);
+                        });
                     }
-                });
+                    for (std::size_t i = 0; i < rn; ++i) {
+                        float out[C];
+                        P::finish(acc + i * 8 * C, out);
+                        float* yr = y + (r0 + i) * ldy + c0;
+                        for (std::size_t c = 0; c < cn; ++c)
+                            yr[c] = !up || pass == 0 ? out[c] : simd::silu(yr[c]) * out[c];
+                    }
+                }
             }
         }
     }
@@ -1138,7 +1163,7 @@ void linear_qgemm(
     const weight_view<W>& w, const act_q8_cview& xq, std::size_t o0, std::size_t o1, float* y, std::size_t ldy) noexcept
 {
     using S = typename W::storage;
-    if (qdot_use_panels<I, S>(xq.rows, xq.blocks))
+    if (qdot_use_panels<I, S>(xq.rows))
         return qdot_panels<I, S>(w, static_cast<const weight_view<W>*>(nullptr), xq, o0, o1, y, ldy);
     const std::size_t ob = qdot_block_cols(storage_cols<W>(w.cols) * sizeof(S), 1);
     for (std::size_t b0 = o0; b0 < o1; b0 += ob) {
@@ -1154,7 +1179,7 @@ void gate_up_qgemm(const weight_view<W>& gate, const weight_view<W>& up, const a
     std::size_t f1, float* h, std::size_t ldh) noexcept
 {
     using S = typename W::storage;
-    if (qdot_use_panels<I, S>(xq.rows, xq.blocks))
+    if (qdot_use_panels<I, S>(xq.rows))
         return qdot_panels<I, S>(gate, &up, xq, f0, f1, h, ldh);
     const std::size_t fb = qdot_block_cols(storage_cols<W>(gate.cols) * sizeof(S), 2);
     for (std::size_t b0 = f0; b0 < f1; b0 += fb) {
