@@ -3,7 +3,9 @@
 // does; each MoE layer splits the tokens into one contiguous share per rank,
 // runs kdial::distributed::forward (each rank computes only its own experts,
 // a contiguous block of E / N), and gathers the layer's output rows back to
-// every rank. The bits equal one process's at any k and rank count. Checkpoint
+// every rank. The bits equal one process's at any k and rank count, with
+// exact or int8 activations (--act: the model's act mode reaches the
+// expert-parallel workspace through model::act_hook). Checkpoint
 // tensors are memory-mapped views, so a rank touches (and holds in memory)
 // only its own experts' pages (--weights int8 converts every expert on every
 // rank: not yet split). Rank 0 prints; the other ranks' stdout and stderr go
@@ -104,6 +106,13 @@ inline void attach(model& m)
             s.ws = std::make_unique<kdial::distributed::ep_workspace>(*s.layers[l], T, m.max_k(1), slots);
         }
     }
+    // The model's activation mode (--act), now and on every later change.
+    if (s.ws)
+        s.ws->set_act_mode(m.act_mode());
+    m.act_hook = [&s](kdial::act_mode a) {
+        if (s.ws)
+            s.ws->set_act_mode(a);
+    };
     s.counts.resize(N);
     s.displs.resize(N);
     m.moe_hook = [&s](std::size_t l, kdial::cmatrix_view<float> a, kdial::matrix_view<float> h, int k,

@@ -1115,18 +1115,8 @@ int main(int argc, char** argv)
             return 0;
         }
     try {
-        if (olmoe::ep::requested(argc, argv)) {
-            // The expert-parallel experts run on their own workspace in exact
-            // mode; refuse rather than run half the model with int8
-            // activations. Checked before MPI starts, so a build without MPI
-            // gives the same usage error.
-            for (int i = 2; i < argc; ++i)
-                if (std::string(argv[i]) == "--act=int8"
-                    || (std::string(argv[i]) == "--act" && i + 1 < argc && std::string(argv[i + 1]) == "int8"))
-                    throw usage_error("--act int8 does not work with --expert-parallel yet (its experts run with "
-                                      "exact activations); drop one of the two");
+        if (olmoe::ep::requested(argc, argv))
             olmoe::ep::init(argc, argv);
-        }
         if (cmd == "generate")
             return cmd_generate(parse_args(argc, argv,
                 { "model", "prompt", "tokens", "k", "k-schedule", "max-new", "threads", "weights", "act" },

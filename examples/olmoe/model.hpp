@@ -354,6 +354,8 @@ public:
             moe_ws_->set_act_mode(a);
         if (dense_ws_)
             dense_ws_->set_act_mode(a);
+        if (act_hook)
+            act_hook(a);
     }
     kdial::act_mode act_mode() const noexcept { return act_; }
 
@@ -428,6 +430,9 @@ public:
     std::function<void(
         std::size_t, kdial::cmatrix_view<float>, kdial::matrix_view<float>, int, std::span<const kdial::token_k>)>
         moe_hook;
+    // When set, set_act_mode also calls it (expert parallel: the MoE
+    // layers' own workspace takes the mode).
+    std::function<void(kdial::act_mode)> act_hook;
     int max_k(std::size_t T) const noexcept { return moe_ws_ ? moe_ws_->max_k(T) : w_.cfg.experts; }
 
 private:

@@ -77,6 +77,7 @@ struct run_options {
     router_options routing {};
     bool with_gate = true;
     combine_mode mode = combine_mode::overwrite;
+    act_mode act = act_mode::exact; // both sides
 };
 
 // Runs the reference and the distributed layer with `make_policy(g0, T)`
@@ -91,6 +92,7 @@ bool same_as_one_process(const test::layer_fixture<W>& fx, const expert_placemen
     const auto base = test::random_floats(s.all * d, 78, -1.0f, 1.0f);
     const moe_weights full = fx.make(o.routing, o.with_gate);
     moe_workspace ws(full.shape(std::max<std::size_t>(1, s.all), max_k));
+    ws.set_act_mode(o.act);
     std::vector<float> want = base;
     moe::forward(full, ws, cmatrix_view<float>(X.data(), s.all, d), make_policy(0, s.all),
         matrix_view<float>(want.data(), s.all, d), o.mode);
@@ -99,6 +101,7 @@ bool same_as_one_process(const test::layer_fixture<W>& fx, const expert_placemen
     const distributed::ep_weights ew(
         MPI_COMM_WORLD, pl, full.router(), local_experts(fx, pl, me), o.routing, full.shared());
     distributed::ep_workspace ews(ew, s.max, max_k);
+    ews.set_act_mode(o.act);
     std::vector<float> got(base.begin() + std::ptrdiff_t(s.g0 * d), base.begin() + std::ptrdiff_t((s.g0 + s.mine) * d));
     distributed::forward(ew, ews, cmatrix_view<float>(X.data() + s.g0 * d, s.mine, d), make_policy(s.g0, s.mine),
         matrix_view<float>(got.data(), s.mine, d), o.mode);
@@ -240,6 +243,54 @@ TEST_CASE("expert parallel: shared expert and gate, router and shared rows acros
             CHECK(same_as_one_process(fx, pl, s, k, every_token_k(k), o));
         }
     }
+}
+
+TEST_CASE_TEMPLATE("expert parallel: int8 activations, routed and shared experts, give the bits of one process "
+                   "[mpi][qdot]",
+    W, q8_t, q4_0_t, q4_k_t)
+{
+    // q4_k rows are whole super-blocks of 256 inputs; d = 80 pads q8 / q4_0
+    // rows to 96.
+    constexpr bool k4 = std::is_same_v<W, q4_k_t>;
+    const std::size_t d = k4 ? 256 : 80, F = k4 ? 256 : 48, Fs = k4 ? 256 : 72;
+    const int N = world_size(), me = world_rank();
+    const test::layer_fixture<W> fx(d, F, 5, 41, Fs);
+    const auto pl = expert_placement::contiguous(5, N);
+    // Prefill past the shared expert's GEMM row chunk (510 + a few), a GEMV
+    // chunk split across ranks, T = 0 on a rank, single tokens.
+    for (const auto& pattern : { std::vector<std::size_t> { 510, 4, 5 }, std::vector<std::size_t> { 2, 1, 0 },
+             std::vector<std::size_t> { 3, 7, 2 }, std::vector<std::size_t> { 1 } }) {
+        const split s = tokens_per_rank(pattern);
+        CAPTURE(s.all);
+        CAPTURE(me);
+        for (int k : { 1, 2, 5 }) {
+            CAPTURE(k);
+            run_options o;
+            o.act = act_mode::int8;
+            CHECK(same_as_one_process(fx, pl, s, k, every_token_k(k), o));
+            o.with_gate = false;
+            o.mode = combine_mode::accumulate;
+            CHECK(same_as_one_process(fx, pl, s, k, every_token_k(k), o));
+        }
+    }
+    // The int8 path really ran: its outputs differ from exact activations'.
+    const moe_weights full = fx.make();
+    const distributed::ep_weights ew(MPI_COMM_WORLD, pl, full.router(), local_experts(fx, pl, me), {}, full.shared());
+    distributed::ep_workspace ews(ew, 6, 2);
+    CHECK(ews.act() == act_mode::exact);
+    const auto X = test::random_floats(6 * d, 90 + std::uint64_t(me), -1.0f, 1.0f);
+    std::vector<float> exact(6 * d), int8(6 * d);
+    distributed::forward(ew, ews, cmatrix_view<float>(X.data(), 6, d), 2, matrix_view<float>(exact.data(), 6, d));
+    ews.set_act_mode(act_mode::int8);
+    CHECK(ews.act() == act_mode::int8);
+    distributed::forward(ew, ews, cmatrix_view<float>(X.data(), 6, d), 2, matrix_view<float>(int8.data(), 6, d));
+    CHECK(!test::same_bytes(exact, int8));
+    double worst = 0, scale = 0;
+    for (std::size_t i = 0; i < exact.size(); ++i) {
+        worst = std::max(worst, double(std::abs(exact[i] - int8[i])));
+        scale = std::max(scale, double(std::abs(exact[i])));
+    }
+    CHECK(worst <= 0.05 * scale); // rounding of int8 activations, not a wrong kernel
 }
 
 TEST_CASE("expert parallel: more ranks than experts (a rank holds none) [mpi]")

@@ -22,7 +22,11 @@
 // row count of the call (GEMV for <= gemv_max_rows rows, then the small-row
 // path, then the GEMM; each of the last two row-count independent), so rows
 // of a chunk one process would run are recomputed on a copy padded to the
-// same path and row count.
+// same path and row count. With act_mode::int8 (set_act_mode) the q8 /
+// q4_0 / q4_k experts, routed and shared, quantise their activations row
+// by row and run the integer dots of kernels/qdot.hpp, whose result per
+// row depends only on that row: a row sent to another rank gives the bits
+// it gives in one process at any row count, so no padding is needed.
 // Errors: configurations are checked collectively at construction and
 // inputs before any exchange; a failure on one rank throws kdial::error on
 // every rank (no hang). Nothing allocates per call.
@@ -369,6 +373,16 @@ public:
         pad_x_.resize(pad * d);
         pad_y_.resize(pad * std::max({ E, d, std::size_t { 1 } }));
         pad_h_.resize(pad * std::max<std::size_t>(Fs, 1));
+        if (Fs) {
+            // act_mode::int8: the shared expert's X and H quantised
+            // (64-byte aligned, as bind_act_q8 needs).
+            const std::size_t xb = act_q8_bytes(T, d), hb = act_q8_bytes(T, Fs);
+            q8_mem_.resize(xb + hb + 64);
+            auto* p = q8_mem_.data();
+            p += (64 - reinterpret_cast<std::uintptr_t>(p) % 64) % 64;
+            xsq_ = bind_act_q8(p, T, d);
+            hsq_ = bind_act_q8(p + xb, T, Fs);
+        }
         all_counts_.resize(std::size_t(size_) * (E + 1));
         status_.resize(2 * std::size_t(size_));
         scount_.resize(std::size_t(size_));
@@ -401,6 +415,19 @@ public:
 
     std::size_t max_tokens() const noexcept { return T_max_; }
     int max_k() const noexcept { return k_max_; }
+    // How the experts (routed and shared) treat the activations of q8 /
+    // q4_0 / q4_k weights, as moe_workspace::set_act_mode: exact (the
+    // default) or int8; the router and the shared expert's gate stay exact,
+    // as in moe::forward. Applies to every later call; give every rank the
+    // same mode (not checked: a rank's mode sets the bits of the experts it
+    // runs and of its tokens' shared expert).
+    void set_act_mode(act_mode a) noexcept
+    {
+        act_ = a;
+        if (local_ws_)
+            local_ws_->set_act_mode(a);
+    }
+    act_mode act() const noexcept { return act_; }
     // The last call's routing of this rank's tokens: ids [T, kc], weights.
     cmatrix_view<std::int32_t> ids() const noexcept { return { ids_.data(), T_, kc_ }; }
     cmatrix_view<float> routing_weights() const noexcept { return { weights_.data(), T_, kc_ }; }
@@ -420,6 +447,9 @@ private:
     std::vector<int> kept_;
     std::vector<std::int64_t> status_;
     std::vector<int> all_counts_, scount_, sdispl_, rcount_, rdispl_;
+    std::vector<std::byte> q8_mem_;
+    act_q8_view xsq_ {}, hsq_ {}; // [max_tokens, d], [max_tokens, Fs]
+    act_mode act_ = act_mode::exact;
     dispatch_plan plan_;
     std::optional<moe_workspace> local_ws_;
     MPI_Datatype row_type_ = MPI_DATATYPE_NULL;
@@ -593,7 +623,31 @@ struct ep_stages {
 
         // 7. The shared expert on this rank's tokens, then combine.
         shared_expert_term st;
-        if (w.shared() && T > 0) {
+        const bool qs = ws.act_ == act_mode::int8 && w.shared() && kdial::detail::has_qdot(w.shared()->expert.type());
+        if (w.shared() && T > 0 && qs) {
+            // int8: rows quantised one by one, then row-independent integer
+            // dots over column tiles (bits of moe::run_experts at any T).
+            const std::size_t Fs = w.shared_ffn();
+            const matrix_view<float> s(ws.s_.data(), T, d), h(ws.hs_.data(), T, Fs);
+            act_q8_view xq = ws.xsq_, hq = ws.hsq_;
+            xq.rows = hq.rows = T;
+            kdial::detail::quantize_act_rows(ex, X, xq);
+            w.shared()->expert.visit([&](const auto& list) {
+                const auto& ew = list[0];
+                using W = typename std::decay_t<decltype(ew.gate)>::format;
+                if constexpr (qdot_weight<W>) {
+                    constexpr std::size_t cols = 64;
+                    ex.parallel_for((Fs + cols - 1) / cols, [&](std::size_t c) {
+                        swiglu_gate_up_q8act(
+                            ew.gate, ew.up, act_q8_cview(xq), c * cols, std::min(Fs, (c + 1) * cols), h);
+                    });
+                    kdial::detail::quantize_act_rows(ex, cmatrix_view<float>(h), hq);
+                    ex.parallel_for((d + cols - 1) / cols, [&](std::size_t c) {
+                        linear_q8act(ew.down, act_q8_cview(hq), c * cols, std::min(d, (c + 1) * cols), s);
+                    });
+                }
+            });
+        } else if (w.shared() && T > 0) {
             const std::size_t Fs = w.shared_ffn();
             const matrix_view<float> s(ws.s_.data(), T, d);
             w.shared()->expert.visit([&](const auto& list) {
@@ -612,7 +666,9 @@ struct ep_stages {
                         });
                     });
             });
-            st.output = cmatrix_view<float>(s);
+        }
+        if (w.shared() && T > 0) {
+            st.output = cmatrix_view<float>(ws.s_.data(), T, d);
             if (w.has_shared_gate()) {
                 std::visit(
                     [&](const auto& gw) {
