@@ -37,6 +37,7 @@
 #include <cstring>
 #include <span>
 #include <type_traits>
+#include <utility>
 
 #include "../core/blocks.hpp"
 #include "../core/cache.hpp"
@@ -519,26 +520,39 @@ inline q4w256 q4_unpack256(const q4_k_block* w) noexcept
     }
     return u;
 }
-// sum over the 8 blocks' 32 elements of nibble * x (x[0:256], block b at
-// x + 32 b), exact, block b in lane b.
-template <qdot_isa I> inline __m256i q4_ints256(const q4w256& u, const std::int8_t* x) noexcept
+// x[0:256] (block b at x + 32 b) laid out as q4w256: l[k] = the first 16
+// bytes of blocks k and k + 4, h[k] the last 16. Once per activation row
+// and group, for every weight row.
+struct q4x256 {
+    __m256i l[4], h[4];
+};
+inline q4x256 q4_xprep256(const std::int8_t* x) noexcept
+{
+    q4x256 v;
+    for (int k = 0; k < 4; ++k) {
+        v.l[k] = qdot_lanes2(x + 32 * k, x + 32 * k + 128);
+        v.h[k] = qdot_lanes2(x + 32 * k + 16, x + 32 * k + 144);
+    }
+    return v;
+}
+// The 8 blocks' sums of nibble * x, exact, block b in lane b.
+template <qdot_isa I> inline __m256i q4_ints256(const q4w256& u, const q4x256& x) noexcept
 {
     __m256i t[4];
     for (int k = 0; k < 4; ++k) {
-        const __m256i xl = qdot_lanes2(x + 32 * k, x + 32 * k + 128);
-        const __m256i xh = qdot_lanes2(x + 32 * k + 16, x + 32 * k + 144);
 #if KDIAL_QDOT_AVX_VNNI
         if constexpr (I == qdot_isa::avx_vnni || I == qdot_isa::avx512_vnni) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-            t[k] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u.l[k], xl), u.h[k], xh);
+            t[k] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u.l[k], x.l[k]), u.h[k], x.h[k]);
 #else
-            t[k] = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u.l[k], xl), u.h[k], xh);
+            t[k] = _mm256_dpbusd_avx_epi32(
+                _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u.l[k], x.l[k]), u.h[k], x.h[k]);
 #endif
             continue;
         }
 #endif
         // Words: pair sums <= 2 * 15 * 127, two of them <= 7620.
-        t[k] = _mm256_add_epi16(_mm256_maddubs_epi16(u.l[k], xl), _mm256_maddubs_epi16(u.h[k], xh));
+        t[k] = _mm256_add_epi16(_mm256_maddubs_epi16(u.l[k], x.l[k]), _mm256_maddubs_epi16(u.h[k], x.h[k]));
     }
     if constexpr (I == qdot_isa::avx_vnni || I == qdot_isa::avx512_vnni) {
         // Lane 0 of t[k]: 4 dwords of block k; lane 1: of block k + 4.
@@ -596,6 +610,31 @@ inline q4w512 q4_unpack512(const q4_0_block* w) noexcept
 {
     const __m512i m = _mm512_set1_epi8(0x0f);
     q4w512 u;
+#if defined(__AVX512VBMI__)
+    // The qs of blocks 0-3 are bytes 2 + 18 b + l (< 72) of the group, those
+    // of blocks 4-7 bytes 74 .. 143: one byte permute of two loads each.
+    struct idx_t {
+        alignas(64) std::uint8_t v[2][64];
+    };
+    static constexpr idx_t idx = [] {
+        idx_t t {};
+        for (int b = 0; b < 4; ++b)
+            for (int l = 0; l < 16; ++l) {
+                t.v[0][16 * b + l] = static_cast<std::uint8_t>(2 + 18 * b + l);
+                t.v[1][16 * b + l] = static_cast<std::uint8_t>(2 + 18 * (b + 4) + l - 64);
+            }
+        return t;
+    }();
+    const auto* p = reinterpret_cast<const std::uint8_t*>(w);
+    const __m512i z1 = _mm512_loadu_si512(p + 64);
+    const __m512i v[2] = { _mm512_permutex2var_epi8(_mm512_loadu_si512(p), _mm512_load_si512(idx.v[0]), z1),
+        _mm512_permutex2var_epi8(z1, _mm512_load_si512(idx.v[1]), _mm512_maskz_loadu_epi8(0xffff, p + 128)) };
+    for (int k = 0; k < 2; ++k) {
+        u.l[k] = _mm512_and_si512(v[k], m);
+        u.h[k] = _mm512_and_si512(_mm512_srli_epi16(v[k], 4), m);
+    }
+    return u;
+#endif
     for (int k = 0; k < 2; ++k) {
         const auto ld = [&](int b) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(w[4 * k + b].qs)); };
         __m512i v = _mm512_broadcast_i32x4(ld(0));
@@ -623,21 +662,33 @@ inline q4w512 q4_unpack512(const q4_k_block* w) noexcept
     }
     return u;
 }
-template <qdot_isa I> inline __m256i q4_ints512(const q4w512& u, const std::int8_t* x) noexcept
+// x[0:256] laid out as q4w512 (two loads and two lane shuffles per 4 blocks).
+struct q4x512 {
+    __m512i l[2], h[2];
+};
+inline q4x512 q4_xprep512(const std::int8_t* x) noexcept
+{
+    q4x512 v;
+    for (int k = 0; k < 2; ++k) {
+        const __m512i x0 = _mm512_loadu_si512(x + 128 * k), x1 = _mm512_loadu_si512(x + 128 * k + 64);
+        v.l[k] = _mm512_shuffle_i64x2(x0, x1, _MM_SHUFFLE(2, 0, 2, 0));
+        v.h[k] = _mm512_shuffle_i64x2(x0, x1, _MM_SHUFFLE(3, 1, 3, 1));
+    }
+    return v;
+}
+template <qdot_isa I> inline __m256i q4_ints512(const q4w512& u, const q4x512& x) noexcept
 {
     __m512i t[2];
     for (int k = 0; k < 2; ++k) {
-        const __m512i x0 = _mm512_loadu_si512(x + 128 * k), x1 = _mm512_loadu_si512(x + 128 * k + 64);
-        const __m512i xl = _mm512_shuffle_i64x2(x0, x1, _MM_SHUFFLE(2, 0, 2, 0));
-        const __m512i xh = _mm512_shuffle_i64x2(x0, x1, _MM_SHUFFLE(3, 1, 3, 1));
 #if KDIAL_QDOT_AVX512_VNNI
         if constexpr (I == qdot_isa::avx512_vnni) {
-            t[k] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u.l[k], xl), u.h[k], xh);
+            t[k] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u.l[k], x.l[k]), u.h[k], x.h[k]);
             continue;
         }
 #endif
         t[k] = _mm512_madd_epi16(
-            _mm512_add_epi16(_mm512_maddubs_epi16(u.l[k], xl), _mm512_maddubs_epi16(u.h[k], xh)), _mm512_set1_epi16(1));
+            _mm512_add_epi16(_mm512_maddubs_epi16(u.l[k], x.l[k]), _mm512_maddubs_epi16(u.h[k], x.h[k])),
+            _mm512_set1_epi16(1));
     }
     // Lane j: t[0] 4 dwords of block j, t[1] of block 4 + j.
     const __m512i a = _mm512_add_epi32(_mm512_unpacklo_epi32(t[0], t[1]), _mm512_unpackhi_epi32(t[0], t[1]));
@@ -717,12 +768,21 @@ template <qdot_isa I, class S> inline auto q4_unpack(const S* w) noexcept
 #endif
         return q4_unpack256(w);
 }
-template <qdot_isa I> inline __m256i q4_ints(const q4w256& u, const std::int8_t* x) noexcept
+template <qdot_isa I> inline auto q4_xprep(const std::int8_t* x) noexcept
+{
+#if KDIAL_QDOT_AVX512BW
+    if constexpr (I == qdot_isa::avx512bw || I == qdot_isa::avx512_vnni)
+        return q4_xprep512(x);
+    else
+#endif
+        return q4_xprep256(x);
+}
+template <qdot_isa I> inline __m256i q4_ints(const q4w256& u, const q4x256& x) noexcept
 {
     return q4_ints256<I>(u, x);
 }
 #if KDIAL_QDOT_AVX512BW
-template <qdot_isa I> inline __m256i q4_ints(const q4w512& u, const std::int8_t* x) noexcept
+template <qdot_isa I> inline __m256i q4_ints(const q4w512& u, const q4x512& x) noexcept
 {
     return q4_ints512<I>(u, x);
 }
@@ -739,7 +799,7 @@ inline typename lanes8<I>::i qdot_ints8(const S* w, const std::int8_t* x, const 
     }
 #if KDIAL_QDOT_AVX2
     else if constexpr (qdot_q4_x86<I, S>) {
-        __m256i t = q4_ints<I>(q4_unpack<I>(w), x);
+        __m256i t = q4_ints<I>(q4_unpack<I>(w), q4_xprep<I>(x));
         if constexpr (std::is_same_v<S, q4_0_block>)
             t = _mm256_sub_epi32(t, _mm256_slli_epi32(lanes8<I>::loadi(xs), 3));
         return t;
@@ -855,7 +915,8 @@ inline void qdot_rows_q4(
         for (int r = 0; r < R; ++r)
             for (std::size_t p = 0; p < per * sizeof(S); p += 64)
                 simd::prefetch(reinterpret_cast<const char*>(next[r] + per * g) + p);
-        for (int r = 0; r < R; ++r) {
+        // Row by row, unrolled (a loop over r leaves acc in memory).
+        const auto row = [&]<int r>() {
             const S* w = rows[r] + per * g;
             __m256 dw, dm;
             if constexpr (k4) {
@@ -869,19 +930,27 @@ inline void qdot_rows_q4(
                     dw = q4_0_scales256(w);
             }
             const auto u = q4_unpack<I>(w);
+            // The activation side is laid out again for each weight row:
+            // hoisting it out of the row loop measured slower (spills).
             for (int i = 0; i < NR; ++i) {
-                __m256i t = q4_ints<I>(u, xq.qrow(i) + 32 * b0);
-                const __m256i xs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.srow(i) + b0));
+                const __m256i t = q4_ints<I>(u, q4_xprep<I>(xq.qrow(i) + 32 * b0));
+                const __m256i s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.srow(i) + b0));
                 const __m256 dx = _mm256_loadu_ps(xq.drow(i) + b0);
                 if constexpr (k4) {
                     acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_mul_ps(dw, dx), acc[r][i]);
-                    acc[r][i] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(xs), _mm256_mul_ps(dm, dx), acc[r][i]);
+                    acc[r][i] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dm, dx), acc[r][i]);
                 } else {
-                    t = _mm256_sub_epi32(t, _mm256_slli_epi32(xs, 3));
-                    acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_mul_ps(dw, dx), acc[r][i]);
+                    // I_b = sum nibble x - 8 S_b.
+                    acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(t, _mm256_slli_epi32(s, 3))),
+                        _mm256_mul_ps(dw, dx), acc[r][i]);
                 }
             }
+        };
+        [&]<int... r>(std::integer_sequence<int, r...>)
+        {
+            (row.template operator()<r>(), ...);
         }
+        (std::make_integer_sequence<int, R> {});
     }
     for (int r = 0; r < R; ++r)
         for (int i = 0; i < NR; ++i) {
@@ -967,6 +1036,9 @@ inline void qdot_rows(
 }
 
 template <int NR> inline constexpr int qdot_rows_per_pass = NR == 1 ? 4 : 2;
+// How many passes ahead the per-row kernels prefetch their weight rows (4
+// and 8 measured alike, 1 and 2 slower, for cold q4_0 weights).
+inline constexpr std::size_t qdot_prefetch_passes = 4;
 
 // y[i, o] = int8-activation dot of x row i and weight row o, o in [o0, o1), i < NR.
 template <qdot_isa I, weight_type W, int NR>
@@ -981,7 +1053,7 @@ void linear_qgemv(
     for (; o + R <= o1; o += R) {
         const S* rows[R];
         const S* next[R];
-        const std::size_t on = o + 2 * R <= o1 ? o + R : o;
+        const std::size_t on = std::min(o + qdot_prefetch_passes * R, o1 - R);
         for (int r = 0; r < R; ++r) {
             rows[r] = w.row(o + r);
             next[r] = w.row(on + r);
@@ -1013,7 +1085,7 @@ void gate_up_qgemv(const weight_view<W>& gate, const weight_view<W>& up, const a
         for (; f + P <= f1; f += P) {
             const S* rows[2 * P];
             const S* next[2 * P];
-            const std::size_t fn = f + 2 * P <= f1 ? f + P : f;
+            const std::size_t fn = std::min(f + qdot_prefetch_passes * P, f1 - P);
             for (int p = 0; p < P; ++p) {
                 rows[2 * p] = gate.row(f + p);
                 rows[2 * p + 1] = up.row(f + p);
