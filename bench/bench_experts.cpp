@@ -13,7 +13,7 @@
 // Counters: GB/s of weight bytes, GFLOP/s, and both as fractions of the
 // single-thread limits from bench/roofline.hpp measured in this run.
 // Decode streams cold weights: each iteration uses the next expert of a pool
-// larger than the last-level cache (about 1 GiB).
+// larger than the last-level cache (about 1 GiB; see pool_bytes).
 #include <benchmark/benchmark.h>
 
 #include <kdial/experts/swiglu.hpp>
@@ -25,6 +25,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 #include <memory>
 #include <vector>
@@ -32,7 +33,13 @@
 namespace {
 
 constexpr std::size_t d_model = 2048, d_ffn = 1024;
-constexpr std::size_t pool_bytes = std::size_t { 1 } << 30;
+// About 1 GiB; KDIAL_BENCH_POOL_MB=m sets m MiB instead (small: the weights
+// stay in cache, which times the kernels' compute alone).
+std::size_t pool_bytes()
+{
+    const char* e = std::getenv("KDIAL_BENCH_POOL_MB");
+    return (e && std::atol(e) > 0 ? std::size_t(std::atol(e)) : std::size_t { 1024 }) << 20;
+}
 
 std::uint32_t next(std::uint64_t& s)
 {
@@ -85,7 +92,7 @@ template <kdial::weight_type W> struct expert_pool : pool_base {
     {
         const std::size_t per_row_gu = kdial::storage_cols<W>(d_model), per_row_d = kdial::storage_cols<W>(d_ffn);
         const std::size_t per_expert = 2 * d_ffn * per_row_gu + d_model * per_row_d;
-        const std::size_t count = std::max<std::size_t>(2, pool_bytes / (per_expert * sizeof(S)) + 1);
+        const std::size_t count = std::max<std::size_t>(2, pool_bytes() / (per_expert * sizeof(S)) + 1);
         store.resize(count * per_expert);
         std::uint64_t s = 42;
         fill<W>(store.data(), store.size(), s);

@@ -37,6 +37,7 @@
 #include <cstring>
 #include <span>
 #include <type_traits>
+#include <utility>
 
 #include "../core/blocks.hpp"
 #include "../core/cache.hpp"
@@ -469,6 +470,242 @@ inline __m256i q4_0_u256(const q4_0_block& w) noexcept
     return _mm256_inserti128_si256(
         _mm256_zextsi128_si256(_mm_and_si128(v, m)), _mm_and_si128(_mm_srli_epi16(v, 4), m), 1);
 }
+
+// ---- 4-bit weights, 8 blocks at a time (x86) --------------------------------
+// The per-row kernels' cost is the reduction of each block's 32 products to
+// its I_b, not the dot: so the nibbles are laid out to let the integer dot
+// instructions do part of it. Each vector holds the first 16 elements (l) or
+// the last 16 (h) of several blocks, one block per 128-bit lane; the
+// activations are arranged to match, and dot(l) + dot(h) accumulate into
+// the same lanes (VPDPBUSD twice; or two vpmaddubsw added in int16: a lane's
+// pair sums are <= 2 * 2 * 15 * 127 = 7620), so each lane holds 4 dwords (or
+// 8 words) of one block and the 8 blocks need only short in-lane trees.
+// Unpacked once per weight row and group, used by every activation row.
+
+// 256-bit: pair k (< 4) is block k (low lane) and block k + 4 (high lane).
+struct q4w256 {
+    __m256i l[4], h[4];
+};
+// The 16 bytes at lo (low lane) and hi (high lane).
+inline __m256i qdot_lanes2(const void* lo, const void* hi) noexcept
+{
+    return _mm256_blend_epi32(_mm256_broadcastsi128_si256(_mm_loadu_si128(static_cast<const __m128i*>(lo))),
+        _mm256_broadcastsi128_si256(_mm_loadu_si128(static_cast<const __m128i*>(hi))), 0xf0);
+}
+// q4_0 blocks w[0:8]: l = low nibbles (elements 0-15), h = high (16-31).
+inline q4w256 q4_unpack256(const q4_0_block* w) noexcept
+{
+    const __m256i m = _mm256_set1_epi8(0x0f);
+    q4w256 u;
+    for (int k = 0; k < 4; ++k) {
+        const __m256i v = qdot_lanes2(w[k].qs, w[k + 4].qs);
+        u.l[k] = _mm256_and_si256(v, m);
+        u.h[k] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
+    }
+    return u;
+}
+// The 8 sub-blocks of q4_k super-block w: sub-block j is the nibbles j % 2
+// of qs[32 (j / 2) .. + 32]; pairs k and k + 1 (k even) share their bytes.
+inline q4w256 q4_unpack256(const q4_k_block* w) noexcept
+{
+    const __m256i m = _mm256_set1_epi8(0x0f);
+    q4w256 u;
+    for (int k = 0; k < 4; k += 2) {
+        const std::uint8_t* q = w->qs + 16 * k;
+        const __m256i a = qdot_lanes2(q, q + 64), b = qdot_lanes2(q + 16, q + 80);
+        u.l[k] = _mm256_and_si256(a, m);
+        u.h[k] = _mm256_and_si256(b, m);
+        u.l[k + 1] = _mm256_and_si256(_mm256_srli_epi16(a, 4), m);
+        u.h[k + 1] = _mm256_and_si256(_mm256_srli_epi16(b, 4), m);
+    }
+    return u;
+}
+// x[0:256] (block b at x + 32 b) laid out as q4w256: l[k] = the first 16
+// bytes of blocks k and k + 4, h[k] the last 16. Once per activation row
+// and group, for every weight row.
+struct q4x256 {
+    __m256i l[4], h[4];
+};
+inline q4x256 q4_xprep256(const std::int8_t* x) noexcept
+{
+    q4x256 v;
+    for (int k = 0; k < 4; ++k) {
+        v.l[k] = qdot_lanes2(x + 32 * k, x + 32 * k + 128);
+        v.h[k] = qdot_lanes2(x + 32 * k + 16, x + 32 * k + 144);
+    }
+    return v;
+}
+// The 8 blocks' sums of nibble * x, exact, block b in lane b.
+template <qdot_isa I> inline __m256i q4_ints256(const q4w256& u, const q4x256& x) noexcept
+{
+    __m256i t[4];
+    for (int k = 0; k < 4; ++k) {
+#if KDIAL_QDOT_AVX_VNNI
+        if constexpr (I == qdot_isa::avx_vnni || I == qdot_isa::avx512_vnni) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+            t[k] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u.l[k], x.l[k]), u.h[k], x.h[k]);
+#else
+            t[k] = _mm256_dpbusd_avx_epi32(
+                _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u.l[k], x.l[k]), u.h[k], x.h[k]);
+#endif
+            continue;
+        }
+#endif
+        // Words: pair sums <= 2 * 15 * 127, two of them <= 7620.
+        t[k] = _mm256_add_epi16(_mm256_maddubs_epi16(u.l[k], x.l[k]), _mm256_maddubs_epi16(u.h[k], x.h[k]));
+    }
+    if constexpr (I == qdot_isa::avx_vnni || I == qdot_isa::avx512_vnni) {
+        // Lane 0 of t[k]: 4 dwords of block k; lane 1: of block k + 4.
+        return _mm256_hadd_epi32(_mm256_hadd_epi32(t[0], t[1]), _mm256_hadd_epi32(t[2], t[3]));
+    } else {
+        // 8 words per block and lane; two word hadds leave 2 words per
+        // block (sums <= 4 * 7620 = 30480 < 2^15, exact), vpmaddwd adds them.
+        const __m256i w = _mm256_hadd_epi16(_mm256_hadd_epi16(t[0], t[1]), _mm256_hadd_epi16(t[2], t[3]));
+        return _mm256_madd_epi16(w, _mm256_set1_epi16(1));
+    }
+}
+
+// dw of q4_0 blocks w[0:8]: d_b sits at byte 18 b of the 144, so word b of
+// lane b % 2 of the 32 bytes at 32 (b / 2) (16 b - 2 b bytes in); 4 loads and
+// 4 word blends instead of 8 scalar loads and stores.
+inline __m256 q4_0_scales256(const q4_0_block* w) noexcept
+{
+#if !defined(__F16C__)
+    float s[8];
+    for (int b = 0; b < 8; ++b)
+        s[b] = simd::scale_of(w[b]);
+    return _mm256_loadu_ps(s);
+#else
+    const auto* p = reinterpret_cast<const __m256i*>(w);
+    __m256i v = _mm256_blend_epi16(_mm256_loadu_si256(p), _mm256_loadu_si256(p + 1), 0x0c);
+    v = _mm256_blend_epi16(v, _mm256_loadu_si256(p + 2), 0x30);
+    v = _mm256_blend_epi16(v, _mm256_loadu_si256(p + 3), 0xc0);
+    // Lane 0 holds d0 d2 d4 d6 in words 0 2 4 6, lane 1 d1 d3 d5 d7 in 1 3 5 7.
+    return _mm256_cvtph_ps(_mm_blend_epi16(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1), 0xaa));
+#endif
+}
+
+// D_j and M_j of a q4_k super-block (the values of simd::scales_of, the
+// same f32 products) as vectors.
+inline void q4_k_scales256(const q4_k_block& b, __m256& D, __m256& M) noexcept
+{
+    std::uint32_t u[3];
+    std::memcpy(u, b.scales, sizeof u);
+    const std::uint64_t s03 = u[0] & 0x3f3f3f3fu, m03 = u[1] & 0x3f3f3f3fu;
+    const std::uint64_t s47 = (u[2] & 0x0f0f0f0fu) | ((u[0] >> 2) & 0x30303030u);
+    const std::uint64_t m47 = ((u[2] >> 4) & 0x0f0f0f0fu) | ((u[1] >> 2) & 0x30303030u);
+    const __m128i s
+        = _mm_set_epi64x(static_cast<long long>(m03 | (m47 << 32)), static_cast<long long>(s03 | (s47 << 32)));
+    D = _mm256_mul_ps(_mm256_set1_ps(simd::widen(f16_at(b.d))), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(s)));
+    M = _mm256_mul_ps(_mm256_set1_ps(simd::widen(f16_at(b.dmin))),
+        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(s, s))));
+}
+
+#if KDIAL_QDOT_AVX512BW
+// 512-bit: vector k (< 2) holds blocks 4k .. 4k + 3, one per lane.
+struct q4w512 {
+    __m512i l[2], h[2];
+};
+inline q4w512 q4_unpack512(const q4_0_block* w) noexcept
+{
+    const __m512i m = _mm512_set1_epi8(0x0f);
+    q4w512 u;
+#if defined(__AVX512VBMI__)
+    // The qs of blocks 0-3 are bytes 2 + 18 b + l (< 72) of the group, those
+    // of blocks 4-7 bytes 74 .. 143: one byte permute of two loads each.
+    struct idx_t {
+        alignas(64) std::uint8_t v[2][64];
+    };
+    static constexpr idx_t idx = [] {
+        idx_t t {};
+        for (int b = 0; b < 4; ++b)
+            for (int l = 0; l < 16; ++l) {
+                t.v[0][16 * b + l] = static_cast<std::uint8_t>(2 + 18 * b + l);
+                t.v[1][16 * b + l] = static_cast<std::uint8_t>(2 + 18 * (b + 4) + l - 64);
+            }
+        return t;
+    }();
+    const auto* p = reinterpret_cast<const std::uint8_t*>(w);
+    const __m512i z1 = _mm512_loadu_si512(p + 64);
+    const __m512i v[2] = { _mm512_permutex2var_epi8(_mm512_loadu_si512(p), _mm512_load_si512(idx.v[0]), z1),
+        _mm512_permutex2var_epi8(z1, _mm512_load_si512(idx.v[1]), _mm512_maskz_loadu_epi8(0xffff, p + 128)) };
+    for (int k = 0; k < 2; ++k) {
+        u.l[k] = _mm512_and_si512(v[k], m);
+        u.h[k] = _mm512_and_si512(_mm512_srli_epi16(v[k], 4), m);
+    }
+    return u;
+#endif
+    for (int k = 0; k < 2; ++k) {
+        const auto ld = [&](int b) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(w[4 * k + b].qs)); };
+        __m512i v = _mm512_broadcast_i32x4(ld(0));
+        v = _mm512_inserti32x4(v, ld(1), 1);
+        v = _mm512_inserti32x4(v, ld(2), 2);
+        v = _mm512_inserti32x4(v, ld(3), 3);
+        u.l[k] = _mm512_and_si512(v, m);
+        u.h[k] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m);
+    }
+    return u;
+}
+inline q4w512 q4_unpack512(const q4_k_block* w) noexcept
+{
+    // qs[64 k .. + 64] = a0 a1 b0 b1 (16-byte quarters): sub-blocks 4k, 4k + 1
+    // are the low and high nibbles of a, 4k + 2, 4k + 3 those of b.
+    const __m512i m = _mm512_set1_epi8(0x0f);
+    q4w512 u;
+    for (int k = 0; k < 2; ++k) {
+        const __m512i z = _mm512_loadu_si512(w->qs + 64 * k);
+        const __m512i a = _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(2, 2, 0, 0));
+        const __m512i b = _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 3, 1, 1));
+        const __mmask32 odd = 0xff00ff00u; // the words of lanes 1 and 3
+        u.l[k] = _mm512_and_si512(_mm512_mask_srli_epi16(a, odd, a, 4), m);
+        u.h[k] = _mm512_and_si512(_mm512_mask_srli_epi16(b, odd, b, 4), m);
+    }
+    return u;
+}
+// x[0:256] laid out as q4w512 (two loads and two lane shuffles per 4 blocks).
+struct q4x512 {
+    __m512i l[2], h[2];
+};
+inline q4x512 q4_xprep512(const std::int8_t* x) noexcept
+{
+    q4x512 v;
+    for (int k = 0; k < 2; ++k) {
+        const __m512i x0 = _mm512_loadu_si512(x + 128 * k), x1 = _mm512_loadu_si512(x + 128 * k + 64);
+        v.l[k] = _mm512_shuffle_i64x2(x0, x1, _MM_SHUFFLE(2, 0, 2, 0));
+        v.h[k] = _mm512_shuffle_i64x2(x0, x1, _MM_SHUFFLE(3, 1, 3, 1));
+    }
+    return v;
+}
+template <qdot_isa I> inline __m256i q4_ints512(const q4w512& u, const q4x512& x) noexcept
+{
+    __m512i t[2];
+    for (int k = 0; k < 2; ++k) {
+#if KDIAL_QDOT_AVX512_VNNI
+        if constexpr (I == qdot_isa::avx512_vnni) {
+            t[k] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u.l[k], x.l[k]), u.h[k], x.h[k]);
+            continue;
+        }
+#endif
+        t[k] = _mm512_madd_epi16(
+            _mm512_add_epi16(_mm512_maddubs_epi16(u.l[k], x.l[k]), _mm512_maddubs_epi16(u.h[k], x.h[k])),
+            _mm512_set1_epi16(1));
+    }
+    // Lane j: t[0] 4 dwords of block j, t[1] of block 4 + j.
+    const __m512i a = _mm512_add_epi32(_mm512_unpacklo_epi32(t[0], t[1]), _mm512_unpackhi_epi32(t[0], t[1]));
+    const __m512i s = _mm512_add_epi32(a, _mm512_shuffle_epi32(a, _MM_PERM_BADC)); // I_j, I_4+j, I_j, I_4+j
+    const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0);
+    return _mm512_castsi512_si256(_mm512_permutexvar_epi32(idx, s));
+}
+// dw of q4_0 blocks w[0:8] (d_b: word 9 b of the first 128 bytes).
+inline __m256 q4_0_scales512(const q4_0_block* w) noexcept
+{
+    const auto* p = reinterpret_cast<const std::uint8_t*>(w);
+    const __m512i idx = _mm512_set_epi16(
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 63, 54, 45, 36, 27, 18, 9, 0);
+    const __m512i v = _mm512_permutex2var_epi16(_mm512_loadu_si512(p), idx, _mm512_loadu_si512(p + 64));
+    return _mm256_cvtph_ps(_mm512_castsi512_si128(v));
+}
+#endif // KDIAL_QDOT_AVX512BW
 #endif // KDIAL_QDOT_AVX2
 
 #if KDIAL_SIMD_NEON64
@@ -515,6 +752,43 @@ template <qdot_isa I> inline int32x4_t qdot_s16(int32x4_t acc, int8x16_t a, int8
 }
 #endif
 
+#if KDIAL_QDOT_AVX2
+// Whether path I runs 4-bit weights S through the unpacked groups above.
+template <qdot_isa I, class S>
+inline constexpr bool qdot_q4_x86
+    = !std::is_same_v<S,
+          q8_block> && (I == qdot_isa::avx2 || I == qdot_isa::avx_vnni || I == qdot_isa::avx512bw || I == qdot_isa::avx512_vnni);
+
+template <qdot_isa I, class S> inline auto q4_unpack(const S* w) noexcept
+{
+#if KDIAL_QDOT_AVX512BW
+    if constexpr (I == qdot_isa::avx512bw || I == qdot_isa::avx512_vnni)
+        return q4_unpack512(w);
+    else
+#endif
+        return q4_unpack256(w);
+}
+template <qdot_isa I> inline auto q4_xprep(const std::int8_t* x) noexcept
+{
+#if KDIAL_QDOT_AVX512BW
+    if constexpr (I == qdot_isa::avx512bw || I == qdot_isa::avx512_vnni)
+        return q4_xprep512(x);
+    else
+#endif
+        return q4_xprep256(x);
+}
+template <qdot_isa I> inline __m256i q4_ints(const q4w256& u, const q4x256& x) noexcept
+{
+    return q4_ints256<I>(u, x);
+}
+#if KDIAL_QDOT_AVX512BW
+template <qdot_isa I> inline __m256i q4_ints(const q4w512& u, const q4x512& x) noexcept
+{
+    return q4_ints512<I>(u, x);
+}
+#endif
+#endif
+
 // ---- the integer totals of 8 blocks per path -------------------------------
 
 // I_b of the 8 blocks w[0:8] against x[0:256] (xs: the 8 blocks' sums).
@@ -523,52 +797,38 @@ inline typename lanes8<I>::i qdot_ints8(const S* w, const std::int8_t* x, const 
 {
     if constexpr (false) {
     }
-#if KDIAL_QDOT_AVX512BW && KDIAL_QDOT_AVX2
-    else if constexpr (I == qdot_isa::avx512bw || I == qdot_isa::avx512_vnni) {
-        __m512i p[4];
-        for (int k = 0; k < 4; ++k) {
-            const __m512i xv = _mm512_loadu_si512(x + 64 * k);
-            if constexpr (std::is_same_v<S, q8_block>) {
-                const __m512i wv = qdot_join(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[2 * k].q)),
-                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[2 * k + 1].q)));
-                const __mmask64 neg = _mm512_movepi8_mask(wv);
-                p[k] = qdot_us512<I>(_mm512_abs_epi8(wv), _mm512_mask_sub_epi8(xv, neg, _mm512_setzero_si512(), xv));
-            } else if constexpr (std::is_same_v<S, q4_0_block>) {
-                p[k] = qdot_us512<I>(qdot_join(q4_0_u256(w[2 * k]), q4_0_u256(w[2 * k + 1])), xv);
-            } else {
-                // q4_k: w is one super-block; bytes 32k..32k+31 hold
-                // sub-block 2k (low nibbles) and 2k + 1 (high).
-                const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w->qs + 32 * k));
-                const __m512i u = _mm512_and_si512(qdot_join(v, _mm256_srli_epi16(v, 4)), _mm512_set1_epi8(0x0f));
-                p[k] = qdot_us512<I>(u, xv);
-            }
-        }
-        __m256i t = qdot_tree8(p);
+#if KDIAL_QDOT_AVX2
+    else if constexpr (qdot_q4_x86<I, S>) {
+        __m256i t = q4_ints<I>(q4_unpack<I>(w), q4_xprep<I>(x));
         if constexpr (std::is_same_v<S, q4_0_block>)
             t = _mm256_sub_epi32(t, _mm256_slli_epi32(lanes8<I>::loadi(xs), 3));
         return t;
     }
 #endif
+#if KDIAL_QDOT_AVX512BW && KDIAL_QDOT_AVX2
+    else if constexpr (I == qdot_isa::avx512bw || I == qdot_isa::avx512_vnni) {
+        static_assert(std::is_same_v<S, q8_block>); // q4: qdot_q4_x86
+        __m512i p[4];
+        for (int k = 0; k < 4; ++k) {
+            const __m512i xv = _mm512_loadu_si512(x + 64 * k);
+            const __m512i wv = qdot_join(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[2 * k].q)),
+                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[2 * k + 1].q)));
+            const __mmask64 neg = _mm512_movepi8_mask(wv);
+            p[k] = qdot_us512<I>(_mm512_abs_epi8(wv), _mm512_mask_sub_epi8(xv, neg, _mm512_setzero_si512(), xv));
+        }
+        return qdot_tree8(p);
+    }
+#endif
 #if KDIAL_QDOT_AVX2
     else if constexpr (I == qdot_isa::avx2 || I == qdot_isa::avx_vnni) {
+        static_assert(std::is_same_v<S, q8_block>); // q4: qdot_q4_x86
         __m256i p[8];
         for (int b = 0; b < 8; ++b) {
             const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32 * b));
-            if constexpr (std::is_same_v<S, q8_block>) {
-                const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[b].q));
-                p[b] = qdot_us256<I>(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv));
-            } else if constexpr (std::is_same_v<S, q4_0_block>) {
-                p[b] = qdot_us256<I>(q4_0_u256(w[b]), xv);
-            } else {
-                const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w->qs + 32 * (b / 2)));
-                const __m256i u = _mm256_and_si256(b % 2 ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(0x0f));
-                p[b] = qdot_us256<I>(u, xv);
-            }
+            const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[b].q));
+            p[b] = qdot_us256<I>(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv));
         }
-        __m256i t = qdot_tree8(p);
-        if constexpr (std::is_same_v<S, q4_0_block>)
-            t = _mm256_sub_epi32(t, _mm256_slli_epi32(lanes8<I>::loadi(xs), 3));
-        return t;
+        return qdot_tree8(p);
     }
 #endif
 #if KDIAL_SIMD_NEON64
@@ -618,6 +878,8 @@ template <qdot_isa I, class S> inline typename lanes8<I>::f qdot_wscales8(const 
 #if KDIAL_QDOT_AVX2 && defined(__F16C__)
     if constexpr (I == qdot_isa::avx2 || I == qdot_isa::avx_vnni || I == qdot_isa::avx512bw
         || I == qdot_isa::avx512_vnni) {
+        if constexpr (std::is_same_v<S, q4_0_block>)
+            return q4_0_scales256(w);
         std::uint16_t h[8];
         for (int b = 0; b < 8; ++b)
             h[b] = w[b].scale_f16().bits;
@@ -633,8 +895,81 @@ template <qdot_isa I, class S> inline typename lanes8<I>::f qdot_wscales8(const 
 // out[r * NR + i] = the int8-activation dot of weight row r (blocks
 // rows[r][0:..]) and activation row i of xq, in the order of the header
 // comment. nb blocks of 32 (q4_k: nb % 8 == 0). `next`: rows to prefetch.
+#if KDIAL_QDOT_AVX2
+// qdot_rows of 4-bit weights on x86: each group of 8 blocks of a weight row
+// is unpacked (q4w256 / q4w512) and its scales widened once, then dotted with
+// every activation row; the same ops per block as qdot_rows.
 template <qdot_isa I, class S, int NR, int R>
-inline void qdot_rows(
+inline void qdot_rows_q4(
+    const S* const* rows, const S* const* next, std::size_t nb, const act_q8_cview& xq, float* out) noexcept
+{
+    constexpr bool k4 = std::is_same_v<S, q4_k_block>;
+    constexpr std::size_t per = k4 ? 1 : 8; // storage blocks per group of 8
+    __m256 acc[R][NR];
+    for (int r = 0; r < R; ++r)
+        for (int i = 0; i < NR; ++i)
+            acc[r][i] = _mm256_setzero_ps();
+    const std::size_t ng = nb / 8;
+    for (std::size_t g = 0; g < ng; ++g) {
+        const std::size_t b0 = 8 * g;
+        for (int r = 0; r < R; ++r)
+            for (std::size_t p = 0; p < per * sizeof(S); p += 64)
+                simd::prefetch(reinterpret_cast<const char*>(next[r] + per * g) + p);
+        // Row by row, unrolled (a loop over r leaves acc in memory).
+        const auto row = [&]<int r>() {
+            const S* w = rows[r] + per * g;
+            __m256 dw, dm;
+            if constexpr (k4) {
+                q4_k_scales256(*w, dw, dm);
+            } else {
+#if KDIAL_QDOT_AVX512BW
+                if constexpr (I == qdot_isa::avx512bw || I == qdot_isa::avx512_vnni)
+                    dw = q4_0_scales512(w);
+                else
+#endif
+                    dw = q4_0_scales256(w);
+            }
+            const auto u = q4_unpack<I>(w);
+            // The activation side is laid out again for each weight row:
+            // hoisting it out of the row loop measured slower (spills).
+            for (int i = 0; i < NR; ++i) {
+                const __m256i t = q4_ints<I>(u, q4_xprep<I>(xq.qrow(i) + 32 * b0));
+                const __m256i s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.srow(i) + b0));
+                const __m256 dx = _mm256_loadu_ps(xq.drow(i) + b0);
+                if constexpr (k4) {
+                    acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_mul_ps(dw, dx), acc[r][i]);
+                    acc[r][i] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dm, dx), acc[r][i]);
+                } else {
+                    // I_b = sum nibble x - 8 S_b.
+                    acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(t, _mm256_slli_epi32(s, 3))),
+                        _mm256_mul_ps(dw, dx), acc[r][i]);
+                }
+            }
+        };
+        [&]<int... r>(std::integer_sequence<int, r...>)
+        {
+            (row.template operator()<r>(), ...);
+        }
+        (std::make_integer_sequence<int, R> {});
+    }
+    for (int r = 0; r < R; ++r)
+        for (int i = 0; i < NR; ++i) {
+            float a[8];
+            _mm256_storeu_ps(a, acc[r][i]);
+            if constexpr (!k4) {
+                // The last nb % 8 blocks, lane b % 8, scalar (same ops).
+                for (std::size_t b = 8 * ng; b < nb; ++b) {
+                    const std::int32_t t = qdot_block_int(rows[r][b], xq.qrow(i) + 32 * b, xq.srow(i)[b]);
+                    a[b % 8] = std::fma(float(t), simd::scale_of(rows[r][b]) * xq.drow(i)[b], a[b % 8]);
+                }
+            }
+            out[r * NR + i] = qdot_tree(a);
+        }
+}
+#endif
+
+template <qdot_isa I, class S, int NR, int R>
+inline void qdot_rows_any(
     const S* const* rows, const S* const* next, std::size_t nb, const act_q8_cview& xq, float* out) noexcept
 {
     using L = lanes8<I>;
@@ -688,7 +1023,24 @@ inline void qdot_rows(
         }
 }
 
-template <int NR> inline constexpr int qdot_rows_per_pass = NR == 1 ? 4 : 2;
+template <qdot_isa I, class S, int NR, int R>
+inline void qdot_rows(
+    const S* const* rows, const S* const* next, std::size_t nb, const act_q8_cview& xq, float* out) noexcept
+{
+#if KDIAL_QDOT_AVX2
+    if constexpr (qdot_q4_x86<I, S>)
+        qdot_rows_q4<I, S, NR, R>(rows, next, nb, xq, out);
+    else
+#endif
+        qdot_rows_any<I, S, NR, R>(rows, next, nb, xq, out);
+}
+
+// Weight rows per pass of the per-row kernels: at n = 1, 8 (4 measured
+// ~30 % slower for cold q4_0 weights on AVX-512 VNNI: fewer rows in flight).
+template <int NR> inline constexpr int qdot_rows_per_pass = NR == 1 ? 8 : 2;
+// How many passes ahead the per-row kernels prefetch their weight rows (4
+// and 8 measured alike, 1 and 2 slower, for cold q4_0 weights).
+inline constexpr std::size_t qdot_prefetch_passes = 4;
 
 // y[i, o] = int8-activation dot of x row i and weight row o, o in [o0, o1), i < NR.
 template <qdot_isa I, weight_type W, int NR>
@@ -703,7 +1055,7 @@ void linear_qgemv(
     for (; o + R <= o1; o += R) {
         const S* rows[R];
         const S* next[R];
-        const std::size_t on = o + 2 * R <= o1 ? o + R : o;
+        const std::size_t on = std::min(o + qdot_prefetch_passes * R, o1 - R);
         for (int r = 0; r < R; ++r) {
             rows[r] = w.row(o + r);
             next[r] = w.row(on + r);
@@ -735,7 +1087,7 @@ void gate_up_qgemv(const weight_view<W>& gate, const weight_view<W>& up, const a
         for (; f + P <= f1; f += P) {
             const S* rows[2 * P];
             const S* next[2 * P];
-            const std::size_t fn = f + 2 * P <= f1 ? f + P : f;
+            const std::size_t fn = std::min(f + qdot_prefetch_passes * P, f1 - P);
             for (int p = 0; p < P; ++p) {
                 rows[2 * p] = gate.row(f + p);
                 rows[2 * p + 1] = up.row(f + p);
