@@ -165,6 +165,32 @@ void add_extremes(matrix_view<float> x, std::mt19937& rng)
         }
 }
 
+// Path f's linear and gate/up on rows [r0, r0 + n) of a, each split at
+// column cut: every output must have the reference's bits (want, wu: all
+// rows of a), and nothing past y may be written.
+template <weight_type W, class F>
+void check_rows_bits(const F& f, const weight_view<W>& w, const weight_view<W>& up, const act_q8_view& a,
+    const std::vector<float>& want, const std::vector<float>& wu, std::size_t r0, std::size_t n, std::size_t cut)
+{
+    const std::size_t O = w.rows;
+    const act_q8_cview xq = act_q8_cview(a).sub_rows(r0, n);
+    auto y = ref::filled_matrix(n, O, 2), h = ref::filled_matrix(n, O, 1);
+    f.lin(w, xq, cut, O, y.view);
+    f.lin(w, xq, 0, cut, y.view);
+    f.gu(w, up, xq, 0, cut, h.view);
+    f.gu(w, up, xq, cut, O, h.view);
+    bool same = true, hsame = true;
+    for (std::size_t i = 0; i < n; ++i)
+        for (std::size_t o = 0; o < O; ++o) {
+            const std::size_t j = (r0 + i) * O + o;
+            same = same && same_float(y.view(i, o), want[j]);
+            hsame = hsame && same_float(h.view(i, o), simd::silu(want[j]) * wu[j]);
+        }
+    CHECK(same);
+    CHECK(hsame);
+    CHECK(y.buf.back() == ref::sentinel);
+}
+
 } // namespace
 
 TEST_CASE("quantize_act_q8: matches the definition, odd widths and extreme blocks [kernels][qdot]")
@@ -281,23 +307,7 @@ TEST_CASE_TEMPLATE("linear_q8act / swiglu_gate_up_q8act: any row count and posit
             for (const std::size_t r0 : { std::size_t { 0 }, (N - n) / 2, N - n }) {
                 CAPTURE(n);
                 CAPTURE(r0);
-                const act_q8_cview xq = act_q8_cview(a.v).sub_rows(r0, n);
-                auto y = ref::filled_matrix(n, O, 2), h = ref::filled_matrix(n, O, 1);
-                const std::size_t cut = 2 * O / 3 + 1;
-                f.lin(w.view, xq, cut, O, y.view);
-                f.lin(w.view, xq, 0, cut, y.view);
-                f.gu(w.view, up.view, xq, 0, cut, h.view);
-                f.gu(w.view, up.view, xq, cut, O, h.view);
-                bool same = true, hsame = true;
-                for (std::size_t i = 0; i < n; ++i)
-                    for (std::size_t o = 0; o < O; ++o) {
-                        const std::size_t j = (r0 + i) * O + o;
-                        same = same && same_float(y.view(i, o), want[j]);
-                        hsame = hsame && same_float(h.view(i, o), simd::silu(want[j]) * wu[j]);
-                    }
-                CHECK(same);
-                CHECK(hsame);
-                CHECK(y.buf.back() == ref::sentinel);
+                check_rows_bits(f, w.view, up.view, a.v, want, wu, r0, n, 2 * O / 3 + 1);
             }
     }
 }
@@ -325,20 +335,7 @@ TEST_CASE_TEMPLATE("linear_q8act / swiglu_gate_up_q8act: rows longer than one pa
         CAPTURE(isa.name);
         for (const std::size_t n : { std::size_t { 5 }, std::size_t { 33 }, N }) {
             CAPTURE(n);
-            const act_q8_cview xq = act_q8_cview(a.v).sub_rows(N - n, n);
-            auto y = ref::filled_matrix(n, O, 2), h = ref::filled_matrix(n, O, 1);
-            f.lin(w.view, xq, 0, O, y.view);
-            f.gu(w.view, up.view, xq, 0, O, h.view);
-            bool same = true, hsame = true;
-            for (std::size_t i = 0; i < n; ++i)
-                for (std::size_t o = 0; o < O; ++o) {
-                    const std::size_t j = (N - n + i) * O + o;
-                    same = same && same_float(y.view(i, o), want[j]);
-                    hsame = hsame && same_float(h.view(i, o), simd::silu(want[j]) * wu[j]);
-                }
-            CHECK(same);
-            CHECK(hsame);
-            CHECK(y.buf.back() == ref::sentinel);
+            check_rows_bits(f, w.view, up.view, a.v, want, wu, N - n, n, O / 2 + 1);
         }
     }
 }
