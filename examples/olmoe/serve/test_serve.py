@@ -133,7 +133,7 @@ def main():
     ap.add_argument("--model", required=True)
     a = ap.parse_args()
     ctx = 4096
-    s = Server(a.olmoe, a.model, ["--max-batch", "2", "--max-queue", "1", "--ctx", str(ctx), "--drain-timeout", "20"])
+    s = Server(a.olmoe, a.model, ["--max-batch", "2", "--max-queue", "1", "--ctx", str(ctx), "--drain-timeout", "120"])
     try:
         run(a, s, ctx)
     finally:
@@ -344,12 +344,12 @@ def run(a, s, ctx):
             continue
         check(st == 503 and j["error"]["code"] == "shutting_down", f"during drain: {st} {j}")
         break
-    t.join(60)
+    t.join(150)
     st, text, ids, last = out.get("r", (None,) * 4)
     check(st == 200 and last and last["choices"][0]["finish_reason"] == "length"
           and last["usage"]["completion_tokens"] == ctx - 16, f"drained stream: {st} {last}")
     try:
-        rc = s.p.wait(30)
+        rc = s.p.wait(150)
     except subprocess.TimeoutExpired:
         rc = None
     check(rc == 0, f"exit status after SIGTERM: {rc}")

@@ -1035,12 +1035,15 @@ inline void qdot_rows(
         qdot_rows_any<I, S, NR, R>(rows, next, nb, xq, out);
 }
 
-// Weight rows per pass of the per-row kernels: at n = 1, 8 (4 measured
-// ~30 % slower for cold q4_0 weights on AVX-512 VNNI: fewer rows in flight).
-template <int NR> inline constexpr int qdot_rows_per_pass = NR == 1 ? 8 : 2;
+// Weight rows per pass of the per-row kernels: at n = 1, 8 for 4-bit
+// weights (4 measured ~30 % slower for cold q4_0 weights on AVX-512 VNNI:
+// fewer rows in flight), 4 for q8 (8 rows, 4 passes ahead made model
+// decode 10-25 % slower: q8 rows are twice as long).
+template <class S, int NR>
+inline constexpr int qdot_rows_per_pass = NR == 1 ? (std::is_same_v<S, q8_block> ? 4 : 8) : 2;
 // How many passes ahead the per-row kernels prefetch their weight rows (4
-// and 8 measured alike, 1 and 2 slower, for cold q4_0 weights).
-inline constexpr std::size_t qdot_prefetch_passes = 4;
+// and 8 measured alike, 1 and 2 slower, for cold q4_0 weights; q8: 1).
+template <class S> inline constexpr std::size_t qdot_prefetch_passes = std::is_same_v<S, q8_block> ? 1 : 4;
 
 // y[i, o] = int8-activation dot of x row i and weight row o, o in [o0, o1), i < NR.
 template <qdot_isa I, weight_type W, int NR>
@@ -1048,14 +1051,14 @@ void linear_qgemv(
     const weight_view<W>& w, const act_q8_cview& xq, std::size_t o0, std::size_t o1, float* y, std::size_t ldy) noexcept
 {
     using S = typename W::storage;
-    constexpr int R = qdot_rows_per_pass<NR>;
+    constexpr int R = qdot_rows_per_pass<S, NR>;
     const std::size_t nb = xq.blocks;
     float out[R * NR];
     std::size_t o = o0;
     for (; o + R <= o1; o += R) {
         const S* rows[R];
         const S* next[R];
-        const std::size_t on = std::min(o + qdot_prefetch_passes * R, o1 - R);
+        const std::size_t on = std::min(o + qdot_prefetch_passes<S> * R, o1 - R);
         for (int r = 0; r < R; ++r) {
             rows[r] = w.row(o + r);
             next[r] = w.row(on + r);
@@ -1079,7 +1082,7 @@ void gate_up_qgemv(const weight_view<W>& gate, const weight_view<W>& up, const a
     std::size_t f1, float* h, std::size_t ldh) noexcept
 {
     using S = typename W::storage;
-    constexpr int P = qdot_rows_per_pass<NR> / 2;
+    constexpr int P = qdot_rows_per_pass<S, NR> / 2;
     const std::size_t nb = xq.blocks;
     float out[2 * P * NR];
     std::size_t f = f0;
@@ -1087,7 +1090,7 @@ void gate_up_qgemv(const weight_view<W>& gate, const weight_view<W>& up, const a
         for (; f + P <= f1; f += P) {
             const S* rows[2 * P];
             const S* next[2 * P];
-            const std::size_t fn = std::min(f + qdot_prefetch_passes * P, f1 - P);
+            const std::size_t fn = std::min(f + qdot_prefetch_passes<S> * P, f1 - P);
             for (int p = 0; p < P; ++p) {
                 rows[2 * p] = gate.row(f + p);
                 rows[2 * p + 1] = up.row(f + p);
