@@ -106,21 +106,15 @@ TEST_CASE("olmoe --act int8: logits within the stated bound of exact, argmax kep
 // asserted as for decode.
 //
 // Prefill against decode bit for bit: every int8 kernel gives a row the
-// same bits at any row count (kernels/qdot.hpp), and attention sums a query
-// row the same way at decode and inside a prefill batch (one row at a time,
-// keys in order), but the routers and the shared expert's gate are f32
-// weights (never quantised) run by the exact kernels, whose path (and last
-// bits) depend on the row count: GEMV for n <= 4 (n = 1 and 2 apart),
-// small-row path for n <= 12 with the GEMV at 3, 4 the same bits, GEMM
-// beyond (kernels/linear.hpp). So a token decoded alone and the same token
-// in a 16-row prefill may route with weights a few ulps apart: measured,
-// int8 prefill equals int8 decode at 1-10 of 16 positions, max diff
-// 2e-6 (and at 16/16 with the router run a row at a time, so nothing else
-// differs). Asserted bit for bit where it is guaranteed: prefill in calls
-// of 4 rows (int8 GEMV kernels) against calls of 5 and 6 rows (packed
-// panels), the routers on 3..12 rows in both; and int8 prefill against
-// int8 decode within 1e-4 of max |logit| (ulps of routing weights; an int8
-// kernel that depended on the row count would be off by ~1e-2).
+// same bits at any row count (kernels/qdot.hpp), attention sums a query row
+// the same way at decode and inside a prefill batch (one row at a time, keys
+// in order), and the routers and the shared expert's gate (f32 weights,
+// never quantised) sum each token's logits in the one-row GEMV's order at
+// any row count (routing/router.hpp, router_dots). So int8 prefill equals
+// int8 decode bit for bit at every position. (Before router_dots the
+// routers took linear()'s row-count-dependent paths: equal at 1-10 of 16
+// positions, max diff 2e-6.) Also asserted: prefill in calls of 4 rows
+// (int8 GEMV kernels) against calls of 5 and 6 rows (packed panels).
 TEST_CASE("olmoe --act int8 in prefill: logits within the bound of exact, and equal to int8 decode [examples][qdot]")
 {
     const auto toks = test::golden_tokens();
@@ -145,7 +139,8 @@ TEST_CASE("olmoe --act int8 in prefill: logits within the bound of exact, and eq
         CHECK(e.worst > 0.0); // the int8 path ran
         CHECK(rel <= 0.04); // measured <= 0.021 (README)
         CHECK(e.agree * 10 >= n * 9);
-        CHECK(pd.worst <= 1e-4 * e.scale);
+        CHECK(same == n);
+        CHECK(pd.worst == 0.0);
         REQUIRE(n == 16);
         const auto gemv_rows = prefill_all(*m, toks, act_mode::int8, { 4, 4, 4, 4 });
         const auto panel_rows = prefill_all(*m, toks, act_mode::int8, { 5, 6, 5 });

@@ -3,6 +3,7 @@
 #include <doctest/doctest.h>
 #include <kdial/routing/router.hpp>
 
+#include "ref/kernels_ref.hpp"
 #include "ref/routing_ref.hpp"
 #include "test_util.hpp"
 
@@ -187,6 +188,56 @@ TEST_CASE("route: from hidden states equals route from precomputed logits [routi
     const auto r = run_route(logits, T, E, dynamic_k { 3 }, router_options {});
     CHECK(r.ids == ids);
     CHECK(test::same_bytes(r.weights, w));
+}
+
+namespace {
+// Router logits of T rows against each row alone and against the one-row
+// GEMV, bit for bit; and against double precision.
+template <weight_type W> void check_router_rows(std::size_t E, std::size_t d, std::size_t T, std::uint32_t seed)
+{
+    std::mt19937 rng(seed);
+    const auto w = ref::random_weights<W>(E, d, rng);
+    const auto x = ref::random_matrix(T, d, rng, 3);
+    std::vector<float> all(T * E), one(E), gemv(E);
+    router_logits(cmatrix_view<float>(x.view), any_weight_view(w.view), matrix_view<float>(all.data(), T, E));
+    int same_alone = 0, same_gemv = 0, close = 0;
+    for (std::size_t t = 0; t < T; ++t) {
+        const auto row = cmatrix_view<float>(x.view).sub_rows(t, 1);
+        router_logits(row, any_weight_view(w.view), matrix_view<float>(one.data(), 1, E));
+        linear(w.view, row, 0, E, matrix_view<float>(gemv.data(), 1, E));
+        for (std::size_t e = 0; e < E; ++e) {
+            same_alone += all[t * E + e] == one[e];
+            same_gemv += one[e] == gemv[e];
+            double s = 0, a = 0;
+            for (std::size_t i = 0; i < d; ++i) {
+                const double p = double(simd::weight_at(w.view.row(e), i)) * x.view(t, i);
+                s += p;
+                a += std::abs(p);
+            }
+            close += std::abs(all[t * E + e] - s) <= 1e-5 * a + 1e-30;
+        }
+    }
+    const int n = int(T * E);
+    INFO(dtype_name(W::id), " E ", E, " d ", d, " T ", T);
+    CHECK(same_alone == n);
+    CHECK(same_gemv == n);
+    CHECK(close == n);
+}
+} // namespace
+
+TEST_CASE("router_logits: a token's logits are the same bits alone and in a batch of any size, any weight type "
+          "[routing][router][determinism]")
+{
+    // Row groups of 4 (or 2), weight rows in pairs: odd E and T leave
+    // remainders; T = 70 spans two 64-row tiles; E = 1 is a shared-expert
+    // gate; d = 256 + 13 leaves a scalar tail (f32, bf16), q8 needs d % 32 == 0.
+    std::uint32_t seed = 11;
+    for (std::size_t T : { 1, 2, 3, 4, 5, 7, 8, 13, 70 })
+        for (std::size_t E : { 1, 2, 7, 64 }) {
+            check_router_rows<f32_t>(E, 269, T, seed++);
+            check_router_rows<bf16_t>(E, 269, T, seed++);
+            check_router_rows<q8_t>(E, 256, T, seed++);
+        }
 }
 
 TEST_CASE("route: bad input throws a clear kdial::error and leaves the outputs untouched [routing][router][errors]")

@@ -371,7 +371,7 @@ public:
         }
         const std::size_t pad = detail::max_padded_rows;
         pad_x_.resize(pad * d);
-        pad_y_.resize(pad * std::max({ E, d, std::size_t { 1 } }));
+        pad_y_.resize(pad * std::max<std::size_t>(d, 1));
         pad_h_.resize(pad * std::max<std::size_t>(Fs, 1));
         if (Fs) {
             // act_mode::int8: the shared expert's X and H quantised
@@ -508,13 +508,9 @@ struct ep_stages {
         const std::size_t k = std::size_t(kc);
         const matrix_view<float> logits(ws.logits_.data(), T, E);
         if constexpr (!std::same_as<P, given_routing>) {
-            std::visit(
-                [&](const auto& rw) {
-                    detail::rows_as_one_process(X, g0, T_all, { kdial::detail::router_tile_rows, false }, logits,
-                        ws.pad_x_.data(), ws.pad_y_.data(),
-                        [&](cmatrix_view<float> xb, matrix_view<float> yb) { linear(rw, xb, 0, rw.rows, yb); });
-                },
-                w.router());
+            // A token's router logits do not depend on the rows around it
+            // (routing/router.hpp), so this rank's rows get one process's bits.
+            kdial::detail::router_logits_unchecked(X, w.router(), logits, ex);
             try {
                 kdial::detail::check_logits_finite(cmatrix_view<float>(logits), where);
             } catch (const kdial::error& e) {
@@ -670,13 +666,8 @@ struct ep_stages {
         if (w.shared() && T > 0) {
             st.output = cmatrix_view<float>(ws.s_.data(), T, d);
             if (w.has_shared_gate()) {
-                std::visit(
-                    [&](const auto& gw) {
-                        detail::rows_as_one_process(X, g0, T_all, { kdial::detail::router_tile_rows, false },
-                            matrix_view<float>(ws.gate_.data(), T, 1), ws.pad_x_.data(), ws.pad_y_.data(),
-                            [&](cmatrix_view<float> xb, matrix_view<float> yb) { linear(gw, xb, 0, 1, yb); });
-                    },
-                    w.shared()->gate);
+                kdial::detail::router_logits_unchecked(
+                    X, w.shared()->gate, matrix_view<float>(ws.gate_.data(), T, 1), ex);
                 st.gate_logits = std::span<const float>(ws.gate_.data(), T);
             }
         }

@@ -28,18 +28,19 @@ template <int NR> inline constexpr int gemv_chains = NR <= 2 ? 2 : 1;
 
 // out[r * NR + i] = dot(rows[r][0:cols], x[i * ldx + 0:cols]) for r < R, i < NR.
 // Summation order for each pair: lane-wise over vector index v in chain
-// v % C, chains added, lanes summed (hsum), then the scalar tail in order.
+// v % C, chains added, lanes summed (hsum), then the scalar tail in order
+// (C = gemv_chains<NR> unless given: a pair's bits depend on C only, not on
+// NR or R, which is how routing/router.hpp gets row-count-free logits).
 // `next` holds R rows to prefetch while these stream (the next pass's rows,
 // or `rows` again on the last pass): each step touches the same byte offset
 // in them, so they are in cache when their pass starts. A hint only; it does
 // not change any result.
-template <class Arch, class S, int NR, int R>
+template <class Arch, class S, int NR, int R, int C = gemv_chains<NR>>
 inline void gemv_rows(
     const S* const* rows, const S* const* next, std::size_t cols, const float* x, std::size_t ldx, float* out) noexcept
 {
     using B = xsimd::batch<float, Arch>;
     constexpr std::size_t L = B::size;
-    constexpr int C = gemv_chains<NR>;
     B acc[R][NR][C];
     for (int r = 0; r < R; ++r)
         for (int i = 0; i < NR; ++i)
