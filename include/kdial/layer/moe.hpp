@@ -595,60 +595,40 @@ struct moe_stages {
         const auto offsets = ws.plan_.offsets();
         const expert_set& experts = w.experts();
         const expert_set* shared = w.has_shared_expert() ? &w.shared()->expert : nullptr;
-        const tile* up = ws.up_;
-        const tile* down = ws.down_;
         // act_mode::int8 on 8- and 4-bit weights: every row quantised once
-        // (X before phase 1, H between the phases), shared by all tiles.
+        // (X before phase 1, H between the phases), shared by all tiles; an
+        // unbound view (the exact path) otherwise.
         const bool int8 = ws.act_ == act_mode::int8;
         const bool qr = int8 && has_qdot(experts.type()), qs = int8 && shared && has_qdot(shared->type());
-        act_q8_view xq {}, hq {}, xsq {}, hsq {};
-        if (qr) {
-            xq = bind_act_q8(ws.xq_, slots, d);
-            quantize_act_rows(ex, cmatrix_view<float>(xs), xq);
-        }
-        if (qs) {
-            xsq = bind_act_q8(ws.xsq_, T, d);
-            quantize_act_rows(ex, X, xsq);
-        }
-        // A tile's expert: routed expert e < E on its block of the slot rows,
-        // or the shared expert (e = E) on the rows of X.
-        struct part {
-            const expert_set* set;
-            std::size_t e, r, n;
-            bool routed;
+        const auto quantised = [&](bool q, std::byte* mem, cmatrix_view<float> x) {
+            act_q8_view v {};
+            if (q) {
+                v = bind_act_q8(mem, x.rows, x.cols);
+                quantize_act_rows(ex, x, v);
+            }
+            return v;
         };
-        const auto part_of = [&](const tile& tl) {
-            const std::size_t e = std::size_t(tl.expert), n = tl.r1 - tl.r0;
-            if (e < E)
-                return part { &experts, e, std::size_t(offsets[e]) + tl.r0, n, true };
-            return part { shared, 0, tl.r0, n, false };
+        // One phase over its tile list: f (expert_gate_up or expert_down) on
+        // each tile, a routed expert's tile on its block of the slot rows (in
+        // -> out), the shared expert's on the rows of X (in_s -> out_s).
+        const auto phase = [&](const tile* tiles, std::size_t count, auto f, const expert_rows& in,
+                               const expert_rows& in_s, matrix_view<float> out, matrix_view<float> out_s) {
+            ex.parallel_for(count, [&](std::size_t i) {
+                const tile& tl = tiles[i];
+                const std::size_t e = std::size_t(tl.expert), n = tl.r1 - tl.r0;
+                if (e < E) {
+                    const std::size_t r = std::size_t(offsets[e]) + tl.r0;
+                    f(experts, e, in.sub_rows(r, n), tl.c0, tl.c1, out.sub_rows(r, n));
+                } else
+                    f(*shared, 0, in_s.sub_rows(tl.r0, n), tl.c0, tl.c1, out_s.sub_rows(tl.r0, n));
+            });
         };
         // Phase 1: gate and up.
-        const expert_rows xr { xs, xq }, xsr { X, xsq };
-        const auto phase1 = [&](std::size_t i) {
-            const tile& tl = up[i];
-            const part p = part_of(tl);
-            expert_gate_up(*p.set, p.e, (p.routed ? xr : xsr).sub_rows(p.r, p.n), tl.c0, tl.c1,
-                (p.routed ? h : hs).sub_rows(p.r, p.n));
-        };
-        ex.parallel_for(ws.n_up_, phase1);
-        if (qr) {
-            hq = bind_act_q8(ws.hq_, slots, F);
-            quantize_act_rows(ex, cmatrix_view<float>(h), hq);
-        }
-        if (qs) {
-            hsq = bind_act_q8(ws.hsq_, T, Fs);
-            quantize_act_rows(ex, cmatrix_view<float>(hs), hsq);
-        }
+        const expert_rows xr { xs, quantised(qr, ws.xq_, xs) }, xsr { X, quantised(qs, ws.xsq_, X) };
+        phase(ws.up_, ws.n_up_, expert_gate_up, xr, xsr, h, hs);
         // Phase 2: down.
-        const expert_rows hr { h, hq }, hsr { hs, hsq };
-        const auto phase2 = [&](std::size_t i) {
-            const tile& tl = down[i];
-            const part p = part_of(tl);
-            expert_down(*p.set, p.e, (p.routed ? hr : hsr).sub_rows(p.r, p.n), tl.c0, tl.c1,
-                (p.routed ? ys : s).sub_rows(p.r, p.n));
-        };
-        ex.parallel_for(ws.n_down_, phase2);
+        const expert_rows hr { h, quantised(qr, ws.hq_, h) }, hsr { hs, quantised(qs, ws.hsq_, hs) };
+        phase(ws.down_, ws.n_down_, expert_down, hr, hsr, ys, s);
         ws.stage_ = moe_workspace::stage::computed;
     }
 
