@@ -178,7 +178,7 @@ template <kdial::weight_type W, class Arch = xsimd::default_arch, int Act = -1> 
     std::size_t e = 0;
     // int8 path: the quantised rows of x and h (caller workspace).
     std::vector<std::byte> qmem(kdial::act_q8_bytes(n, d_model) + kdial::act_q8_bytes(n, d_ffn) + 128);
-    std::byte* qa = qmem.data() + (64 - reinterpret_cast<std::uintptr_t>(qmem.data()) % 64) % 64;
+    std::byte* qa = kdial::detail::align_up(qmem.data(), 64);
     const kdial::act_q8_view qx = kdial::bind_act_q8(qa, n, d_model);
     const kdial::act_q8_view qh = kdial::bind_act_q8(qa + kdial::act_q8_bytes(n, d_model), n, d_ffn);
     const auto t0 = std::chrono::steady_clock::now();

@@ -116,9 +116,7 @@ owned_act quantize(cmatrix_view<float> x)
 {
     owned_act a;
     a.mem.resize(act_q8_bytes(x.rows, x.cols) + 64);
-    auto* p = a.mem.data();
-    p += (64 - reinterpret_cast<std::uintptr_t>(p) % 64) % 64;
-    a.v = bind_act_q8(p, x.rows, x.cols);
+    a.v = bind_act_q8(detail::align_up(a.mem.data(), 64), x.rows, x.cols);
     quantize_act_q8(x, a.v);
     return a;
 }

@@ -158,9 +158,7 @@ TEST_CASE("moe: a workspace on caller memory equals an owned one; bad memory thr
     const std::size_t n = moe_workspace::bytes_needed(shape);
     CHECK(n % moe_workspace::alignment == 0);
     std::vector<std::byte> mem(n + 2 * moe_workspace::alignment);
-    auto* p = mem.data();
-    while (reinterpret_cast<std::uintptr_t>(p) % moe_workspace::alignment)
-        ++p;
+    std::byte* p = detail::align_up(mem.data(), moe_workspace::alignment);
     moe_workspace on_caller(shape, std::span<std::byte>(p, n)), owned(shape);
     const auto X = test::random_floats(T * d, 242);
     CHECK(test::same_bytes(run(w, on_caller, X, T, 3), run(w, owned, X, T, 3)));

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <span>
 #include <type_traits>
 
@@ -59,6 +60,14 @@ template <class T> struct matrix_view {
 template <class T> using cmatrix_view = matrix_view<const T>;
 
 namespace detail {
+// The first address at or after p that is a multiple of `alignment`: where
+// aligned views start in a buffer allocated `alignment` bytes larger than
+// they need.
+inline std::byte* align_up(std::byte* p, std::size_t alignment) noexcept
+{
+    return p + (alignment - reinterpret_cast<std::uintptr_t>(p) % alignment) % alignment;
+}
+
 // Throws unless view v has exactly rows x cols.
 template <class T>
 void check_shape(const matrix_view<T>& v, std::size_t rows, std::size_t cols, const char* where, const char* name)

@@ -378,8 +378,7 @@ public:
             // (64-byte aligned, as bind_act_q8 needs).
             const std::size_t xb = act_q8_bytes(T, d), hb = act_q8_bytes(T, Fs);
             q8_mem_.resize(xb + hb + 64);
-            auto* p = q8_mem_.data();
-            p += (64 - reinterpret_cast<std::uintptr_t>(p) % 64) % 64;
+            std::byte* p = kdial::detail::align_up(q8_mem_.data(), 64);
             xsq_ = bind_act_q8(p, T, d);
             hsq_ = bind_act_q8(p + xb, T, Fs);
         }
@@ -619,51 +618,40 @@ struct ep_stages {
 
         // 7. The shared expert on this rank's tokens, then combine.
         shared_expert_term st;
-        const bool qs = ws.act_ == act_mode::int8 && w.shared() && kdial::detail::has_qdot(w.shared()->expert.type());
-        if (w.shared() && T > 0 && qs) {
-            // int8: rows quantised one by one, then row-independent integer
-            // dots over column tiles (bits of moe::run_experts at any T).
-            const std::size_t Fs = w.shared_ffn();
-            const matrix_view<float> s(ws.s_.data(), T, d), h(ws.hs_.data(), T, Fs);
-            act_q8_view xq = ws.xsq_, hq = ws.hsq_;
-            xq.rows = hq.rows = T;
-            kdial::detail::quantize_act_rows(ex, X, xq);
-            w.shared()->expert.visit([&](const auto& list) {
-                const auto& ew = list[0];
-                using W = typename std::decay_t<decltype(ew.gate)>::format;
-                if constexpr (qdot_weight<W>) {
-                    constexpr std::size_t cols = 64;
-                    ex.parallel_for((Fs + cols - 1) / cols, [&](std::size_t c) {
-                        swiglu_gate_up_q8act(
-                            ew.gate, ew.up, act_q8_cview(xq), c * cols, std::min(Fs, (c + 1) * cols), h);
-                    });
-                    kdial::detail::quantize_act_rows(ex, cmatrix_view<float>(h), hq);
-                    ex.parallel_for((d + cols - 1) / cols, [&](std::size_t c) {
-                        linear_q8act(ew.down, act_q8_cview(hq), c * cols, std::min(d, (c + 1) * cols), s);
-                    });
-                }
-            });
-        } else if (w.shared() && T > 0) {
+        if (w.shared() && T > 0) {
+            const expert_set& se = w.shared()->expert;
             const std::size_t Fs = w.shared_ffn();
             const matrix_view<float> s(ws.s_.data(), T, d);
-            w.shared()->expert.visit([&](const auto& list) {
-                const auto& ew = list[0];
+            // y = down(gate/up(x)) through h [n, Fs], each phase over column
+            // tiles (the kernels of moe::run_experts; a row's bits do not
+            // depend on the column split); hq bound: h is quantised between.
+            const auto ffn = [&](const kdial::detail::expert_rows& x, matrix_view<float> h, const act_q8_view& hq,
+                                 matrix_view<float> y) {
+                constexpr std::size_t cols = 64;
+                ex.parallel_for((Fs + cols - 1) / cols, [&](std::size_t c) {
+                    kdial::detail::expert_gate_up(se, 0, x, c * cols, std::min(Fs, (c + 1) * cols), h);
+                });
+                if (hq.q)
+                    kdial::detail::quantize_act_rows(ex, cmatrix_view<float>(h), hq);
+                const kdial::detail::expert_rows hr { h, hq };
+                ex.parallel_for((d + cols - 1) / cols, [&](std::size_t c) {
+                    kdial::detail::expert_down(se, 0, hr, c * cols, std::min(d, (c + 1) * cols), y);
+                });
+            };
+            if (ws.act_ == act_mode::int8 && kdial::detail::has_qdot(se.type())) {
+                // int8: rows quantised one by one, then row-independent integer
+                // dots (bits of moe::run_experts at any T, no padding).
+                act_q8_view xq = ws.xsq_, hq = ws.hsq_;
+                xq.rows = hq.rows = T;
+                kdial::detail::quantize_act_rows(ex, X, xq);
+                ffn({ X, xq }, matrix_view<float>(ws.hs_.data(), T, Fs), hq, s);
+            } else
                 detail::rows_as_one_process(X, g0, T_all, { moe_workspace::gemm_rows, true }, s, ws.pad_x_.data(),
                     ws.pad_y_.data(), [&](cmatrix_view<float> xb, matrix_view<float> yb) {
-                        const std::size_t n = xb.rows;
                         const matrix_view<float> h(
-                            xb.data == ws.pad_x_.data() ? ws.pad_h_.data() : ws.hs_.data(), n, Fs);
-                        constexpr std::size_t cols = 64;
-                        ex.parallel_for((Fs + cols - 1) / cols, [&](std::size_t c) {
-                            swiglu_gate_up(ew.gate, ew.up, xb, c * cols, std::min(Fs, (c + 1) * cols), h);
-                        });
-                        ex.parallel_for((d + cols - 1) / cols, [&](std::size_t c) {
-                            linear(ew.down, cmatrix_view<float>(h), c * cols, std::min(d, (c + 1) * cols), yb);
-                        });
+                            xb.data == ws.pad_x_.data() ? ws.pad_h_.data() : ws.hs_.data(), xb.rows, Fs);
+                        ffn({ xb }, h, {}, yb);
                     });
-            });
-        }
-        if (w.shared() && T > 0) {
             st.output = cmatrix_view<float>(ws.s_.data(), T, d);
             if (w.has_shared_gate()) {
                 kdial::detail::router_logits_unchecked(

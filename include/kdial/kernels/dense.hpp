@@ -106,7 +106,7 @@ public:
     }
     dense_act_scratch(const dense_act_scratch&) = delete;
     dense_act_scratch& operator=(const dense_act_scratch&) = delete;
-    std::byte* data() const noexcept { return base_ + (64 - reinterpret_cast<std::uintptr_t>(base_) % 64) % 64; }
+    std::byte* data() const noexcept { return align_up(base_, 64); }
 
 private:
     struct buffer {

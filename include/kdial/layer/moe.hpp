@@ -171,6 +171,53 @@ struct near_equal_chunks {
         return g < long_rows ? g / (base + 1) : extra + (g - long_rows) / base;
     }
 };
+
+// The rows one expert phase reads: x [n, K] as floats and, for
+// act_mode::int8 on weights with integer dots (has_qdot), the same rows
+// quantised once by the caller (quantize_act_rows), or an unbound q (its
+// q null): the exact path on x. moe::run_experts and the distributed
+// shared expert run every expert through the two calls below, so one
+// process and many get the same kernels on the same rows.
+struct expert_rows {
+    cmatrix_view<float> x;
+    act_q8_cview q {};
+
+    expert_rows sub_rows(std::size_t r, std::size_t n) const noexcept
+    {
+        return { x.sub_rows(r, n), q.q ? q.sub_rows(r, n) : act_q8_cview {} };
+    }
+};
+
+// Phase 1 of expert e of `set` on rows `in`, columns [c0, c1):
+// h[:, c0:c1] = silu(x gateᵀ) * (x upᵀ) (h [n, F]); the integer dots when
+// in.q is bound, exact otherwise. Other columns of h are not touched.
+inline void expert_gate_up(const expert_set& set, std::size_t e, const expert_rows& in, std::size_t c0, std::size_t c1,
+    matrix_view<float> h) noexcept
+{
+    set.visit([&](const auto& list) {
+        const auto& ew = list[e];
+        using W = typename std::decay_t<decltype(ew.gate)>::format;
+        if constexpr (qdot_weight<W>)
+            if (in.q.q)
+                return swiglu_gate_up_q8act(ew.gate, ew.up, in.q, c0, c1, h);
+        swiglu_gate_up(ew.gate, ew.up, in.x, c0, c1, h);
+    });
+}
+
+// Phase 2 of expert e of `set` on its phase-1 output `in` (H [n, F]),
+// columns [c0, c1): y[:, c0:c1] = H downᵀ (y [n, d]), as expert_gate_up.
+inline void expert_down(const expert_set& set, std::size_t e, const expert_rows& in, std::size_t c0, std::size_t c1,
+    matrix_view<float> y) noexcept
+{
+    set.visit([&](const auto& list) {
+        const auto& dw = list[e].down;
+        using W = typename std::decay_t<decltype(dw)>::format;
+        if constexpr (qdot_weight<W>)
+            if (in.q.q)
+                return linear_q8act(dw, in.q, c0, c1, y);
+        linear(dw, in.x, c0, c1, y);
+    });
+}
 } // namespace detail
 
 // The scratch of one stream (see the header comment).
@@ -548,85 +595,40 @@ struct moe_stages {
         const auto offsets = ws.plan_.offsets();
         const expert_set& experts = w.experts();
         const expert_set* shared = w.has_shared_expert() ? &w.shared()->expert : nullptr;
-        const tile* up = ws.up_;
-        const tile* down = ws.down_;
         // act_mode::int8 on 8- and 4-bit weights: every row quantised once
-        // (X before phase 1, H between the phases), shared by all tiles.
+        // (X before phase 1, H between the phases), shared by all tiles; an
+        // unbound view (the exact path) otherwise.
         const bool int8 = ws.act_ == act_mode::int8;
         const bool qr = int8 && has_qdot(experts.type()), qs = int8 && shared && has_qdot(shared->type());
-        act_q8_view xq {}, hq {}, xsq {}, hsq {};
-        if (qr) {
-            xq = bind_act_q8(ws.xq_, slots, d);
-            quantize_act_rows(ex, cmatrix_view<float>(xs), xq);
-        }
-        if (qs) {
-            xsq = bind_act_q8(ws.xsq_, T, d);
-            quantize_act_rows(ex, X, xsq);
-        }
+        const auto quantised = [&](bool q, std::byte* mem, cmatrix_view<float> x) {
+            act_q8_view v {};
+            if (q) {
+                v = bind_act_q8(mem, x.rows, x.cols);
+                quantize_act_rows(ex, x, v);
+            }
+            return v;
+        };
+        // One phase over its tile list: f (expert_gate_up or expert_down) on
+        // each tile, a routed expert's tile on its block of the slot rows (in
+        // -> out), the shared expert's on the rows of X (in_s -> out_s).
+        const auto phase = [&](const tile* tiles, std::size_t count, auto f, const expert_rows& in,
+                               const expert_rows& in_s, matrix_view<float> out, matrix_view<float> out_s) {
+            ex.parallel_for(count, [&](std::size_t i) {
+                const tile& tl = tiles[i];
+                const std::size_t e = std::size_t(tl.expert), n = tl.r1 - tl.r0;
+                if (e < E) {
+                    const std::size_t r = std::size_t(offsets[e]) + tl.r0;
+                    f(experts, e, in.sub_rows(r, n), tl.c0, tl.c1, out.sub_rows(r, n));
+                } else
+                    f(*shared, 0, in_s.sub_rows(tl.r0, n), tl.c0, tl.c1, out_s.sub_rows(tl.r0, n));
+            });
+        };
         // Phase 1: gate and up.
-        const auto phase1 = [&](std::size_t i) {
-            const tile& tl = up[i];
-            const std::size_t n = tl.r1 - tl.r0;
-            if (std::size_t(tl.expert) < E) {
-                const std::size_t r = std::size_t(offsets[std::size_t(tl.expert)]) + tl.r0;
-                experts.visit([&](const auto& list) {
-                    const auto& ew = list[std::size_t(tl.expert)];
-                    using W = typename std::decay_t<decltype(ew.gate)>::format;
-                    if constexpr (qdot_weight<W>)
-                        if (qr)
-                            return swiglu_gate_up_q8act(
-                                ew.gate, ew.up, act_q8_cview(xq).sub_rows(r, n), tl.c0, tl.c1, h.sub_rows(r, n));
-                    swiglu_gate_up(ew.gate, ew.up, cmatrix_view<float>(xs.sub_rows(r, n)), tl.c0, tl.c1,
-                        h.sub_rows(r, n), ws.act_);
-                });
-            } else {
-                shared->visit([&](const auto& list) {
-                    using W = typename std::decay_t<decltype(list[0].gate)>::format;
-                    if constexpr (qdot_weight<W>)
-                        if (qs)
-                            return swiglu_gate_up_q8act(list[0].gate, list[0].up, act_q8_cview(xsq).sub_rows(tl.r0, n),
-                                tl.c0, tl.c1, hs.sub_rows(tl.r0, n));
-                    swiglu_gate_up(
-                        list[0].gate, list[0].up, X.sub_rows(tl.r0, n), tl.c0, tl.c1, hs.sub_rows(tl.r0, n), ws.act_);
-                });
-            }
-        };
-        ex.parallel_for(ws.n_up_, phase1);
-        if (qr) {
-            hq = bind_act_q8(ws.hq_, slots, F);
-            quantize_act_rows(ex, cmatrix_view<float>(h), hq);
-        }
-        if (qs) {
-            hsq = bind_act_q8(ws.hsq_, T, Fs);
-            quantize_act_rows(ex, cmatrix_view<float>(hs), hsq);
-        }
+        const expert_rows xr { xs, quantised(qr, ws.xq_, xs) }, xsr { X, quantised(qs, ws.xsq_, X) };
+        phase(ws.up_, ws.n_up_, expert_gate_up, xr, xsr, h, hs);
         // Phase 2: down.
-        const auto phase2 = [&](std::size_t i) {
-            const tile& tl = down[i];
-            const std::size_t n = tl.r1 - tl.r0;
-            if (std::size_t(tl.expert) < E) {
-                const std::size_t r = std::size_t(offsets[std::size_t(tl.expert)]) + tl.r0;
-                experts.visit([&](const auto& list) {
-                    const auto& dw = list[std::size_t(tl.expert)].down;
-                    using W = typename std::decay_t<decltype(dw)>::format;
-                    if constexpr (qdot_weight<W>)
-                        if (qr)
-                            return linear_q8act(dw, act_q8_cview(hq).sub_rows(r, n), tl.c0, tl.c1, ys.sub_rows(r, n));
-                    linear(dw, cmatrix_view<float>(h.sub_rows(r, n)), tl.c0, tl.c1, ys.sub_rows(r, n), ws.act_);
-                });
-            } else {
-                shared->visit([&](const auto& list) {
-                    const auto& dw = list[0].down;
-                    using W = typename std::decay_t<decltype(dw)>::format;
-                    if constexpr (qdot_weight<W>)
-                        if (qs)
-                            return linear_q8act(
-                                dw, act_q8_cview(hsq).sub_rows(tl.r0, n), tl.c0, tl.c1, s.sub_rows(tl.r0, n));
-                    linear(dw, cmatrix_view<float>(hs.sub_rows(tl.r0, n)), tl.c0, tl.c1, s.sub_rows(tl.r0, n), ws.act_);
-                });
-            }
-        };
-        ex.parallel_for(ws.n_down_, phase2);
+        const expert_rows hr { h, quantised(qr, ws.hq_, h) }, hsr { hs, quantised(qs, ws.hsq_, hs) };
+        phase(ws.down_, ws.n_down_, expert_down, hr, hsr, ys, s);
         ws.stage_ = moe_workspace::stage::computed;
     }
 

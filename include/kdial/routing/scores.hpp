@@ -24,10 +24,10 @@ template <class Arch = xsimd::default_arch> inline void sigmoid_inplace(float* x
     using B = xsimd::batch<float, Arch>;
     constexpr std::size_t W = B::size;
     const B one(1.0f);
-    std::size_t i = 0;
-    for (; i + W <= n; i += W)
+    const std::size_t nv = n / W * W; // whole vectors (see max_of, kernels/softmax.hpp)
+    for (std::size_t i = 0; i < nv; i += W)
         (one / (one + xsimd::exp(-B::load_unaligned(x + i)))).store_unaligned(x + i);
-    for (; i < n; ++i)
+    for (std::size_t i = nv; i < n; ++i)
         x[i] = 1.0f / (1.0f + std::exp(-x[i]));
 }
 
