@@ -117,9 +117,8 @@ template <kdial::weight_type W> struct expert_pool : pool_base {
         const std::size_t per_expert = 2 * d_ffn * per_row_gu + d_model * per_row_d;
         const std::size_t count = std::max<std::size_t>(2, pool_bytes() / (per_expert * sizeof(S)) + 1);
         bytes.resize(count * per_expert * sizeof(S) + 128);
-        const auto a = reinterpret_cast<std::uintptr_t>(bytes.data());
         const std::size_t off = weight_offset() / alignof(S) * alignof(S);
-        S* store = reinterpret_cast<S*>(bytes.data() + (64 - a % 64) % 64 + off);
+        S* store = reinterpret_cast<S*>(kdial::detail::align_up(bytes.data(), 64) + off);
         std::uint64_t s = 42;
         fill<W>(store, count * per_expert, s);
         for (std::size_t e = 0; e < count; ++e) {

@@ -14,7 +14,8 @@
 // workspace). The weights sit where std::vector puts them (16 bytes past a
 // 64-byte boundary with glibc), as tensors in a safetensors file sit at
 // some multiple of 8 bytes: the timed case is the misaligned one.
-// Args: {T, k, threads}. skew/: routing skew at T = 512 (bm_skew).
+// Args: {T, k, threads}. skew/: routing skew at T = 512 (bm_skew). dense/:
+// dense_linear at T = 1 and 512 (bm_dense).
 #include <kdial/kdial.hpp>
 
 #include "roofline.hpp"
@@ -157,6 +158,59 @@ template <kdial::weight_type W> void bm_moe(benchmark::State& state)
     state.SetLabel(std::string(kdial::dtype_name(W::id)));
 }
 
+// A dense layer (dense_linear: attention projections, lm_head) Y [T, O] =
+// X [T, 2048] . W [O, 2048]ᵀ, exact activations. Args: {T, O, threads}.
+// T = 1 streams W (lm_head size, 50304 rows: larger than the last-level
+// cache) and reports frac_bw; T = 512 reports frac_peak (flops 2 T O d).
+template <kdial::weight_type W> void bm_dense(benchmark::State& state)
+{
+    using S = typename W::storage;
+    const auto T = std::size_t(state.range(0)), O = std::size_t(state.range(1));
+    tbb::task_arena arena(int(state.range(2)));
+    kdial::bench::limits lim;
+    arena.execute([&] { lim = kdial::bench::machine_limits(); });
+    std::vector<S> w;
+    layer_storage<W>::fill(w, O * kdial::storage_cols<W>(d_model), 99, 0.03f);
+    const kdial::any_weight_view wv(kdial::weight_view<W>(w.data(), O, d_model));
+    std::vector<float> x(T * d_model), y(T * O);
+    for (std::size_t i = 0; i < x.size(); ++i)
+        x[i] = unit(i * 13 + 1);
+    const auto run = [&] {
+        arena.execute([&] {
+            kdial::dense_linear(
+                wv, kdial::cmatrix_view<float>(x.data(), T, d_model), kdial::matrix_view<float>(y.data(), T, O));
+        });
+    };
+    run(); // untimed: page faults on y
+    double secs = 0;
+    for (auto _ : state) {
+        const auto t0 = std::chrono::steady_clock::now();
+        run();
+        secs += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        benchmark::DoNotOptimize(y.data());
+    }
+    const double n = double(state.iterations());
+    const double flops = 2.0 * double(T) * double(O) * d_model * n, bytes = double(kdial::bytes_of(wv)) * n;
+    state.counters["ms"] = secs / n * 1e3;
+    state.counters["GB/s"] = bytes / secs / 1e9;
+    state.counters["GFLOP/s"] = flops / secs / 1e9;
+    if (T == 1)
+        state.counters["frac_bw"] = bytes / secs / 1e9 / lim.read_gbs;
+    else
+        state.counters["frac_peak"] = flops / secs / 1e9 / lim.fma_gflops;
+    state.SetLabel(std::string(kdial::dtype_name(W::id)));
+}
+
+void dense_args(benchmark::internal::Benchmark* b)
+{
+    for (int threads : { 1, 2 }) {
+        b->Args({ 1, 50304, threads });
+        b->Args({ 512, 2048, threads });
+        b->Args({ 512, 50304, threads });
+    }
+    b->ArgNames({ "T", "O", "threads" });
+}
+
 void decode_args(benchmark::internal::Benchmark* b)
 {
     for (int threads : { 1, 2 })
@@ -264,6 +318,9 @@ void skew_args(benchmark::internal::Benchmark* b)
 
 } // namespace
 
+BENCHMARK(bm_dense<kdial::bf16_t>)->Name("dense/bf16")->Apply(dense_args)->MinTime(0.3)->UseRealTime();
+BENCHMARK(bm_dense<kdial::f32_t>)->Name("dense/f32")->Apply(dense_args)->MinTime(0.3)->UseRealTime();
+BENCHMARK(bm_dense<kdial::q8_t>)->Name("dense/q8")->Apply(dense_args)->MinTime(0.3)->UseRealTime();
 BENCHMARK(bm_skew<kdial::bf16_t>)->Name("skew/bf16")->Apply(skew_args)->MinTime(0.3)->UseRealTime();
 BENCHMARK(bm_moe<kdial::bf16_t>)->Name("decode/bf16")->Apply(decode_args)->MinTime(0.3)->UseRealTime();
 BENCHMARK(bm_moe<kdial::q8_t>)->Name("decode/q8")->Apply(decode_args)->MinTime(0.3)->UseRealTime();
