@@ -104,6 +104,37 @@ template <kdial::weight_type W> std::vector<std::unique_ptr<layer_storage<W>>>& 
     return p;
 }
 
+// The counters of a timed run: ms per call, GB/s and GFLOP/s, and as a
+// fraction of this run's limits frac_bw (T = 1, weight streaming) or
+// frac_peak (T > 1).
+void set_rates(
+    benchmark::State& state, const kdial::bench::limits& lim, std::size_t T, double secs, double bytes, double flops)
+{
+    state.counters["ms"] = secs / double(state.iterations()) * 1e3;
+    state.counters["GB/s"] = bytes / secs / 1e9;
+    state.counters["GFLOP/s"] = flops / secs / 1e9;
+    if (T == 1)
+        state.counters["frac_bw"] = bytes / secs / 1e9 / lim.read_gbs;
+    else
+        state.counters["frac_peak"] = flops / secs / 1e9 / lim.fma_gflops;
+}
+
+// Calls f once untimed (the page faults of fresh buffers and workspace are
+// not a layer's cost in an engine that reuses them), then once per
+// benchmark iteration; returns the seconds of the timed calls.
+template <class F> double time_calls(benchmark::State& state, F&& f, const float* out)
+{
+    f();
+    double secs = 0;
+    for (auto _ : state) {
+        const auto t0 = std::chrono::steady_clock::now();
+        f();
+        secs += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        benchmark::DoNotOptimize(out);
+    }
+    return secs;
+}
+
 template <kdial::weight_type W> void bm_moe(benchmark::State& state)
 {
     const auto T = std::size_t(state.range(0));
@@ -144,15 +175,8 @@ template <kdial::weight_type W> void bm_moe(benchmark::State& state)
         bytes += double(kdial::moe::weight_bytes(L, ws));
         benchmark::DoNotOptimize(out.data());
     }
-    const double n = double(state.iterations());
-    const double flops = 2.0 * double(T) * k * 3.0 * d_ffn * d_model * n;
-    state.counters["ms"] = secs / n * 1e3;
-    state.counters["GB/s"] = bytes / secs / 1e9;
-    state.counters["GFLOP/s"] = flops / secs / 1e9;
-    if (T == 1)
-        state.counters["frac_bw"] = bytes / secs / 1e9 / lim.read_gbs;
-    else
-        state.counters["frac_peak"] = flops / secs / 1e9 / lim.fma_gflops;
+    const double flops = 2.0 * double(T) * k * 3.0 * d_ffn * d_model * double(state.iterations());
+    set_rates(state, lim, T, secs, bytes, flops);
     state.counters["limit_bw"] = lim.read_gbs;
     state.counters["limit_gflops"] = lim.fma_gflops;
     state.SetLabel(std::string(kdial::dtype_name(W::id)));
@@ -181,23 +205,9 @@ template <kdial::weight_type W> void bm_dense(benchmark::State& state)
                 wv, kdial::cmatrix_view<float>(x.data(), T, d_model), kdial::matrix_view<float>(y.data(), T, O));
         });
     };
-    run(); // untimed: page faults on y
-    double secs = 0;
-    for (auto _ : state) {
-        const auto t0 = std::chrono::steady_clock::now();
-        run();
-        secs += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        benchmark::DoNotOptimize(y.data());
-    }
+    const double secs = time_calls(state, run, y.data());
     const double n = double(state.iterations());
-    const double flops = 2.0 * double(T) * double(O) * d_model * n, bytes = double(kdial::bytes_of(wv)) * n;
-    state.counters["ms"] = secs / n * 1e3;
-    state.counters["GB/s"] = bytes / secs / 1e9;
-    state.counters["GFLOP/s"] = flops / secs / 1e9;
-    if (T == 1)
-        state.counters["frac_bw"] = bytes / secs / 1e9 / lim.read_gbs;
-    else
-        state.counters["frac_peak"] = flops / secs / 1e9 / lim.fma_gflops;
+    set_rates(state, lim, T, secs, double(kdial::bytes_of(wv)) * n, 2.0 * double(T) * double(O) * d_model * n);
     state.SetLabel(std::string(kdial::dtype_name(W::id)));
 }
 
@@ -284,14 +294,7 @@ template <kdial::weight_type W> void bm_skew(benchmark::State& state)
                 kdial::matrix_view<float>(out.data(), T, d_model));
         });
     };
-    run(); // untimed: page faults on the fresh workspace (see bm_moe)
-    double secs = 0;
-    for (auto _ : state) {
-        const auto t0 = std::chrono::steady_clock::now();
-        run();
-        secs += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        benchmark::DoNotOptimize(out.data());
-    }
+    const double secs = time_calls(state, run, out.data());
     const double n = double(state.iterations());
     const double flops = 2.0 * double(T) * k * 3.0 * d_ffn * d_model * n;
     std::int32_t most = 0;
