@@ -80,37 +80,28 @@ inline void agree(MPI_Comm comm, const std::string& local_error, const char* whe
                 where, ": rank ", r, " of ", size, ": ", std::string(all.data() + std::size_t(r) * len)));
 }
 
-// How one process cuts a T-row call into row chunks: fixed chunks of
-// `rows` (the last one shorter; the router's tiles), or
-// kdial::detail::near_equal_chunks(T, rows) (moe.hpp's tiles: experts and
-// the shared expert; tests/mpi checks a shared expert past gemm_rows).
-struct chunking {
-    std::size_t rows;
-    bool near_equal;
-};
-// The chunk [c0, c0 + nc) of a T-row call that holds row g.
-inline std::pair<std::size_t, std::size_t> chunk_of(std::size_t g, std::size_t T, chunking c) noexcept
+// The chunk [c0, c0 + nc) that holds row g when one process cuts a T-row
+// call into kdial::detail::near_equal_chunks(T, rows) (moe.hpp's tiles:
+// experts and the shared expert; tests/mpi checks a shared expert past
+// gemm_rows).
+inline std::pair<std::size_t, std::size_t> chunk_of(std::size_t g, std::size_t T, std::size_t rows) noexcept
 {
-    if (!c.near_equal) {
-        const std::size_t c0 = g / c.rows * c.rows;
-        return { c0, std::min(c.rows, T - c0) };
-    }
-    const kdial::detail::near_equal_chunks rc(T, c.rows);
+    const kdial::detail::near_equal_chunks rc(T, rows);
     const std::size_t j = rc.of(g);
     return { rc.begin(j), rc.rows(j) };
 }
 
 // The pieces of rows [g0, g0 + m) cut at the chunk boundaries of a T-row
-// call that one process runs in chunks `c`. piece: local rows [i, i + n),
-// at offset a in a chunk of nc rows.
+// call that one process runs in chunks of about `rows` rows (chunk_of).
+// piece: local rows [i, i + n), at offset a in a chunk of nc rows.
 struct piece {
     std::size_t i, n, a, nc;
 };
-template <class F> void for_each_piece(std::size_t g0, std::size_t m, std::size_t T, chunking c, F&& f)
+template <class F> void for_each_piece(std::size_t g0, std::size_t m, std::size_t T, std::size_t rows, F&& f)
 {
     for (std::size_t i = 0; i < m;) {
         const std::size_t g = g0 + i;
-        const auto [c0, nc] = chunk_of(g, T, c);
+        const auto [c0, nc] = chunk_of(g, T, rows);
         const std::size_t a = g - c0, n = std::min(nc - a, m - i);
         f(piece { i, n, a, nc });
         i += n;
@@ -139,14 +130,14 @@ inline std::size_t padded_at(const piece& p) noexcept
 inline constexpr std::size_t max_padded_rows = small_max_rows + 1;
 
 // Y rows = f(X rows) for this rank's rows [g0, g0 + X.rows) of a T-row call
-// that one process runs in chunks `chunk`, each row with that call's
+// that one process runs in chunks of about `rows` rows, each row with that call's
 // bits. f(xb, yb) is a row-wise kernel call (linear, an FFN).
 template <class F>
-void rows_as_one_process(cmatrix_view<float> X, std::size_t g0, std::size_t T, chunking chunk, matrix_view<float> Y,
+void rows_as_one_process(cmatrix_view<float> X, std::size_t g0, std::size_t T, std::size_t rows, matrix_view<float> Y,
     float* pad_x, float* pad_y, F&& f)
 {
     const std::size_t d = X.cols, o = Y.cols;
-    for_each_piece(g0, X.rows, T, chunk, [&](const piece& p) {
+    for_each_piece(g0, X.rows, T, rows, [&](const piece& p) {
         if (!needs_padding(p)) {
             f(X.sub_rows(p.i, p.n), Y.sub_rows(p.i, p.n));
             return;
@@ -646,7 +637,7 @@ struct ep_stages {
                 kdial::detail::quantize_act_rows(ex, X, xq);
                 ffn({ X, xq }, matrix_view<float>(ws.hs_.data(), T, Fs), hq, s);
             } else
-                detail::rows_as_one_process(X, g0, T_all, { moe_workspace::gemm_rows, true }, s, ws.pad_x_.data(),
+                detail::rows_as_one_process(X, g0, T_all, moe_workspace::gemm_rows, s, ws.pad_x_.data(),
                     ws.pad_y_.data(), [&](cmatrix_view<float> xb, matrix_view<float> yb) {
                         const matrix_view<float> h(
                             xb.data == ws.pad_x_.data() ? ws.pad_h_.data() : ws.hs_.data(), xb.rows, Fs);

@@ -30,7 +30,8 @@ template <int NR> inline constexpr int gemv_chains = NR <= 2 ? 2 : 1;
 // Summation order for each pair: lane-wise over vector index v in chain
 // v % C, chains added, lanes summed (hsum), then the scalar tail in order
 // (C = gemv_chains<NR> unless given: a pair's bits depend on C only, not on
-// NR or R, which is how routing/router.hpp gets row-count-free logits).
+// NR or R, which is how routing/router.hpp gets row-count-free logits
+// through linear_gemv).
 // `next` holds R rows to prefetch while these stream (the next pass's rows,
 // or `rows` again on the last pass): each step touches the same byte offset
 // in them, so they are in cache when their pass starts. A hint only; it does
@@ -170,8 +171,9 @@ inline void gemv_rows(
 // Weight rows per pass for NR rows of X (register budget, see gemv_chains).
 template <int NR> inline constexpr int gemv_rows_per_pass = NR == 1 ? 4 : 2;
 
-// y[i, o] = x[i, :] . w[o, :] for o in [o0, o1), i < NR.
-template <class Arch, weight_type W, int NR>
+// y[i, o] = x[i, :] . w[o, :] for o in [o0, o1), i < NR, each sum with C
+// chains (gemv_rows).
+template <class Arch, weight_type W, int NR, int C = gemv_chains<NR>>
 void linear_gemv(const weight_view<W>& w, const float* x, std::size_t ldx, std::size_t o0, std::size_t o1, float* y,
     std::size_t ldy) noexcept
 {
@@ -187,14 +189,14 @@ void linear_gemv(const weight_view<W>& w, const float* x, std::size_t ldx, std::
             rows[r] = w.row(o + r);
             next[r] = w.row(on + r);
         }
-        gemv_rows<Arch, S, NR, R>(rows, next, w.cols, x, ldx, out);
+        gemv_rows<Arch, S, NR, R, C>(rows, next, w.cols, x, ldx, out);
         for (int r = 0; r < R; ++r)
             for (int i = 0; i < NR; ++i)
                 y[i * ldy + o + r] = out[r * NR + i];
     }
     for (; o < o1; ++o) {
         const S* rows[1] = { w.row(o) };
-        gemv_rows<Arch, S, NR, 1>(rows, rows, w.cols, x, ldx, out);
+        gemv_rows<Arch, S, NR, 1, C>(rows, rows, w.cols, x, ldx, out);
         for (int i = 0; i < NR; ++i)
             y[i * ldy + o] = out[i];
     }

@@ -11,7 +11,6 @@
 // over tiles of tokens, no allocation.
 #pragma once
 
-#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -158,17 +157,17 @@ namespace detail {
 // Tokens per router-logit tile (any size gives the same bits, see below).
 inline constexpr std::size_t router_tile_rows = 64;
 
-// Tokens per pass of router_dots: 4 with 32 vector registers (4 x 2 weight
-// rows x 2 chains = 16 accumulators), else 2 (AVX2, SSE: 16 registers).
+// Tokens per pass of router_dots: 4 with 32 vector registers (4 tokens x 2
+// weight rows x 2 chains = 16 accumulators), else 2 (AVX2, SSE: 16 registers).
 template <class Arch> inline constexpr int router_group = simd::is_avx512_arch<Arch> || KDIAL_SIMD_NEON64 ? 4 : 2;
 
 // logits[t, e] = X[t] . W[e] for the rows of X, each one dot product in the
-// order of the one-row GEMV (gemv_rows with gemv_chains<1> chains), however
-// many rows the call has and however they are grouped. So a token's router
-// logits, and the experts it picks, are the same bits at decode (T = 1) and
-// inside any prefill batch: linear() would pick its GEMV, small-row or GEMM
-// path by the tile's row count, each summing in its own order. The cost:
-// E x d is small and stays in cache, but the one-row order reuses each
+// order of the one-row GEMV (linear_gemv with gemv_chains<1> chains),
+// however many rows the call has and however they are grouped. So a token's
+// router logits, and the experts it picks, are the same bits at decode (T =
+// 1) and inside any prefill batch: linear() would pick its GEMV, small-row
+// or GEMM path by the tile's row count, each summing in its own order. The
+// cost: E x d is small and stays in cache, but the one-row order reuses each
 // weight vector for only a few tokens. Measured (AMD Zen 5, 1 thread, T =
 // 512, E = 64, d = 2048, f32): 2.8 ms against 1.0 ms through linear(),
 // about 2 % of a bf16 MoE layer's prefill at k = 1 and 0.5 % at k = 8;
@@ -176,33 +175,12 @@ template <class Arch> inline constexpr int router_group = simd::is_avx512_arch<A
 template <class Arch, weight_type W>
 void router_dots(const weight_view<W>& w, cmatrix_view<float> X, matrix_view<float> logits) noexcept
 {
-    using S = typename W::storage;
     constexpr int C = gemv_chains<1>, NR = router_group<Arch>;
-    const std::size_t E = w.rows;
-    float out[2 * NR];
-    const auto group = [&]<int N>(std::size_t t) {
-        std::size_t e = 0;
-        for (; e + 2 <= E; e += 2) {
-            const S* rows[2] = { w.row(e), w.row(e + 1) };
-            const std::size_t en = std::min(e + 2, E - 2);
-            const S* next[2] = { w.row(en), w.row(en + 1) };
-            gemv_rows<Arch, S, N, 2, C>(rows, next, w.cols, X.row(t), X.stride, out);
-            for (int r = 0; r < 2; ++r)
-                for (int i = 0; i < N; ++i)
-                    logits(t + std::size_t(i), e + std::size_t(r)) = out[r * N + i];
-        }
-        if (e < E) {
-            const S* rows[1] = { w.row(e) };
-            gemv_rows<Arch, S, N, 1, C>(rows, rows, w.cols, X.row(t), X.stride, out);
-            for (int i = 0; i < N; ++i)
-                logits(t + std::size_t(i), e) = out[i];
-        }
-    };
     std::size_t t = 0;
     for (; t + NR <= X.rows; t += NR)
-        group.template operator()<NR>(t);
+        linear_gemv<Arch, W, NR, C>(w, X.row(t), X.stride, 0, w.rows, logits.row(t), logits.stride);
     for (; t < X.rows; ++t)
-        group.template operator()<1>(t);
+        linear_gemv<Arch, W, 1, C>(w, X.row(t), X.stride, 0, w.rows, logits.row(t), logits.stride);
 }
 
 // logits [T, E] = X [T, d] . W [E, d]ᵀ, shapes already validated. The one
