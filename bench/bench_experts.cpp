@@ -28,7 +28,6 @@
 #include <cstdlib>
 #include <string>
 #include <memory>
-#include <new>
 #include <vector>
 
 namespace {
@@ -94,18 +93,6 @@ std::size_t weight_offset()
     return e ? std::size_t(std::atol(e)) % 64 : 0;
 }
 
-// A 64-byte aligned float buffer.
-struct aligned_floats {
-    explicit aligned_floats(std::size_t n)
-        : p(static_cast<float*>(::operator new (n * sizeof(float), std::align_val_t { 64 })))
-    {
-    }
-    ~aligned_floats() { ::operator delete (p, std::align_val_t { 64 }); }
-    aligned_floats(const aligned_floats&) = delete;
-    aligned_floats& operator=(const aligned_floats&) = delete;
-    float* p;
-};
-
 template <kdial::weight_type W> struct expert_pool : pool_base {
     using S = typename W::storage;
     std::vector<std::byte> bytes;
@@ -166,8 +153,8 @@ template <kdial::weight_type W, class Arch = xsimd::default_arch, int Act = -1> 
     // X, H and Y 64-byte aligned, as moe_workspace lays them out (from a
     // misaligned X every vector load spans two cache lines: up to 2x slower
     // on the small-row path).
-    const aligned_floats buf(n * (2 * d_model + d_ffn));
-    float* x = buf.p;
+    std::vector<std::byte> xmem(n * (2 * d_model + d_ffn) * sizeof(float) + 64);
+    float* x = reinterpret_cast<float*>(kdial::detail::align_up(xmem.data(), 64));
     float *h = x + n * d_model, *y = h + n * d_ffn;
     std::uint64_t s = 7;
     for (std::size_t i = 0; i < n * d_model; ++i)
