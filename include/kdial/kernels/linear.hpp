@@ -5,9 +5,11 @@
 // memory-bound); n <= small_max_rows converts weights in registers and reuses
 // them across groups of rows (kernels/rows.hpp); larger n packs weight panels
 // (GEMM, FMA-bound). Within a path a row's outputs are bit-identical for any
-// column split [o0, o1); the GEMV at n = 3, 4 and the small-row path give a
-// row the same bits for any n in [3, small_max_rows], and the GEMM gives a
-// row the same bits for any n > small_max_rows. act_mode::int8 (q8, q4_0,
+// column split [o0, o1); the GEMV's bits depend on n (see row_class), the
+// small-row path gives a row the same bits for any n in (gemv_max_rows,
+// small_max_rows] (it sums per rows_kc-input chunk, so only for K <= rows_kc
+// do they equal the GEMV's at n = 3, 4), and the GEMM gives a row the same
+// bits for any n > small_max_rows. act_mode::int8 (q8, q4_0,
 // q4_k weights) takes kernels/qdot.hpp at every n: a row's bits there do not
 // depend on n at all.
 // Serial, noexcept, no heap allocation, no checks: validate at the edge.
