@@ -35,12 +35,17 @@ namespace {
 
 constexpr std::size_t d_model = 2048, d_ffn = 1024, n_experts = 64;
 
+// splitmix64. The half-finalizer this replaced (xor-shift, multiply,
+// xor-shift, no increment) left inputs that differ by small strides
+// correlated (0.3 between tokens): routing at T = 512, k = 1 then sent half
+// the rows to 15 of the 64 experts and none to 9, where uniform routing
+// gives each ~8. Skew has its own benchmark (skew/).
 std::uint64_t mix(std::uint64_t x)
 {
-    x ^= x >> 33;
-    x *= 0xff51afd7ed558ccdull;
-    x ^= x >> 33;
-    return x;
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
 }
 float unit(std::uint64_t i)
 {
@@ -179,6 +184,11 @@ template <kdial::weight_type W> void bm_moe(benchmark::State& state)
     set_rates(state, lim, T, secs, bytes, flops);
     state.counters["limit_bw"] = lim.read_gbs;
     state.counters["limit_gflops"] = lim.fma_gflops;
+    if (T > 1) { // the last call's routing: busiest expert's rows, idle experts
+        const auto counts = ws.plan().counts();
+        state.counters["rows_max"] = double(*std::max_element(counts.begin(), counts.end()));
+        state.counters["experts_idle"] = double(std::count(counts.begin(), counts.end(), 0));
+    }
     state.SetLabel(std::string(kdial::dtype_name(W::id)));
 }
 
@@ -238,26 +248,12 @@ void prefill_args(benchmark::internal::Benchmark* b)
     b->ArgNames({ "T", "k", "threads" });
 }
 
-// Routing skew at T = 512 with the same total work (T * k expert rows):
-// pattern 0 uniform (token t -> experts (t k + j) mod E: T k / E rows each),
-// 1 Zipf (expert of rank r drawn with probability ~ 1 / (r + 1), k distinct
-// per token), 2 hot (expert 0 holds half the slots: with k = 1 every other
-// token, with k = 2 every token, the other slots uniform over the rest).
-// The routing is given (moe::forward with a given_routing), so the times
-// are those of dispatch, experts and combine. Args: {pattern, k, threads}.
-template <kdial::weight_type W> void bm_skew(benchmark::State& state)
+// Expert ids [T, k] of a skew pattern: 0 uniform (round robin), 1 Zipf
+// (weights 1 / (r + 1) over a fixed permutation of the experts), 2 one
+// hot expert with half the slots.
+std::vector<std::int32_t> skew_ids(std::size_t T, int pattern, int k)
 {
-    constexpr std::size_t T = 512;
-    const int pattern = int(state.range(0)), k = int(state.range(1));
-    tbb::task_arena arena(int(state.range(2)));
-    kdial::bench::limits lim;
-    arena.execute([&] { lim = kdial::bench::machine_limits(); });
-    auto& p = pool<W>(1);
-    const auto& L = *p[0]->layer;
-    kdial::moe_workspace ws(L.shape(T, 8));
     std::vector<std::int32_t> ids(T * std::size_t(k));
-    std::vector<float> wts(ids.size(), 1.0f / float(k));
-    // Zipf weights 1 / (r + 1) over a fixed permutation of the experts.
     std::vector<double> cdf(n_experts);
     double sum = 0;
     for (std::size_t r = 0; r < n_experts; ++r)
@@ -283,6 +279,28 @@ template <kdial::weight_type W> void bm_skew(benchmark::State& state)
             ids[t * std::size_t(k) + std::size_t(j)] = e;
         }
     }
+    return ids;
+}
+
+// Routing skew at T = 512 with the same total work (T * k expert rows):
+// pattern 0 uniform (token t -> experts (t k + j) mod E: T k / E rows each),
+// 1 Zipf (expert of rank r drawn with probability ~ 1 / (r + 1), k distinct
+// per token), 2 hot (expert 0 holds half the slots: with k = 1 every other
+// token, with k = 2 every token, the other slots uniform over the rest).
+// The routing is given (moe::forward with a given_routing), so the times
+// are those of dispatch, experts and combine. Args: {pattern, k, threads}.
+template <kdial::weight_type W> void bm_skew(benchmark::State& state)
+{
+    constexpr std::size_t T = 512;
+    const int pattern = int(state.range(0)), k = int(state.range(1));
+    tbb::task_arena arena(int(state.range(2)));
+    kdial::bench::limits lim;
+    arena.execute([&] { lim = kdial::bench::machine_limits(); });
+    auto& p = pool<W>(1);
+    const auto& L = *p[0]->layer;
+    kdial::moe_workspace ws(L.shape(T, 8));
+    const std::vector<std::int32_t> ids = skew_ids(T, pattern, k);
+    std::vector<float> wts(ids.size(), 1.0f / float(k));
     const kdial::given_routing routing { kdial::cmatrix_view<std::int32_t>(ids.data(), T, std::size_t(k)),
         kdial::cmatrix_view<float>(wts.data(), T, std::size_t(k)) };
     std::vector<float> x(T * d_model), out(T * d_model);
