@@ -142,9 +142,12 @@ const kdial::bench::limits& single_thread_limits()
     return lim;
 }
 
-// Act: -1 exact (f32 activations), else the kdial::qdot_isa of the int8
-// path (activations quantised per block of 32, integer dots;
+// Act: -1 exact (f32 activations, the path linear() picks for n), -2 / -3
+// exact on the small-row path / the packed GEMM whatever n (the two sides
+// of small_max_rows_of, kernels/linear.hpp), else the kdial::qdot_isa of
+// the int8 path (activations quantised per block of 32, integer dots;
 // kernels/qdot.hpp), as swiglu_expert with act_mode::int8 runs it.
+constexpr int exact_rows = -2, exact_gemm = -3;
 template <kdial::weight_type W, class Arch = xsimd::default_arch, int Act = -1> void bm_expert(benchmark::State& state)
 {
     const std::size_t n = static_cast<std::size_t>(state.range(0));
@@ -169,8 +172,16 @@ template <kdial::weight_type W, class Arch = xsimd::default_arch, int Act = -1> 
     const kdial::act_q8_view qh = kdial::bind_act_q8(qa + kdial::act_q8_bytes(n, d_model), n, d_ffn);
     const auto t0 = std::chrono::steady_clock::now();
     for (auto _ : state) {
-        if constexpr (Act < 0) {
+        if constexpr (Act == -1) {
             kdial::swiglu_expert<W, Arch>(p.experts[e], xv, hv, yv);
+        } else if constexpr (Act == exact_rows) {
+            const auto& ew = p.experts[e];
+            kdial::detail::gate_up_rows<Arch, W>(ew.gate, ew.up, xv, 0, d_ffn, hv);
+            kdial::detail::linear_rows<Arch, W>(ew.down, kdial::cmatrix_view<float>(hv), 0, d_model, yv);
+        } else if constexpr (Act == exact_gemm) {
+            const auto& ew = p.experts[e];
+            kdial::detail::gate_up_gemm<Arch, W>(ew.gate, ew.up, xv, 0, d_ffn, hv);
+            kdial::detail::linear_gemm<Arch, W>(ew.down, kdial::cmatrix_view<float>(hv), 0, d_model, yv);
         } else {
             constexpr auto I = static_cast<kdial::qdot_isa>(Act);
             const auto& ew = p.experts[e];
@@ -196,7 +207,11 @@ template <kdial::weight_type W, class Arch = xsimd::default_arch, int Act = -1> 
     static constexpr const char* isa_names[]
         = { "generic", "avx2", "avx_vnni", "avx512bw", "avx512_vnni", "neon", "neon_dot" };
     state.SetLabel(std::string(kdial::dtype_name(W::id)) + " " + Arch::name()
-        + (Act < 0 ? std::string(" exact") : std::string(" int8-act ") + isa_names[Act < 0 ? 0 : Act]) + " read "
+        + (Act == exact_rows ? std::string(" exact small-row")
+                : Act == exact_gemm ? std::string(" exact gemm")
+                : Act < 0 ? std::string(" exact")
+                          : std::string(" int8-act ") + isa_names[Act < 0 ? 0 : Act])
+        + " read "
         + std::to_string(lim.read_gbs).substr(0, 5) + " GB/s, fma " + std::to_string(lim.fma_gflops).substr(0, 6)
         + " GFLOP/s (1 thread)" + (weight_offset() ? " weights +" + std::to_string(weight_offset()) + " B" : ""));
 }
@@ -218,6 +233,23 @@ BENCHMARK_TEMPLATE(bm_expert, kdial::q8_t)->Apply(expert_args);
 BENCHMARK_TEMPLATE(bm_expert, kdial::q4_0_t)->Apply(expert_args);
 BENCHMARK_TEMPLATE(bm_expert, kdial::q4_k_t)->Apply(expert_args);
 
+// Both exact paths at the row counts around small_max_rows_of ("exact
+// small-row" vs "exact gemm" in the label): the measurement that sets each
+// type's bound.
+static void bound_args(benchmark::internal::Benchmark* b)
+{
+    for (int n : { 8, 12, 16, 20, 24, 32 })
+        b->Arg(n);
+    b->Unit(benchmark::kMillisecond)->MinTime(0.3);
+}
+#define KDIAL_BENCH_BOUND(W, A)                                                                                        \
+    BENCHMARK_TEMPLATE(bm_expert, W, A, exact_rows)->Apply(bound_args);                                               \
+    BENCHMARK_TEMPLATE(bm_expert, W, A, exact_gemm)->Apply(bound_args);
+KDIAL_BENCH_BOUND(kdial::f32_t, xsimd::default_arch)
+KDIAL_BENCH_BOUND(kdial::bf16_t, xsimd::default_arch)
+KDIAL_BENCH_BOUND(kdial::f16_t, xsimd::default_arch)
+KDIAL_BENCH_BOUND(kdial::q8_t, xsimd::default_arch)
+
 #if (defined(__x86_64__) || defined(__i386__)) && XSIMD_WITH_AVX2 && XSIMD_WITH_FMA3_AVX2
 // The AVX2 + FMA path (built when the compiler targets AVX2; the native arch
 // above may be AVX-512): every row count for f32, bf16 and q8, decode for
@@ -232,6 +264,10 @@ BENCHMARK_TEMPLATE(bm_expert, kdial::bf16_t, avx2_fma)->Apply(expert_args);
 BENCHMARK_TEMPLATE(bm_expert, kdial::q8_t, avx2_fma)->Apply(expert_args);
 BENCHMARK_TEMPLATE(bm_expert, kdial::q4_0_t, avx2_fma)->Apply(expert_args);
 BENCHMARK_TEMPLATE(bm_expert, kdial::q4_k_t, avx2_fma)->Apply(avx2_args);
+KDIAL_BENCH_BOUND(kdial::f32_t, avx2_fma)
+KDIAL_BENCH_BOUND(kdial::bf16_t, avx2_fma)
+KDIAL_BENCH_BOUND(kdial::f16_t, avx2_fma)
+KDIAL_BENCH_BOUND(kdial::q8_t, avx2_fma)
 
 // int8 activations (kernels/qdot.hpp), every row count for q8 and q4_0:
 // the AVX-512 VNNI, AVX-VNNI and plain AVX2 (vpmaddubsw, the Zen 3 regime)

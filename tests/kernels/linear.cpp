@@ -45,7 +45,9 @@ namespace {
 using test::arch_fns;
 using test::kernel_archs;
 
-const std::size_t row_counts[] = { 0, 1, 2, 3, 4, 5, 17, 64, small_max_rows + 1, 300 };
+// 13 and small_max_rows: the GEMM for f32 and q8, the small-row path for
+// bf16 and f16 (small_max_rows_of); small_max_rows + 1: the GEMM for all.
+const std::size_t row_counts[] = { 0, 1, 2, 3, 4, 5, 13, small_max_rows, small_max_rows + 1, 64, 300 };
 
 // Runs linear over [0, O) split at the given cut points, into y.
 template <weight_type W>
@@ -217,7 +219,8 @@ TEST_CASE_TEMPLATE("linear: GEMM rows do not depend on the row count, every arch
         const auto x = ref::random_matrix(n, K, rng);
         auto full = ref::filled_matrix(n, O);
         kf.linear(w.view, x.view, 0, O, full.view);
-        for (std::size_t m : { small_max_rows + 1, small_max_rows + 2, small_max_rows + 7, std::size_t { 299 } }) {
+        const std::size_t s = small_max_rows_of(W::id);
+        for (std::size_t m : { s + 1, s + 2, s + 7, std::size_t { 299 } }) {
             for (std::size_t r0 : { std::size_t { 0 }, std::size_t { 1 }, n - m }) {
                 auto part = ref::filled_matrix(m, O);
                 kf.linear(w.view, x.view.sub_rows(r0, m), 0, O, part.view);

@@ -120,7 +120,7 @@ TEST_CASE_TEMPLATE("linear, swiglu_gate_up: every row count 1..130 matches refer
     }
 }
 
-TEST_CASE_TEMPLATE("linear, swiglu_gate_up: a row's bits do not depend on the row count in [5, small_max_rows], "
+TEST_CASE_TEMPLATE("linear, swiglu_gate_up: a row's bits do not depend on the row count in [5, small_max_rows_of], "
                    "every arch [kernels][rows][determinism]",
     W, KDIAL_WEIGHT_TYPES)
 {
@@ -130,7 +130,7 @@ TEST_CASE_TEMPLATE("linear, swiglu_gate_up: a row's bits do not depend on the ro
         std::mt19937 rng(22);
         // K = 1100 crosses two 512-input chunks (q4_k: 1280); K = 133 fits one.
         for (const std::size_t K0 : { std::size_t { 133 }, std::size_t { 1100 } }) {
-            const std::size_t O = 23, K = fit_k<W>(K0), N = small_max_rows;
+            const std::size_t O = 23, K = fit_k<W>(K0), N = small_max_rows_of(W::id);
             CAPTURE(K);
             const auto w = ref::random_weights<W>(O, K, rng);
             const auto u = ref::random_weights<W>(O, K, rng);
@@ -168,7 +168,7 @@ TEST_CASE_TEMPLATE("linear, swiglu_gate_up: weights wider than one cache-derived
         std::mt19937 rng(23);
         const auto w = ref::random_weights<W>(O, K, rng);
         const std::vector<float> wf = ref::dequantize(w.view);
-        for (std::size_t n : { std::size_t { 5 }, std::size_t { 9 }, small_max_rows }) {
+        for (std::size_t n : { std::size_t { 5 }, std::size_t { 9 }, small_max_rows_of(W::id) }) {
             CAPTURE(n);
             const auto x = ref::random_matrix(n, K, rng);
             std::size_t wi = 0, wj = 0;

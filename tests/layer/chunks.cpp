@@ -8,6 +8,7 @@
 
 #include "test_util.hpp"
 
+#include <algorithm>
 #include <cstddef>
 #include <cstring>
 #include <vector>
@@ -39,16 +40,27 @@ TEST_CASE("moe near_equal_chunks: a partition into near-equal chunks, of() inver
 
 TEST_CASE("moe row_class: GEMV counts apart, then one class per path [layer][moe]")
 {
-    for (std::size_t n = 1; n <= kdial::gemv_max_rows; ++n)
-        CHECK(kdial::row_class(n) == n);
-    for (std::size_t n = kdial::gemv_max_rows + 1; n <= kdial::small_max_rows; ++n)
-        CHECK(kdial::row_class(n) == kdial::row_class(kdial::small_max_rows));
-    CHECK(kdial::row_class(kdial::small_max_rows + 1) == kdial::row_class(kdial::moe_workspace::gemm_rows));
-    CHECK(kdial::row_class(kdial::small_max_rows + 1) != kdial::row_class(kdial::small_max_rows));
-    CHECK(kdial::row_class(kdial::gemv_max_rows) != kdial::row_class(kdial::gemv_max_rows + 1));
+    using kdial::dtype;
+    std::size_t largest = 0;
+    for (const dtype t : { dtype::f32, dtype::bf16, dtype::q8, dtype::f16, dtype::q4_0, dtype::q4_k }) {
+        CAPTURE(kdial::dtype_name(t));
+        const std::size_t s = kdial::small_max_rows_of(t);
+        largest = std::max(largest, s);
+        CHECK(s > kdial::gemv_max_rows);
+        for (std::size_t n = 1; n <= kdial::gemv_max_rows; ++n)
+            CHECK(kdial::row_class(n, t) == n);
+        for (std::size_t n = kdial::gemv_max_rows + 1; n <= s; ++n)
+            CHECK(kdial::row_class(n, t) == kdial::row_class(s, t));
+        CHECK(kdial::row_class(s + 1, t) == kdial::row_class(kdial::moe_workspace::gemm_rows, t));
+        CHECK(kdial::row_class(s + 1, t) != kdial::row_class(s, t));
+        CHECK(kdial::row_class(kdial::gemv_max_rows, t) != kdial::row_class(kdial::gemv_max_rows + 1, t));
+    }
+    CHECK(largest == kdial::small_max_rows); // small_max_rows bounds every type's
 
     // What the class promises: a row gets the same bits from any call of
     // its class (past the GEMV), whatever the other rows.
+    // f32 weights; rows.cpp and linear.cpp check the paths of every type.
+    constexpr dtype t = dtype::f32;
     constexpr std::size_t K = 1100, O = 40, N = 2 * kdial::small_max_rows + 3;
     const auto wv = kdial::test::random_floats(O * K, 21), xv = kdial::test::random_floats(N * K, 22);
     const auto w = kdial::detail::as_weight(kdial::cmatrix_view<float>(wv.data(), O, K));
@@ -58,11 +70,11 @@ TEST_CASE("moe row_class: GEMV counts apart, then one class per path [layer][moe
         y.resize(rows * O);
         return y;
     };
-    const std::size_t lo = kdial::gemv_max_rows + 1, hi = kdial::small_max_rows + 1;
+    const std::size_t lo = kdial::gemv_max_rows + 1, hi = kdial::small_max_rows_of(t) + 1;
     const auto small = first_rows(lo, lo), big = first_rows(hi, hi);
     for (std::size_t n = lo; n <= N; ++n) {
         CAPTURE(n);
-        if (kdial::row_class(n) == kdial::row_class(lo))
+        if (kdial::row_class(n, t) == kdial::row_class(lo, t))
             CHECK(kdial::test::same_bytes(first_rows(n, lo), small));
         else
             CHECK(kdial::test::same_bytes(first_rows(n, hi), big));

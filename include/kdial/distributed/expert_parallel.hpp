@@ -109,19 +109,19 @@ template <class F> void for_each_piece(std::size_t g0, std::size_t m, std::size_
 }
 
 // Rows of a piece that cannot run alone with the bits of one process: a
-// row keeps them when it runs in a call of the same row class
-// (kdial::row_class, kernels/linear.hpp; for the GEMV, the same count and
-// position).
-inline bool needs_padding(const piece& p) noexcept
+// row keeps them when it runs in a call of the same row class on weights of
+// type t (kdial::row_class, kernels/linear.hpp; for the GEMV, the same count
+// and position).
+inline bool needs_padding(const piece& p, dtype t) noexcept
 {
-    return row_class(p.n) != row_class(p.nc);
+    return row_class(p.n, t) != row_class(p.nc, t);
 }
 // Rows of the padded batch, and where the piece's rows sit in it: a GEMV
 // chunk is rebuilt whole (zeros in the other rows); a small-row or GEMM one
 // is padded to the fewest rows of its class.
-inline std::size_t padded_rows(const piece& p) noexcept
+inline std::size_t padded_rows(const piece& p, dtype t) noexcept
 {
-    return p.nc <= gemv_max_rows ? p.nc : p.nc <= small_max_rows ? gemv_max_rows + 1 : small_max_rows + 1;
+    return p.nc <= gemv_max_rows ? p.nc : p.nc <= small_max_rows_of(t) ? gemv_max_rows + 1 : small_max_rows_of(t) + 1;
 }
 inline std::size_t padded_at(const piece& p) noexcept
 {
@@ -131,18 +131,19 @@ inline constexpr std::size_t max_padded_rows = small_max_rows + 1;
 
 // Y rows = f(X rows) for this rank's rows [g0, g0 + X.rows) of a T-row call
 // that one process runs in chunks of about `rows` rows, each row with that call's
-// bits. f(xb, yb) is a row-wise kernel call (linear, an FFN).
+// bits. f(xb, yb) is a row-wise kernel call (linear, an FFN) on weights of
+// type t.
 template <class F>
 void rows_as_one_process(cmatrix_view<float> X, std::size_t g0, std::size_t T, std::size_t rows, matrix_view<float> Y,
-    float* pad_x, float* pad_y, F&& f)
+    dtype t, float* pad_x, float* pad_y, F&& f)
 {
     const std::size_t d = X.cols, o = Y.cols;
     for_each_piece(g0, X.rows, T, rows, [&](const piece& p) {
-        if (!needs_padding(p)) {
+        if (!needs_padding(p, t)) {
             f(X.sub_rows(p.i, p.n), Y.sub_rows(p.i, p.n));
             return;
         }
-        const std::size_t nb = padded_rows(p), at = padded_at(p);
+        const std::size_t nb = padded_rows(p, t), at = padded_at(p);
         std::fill(pad_x, pad_x + nb * d, 0.0f);
         for (std::size_t r = 0; r < p.n; ++r)
             std::memcpy(pad_x + (at + r) * d, X.row(p.i + r), d * sizeof(float));
@@ -637,7 +638,7 @@ struct ep_stages {
                 kdial::detail::quantize_act_rows(ex, X, xq);
                 ffn({ X, xq }, matrix_view<float>(ws.hs_.data(), T, Fs), hq, s);
             } else
-                detail::rows_as_one_process(X, g0, T_all, moe_workspace::gemm_rows, s, ws.pad_x_.data(),
+                detail::rows_as_one_process(X, g0, T_all, moe_workspace::gemm_rows, s, se.type(), ws.pad_x_.data(),
                     ws.pad_y_.data(), [&](cmatrix_view<float> xb, matrix_view<float> yb) {
                         const matrix_view<float> h(
                             xb.data == ws.pad_x_.data() ? ws.pad_h_.data() : ws.hs_.data(), xb.rows, Fs);

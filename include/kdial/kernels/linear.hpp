@@ -2,14 +2,14 @@
 // and the fused SwiGLU front half H[:, f0:f1] = silu(X Wgᵀ) * (X Wuᵀ), for
 // weights in f32, bf16, f16 or q8, tiled over output columns by the caller.
 // Path rule (exact activations), by n only: n <= gemv_max_rows streams weights (GEMV,
-// memory-bound); n <= small_max_rows converts weights in registers and reuses
+// memory-bound); n <= small_max_rows_of(type) converts weights in registers and reuses
 // them across groups of rows (kernels/rows.hpp); larger n packs weight panels
 // (GEMM, FMA-bound). Within a path a row's outputs are bit-identical for any
 // column split [o0, o1); the GEMV's bits depend on n (see row_class), the
 // small-row path gives a row the same bits for any n in (gemv_max_rows,
-// small_max_rows] (it sums per rows_kc-input chunk, so only for K <= rows_kc
+// small_max_rows_of(type)] (it sums per rows_kc-input chunk, so only for K <= rows_kc
 // do they equal the GEMV's at n = 3, 4), and the GEMM gives a row the same
-// bits for any n > small_max_rows. act_mode::int8 (q8, q4_0,
+// bits for any larger n. act_mode::int8 (q8, q4_0,
 // q4_k weights) takes kernels/qdot.hpp at every n: a row's bits there do not
 // depend on n at all.
 // Serial, noexcept, no heap allocation, no checks: validate at the edge.
@@ -65,13 +65,19 @@ bool try_int8(const weight_view<W>* w, const weight_view<W>* up, cmatrix_view<fl
         return false;
 }
 } // namespace detail
-// Largest row count that takes the small-row path (the rest: packed GEMM).
-// Measured (AMD Zen 5, 1 thread of a loaded machine, thread CPU time, one
-// expert d = 2048, F = 1024, warm weights; GFLOP/s small-row / GEMM):
-// 8 rows: f32 38 / 40, bf16 62 / 46, q8 59 / 72 (AVX-512); f32 31 / 27,
-// bf16 44 / 35, q8 48 / 38 (AVX2); 16 rows: the GEMM wins or ties on every
-// format and arch (bf16 61 / 75, AVX2 bf16 54 / 54), and by 2x at 64.
-inline constexpr std::size_t small_max_rows = 12;
+// Largest row count that takes the small-row path for weights of type t
+// (the rest: packed GEMM), and small_max_rows, the largest over every type
+// (bounds of buffers and tests). Set from bench_experts' exact_rows /
+// exact_gemm pairs (one expert, d = 2048, F = 1024, 1 thread, weights
+// streamed from memory; the README's small-row table): on Intel Sapphire
+// Rapids the AVX2 build's small-row path beats the GEMM for bf16 and f16 up
+// to 16 rows and the AVX-512 build's ties it there; on AMD Zen 5 bf16 won
+// to 20. f32 ties past 12 rows and q8 loses (AVX-512) past 12.
+constexpr std::size_t small_max_rows_of(dtype t) noexcept
+{
+    return t == dtype::bf16 || t == dtype::f16 ? 16 : 12;
+}
+inline constexpr std::size_t small_max_rows = 16;
 
 // Y[:, o0:o1] = X . W[o0:o1, :]ᵀ; other columns of Y are not touched.
 // Requires W.cols == X.cols, o0 <= o1 <= W.rows, Y.rows == X.rows,
@@ -100,7 +106,7 @@ void linear(const weight_view<W>& w /*[O, K]*/, cmatrix_view<float> x /*[n, K]*/
         detail::linear_gemv<Arch, W, 4>(w, x.data, x.stride, o0, o1, y.data, y.stride);
         break;
     default:
-        if (x.rows <= small_max_rows)
+        if (x.rows <= small_max_rows_of(W::id))
             detail::linear_rows<Arch, W>(w, x, o0, o1, y);
         else
             detail::linear_gemm<Arch, W>(w, x, o0, o1, y);
@@ -134,7 +140,7 @@ void swiglu_gate_up(const weight_view<W>& gate /*[F, d]*/, const weight_view<W>&
         detail::gate_up_gemv<Arch, W, 4>(gate, up, x.data, x.stride, f0, f1, h.data, h.stride);
         break;
     default:
-        if (x.rows <= small_max_rows)
+        if (x.rows <= small_max_rows_of(W::id))
             detail::gate_up_rows<Arch, W>(gate, up, x, f0, f1, h);
         else
             detail::gate_up_gemm<Arch, W>(gate, up, x, f0, f1, h);
@@ -145,13 +151,15 @@ void swiglu_gate_up(const weight_view<W>& gate /*[F, d]*/, const weight_view<W>&
 } // namespace kdial
 
 namespace kdial {
-// The row class of an n-row call, the key to a row's bits: n itself on the
-// GEMV path (bits depend on the exact count, 1..gemv_max_rows),
-// small_max_rows on the small-row path, small_max_rows + 1 on the GEMM. Two
-// calls of one class give a row the same bits (for the GEMV, at the same
-// position), whatever else they hold (distributed/ pads rows to keep them).
-constexpr std::size_t row_class(std::size_t n) noexcept
+// The row class of an n-row call on weights of type t, the key to a row's
+// bits: n itself on the GEMV path (bits depend on the exact count,
+// 1..gemv_max_rows), small_max_rows_of(t) on the small-row path, one more
+// on the GEMM. Two calls of one class give a row the same bits (for the
+// GEMV, at the same position), whatever else they hold (distributed/ pads
+// rows to keep them).
+constexpr std::size_t row_class(std::size_t n, dtype t) noexcept
 {
-    return n <= gemv_max_rows ? n : n <= small_max_rows ? small_max_rows : small_max_rows + 1;
+    const std::size_t s = small_max_rows_of(t);
+    return n <= gemv_max_rows ? n : n <= s ? s : s + 1;
 }
 } // namespace kdial
