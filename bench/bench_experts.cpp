@@ -207,13 +207,13 @@ template <kdial::weight_type W, class Arch = xsimd::default_arch, int Act = -1> 
     static constexpr const char* isa_names[]
         = { "generic", "avx2", "avx_vnni", "avx512bw", "avx512_vnni", "neon", "neon_dot" };
     state.SetLabel(std::string(kdial::dtype_name(W::id)) + " " + Arch::name()
-        + (Act == exact_rows ? std::string(" exact small-row")
+        + (Act == exact_rows        ? std::string(" exact small-row")
                 : Act == exact_gemm ? std::string(" exact gemm")
-                : Act < 0 ? std::string(" exact")
-                          : std::string(" int8-act ") + isa_names[Act < 0 ? 0 : Act])
-        + " read "
-        + std::to_string(lim.read_gbs).substr(0, 5) + " GB/s, fma " + std::to_string(lim.fma_gflops).substr(0, 6)
-        + " GFLOP/s (1 thread)" + (weight_offset() ? " weights +" + std::to_string(weight_offset()) + " B" : ""));
+                : Act < 0           ? std::string(" exact")
+                                    : std::string(" int8-act ") + isa_names[Act < 0 ? 0 : Act])
+        + " read " + std::to_string(lim.read_gbs).substr(0, 5) + " GB/s, fma "
+        + std::to_string(lim.fma_gflops).substr(0, 6) + " GFLOP/s (1 thread)"
+        + (weight_offset() ? " weights +" + std::to_string(weight_offset()) + " B" : ""));
 }
 
 } // namespace
@@ -243,7 +243,7 @@ static void bound_args(benchmark::internal::Benchmark* b)
     b->Unit(benchmark::kMillisecond)->MinTime(0.3);
 }
 #define KDIAL_BENCH_BOUND(W, A)                                                                                        \
-    BENCHMARK_TEMPLATE(bm_expert, W, A, exact_rows)->Apply(bound_args);                                               \
+    BENCHMARK_TEMPLATE(bm_expert, W, A, exact_rows)->Apply(bound_args);                                                \
     BENCHMARK_TEMPLATE(bm_expert, W, A, exact_gemm)->Apply(bound_args);
 KDIAL_BENCH_BOUND(kdial::f32_t, xsimd::default_arch)
 KDIAL_BENCH_BOUND(kdial::bf16_t, xsimd::default_arch)

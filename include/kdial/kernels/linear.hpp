@@ -69,9 +69,9 @@ bool try_int8(const weight_view<W>* w, const weight_view<W>* up, cmatrix_view<fl
 // (the rest: packed GEMM), and small_max_rows, the largest over every type
 // (bounds of buffers and tests). Set from bench_experts' exact_rows /
 // exact_gemm pairs (one expert, d = 2048, F = 1024, 1 thread, weights
-// streamed from memory; the README's small-row table): on Intel Sapphire
-// Rapids the AVX2 build's small-row path beats the GEMM for bf16 and f16 up
-// to 16 rows and the AVX-512 build's ties it there; on AMD Zen 5 bf16 won
+// streamed from memory; the README's small-row table): on an Intel Xeon
+// with AVX-512 BF16/FP16 the AVX2 build's small-row path beats the GEMM for
+// bf16 and f16 up to 16 rows and the AVX-512 build's ties it there; on AMD Zen 5 bf16 won
 // to 20. f32 ties past 12 rows and q8 loses (AVX-512) past 12.
 constexpr std::size_t small_max_rows_of(dtype t) noexcept
 {
