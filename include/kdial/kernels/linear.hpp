@@ -1,15 +1,16 @@
 // Linear layers of an expert (stage 3): Y[n, o0:o1] = X[n, :] . W[o0:o1, :]ᵀ
 // and the fused SwiGLU front half H[:, f0:f1] = silu(X Wgᵀ) * (X Wuᵀ), for
 // weights in f32, bf16, f16 or q8, tiled over output columns by the caller.
-// Path rule (exact activations), by n only: n <= gemv_max_rows streams weights (GEMV,
-// memory-bound); n <= small_max_rows_of(type) converts weights in registers and reuses
-// them across groups of rows (kernels/rows.hpp); larger n packs weight panels
+// Path rule (exact activations), by n and the weight type only: n <=
+// gemv_max_rows streams weights (GEMV, memory-bound); n <=
+// small_max_rows_of(type) converts weights in registers and reuses them
+// across groups of rows (kernels/rows.hpp); larger n packs weight panels
 // (GEMM, FMA-bound). Within a path a row's outputs are bit-identical for any
 // column split [o0, o1); the GEMV's bits depend on n (see row_class), the
 // small-row path gives a row the same bits for any n in (gemv_max_rows,
-// small_max_rows_of(type)] (it sums per rows_kc-input chunk, so only for K <= rows_kc
-// do they equal the GEMV's at n = 3, 4), and the GEMM gives a row the same
-// bits for any larger n. act_mode::int8 (q8, q4_0,
+// small_max_rows_of(type)] (it sums per rows_kc-input chunk, so only for
+// K <= rows_kc do they equal the GEMV's at n = 3, 4), and the GEMM gives a
+// row the same bits for any larger n. act_mode::int8 (q8, q4_0,
 // q4_k weights) takes kernels/qdot.hpp at every n: a row's bits there do not
 // depend on n at all.
 // Serial, noexcept, no heap allocation, no checks: validate at the edge.
@@ -71,8 +72,9 @@ bool try_int8(const weight_view<W>* w, const weight_view<W>* up, cmatrix_view<fl
 // exact_gemm pairs (one expert, d = 2048, F = 1024, 1 thread, weights
 // streamed from memory; the README's small-row table): on an Intel Xeon
 // with AVX-512 BF16/FP16 the AVX2 build's small-row path beats the GEMM for
-// bf16 and f16 up to 16 rows and the AVX-512 build's ties it there; on AMD Zen 5 bf16 won
-// to 20. f32 ties past 12 rows and q8 loses (AVX-512) past 12.
+// bf16 and f16 up to 16 rows and the AVX-512 build's ties it there; on AMD
+// Zen 5 bf16 won to 20. f32 ties past 12 rows and q8 loses (AVX-512) past
+// 12. tests/layer/chunks.cpp checks small_max_rows against every type.
 constexpr std::size_t small_max_rows_of(dtype t) noexcept
 {
     return t == dtype::bf16 || t == dtype::f16 ? 16 : 12;

@@ -1,7 +1,7 @@
 // Small-row expert kernels (stage 3, prefill at low k: 5 to
-// small_max_rows_of(type) = 12 rows per expert, 16 for bf16 and f16, e.g. ~8 rows per
-// expert at T = 512, k = 1, E = 64 and ~16 at k = 2; the measurements that
-// set the bound are in linear.hpp). Between the
+// small_max_rows_of(type) = 12 rows per expert, 16 for bf16 and f16, e.g.
+// ~8 rows per expert at T = 512, k = 1, E = 64 and ~16 at k = 2; the
+// measurements that set the bound are in linear.hpp). Between the
 // GEMV (n <= 4, kernels/gemv.hpp) and the packed GEMM (kernels/gemm.hpp):
 // the packed GEMM converts and transposes every weight into a panel and then
 // reuses it for only a few rows, so at 8 rows the pack costs about as much
@@ -17,8 +17,8 @@
 // Bits: each output is the sum, in chunk order, of the GEMV's one-chain dot
 // products (gemv_chains<NR> == 1 for every group of >= 3 rows) over the
 // fixed 512-input chunks: it does not depend on the row count (5 ...
-// small_max_rows_of(type)), the row group, the column block, the column split or the
-// cache sizes. Serial, noexcept, no heap allocation, no checks.
+// small_max_rows_of(type)), the row group, the column block, the column
+// split or the cache sizes. Serial, noexcept, no heap allocation, no checks.
 #pragma once
 
 #include <algorithm>
