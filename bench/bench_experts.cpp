@@ -14,6 +14,7 @@
 // single-thread limits from bench/roofline.hpp measured in this run.
 // Decode streams cold weights: each iteration uses the next expert of a pool
 // larger than the last-level cache (about 1 GiB; see pool_bytes).
+// KDIAL_BENCH_HUGEPAGE=1 puts the pool on 2 MiB pages (huge_pages).
 #include <benchmark/benchmark.h>
 
 #include <kdial/experts/swiglu.hpp>
@@ -23,11 +24,14 @@
 
 #include <tbb/task_arena.h>
 
+#include <sys/mman.h>
+
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <string>
 #include <memory>
+#include <new>
 #include <vector>
 
 namespace {
@@ -93,9 +97,43 @@ std::size_t weight_offset()
     return e ? std::size_t(std::atol(e)) % 64 : 0;
 }
 
+// KDIAL_BENCH_HUGEPAGE=1: the pool is anonymous memory with
+// madvise(MADV_HUGEPAGE) (2 MiB pages where transparent huge pages are on
+// for madvise), as olmoe's weight_arena; by default 4 KiB pages, as weights
+// in a std::vector or a mapped file get.
+bool huge_pages()
+{
+    const char* e = std::getenv("KDIAL_BENCH_HUGEPAGE");
+    return e && std::atoi(e) != 0;
+}
+
+// Anonymous pages for the pool (unmapped on destruction).
+struct pool_memory {
+    std::byte* p = nullptr;
+    std::size_t size = 0;
+    pool_memory() = default;
+    void map(std::size_t n)
+    {
+        size = n;
+        void* m = ::mmap(nullptr, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED)
+            throw std::bad_alloc();
+        if (huge_pages())
+            ::madvise(m, n, MADV_HUGEPAGE); // before the first write: advice only
+        p = static_cast<std::byte*>(m);
+    }
+    pool_memory(const pool_memory&) = delete;
+    pool_memory& operator=(const pool_memory&) = delete;
+    ~pool_memory()
+    {
+        if (p)
+            ::munmap(p, size);
+    }
+};
+
 template <kdial::weight_type W> struct expert_pool : pool_base {
     using S = typename W::storage;
-    std::vector<std::byte> bytes;
+    pool_memory bytes;
     std::vector<kdial::expert_weights<W>> experts;
 
     expert_pool()
@@ -103,9 +141,9 @@ template <kdial::weight_type W> struct expert_pool : pool_base {
         const std::size_t per_row_gu = kdial::storage_cols<W>(d_model), per_row_d = kdial::storage_cols<W>(d_ffn);
         const std::size_t per_expert = 2 * d_ffn * per_row_gu + d_model * per_row_d;
         const std::size_t count = std::max<std::size_t>(2, pool_bytes() / (per_expert * sizeof(S)) + 1);
-        bytes.resize(count * per_expert * sizeof(S) + 128);
+        bytes.map(count * per_expert * sizeof(S) + 128);
         const std::size_t off = weight_offset() / alignof(S) * alignof(S);
-        S* store = reinterpret_cast<S*>(kdial::detail::align_up(bytes.data(), 64) + off);
+        S* store = reinterpret_cast<S*>(bytes.p + off);
         std::uint64_t s = 42;
         fill<W>(store, count * per_expert, s);
         for (std::size_t e = 0; e < count; ++e) {
