@@ -26,6 +26,7 @@
 
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
@@ -242,6 +243,9 @@ template <kdial::weight_type W, class Arch = xsimd::default_arch, int Act = -1> 
     state.counters["GFLOPps"] = gflops;
     state.counters["bw_frac"] = gbs / lim.read_gbs; // of the in-run read bandwidth
     state.counters["fma_frac"] = gflops / lim.fma_gflops; // of the in-run FMA peak
+    // Of the roofline: the weights read once at the read bandwidth, the FLOPs
+    // at the peak, whichever takes longer, over the time taken.
+    state.counters["roof_frac"] = std::max(gbs / lim.read_gbs, gflops / lim.fma_gflops);
     static constexpr const char* isa_names[]
         = { "generic", "avx2", "avx_vnni", "avx512bw", "avx512_vnni", "neon", "neon_dot" };
     state.SetLabel(std::string(kdial::dtype_name(W::id)) + " " + Arch::name()

@@ -7,7 +7,9 @@
 //                   (bf16 2, f32 4, q8 36/32); T = 1 so experts used = k.
 //   prefill flops = 2 * (T*k) * 3*F*d   (expert FLOPs; the router adds 2*T*E*d)
 // Counters: frac_bw = (decode bytes / time) / in-run read bandwidth;
-//           frac_peak = (prefill flops / time) / in-run FMA peak.
+//           frac_peak = (prefill flops / time) / in-run FMA peak;
+//           frac_roof = max(bytes / bandwidth, flops / peak) / time (prefill:
+//           the weight bytes the experts used, once each).
 // Decode cycles through a pool of layers larger than the last-level cache
 // (>= 2 GiB of weights) so every call streams its experts from memory.
 // Each benchmark makes one untimed call first (page faults on the fresh
@@ -120,8 +122,15 @@ void set_rates(
     state.counters["GFLOP/s"] = flops / secs / 1e9;
     if (T == 1)
         state.counters["frac_bw"] = bytes / secs / 1e9 / lim.read_gbs;
-    else
+    else {
         state.counters["frac_peak"] = flops / secs / 1e9 / lim.fma_gflops;
+        // Of the roofline: the least time the weight bytes (at the read
+        // bandwidth) and the FLOPs (at the peak) allow, over the time taken.
+        // At 8 rows per expert, f32 weights carry 4 FLOP per byte: below
+        // peak / bandwidth there, the stream bounds frac_peak under 1.
+        if (bytes > 0)
+            state.counters["frac_roof"] = std::max(bytes / 1e9 / lim.read_gbs, flops / 1e9 / lim.fma_gflops) / secs;
+    }
 }
 
 // Calls f once untimed (the page faults of fresh buffers and workspace are
