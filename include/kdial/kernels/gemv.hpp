@@ -175,12 +175,22 @@ inline void gemv_rows(
             for (int i = 0; i < NR; ++i)
                 acc[r][i][c] = simd::fma(wv, B::load_unaligned(x + i * ldx + k), acc[r][i][c]);
         }
+    // The lane sums first, in loops with no loop inside (so every compiler
+    // unrolls them and indexes acc by constants only; clang 14 does not
+    // unroll a loop that holds another, and with acc[r][i] indexed at run
+    // time here it kept all of acc on the stack in the loops above, a store
+    // per FMA: half the speed), then the scalar tails.
+    float sums[R * NR];
     for (int r = 0; r < R; ++r)
         for (int i = 0; i < NR; ++i) {
             B a = acc[r][i][0];
             for (int c = 1; c < C; ++c)
                 a += acc[r][i][c];
-            float s = simd::hsum(a);
+            sums[r * NR + i] = simd::hsum(a);
+        }
+    for (int r = 0; r < R; ++r)
+        for (int i = 0; i < NR; ++i) {
+            float s = sums[r * NR + i];
             for (std::size_t t = k; t < cols; ++t)
                 s = std::fma(simd::weight_at(rows[r], t), x[i * ldx + t], s);
             out[r * NR + i] = s;

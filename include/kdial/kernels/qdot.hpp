@@ -952,10 +952,15 @@ inline void qdot_rows_q4(
         }
         (std::make_integer_sequence<int, R> {});
     }
+    // Stored first, in loops with no loop inside (see the end of
+    // gemv_rows), then the scalar tails.
+    float lanes[R][NR][8];
+    for (int r = 0; r < R; ++r)
+        for (int i = 0; i < NR; ++i)
+            _mm256_storeu_ps(lanes[r][i], acc[r][i]);
     for (int r = 0; r < R; ++r)
         for (int i = 0; i < NR; ++i) {
-            float a[8];
-            _mm256_storeu_ps(a, acc[r][i]);
+            float* a = lanes[r][i];
             if constexpr (!k4) {
                 // The last nb % 8 blocks, lane b % 8, scalar (same ops).
                 for (std::size_t b = 8 * ng; b < nb; ++b) {
@@ -1008,10 +1013,16 @@ inline void qdot_rows_any(
             }
         }
     }
+    // Stored first, in loops with no loop inside, so acc is indexed by
+    // constants only (see the end of gemv_rows: clang 14 keeps acc on the
+    // stack otherwise); then the scalar tails.
+    float lanes[R][NR][8];
+    for (int r = 0; r < R; ++r)
+        for (int i = 0; i < NR; ++i)
+            L::store(acc[r][i], lanes[r][i]);
     for (int r = 0; r < R; ++r)
         for (int i = 0; i < NR; ++i) {
-            float a[8];
-            L::store(acc[r][i], a);
+            float* a = lanes[r][i];
             if constexpr (!std::is_same_v<S, q4_k_block>) {
                 // The last nb % 8 blocks, lane b % 8, scalar (same ops).
                 for (std::size_t b = 8 * ng; b < nb; ++b) {
