@@ -241,11 +241,12 @@ template <kdial::weight_type W, class Arch = xsimd::default_arch, int Act = -1> 
     const double gbs = bytes * iters / secs / 1e9, gflops = flops * iters / secs / 1e9;
     state.counters["GBps"] = gbs;
     state.counters["GFLOPps"] = gflops;
-    state.counters["bw_frac"] = gbs / lim.read_gbs; // of the in-run read bandwidth
-    state.counters["fma_frac"] = gflops / lim.fma_gflops; // of the in-run FMA peak
+    const double bw_frac = gbs / lim.read_gbs, fma_frac = gflops / lim.fma_gflops;
+    state.counters["bw_frac"] = bw_frac; // of the in-run read bandwidth
+    state.counters["fma_frac"] = fma_frac; // of the in-run FMA peak
     // Of the roofline: the weights read once at the read bandwidth, the FLOPs
     // at the peak, whichever takes longer, over the time taken.
-    state.counters["roof_frac"] = std::max(gbs / lim.read_gbs, gflops / lim.fma_gflops);
+    state.counters["roof_frac"] = std::max(bw_frac, fma_frac);
     static constexpr const char* isa_names[]
         = { "generic", "avx2", "avx_vnni", "avx512bw", "avx512_vnni", "neon", "neon_dot" };
     state.SetLabel(std::string(kdial::dtype_name(W::id)) + " " + Arch::name()

@@ -892,6 +892,26 @@ template <qdot_isa I, class S> inline typename lanes8<I>::f qdot_wscales8(const 
     return lanes8<I>::load(s);
 }
 
+// The end of qdot_rows: out[r * NR + i] from the 8 lanes of each pair
+// (lane b % 8 holds blocks b of the whole groups of 8), with q8 and q4_0's
+// last nb % 8 blocks added into their lanes in scalar (the same ops), then
+// the fixed tree. q4_k has no partial group (nb % 8 == 0).
+template <class S, int NR, int R>
+inline void qdot_finish(
+    float (&lanes)[R][NR][8], const S* const* rows, std::size_t nb, const act_q8_cview& xq, float* out) noexcept
+{
+    for (int r = 0; r < R; ++r)
+        for (int i = 0; i < NR; ++i) {
+            float* a = lanes[r][i];
+            if constexpr (!std::is_same_v<S, q4_k_block>)
+                for (std::size_t b = nb / 8 * 8; b < nb; ++b) {
+                    const std::int32_t t = qdot_block_int(rows[r][b], xq.qrow(i) + 32 * b, xq.srow(i)[b]);
+                    a[b % 8] = std::fma(float(t), simd::scale_of(rows[r][b]) * xq.drow(i)[b], a[b % 8]);
+                }
+            out[r * NR + i] = qdot_tree(a);
+        }
+}
+
 // out[r * NR + i] = the int8-activation dot of weight row r (blocks
 // rows[r][0:..]) and activation row i of xq, in the order of the header
 // comment. nb blocks of 32 (q4_k: nb % 8 == 0). `next`: rows to prefetch.
@@ -952,24 +972,14 @@ inline void qdot_rows_q4(
         }
         (std::make_integer_sequence<int, R> {});
     }
-    // Stored first, in loops with no loop inside (see the end of
-    // gemv_rows), then the scalar tails.
+    // Stored first, in loops with no loop inside, so acc is indexed by
+    // constants only (see the end of gemv_rows: clang 14 keeps acc on the
+    // stack otherwise).
     float lanes[R][NR][8];
     for (int r = 0; r < R; ++r)
         for (int i = 0; i < NR; ++i)
             _mm256_storeu_ps(lanes[r][i], acc[r][i]);
-    for (int r = 0; r < R; ++r)
-        for (int i = 0; i < NR; ++i) {
-            float* a = lanes[r][i];
-            if constexpr (!k4) {
-                // The last nb % 8 blocks, lane b % 8, scalar (same ops).
-                for (std::size_t b = 8 * ng; b < nb; ++b) {
-                    const std::int32_t t = qdot_block_int(rows[r][b], xq.qrow(i) + 32 * b, xq.srow(i)[b]);
-                    a[b % 8] = std::fma(float(t), simd::scale_of(rows[r][b]) * xq.drow(i)[b], a[b % 8]);
-                }
-            }
-            out[r * NR + i] = qdot_tree(a);
-        }
+    qdot_finish<S, NR, R>(lanes, rows, nb, xq, out);
 }
 #endif
 
@@ -1013,25 +1023,12 @@ inline void qdot_rows_any(
             }
         }
     }
-    // Stored first, in loops with no loop inside, so acc is indexed by
-    // constants only (see the end of gemv_rows: clang 14 keeps acc on the
-    // stack otherwise); then the scalar tails.
+    // Stored first, as in qdot_rows_q4.
     float lanes[R][NR][8];
     for (int r = 0; r < R; ++r)
         for (int i = 0; i < NR; ++i)
             L::store(acc[r][i], lanes[r][i]);
-    for (int r = 0; r < R; ++r)
-        for (int i = 0; i < NR; ++i) {
-            float* a = lanes[r][i];
-            if constexpr (!std::is_same_v<S, q4_k_block>) {
-                // The last nb % 8 blocks, lane b % 8, scalar (same ops).
-                for (std::size_t b = 8 * ng; b < nb; ++b) {
-                    const std::int32_t t = qdot_block_int(rows[r][b], xq.qrow(i) + 32 * b, xq.srow(i)[b]);
-                    a[b % 8] = std::fma(float(t), simd::scale_of(rows[r][b]) * xq.drow(i)[b], a[b % 8]);
-                }
-            }
-            out[r * NR + i] = qdot_tree(a);
-        }
+    qdot_finish<S, NR, R>(lanes, rows, nb, xq, out);
 }
 
 template <qdot_isa I, class S, int NR, int R>
