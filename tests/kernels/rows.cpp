@@ -3,8 +3,8 @@
 // GEMM thresholds against the scalar reference, every weight format, every
 // SIMD arch this CPU runs; a row's bits do not depend on the row count in
 // [5, small_max_rows] nor on its place in the call (and equal the GEMV's at
-// n = 3, 4 when K fits one 512-input chunk); a weight matrix wider than one
-// cache-derived column block; and the cache sizes themselves. With
+// n = 3, 4 when K fits one chunk, detail::rows_kc_of); a weight matrix
+// wider than one cache-derived column block; and the cache sizes themselves. With
 // act_mode::int8 (q8, q4_0, q4_k): every row count 1..130 gives the int8
 // reference's bits (tests/ref/qdot_ref.hpp) on every arch.
 #include <doctest/doctest.h>
@@ -128,8 +128,10 @@ TEST_CASE_TEMPLATE("linear, swiglu_gate_up: a row's bits do not depend on the ro
         CAPTURE(arch->name);
         const arch_fns<W>& kf = arch->get<W>();
         std::mt19937 rng(22);
-        // K = 1100 crosses two 512-input chunks (q4_k: 1280); K = 133 fits one.
-        for (const std::size_t K0 : { std::size_t { 133 }, std::size_t { 1100 } }) {
+        // K = kc + 76 crosses a chunk boundary (q4_k: rounded up to whole
+        // super-blocks); K = 133 fits one chunk.
+        constexpr std::size_t kc = detail::rows_kc_of<typename W::storage>;
+        for (const std::size_t K0 : { std::size_t { 133 }, kc + 76 }) {
             const std::size_t O = 23, K = fit_k<W>(K0), N = small_max_rows_of(W::id);
             CAPTURE(K);
             const auto w = ref::random_weights<W>(O, K, rng);
@@ -138,7 +140,7 @@ TEST_CASE_TEMPLATE("linear, swiglu_gate_up: a row's bits do not depend on the ro
             auto full = ref::filled_matrix(N, O), hfull = ref::filled_matrix(N, O);
             kf.linear(w.view, x.view, 0, O, full.view);
             kf.gate_up(w.view, u.view, x.view, 0, O, hfull.view);
-            const std::size_t lo = K <= detail::rows_kc ? 3 : 5; // one chunk: the GEMV's n = 3, 4 too
+            const std::size_t lo = K <= kc ? 3 : 5; // one chunk: the GEMV's n = 3, 4 too
             for (std::size_t n = lo; n <= N; ++n) {
                 CAPTURE(n);
                 for (const std::size_t r0 : { std::size_t { 0 }, (N - n) / 2, N - n }) {

@@ -11,18 +11,20 @@
 // to 8 rows (6 with 16 vector registers). Three levels of blocking: output
 // columns in blocks whose weights fit half the L2 (read at run time,
 // core/cache.hpp), so a block is streamed from memory once for all row
-// groups; rows in near-equal groups; and the inputs in chunks of rows_kc =
-// 512, so a group's slice of X (<= 16 KiB) stays in L1 while every weight
-// row of the block passes over it.
+// groups; rows in near-equal groups; and the inputs in chunks of
+// rows_kc_of<type> (2048, f32 512), so a group's slice of X stays in L2
+// (f32: L1) while every weight row of the block passes over it,
+// rows_per_pass weight rows at a time.
 // Bits: each output is the sum, in chunk order, of the GEMV's one-chain dot
 // products (gemv_chains<NR> == 1 for every group of >= 3 rows) over the
-// fixed 512-input chunks: it does not depend on the row count (5 ...
+// fixed chunks: it does not depend on the row count (5 ...
 // small_max_rows_of(type)), the row group, the column block, the column
 // split or the cache sizes. Serial, noexcept, no heap allocation, no checks.
 #pragma once
 
 #include <algorithm>
 #include <cstddef>
+#include <type_traits>
 
 #include "../core/cache.hpp"
 #include "../core/views.hpp"
@@ -41,10 +43,28 @@ template <class Arch, class S>
 inline constexpr int rows_group_max
     = (simd::is_avx512_arch<Arch> || KDIAL_SIMD_NEON64) && !simd::is_scaled_block<S> ? 8 : 6;
 
-// Inputs per chunk: a fixed constant (the sum is split here, so it must not
-// depend on the machine), a multiple of 256 (whole q4_k super-blocks, whole
-// q8 / q4_0 blocks) and of every lane count; 8 rows x 512 floats = 16 KiB.
-inline constexpr std::size_t rows_kc = 512;
+// Weight rows per pass (gemv_rows' R): 3 with 32 vector registers for bf16
+// and f16 (3 x 8 accumulators; each converted weight vector serves 8 rows
+// and each X vector 3 rows), else 2: q8 / q4_0 hold block sums beside the
+// accumulators, q4_k its scale tables, AVX2 has 16 registers, and f32
+// measured no faster with 3. R does not change any sum's bits.
+template <class Arch, class S>
+inline constexpr int rows_per_pass
+    = (simd::is_avx512_arch<Arch> || KDIAL_SIMD_NEON64) && (std::is_same_v<S, bf16> || std::is_same_v<S, f16>) ? 3 : 2;
+
+// Inputs per chunk: a constant per weight type (the sum is split here, so
+// it must not depend on the machine), a multiple of 256 (whole q4_k
+// super-blocks, whole q8 / q4_0 blocks) and of every lane count. Each chunk
+// ends in a lane sum per (row, weight row) pair, and a group's slice of X
+// (NR rows x chunk floats) is reused by every weight row of the block:
+// 2048 for the 16-bit and quantised types (<= 64 KiB of X, in L2 on any
+// machine, and the lane sums amortised), 512 for f32 (16 KiB, in L1: f32
+// weights take twice the load bandwidth, and 2048 measured ~8 % slower).
+// bench_experts exact_rows, Zen 5, 512 -> 2048 with rows_per_pass 2 -> 3:
+// bf16 8 rows 1.21-1.37 -> 0.88-0.96 ms, 16 rows 2.18-2.51 -> 1.63-1.67;
+// q8 (R = 2) 8 rows 1.41-1.64 -> 1.02-1.18 ms. A row has the GEMV's bits
+// at n = 3, 4 for K <= its chunk.
+template <class S> inline constexpr std::size_t rows_kc_of = std::is_same_v<S, float> ? 512 : 2048;
 
 // Most output columns of a block (bounds the gate/up scratch on the stack).
 inline constexpr std::size_t rows_max_block = 256;
@@ -71,6 +91,8 @@ void linear_rows(
 {
     using S = typename W::storage;
     constexpr std::size_t G = simd::weight_group<S>; // inputs per storage element
+    constexpr int R = rows_per_pass<Arch, S>;
+    constexpr std::size_t kc = rows_kc_of<S>;
     const std::size_t K = w.cols;
     const std::size_t ob = rows_block_cols(storage_cols<W>(K) * sizeof(S), 1);
     for (std::size_t b0 = o0; b0 < o1; b0 += ob) {
@@ -79,38 +101,41 @@ void linear_rows(
             const float* xg = x.row(i0);
             float* yg = y.row(i0);
             // K == 0 runs one empty chunk (zeros).
-            for (std::size_t k0 = 0; k0 < K || k0 == 0; k0 += rows_kc) {
-                const std::size_t kn = std::min(rows_kc, K - k0);
+            for (std::size_t k0 = 0; k0 < K || k0 == 0; k0 += kc) {
+                const std::size_t kn = std::min(kc, K - k0);
                 const bool first = k0 == 0;
-                float out[2 * NR];
-                const auto put = [&](std::size_t o, int R) {
-                    for (int r = 0; r < R; ++r)
+                float out[R * NR];
+                // P weight rows from o on; the next pass's rows prefetched.
+                const auto pass = [&]<int P>(std::size_t o) {
+                    const S* rows[P];
+                    const S* next[P];
+                    for (int r = 0; r < P; ++r) {
+                        rows[r] = w.row(o + std::size_t(r)) + k0 / G;
+                        next[r] = w.row(std::min(o + std::size_t(P + r), b1 - 1)) + k0 / G;
+                    }
+                    gemv_rows<Arch, S, NR, P>(rows, next, kn, xg + k0, x.stride, out);
+                    for (int r = 0; r < P; ++r)
                         for (int i = 0; i < NR; ++i) {
                             float& d = yg[std::size_t(i) * y.stride + o + std::size_t(r)];
                             d = first ? out[r * NR + i] : d + out[r * NR + i];
                         }
                 };
                 std::size_t o = b0;
-                for (; o + 2 <= b1; o += 2) {
-                    const std::size_t on = o + 4 <= b1 ? o + 2 : o;
-                    const S* rows[2] = { w.row(o) + k0 / G, w.row(o + 1) + k0 / G };
-                    const S* next[2] = { w.row(on) + k0 / G, w.row(on + 1) + k0 / G };
-                    gemv_rows<Arch, S, NR, 2>(rows, next, kn, xg + k0, x.stride, out);
-                    put(o, 2);
-                }
-                if (o < b1) {
-                    const S* rows[1] = { w.row(o) + k0 / G };
-                    gemv_rows<Arch, S, NR, 1>(rows, rows, kn, xg + k0, x.stride, out);
-                    put(o, 1);
-                }
+                for (; o + R <= b1; o += R)
+                    pass.template operator()<R>(o);
+                if (b1 - o >= 2)
+                    pass.template operator()<2>(o), o += 2;
+                if (o < b1)
+                    pass.template operator()<1>(o);
             }
         });
     }
 }
 
-// H[:, f0:f1] = silu(X . Wg[f0:f1]ᵀ) * (X . Wu[f0:f1]ᵀ) for 5 <= X.rows: a
-// feature's gate and up rows go through one pass; their sums stay on the
-// stack until the last chunk, then h = silu(g) * u as in the GEMV.
+// H[:, f0:f1] = silu(X . Wg[f0:f1]ᵀ) * (X . Wu[f0:f1]ᵀ) for 5 <= X.rows: the
+// gate and up rows of the block, interleaved (gate f, up f, gate f + 1,
+// ...), go through passes of R rows as linear_rows' do; their sums stay on
+// the stack until the last chunk, then h = silu(g) * u as in the GEMV.
 template <class Arch, weight_type W>
 void gate_up_rows(const weight_view<W>& gate, const weight_view<W>& up, cmatrix_view<float> x, std::size_t f0,
     std::size_t f1, matrix_view<float> h) noexcept
@@ -118,34 +143,49 @@ void gate_up_rows(const weight_view<W>& gate, const weight_view<W>& up, cmatrix_
     using S = typename W::storage;
     constexpr std::size_t G = simd::weight_group<S>;
     constexpr int M = rows_group_max<Arch, S>;
+    constexpr int R = rows_per_pass<Arch, S>;
+    constexpr std::size_t kc = rows_kc_of<S>;
     const std::size_t K = gate.cols;
     const std::size_t fb = rows_block_cols(storage_cols<W>(K) * sizeof(S), 2);
-    float g[M][rows_max_block], u[M][rows_max_block];
+    // gu[i][2 * (f - b0)] is row i's gate sum of feature f, + 1 its up sum.
+    float gu[M][2 * rows_max_block];
     for (std::size_t b0 = f0; b0 < f1; b0 += fb) {
-        const std::size_t b1 = std::min(f1, b0 + fb);
+        const std::size_t b1 = std::min(f1, b0 + fb), j1 = 2 * (b1 - b0);
+        // Interleaved row j of the block: gate (even j) or up (odd j) of
+        // feature b0 + j / 2.
+        const auto row_of = [&](std::size_t j) { return (j % 2 ? up : gate).row(b0 + j / 2); };
         for_row_groups<3, M>(x.rows, [&]<int NR>(std::size_t i0) {
             const float* xg = x.row(i0);
-            for (std::size_t k0 = 0; k0 < K || k0 == 0; k0 += rows_kc) {
-                const std::size_t kn = std::min(rows_kc, K - k0);
+            for (std::size_t k0 = 0; k0 < K || k0 == 0; k0 += kc) {
+                const std::size_t kn = std::min(kc, K - k0);
                 const bool first = k0 == 0;
-                float out[2 * NR];
-                for (std::size_t f = b0; f < b1; ++f) {
-                    const std::size_t fn = f + 1 < b1 ? f + 1 : f;
-                    const S* rows[2] = { gate.row(f) + k0 / G, up.row(f) + k0 / G };
-                    const S* next[2] = { gate.row(fn) + k0 / G, up.row(fn) + k0 / G };
-                    gemv_rows<Arch, S, NR, 2>(rows, next, kn, xg + k0, x.stride, out);
-                    for (int i = 0; i < NR; ++i) {
-                        float& gd = g[i][f - b0];
-                        float& ud = u[i][f - b0];
-                        gd = first ? out[i] : gd + out[i];
-                        ud = first ? out[NR + i] : ud + out[NR + i];
+                float out[R * NR];
+                const auto pass = [&]<int P>(std::size_t j) {
+                    const S* rows[P];
+                    const S* next[P];
+                    for (int r = 0; r < P; ++r) {
+                        rows[r] = row_of(j + std::size_t(r)) + k0 / G;
+                        next[r] = row_of(std::min(j + std::size_t(P + r), j1 - 1)) + k0 / G;
                     }
-                }
+                    gemv_rows<Arch, S, NR, P>(rows, next, kn, xg + k0, x.stride, out);
+                    for (int r = 0; r < P; ++r)
+                        for (int i = 0; i < NR; ++i) {
+                            float& d = gu[i][j + std::size_t(r)];
+                            d = first ? out[r * NR + i] : d + out[r * NR + i];
+                        }
+                };
+                std::size_t j = 0;
+                for (; j + R <= j1; j += R)
+                    pass.template operator()<R>(j);
+                if (j1 - j >= 2)
+                    pass.template operator()<2>(j), j += 2;
+                if (j < j1)
+                    pass.template operator()<1>(j);
             }
             for (int i = 0; i < NR; ++i) {
                 float* hr = h.row(i0 + std::size_t(i));
                 for (std::size_t f = b0; f < b1; ++f)
-                    hr[f] = simd::silu(g[i][f - b0]) * u[i][f - b0];
+                    hr[f] = simd::silu(gu[i][2 * (f - b0)]) * gu[i][2 * (f - b0) + 1];
             }
         });
     }
