@@ -45,9 +45,10 @@ namespace {
 using test::arch_fns;
 using test::kernel_archs;
 
-// 13 and small_max_rows: the GEMM for f32 and q8, the small-row path for
-// bf16 and f16 (small_max_rows_of); small_max_rows + 1: the GEMM for all.
-const std::size_t row_counts[] = { 0, 1, 2, 3, 4, 5, 13, small_max_rows, small_max_rows + 1, 64, 300 };
+// 13: the GEMM for q8, q4_0 and q4_k, the small-row path for the rest; 17:
+// the GEMM for f32 too; small_max_rows: the small-row path for bf16 and f16
+// (small_max_rows_of); small_max_rows + 1: the GEMM for all.
+const std::size_t row_counts[] = { 0, 1, 2, 3, 4, 5, 13, 17, small_max_rows, small_max_rows + 1, 64, 300 };
 
 // Runs linear over [0, O) split at the given cut points, into y.
 template <weight_type W>

@@ -74,12 +74,17 @@ bool try_int8(const weight_view<W>* w, const weight_view<W>* up, cmatrix_view<fl
 // with AVX-512 BF16/FP16 the AVX2 build's small-row path beats the GEMM for
 // bf16 and f16 up to 16 rows and the AVX-512 build's ties it there; on AMD
 // Zen 5 bf16 won to 20. f32 ties past 12 rows and q8 loses (AVX-512) past
-// 12. tests/layer/chunks.cpp checks small_max_rows against every type.
+// 12. After the small-row path's 3-row passes and 2048-input chunks
+// (rows.hpp), on Zen 5: bf16 wins to 20 rows (AVX2 build, bf16 and f16: to
+// 24), f32 to 16 (AVX2: 24), q8 ties at 16 (AVX-512) and loses from 20; so
+// 20 for bf16 and f16, 16 for f32, 12 for the rest (q4_0 and q4_k were not
+// measured past 12). tests/layer/chunks.cpp checks small_max_rows against
+// every type.
 constexpr std::size_t small_max_rows_of(dtype t) noexcept
 {
-    return t == dtype::bf16 || t == dtype::f16 ? 16 : 12;
+    return t == dtype::bf16 || t == dtype::f16 ? 20 : t == dtype::f32 ? 16 : 12;
 }
-inline constexpr std::size_t small_max_rows = 16;
+inline constexpr std::size_t small_max_rows = 20;
 
 // Y[:, o0:o1] = X . W[o0:o1, :]ᵀ; other columns of Y are not touched.
 // Requires W.cols == X.cols, o0 <= o1 <= W.rows, Y.rows == X.rows,

@@ -1,8 +1,8 @@
 // Small-row expert kernels (stage 3, prefill at low k: 5 to
-// small_max_rows_of(type) = 12 rows per expert, 16 for bf16 and f16, e.g.
-// ~8 rows per expert at T = 512, k = 1, E = 64 and ~16 at k = 2; the
-// measurements that set the bound are in linear.hpp). Between the
-// GEMV (n <= 4, kernels/gemv.hpp) and the packed GEMM (kernels/gemm.hpp):
+// small_max_rows_of(type) = 12 rows per expert, 16 for f32, 20 for bf16
+// and f16, e.g. ~8 rows per expert at T = 512, k = 1, E = 64 and ~16 at
+// k = 2; the measurements that set the bound are in linear.hpp). Between
+// the GEMV (n <= 4, kernels/gemv.hpp) and the packed GEMM (kernels/gemm.hpp):
 // the packed GEMM converts and transposes every weight into a panel and then
 // reuses it for only a few rows, so at 8 rows the pack costs about as much
 // as the FMAs (measured 0.17-0.29 of FMA peak, and 8 rows slower than 4).
