@@ -87,13 +87,28 @@ inline std::size_t rows_block_cols(std::size_t row_bytes, std::size_t per) noexc
 // gemv_rows kept out of line for the small-row drivers below: inlined
 // there, GCC 12 ran the f32 AVX2 kernel 1.4x slower (down projection, 8
 // rows, weights from memory: 1.05-1.25 vs 0.71-0.86 ms; the same code,
-// only inlined). A call covers >= R x 512 inputs, so the call costs
-// nothing measurable.
+// only inlined). A call covers R weight rows times a chunk (at expert
+// sizes 512-2048 inputs), so the call costs nothing measurable.
 template <class Arch, class S, int NR, int R>
 [[gnu::noinline]] void rows_pass(
     const S* const* rows, const S* const* next, std::size_t cols, const float* x, std::size_t ldx, float* out) noexcept
 {
     gemv_rows<Arch, S, NR, R>(rows, next, cols, x, ldx, out);
+}
+
+// pass.template operator()<P>(j) over rows [j0, j1): passes of R rows,
+// then one of 2 and one of 1 for the rest.
+template <int R, class F> inline void for_passes(std::size_t j0, std::size_t j1, const F& pass) noexcept
+{
+    std::size_t j = j0;
+    for (; j + R <= j1; j += R)
+        pass.template operator()<R>(j);
+    if (j1 - j >= 2) {
+        pass.template operator()<2>(j);
+        j += 2;
+    }
+    if (j < j1)
+        pass.template operator()<1>(j);
 }
 
 // Y[:, o0:o1] = X . W[o0:o1, :]ᵀ for 5 <= X.rows.
@@ -132,13 +147,7 @@ void linear_rows(
                             d = first ? out[r * NR + i] : d + out[r * NR + i];
                         }
                 };
-                std::size_t o = b0;
-                for (; o + R <= b1; o += R)
-                    pass.template operator()<R>(o);
-                if (b1 - o >= 2)
-                    pass.template operator()<2>(o), o += 2;
-                if (o < b1)
-                    pass.template operator()<1>(o);
+                for_passes<R>(b0, b1, pass);
             }
         });
     }
@@ -186,13 +195,7 @@ void gate_up_rows(const weight_view<W>& gate, const weight_view<W>& up, cmatrix_
                             d = first ? out[r * NR + i] : d + out[r * NR + i];
                         }
                 };
-                std::size_t j = 0;
-                for (; j + R <= j1; j += R)
-                    pass.template operator()<R>(j);
-                if (j1 - j >= 2)
-                    pass.template operator()<2>(j), j += 2;
-                if (j < j1)
-                    pass.template operator()<1>(j);
+                for_passes<R>(0, j1, pass);
             }
             for (int i = 0; i < NR; ++i) {
                 float* hr = h.row(i0 + std::size_t(i));
