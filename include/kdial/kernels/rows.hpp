@@ -96,10 +96,32 @@ template <class Arch, class S, int NR, int R>
     gemv_rows<Arch, S, NR, R>(rows, next, cols, x, ldx, out);
 }
 
-// pass.template operator()<P>(j) over rows [j0, j1): passes of R rows,
-// then one of 2 and one of 1 for the rest.
-template <int R, class F> inline void for_passes(std::size_t j0, std::size_t j1, const F& pass) noexcept
+// One chunk of inputs, [k0, k0 + kn), for NR activation rows (x: the
+// chunk's first input of the group's first row) over weight rows [j0, j1):
+// passes of R rows, then one of 2 and one of 1 for the rest, each pass
+// prefetching the next one's rows. row_of(j) is weight row j; dst(i, j) the
+// float that row i's sum over weight row j is stored in on the first chunk
+// (first) and added to after. The two drivers below differ only in these.
+template <class Arch, class S, int NR, int R, class RowOf, class Dst>
+inline void rows_chunk(const RowOf& row_of, std::size_t j0, std::size_t j1, std::size_t k0, std::size_t kn,
+    const float* x, std::size_t ldx, bool first, const Dst& dst) noexcept
 {
+    constexpr std::size_t G = simd::weight_group<S>; // inputs per storage element
+    float out[R * NR];
+    const auto pass = [&]<int P>(std::size_t j) {
+        const S* rows[P];
+        const S* next[P];
+        for (int r = 0; r < P; ++r) {
+            rows[r] = row_of(j + std::size_t(r)) + k0 / G;
+            next[r] = row_of(std::min(j + std::size_t(P + r), j1 - 1)) + k0 / G;
+        }
+        rows_pass<Arch, S, NR, P>(rows, next, kn, x, ldx, out);
+        for (int r = 0; r < P; ++r)
+            for (int i = 0; i < NR; ++i) {
+                float& d = dst(i, j + std::size_t(r));
+                d = first ? out[r * NR + i] : d + out[r * NR + i];
+            }
+    };
     std::size_t j = j0;
     for (; j + R <= j1; j += R)
         pass.template operator()<R>(j);
@@ -117,7 +139,6 @@ void linear_rows(
     const weight_view<W>& w, cmatrix_view<float> x, std::size_t o0, std::size_t o1, matrix_view<float> y) noexcept
 {
     using S = typename W::storage;
-    constexpr std::size_t G = simd::weight_group<S>; // inputs per storage element
     constexpr int R = rows_per_pass<Arch, S>;
     constexpr std::size_t kc = rows_kc_of<S>;
     const std::size_t K = w.cols;
@@ -131,23 +152,8 @@ void linear_rows(
             for (std::size_t k0 = 0; k0 < K || k0 == 0; k0 += kc) {
                 const std::size_t kn = std::min(kc, K - k0);
                 const bool first = k0 == 0;
-                float out[R * NR];
-                // P weight rows from o on; the next pass's rows prefetched.
-                const auto pass = [&]<int P>(std::size_t o) {
-                    const S* rows[P];
-                    const S* next[P];
-                    for (int r = 0; r < P; ++r) {
-                        rows[r] = w.row(o + std::size_t(r)) + k0 / G;
-                        next[r] = w.row(std::min(o + std::size_t(P + r), b1 - 1)) + k0 / G;
-                    }
-                    rows_pass<Arch, S, NR, P>(rows, next, kn, xg + k0, x.stride, out);
-                    for (int r = 0; r < P; ++r)
-                        for (int i = 0; i < NR; ++i) {
-                            float& d = yg[std::size_t(i) * y.stride + o + std::size_t(r)];
-                            d = first ? out[r * NR + i] : d + out[r * NR + i];
-                        }
-                };
-                for_passes<R>(b0, b1, pass);
+                rows_chunk<Arch, S, NR, R>([&](std::size_t o) { return w.row(o); }, b0, b1, k0, kn, xg + k0,
+                    x.stride, first, [&](int i, std::size_t o) -> float& { return yg[std::size_t(i) * y.stride + o]; });
             }
         });
     }
@@ -162,7 +168,6 @@ void gate_up_rows(const weight_view<W>& gate, const weight_view<W>& up, cmatrix_
     std::size_t f1, matrix_view<float> h) noexcept
 {
     using S = typename W::storage;
-    constexpr std::size_t G = simd::weight_group<S>;
     constexpr int M = rows_group_max<Arch, S>;
     constexpr int R = rows_per_pass<Arch, S>;
     constexpr std::size_t kc = rows_kc_of<S>;
@@ -180,22 +185,8 @@ void gate_up_rows(const weight_view<W>& gate, const weight_view<W>& up, cmatrix_
             for (std::size_t k0 = 0; k0 < K || k0 == 0; k0 += kc) {
                 const std::size_t kn = std::min(kc, K - k0);
                 const bool first = k0 == 0;
-                float out[R * NR];
-                const auto pass = [&]<int P>(std::size_t j) {
-                    const S* rows[P];
-                    const S* next[P];
-                    for (int r = 0; r < P; ++r) {
-                        rows[r] = row_of(j + std::size_t(r)) + k0 / G;
-                        next[r] = row_of(std::min(j + std::size_t(P + r), j1 - 1)) + k0 / G;
-                    }
-                    rows_pass<Arch, S, NR, P>(rows, next, kn, xg + k0, x.stride, out);
-                    for (int r = 0; r < P; ++r)
-                        for (int i = 0; i < NR; ++i) {
-                            float& d = gu[i][j + std::size_t(r)];
-                            d = first ? out[r * NR + i] : d + out[r * NR + i];
-                        }
-                };
-                for_passes<R>(0, j1, pass);
+                rows_chunk<Arch, S, NR, R>(row_of, 0, j1, k0, kn, xg + k0, x.stride, first,
+                    [&](int i, std::size_t j) -> float& { return gu[i][j]; });
             }
             for (int i = 0; i < NR; ++i) {
                 float* hr = h.row(i0 + std::size_t(i));
