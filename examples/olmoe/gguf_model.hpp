@@ -225,7 +225,6 @@ template <class C> std::uint64_t qk_norm_width(const C& c, std::uint64_t full)
 // Keeps the mapped file and the buffers of copied tensors alive.
 struct holder {
     std::shared_ptr<const gguf_file> file;
-    std::vector<std::vector<std::byte>> owned; // permuted attn_q / attn_k rows
     std::vector<std::unique_ptr<kdial::q8_block[]>> repacked; // Q5_K / Q6_K tensors as q8
 };
 
@@ -335,11 +334,12 @@ inline void check_tensors(const gguf_file& f, const model_config& c)
 // allow, else copied (f32 widening, q8 quantisation with int8, permuted rows).
 class binder {
 public:
-    binder(const gguf_file& f, holder& h, model_weights& w, bool int8, bool permuted_qk)
+    binder(const gguf_file& f, holder& h, model_weights& w, const load_options& o, bool permuted_qk)
         : f_(f)
         , h_(h)
         , w_(w)
-        , int8_(int8)
+        , int8_(o.int8)
+        , align_(o.align)
         , permuted_(permuted_qk)
     {
     }
@@ -363,7 +363,7 @@ public:
             f_.read_floats(t, row0 * cols, fl);
             return quantised(fl, rows, cols);
         }
-        return view(t, t.bytes.subspan(row0 * row_bytes, rows * row_bytes), rows, row0 * cols);
+        return view(t, t.bytes.subspan(row0 * row_bytes, rows * row_bytes), rows);
     }
 
     kdial::any_weight_view linear(const std::string& name, bool quantise = true)
@@ -383,7 +383,7 @@ public:
         const std::size_t rows = t.rows(), cols = t.cols(), row_bytes = cols / t.traits.block * t.traits.bytes;
         check(rows == heads * hd && hd % 2 == 0, f_.name(), ": tensor '", name, "' has ", rows, " rows, expected ",
             heads, " heads x ", hd);
-        auto& buf = h_.owned.emplace_back(t.bytes.size());
+        const auto buf = w_.arena.take<std::byte>(t.bytes.size());
         for (std::size_t h = 0; h < heads; ++h)
             for (std::size_t j = 0; j < 2; ++j)
                 for (std::size_t i = 0; i < hd / 2; ++i)
@@ -397,25 +397,25 @@ public:
             f_.read_floats(tmp, 0, fl);
             return quantised(fl, rows, cols);
         }
-        return view(t, buf, rows, 0);
+        return view(t, buf, rows);
     }
 
 private:
-    // The weight of `bytes` (rows of tensor t, starting at element `first`):
-    // in place through kdial::to_weight (F32 / F16 / BF16 / Q8_0 / Q4_0 / Q4_K;
-    // Q5_K / Q6_K repacked to q8, kept alive by the holder); a float tensor
-    // misaligned for its element type is widened to an f32 copy.
-    kdial::any_weight_view view(
-        const gguf_tensor_info& t, std::span<const std::byte> bytes, std::size_t rows, std::size_t first)
+    // The weight of `bytes` (rows of tensor t): in place through
+    // kdial::to_weight (F32 / F16 / BF16 / Q8_0 / Q4_0 / Q4_K; Q5_K / Q6_K
+    // repacked to q8, kept alive by the holder); a float tensor not 64-byte
+    // aligned (GGUF aligns tensors to 32 bytes by default) is copied as it is
+    // into the arena first, so no vector load of the stream splits over two
+    // cache lines (see binder in weights.hpp; load_options::align false:
+    // copied only when misaligned for its element type).
+    kdial::any_weight_view view(const gguf_tensor_info& t, std::span<const std::byte> bytes, std::size_t rows)
     {
-        const std::size_t cols = t.cols();
-        const std::size_t esize = t.traits.block == 1 ? t.traits.bytes : 1;
-        if (reinterpret_cast<std::uintptr_t>(bytes.data()) % esize != 0) {
-            auto& fl = w_.owned_f32.emplace_back(rows * cols);
-            f_.read_floats(t, first, fl);
-            return kdial::weight_view<kdial::f32_t>(fl.data(), rows, cols);
+        if (is_float(t.type) && reinterpret_cast<std::uintptr_t>(bytes.data()) % (align_ ? 64 : t.traits.bytes) != 0) {
+            const auto c = w_.arena.take<std::byte>(bytes.size());
+            std::memcpy(c.data(), bytes.data(), bytes.size());
+            bytes = c;
         }
-        auto g = kdial::to_weight(static_cast<std::uint32_t>(t.type), bytes, rows, cols, f_.name() + ": " + t.name);
+        auto g = kdial::to_weight(static_cast<std::uint32_t>(t.type), bytes, rows, t.cols(), f_.name() + ": " + t.name);
         if (g.owned)
             h_.repacked.push_back(std::move(g.owned));
         return g.view;
@@ -453,7 +453,7 @@ private:
     }
     kdial::any_weight_view quantised(const std::vector<float>& fl, std::size_t rows, std::size_t cols)
     {
-        const auto q = w_.owned_q8.take<kdial::q8_block>(rows * kdial::storage_cols<kdial::q8_t>(cols));
+        const auto q = w_.arena.take<kdial::q8_block>(rows * kdial::storage_cols<kdial::q8_t>(cols));
         kdial::quantize_q8(
             kdial::cmatrix_view<float>(fl.data(), rows, cols), q.data(), kdial::storage_cols<kdial::q8_t>(cols));
         return kdial::weight_view<kdial::q8_t>(q.data(), rows, cols);
@@ -463,7 +463,7 @@ private:
     const gguf_file& f_;
     holder& h_;
     model_weights& w_;
-    bool int8_, permuted_;
+    bool int8_, align_, permuted_;
 };
 
 inline bool one_format(const std::vector<std::array<kdial::any_weight_view, 3>>& ex)
@@ -478,16 +478,17 @@ inline bool one_format(const std::vector<std::array<kdial::any_weight_view, 3>>&
 // An expert set from stacked tensors [E, rows, cols]: expert_set::stacked
 // over the mapped tensors when all three are in place in one format, else
 // per-expert views, all as q8 when the three tensors' formats differ.
-inline kdial::expert_set stacked_set(
-    binder& b, const gguf_file& f, const std::string& p, std::size_t E, std::size_t d, std::size_t F, bool int8)
+inline kdial::expert_set stacked_set(binder& b, const gguf_file& f, const std::string& p, std::size_t E, std::size_t d,
+    std::size_t F, const load_options& o)
 {
     const std::string g = p + "ffn_gate_exps.weight", u = p + "ffn_up_exps.weight", dn = p + "ffn_down_exps.weight";
     const auto &tg = f.info(g), &tu = f.info(u), &td = f.info(dn);
     const bool same = tg.type == tu.type && tu.type == td.type;
-    const auto aligned = [](const gguf_tensor_info& t, std::size_t a) {
-        return reinterpret_cast<std::uintptr_t>(t.bytes.data()) % a == 0;
+    // Float tensors stay in place 64-byte aligned only (binder::view).
+    const auto aligned = [&](const gguf_tensor_info& t) {
+        return reinterpret_cast<std::uintptr_t>(t.bytes.data()) % (o.align ? 64 : t.traits.bytes) == 0;
     };
-    if (same && !(int8 && is_float(tg.type))) {
+    if (same && !(o.int8 && is_float(tg.type))) {
         auto make = [&]<class W>(W) {
             using S = typename W::storage;
             auto sw = [&](const gguf_tensor_info& t, std::size_t rows, std::size_t cols) {
@@ -501,11 +502,11 @@ inline kdial::expert_set stacked_set(
             return make(kdial::q4_0_t {});
         if (tg.type == ggml_type::q4_k)
             return make(kdial::q4_k_t {});
-        if (tg.type == ggml_type::bf16 && aligned(tg, 2) && aligned(tu, 2) && aligned(td, 2))
+        if (tg.type == ggml_type::bf16 && aligned(tg) && aligned(tu) && aligned(td))
             return make(kdial::bf16_t {});
-        if (tg.type == ggml_type::f16 && aligned(tg, 2) && aligned(tu, 2) && aligned(td, 2))
+        if (tg.type == ggml_type::f16 && aligned(tg) && aligned(tu) && aligned(td))
             return make(kdial::f16_t {});
-        if (tg.type == ggml_type::f32 && aligned(tg, 4) && aligned(tu, 4) && aligned(td, 4))
+        if (tg.type == ggml_type::f32 && aligned(tg) && aligned(tu) && aligned(td))
             return make(kdial::f32_t {});
     }
     std::vector<std::array<kdial::any_weight_view, 3>> ex(E);
@@ -585,7 +586,7 @@ inline gguf_model load_gguf_model(const std::string& path, const load_options& o
     w.cfg = c;
     w.keep_alive = h;
     const bool permuted = gguf_detail::architecture(f).permuted_qk;
-    gguf_detail::binder b(f, *h, w, o.int8, permuted);
+    gguf_detail::binder b(f, *h, w, o, permuted);
     const std::size_t d = std::size_t(c.hidden), hd = std::size_t(c.head_dim), E = std::size_t(c.experts),
                       F = std::size_t(c.expert_ffn), Fs = std::size_t(c.shared_ffn);
     w.embed = b.linear("token_embd.weight", false);
@@ -631,7 +632,7 @@ inline gguf_model load_gguf_model(const std::string& path, const load_options& o
                 }
             }
             L.moe.emplace(kdial::cmatrix_view<float>(L.router.data(), E, d),
-                gguf_detail::stacked_set(b, f, p, E, d, F, o.int8), ropt, std::move(sh));
+                gguf_detail::stacked_set(b, f, p, E, d, F, o), ropt, std::move(sh));
             w.moe_shape = { o.max_chunk, k_budget, E, d, F, Fs };
         } else {
             const std::size_t Fd = std::size_t(c.dense_ffn);
@@ -646,24 +647,6 @@ inline gguf_model load_gguf_model(const std::string& path, const load_options& o
             o.progress(l + 1, c.layers);
     }
     return m;
-}
-
-// Touches every page of the mapped GGUF file (as prefault() does for
-// safetensors), so a benchmark's first pass does not pay for page faults.
-inline std::size_t gguf_prefault(const kdial::io::gguf_file& f)
-{
-    const auto bytes = f.bytes();
-    const std::size_t page = 4096, pages = (bytes.size() + page - 1) / page;
-    std::vector<unsigned char> sink(64, 0);
-    kdial::parallel::for_each_tile(pages, 4096, [&](std::size_t p0, std::size_t p1) {
-        unsigned char acc = 0;
-        for (std::size_t p = p0; p < p1; ++p)
-            acc = static_cast<unsigned char>(acc ^ static_cast<unsigned char>(bytes[p * page]));
-        sink[(p0 / 4096) % 64] ^= acc;
-    });
-    volatile unsigned char keep = sink[0];
-    (void)keep;
-    return bytes.size();
 }
 
 } // namespace olmoe

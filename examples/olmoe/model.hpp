@@ -50,8 +50,9 @@ struct layer_weights {
     bool dense = false; // a dense MLP run as a one-expert layer
 };
 
-// Memory for weights converted at load (the int8 copies of --weights int8
-// and of repacked GGUF K-quants): 64 MiB regions with
+// Memory for weights copied at load (the int8 copies of --weights int8, the
+// repacked GGUF K-quants, aligned copies of misaligned float tensors and
+// F16 widened to f32): 64 MiB regions with
 // madvise(MADV_HUGEPAGE), cut into 64-byte aligned pieces, so a stream over
 // one expert's weights crosses no 4 KiB page boundary (where hardware
 // prefetchers stop) and needs few TLB entries. Only the pages written are
@@ -65,6 +66,7 @@ public:
     weight_arena(weight_arena&& o) noexcept
         : regions_(std::move(o.regions_))
         , used_(std::exchange(o.used_, 0))
+        , taken_(std::exchange(o.taken_, 0))
     {
     }
     ~weight_arena()
@@ -89,8 +91,12 @@ public:
         }
         T* out = reinterpret_cast<T*>(regions_.back().p + used_);
         used_ += bytes;
+        taken_ += bytes;
         return { out, n }; // fresh anonymous pages read as zeros
     }
+
+    // Bytes handed out so far (each piece rounded up to 64).
+    std::size_t bytes() const noexcept { return taken_; }
 
 private:
     static constexpr std::size_t huge = std::size_t(2) << 20, region = std::size_t(64) << 20;
@@ -100,10 +106,11 @@ private:
     };
     std::vector<mapping> regions_;
     std::size_t used_ = 0;
+    std::size_t taken_ = 0; // bytes handed out (rounded to 64)
 };
 
 // Everything the forward pass reads. Views may point into a memory-mapped
-// checkpoint held by `keep_alive`; converted copies live in `owned_*`.
+// checkpoint held by `keep_alive`; copies live in `arena` (and `owned_f32`).
 struct model_weights {
     model_config cfg;
     any_weight_view embed; // [V, d] (f32 or bf16)
@@ -111,12 +118,40 @@ struct model_weights {
     any_weight_view lm_head; // [V, d]
     std::vector<layer_weights> layers;
     std::shared_ptr<void> keep_alive;
-    weight_arena owned_q8; // int8 copies
+    weight_arena arena; // weights copied at load (weight_arena)
     std::vector<std::vector<float>> owned_f32;
     // Workspace shapes of the MoE layers and of the dense MLP layers (run as
     // one-expert layers); experts == 0: no such layer.
     kdial::moe_shape moe_shape {}, dense_shape {};
 };
+
+// f(view) for every linear weight the forward pass streams: embeddings,
+// lm_head, attention projections, routed and shared experts; f takes any
+// kdial::weight_view<W> (a generic lambda).
+template <class F> void for_each_weight(const model_weights& w, F&& f)
+{
+    const auto any = [&](const kdial::any_weight_view& v) { std::visit(f, v); };
+    any(w.embed);
+    any(w.lm_head);
+    const auto experts = [&](const kdial::expert_set& set) {
+        set.visit([&](const auto& ex) {
+            for (const auto& e : ex) {
+                f(e.gate);
+                f(e.up);
+                f(e.down);
+            }
+        });
+    };
+    for (const auto& l : w.layers) {
+        for (const auto* a : { &l.attn.q, &l.attn.k, &l.attn.v, &l.attn.o })
+            any(*a);
+        if (l.moe) {
+            experts(l.moe->experts());
+            if (l.moe->shared())
+                experts(l.moe->shared()->expert);
+        }
+    }
+}
 
 // The KV cache of one sequence: post-RoPE keys and values per layer.
 struct kv_cache {

@@ -10,6 +10,7 @@
 #include <doctest/doctest.h>
 
 #include "../io/io_test_util.hpp"
+#include "model_fixture.hpp"
 #include "model.hpp"
 #include "synthetic.hpp"
 #include "weights.hpp"
@@ -313,4 +314,61 @@ TEST_CASE("weight_arena: aligned, zeroed, disjoint pieces that outlive a move")
         ends(got[i], [&](unsigned char* b, std::size_t n) {
             CHECK(std::all_of(b, b + n, [&](unsigned char c) { return c == i + 1; }));
         });
+}
+
+namespace {
+
+// Rewrites DIR/model.safetensors with its header padded (spaces, as the
+// format allows) so the data area starts at file offset m (mod 64).
+void repad_safetensors(const fs::path& dir, std::size_t m)
+{
+    const std::string s = slurp(dir / "model.safetensors");
+    std::uint64_t n = 0;
+    std::memcpy(&n, s.data(), 8);
+    std::string header = s.substr(8, n);
+    header.erase(header.find_last_not_of(' ') + 1);
+    header.append((m + 128 - (8 + header.size()) % 64) % 64, ' ');
+    const std::uint64_t n2 = header.size();
+    std::string out(8, '\0');
+    std::memcpy(out.data(), &n2, 8);
+    out += header;
+    out.append(s, 8 + n);
+    write_file(dir / "model.safetensors", out);
+}
+
+} // namespace
+
+TEST_CASE("float weights: in place where the file aligns them to 64 bytes, else aligned copies; same logits")
+{
+    // safetensors aligns the data area to 8 bytes only: at offset 8 (mod 64)
+    // every tensor of the tiny model is 8 bytes off a cache line, at 1 no
+    // BF16 / F32 element is even aligned to its size.
+    const std::vector<std::int32_t> toks { 3, 17, 42, 7, 99, 5 };
+    for (const char* dtype : { "bf16", "f32", "f16" }) {
+        CAPTURE(dtype);
+        std::vector<float> first;
+        for (const std::size_t m : { 0, 8, 1, 32 }) {
+            CAPTURE(m);
+            temp_dir d;
+            auto o = tiny_f32(2, 1);
+            o.dtype = dtype;
+            olmoe::make_synthetic(d.path.string(), o);
+            repad_safetensors(d.path, m);
+            const std::string s = slurp(d.path / "model.safetensors");
+            std::uint64_t n = 0;
+            std::memcpy(&n, s.data(), 8);
+            REQUIRE((8 + n) % 64 == m);
+            auto model = load(d.path);
+            CHECK(kdial::test::all_weights_aligned64(model->weights()));
+            const std::size_t V = std::size_t(model->config().vocab);
+            olmoe::kv_cache cache(model->config(), toks.size());
+            std::vector<float> logits(toks.size() * V);
+            const std::vector<int> ks(2, 4);
+            model->forward(toks, cache, ks, kdial::matrix_view<float>(logits.data(), toks.size(), V), true);
+            if (first.empty())
+                first = logits;
+            else
+                CHECK(std::memcmp(first.data(), logits.data(), logits.size() * sizeof(float)) == 0);
+        }
+    }
 }

@@ -8,6 +8,7 @@
 
 #include <kdial/io/npy.hpp>
 
+#include <cstdint>
 #include <fstream>
 #include <memory>
 #include <string>
@@ -24,6 +25,15 @@ inline std::unique_ptr<olmoe::model> load_golden(const std::string& name = "olmo
     olmoe::load_options o;
     o.max_chunk = max_chunk;
     return std::make_unique<olmoe::model>(olmoe::load_weights(dir, cfg, o), max_chunk);
+}
+
+// Whether every linear weight of a loaded model (embeddings, attention,
+// experts, lm_head) starts 64-byte aligned, as the loaders make them.
+inline bool all_weights_aligned64(const olmoe::model_weights& w)
+{
+    bool ok = true;
+    olmoe::for_each_weight(w, [&](const auto& v) { ok = ok && reinterpret_cast<std::uintptr_t>(v.data) % 64 == 0; });
+    return ok;
 }
 
 inline std::vector<std::int32_t> golden_tokens()

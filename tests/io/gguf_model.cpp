@@ -10,6 +10,7 @@
 #include "gguf_synthetic.hpp"
 #include "weights.hpp"
 
+#include "../examples/model_fixture.hpp"
 #include "io_test_util.hpp"
 #include "test_util.hpp"
 
@@ -18,6 +19,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -374,7 +376,7 @@ TEST_CASE("gguf model: K-quant matrices bind through to_weight (Q4_K in place, Q
         const auto f = kdial::io::gguf_file::open(d / "k.gguf");
         olmoe::gguf_detail::holder h;
         olmoe::model_weights w;
-        olmoe::gguf_detail::binder b(f, h, w, false, false);
+        olmoe::gguf_detail::binder b(f, h, w, olmoe::load_options {}, false);
         const auto v = b.linear("w");
         CHECK(kdial::rows_of(v) == rows);
         CHECK(kdial::cols_of(v) == cols);
@@ -485,4 +487,38 @@ TEST_CASE("gguf model: a quantised file computes with exactly the values it hold
             CHECK(worst <= 1e-5 * scale);
             CHECK(agree == tokens.size());
         }
+}
+
+TEST_CASE("gguf model: float tensors off a cache line are copied aligned in their format, same logits [gguf][model]")
+{
+    // GGUF aligns tensors to 32 bytes by default: a padding key of 8 to 56
+    // bytes moves the data section between 0 and 32 (mod 64).
+    temp_dir d;
+    for (const std::string dtype : { "f32", "f16", "bf16" }) {
+        CAPTURE(dtype);
+        olmoe::synthetic_options o;
+        o.preset = "tiny";
+        o.dtype = dtype;
+        const fs::path src = d.path / ("tiny-" + dtype);
+        olmoe::make_synthetic_gguf(src.string(), o);
+        std::vector<float> first;
+        std::set<std::uint64_t> offsets;
+        for (std::size_t pad = 8; pad <= 56; pad += 16) {
+            CAPTURE(pad);
+            const fs::path dst = d.path / ("tiny-" + dtype + "-" + std::to_string(pad) + ".gguf");
+            rewrite(src / "model.gguf", dst, [&](auto& md, auto&, auto&) {
+                md.emplace_back("test.pad", kdial::io::gguf_out_value::string(std::string(pad, 'x')));
+            });
+            offsets.insert(kdial::io::gguf_file::open(dst).header().data_offset % 64);
+            auto g = gguf_load(dst);
+            CHECK(kdial::test::all_weights_aligned64(g.weights));
+            CHECK(kdial::dtype_name(g.weights.layers[0].moe->experts().type()) == dtype);
+            const auto got = logits_of(std::move(g.weights), tokens.size());
+            if (first.empty())
+                first = got;
+            else
+                CHECK(std::memcmp(got.data(), first.data(), got.size() * sizeof(float)) == 0);
+        }
+        CHECK(offsets == std::set<std::uint64_t> { 0, 32 });
+    }
 }
