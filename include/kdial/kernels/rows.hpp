@@ -152,8 +152,8 @@ void linear_rows(
             for (std::size_t k0 = 0; k0 < K || k0 == 0; k0 += kc) {
                 const std::size_t kn = std::min(kc, K - k0);
                 const bool first = k0 == 0;
-                rows_chunk<Arch, S, NR, R>([&](std::size_t o) { return w.row(o); }, b0, b1, k0, kn, xg + k0,
-                    x.stride, first, [&](int i, std::size_t o) -> float& { return yg[std::size_t(i) * y.stride + o]; });
+                rows_chunk<Arch, S, NR, R>([&](std::size_t o) { return w.row(o); }, b0, b1, k0, kn, xg + k0, x.stride,
+                    first, [&](int i, std::size_t o) -> float& { return yg[std::size_t(i) * y.stride + o]; });
             }
         });
     }
