@@ -292,6 +292,8 @@ KDIAL_BENCH_BOUND(kdial::f32_t, xsimd::default_arch)
 KDIAL_BENCH_BOUND(kdial::bf16_t, xsimd::default_arch)
 KDIAL_BENCH_BOUND(kdial::f16_t, xsimd::default_arch)
 KDIAL_BENCH_BOUND(kdial::q8_t, xsimd::default_arch)
+KDIAL_BENCH_BOUND(kdial::q4_0_t, xsimd::default_arch)
+KDIAL_BENCH_BOUND(kdial::q4_k_t, xsimd::default_arch)
 
 #if (defined(__x86_64__) || defined(__i386__)) && XSIMD_WITH_AVX2 && XSIMD_WITH_FMA3_AVX2
 // The AVX2 + FMA path (built when the compiler targets AVX2; the native arch

@@ -340,6 +340,7 @@ public:
         , w_(w)
         , int8_(o.int8)
         , align_(o.align)
+        , copy_all_(o.align && o.copy_all)
         , permuted_(permuted_qk)
     {
     }
@@ -397,7 +398,7 @@ public:
             f_.read_floats(tmp, 0, fl);
             return quantised(fl, rows, cols);
         }
-        return view(t, buf, rows);
+        return view(t, buf, rows, true);
     }
 
 private:
@@ -408,12 +409,17 @@ private:
     // into the arena first, so no vector load of the stream splits over two
     // cache lines (see binder in weights.hpp; load_options::align false:
     // copied only when misaligned for its element type).
-    kdial::any_weight_view view(const gguf_tensor_info& t, std::span<const std::byte> bytes, std::size_t rows)
+    // in_arena: bytes are a copy already (copy_all copies only file bytes).
+    kdial::any_weight_view view(
+        const gguf_tensor_info& t, std::span<const std::byte> bytes, std::size_t rows, bool in_arena = false)
     {
-        if (is_float(t.type) && reinterpret_cast<std::uintptr_t>(bytes.data()) % (align_ ? 64 : t.traits.bytes) != 0) {
-            const auto c = w_.arena.take<std::byte>(bytes.size());
-            std::memcpy(c.data(), bytes.data(), bytes.size());
-            bytes = c;
+        if (is_float(t.type)
+            && ((copy_all_ && !in_arena)
+                || reinterpret_cast<std::uintptr_t>(bytes.data()) % (align_ ? 64 : t.traits.bytes) != 0)) {
+            // Once per source (tied token_embd: embed and lm_head share it).
+            const std::span<const std::byte> src = bytes;
+            bytes = w_.arena.copy_once<std::byte>(
+                src, src.size(), [&](std::span<std::byte> c) { std::memcpy(c.data(), src.data(), c.size()); });
         }
         auto g = kdial::to_weight(static_cast<std::uint32_t>(t.type), bytes, rows, t.cols(), f_.name() + ": " + t.name);
         if (g.owned)
@@ -463,7 +469,7 @@ private:
     const gguf_file& f_;
     holder& h_;
     model_weights& w_;
-    bool int8_, align_, permuted_;
+    bool int8_, align_, copy_all_, permuted_;
 };
 
 inline bool one_format(const std::vector<std::array<kdial::any_weight_view, 3>>& ex)
@@ -486,7 +492,8 @@ inline kdial::expert_set stacked_set(binder& b, const gguf_file& f, const std::s
     const bool same = tg.type == tu.type && tu.type == td.type;
     // Float tensors stay in place 64-byte aligned only (binder::view).
     const auto aligned = [&](const gguf_tensor_info& t) {
-        return reinterpret_cast<std::uintptr_t>(t.bytes.data()) % (o.align ? 64 : t.traits.bytes) == 0;
+        return !(o.align && o.copy_all)
+            && reinterpret_cast<std::uintptr_t>(t.bytes.data()) % (o.align ? 64 : t.traits.bytes) == 0;
     };
     if (same && !(o.int8 && is_float(tg.type))) {
         auto make = [&]<class W>(W) {

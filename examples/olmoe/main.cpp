@@ -82,7 +82,7 @@ Run 'olmoe <command> --help' for a command's options.
 const std::map<std::string, std::string> usages
     = { { "generate", R"(usage: olmoe generate --model DIR [--prompt TEXT | --tokens 1,2,3] [--k K | --k-schedule S]
                       [--renorm] [--max-new N] [--threads N] [--weights native|int8] [--act exact|int8]
-                      [--check-weights] [--allow-long-context]
+                      [--check-weights] [--copy-weights] [--allow-long-context]
 Greedy generation; streams text (or ids when the model has no tokenizer.json).
   --model DIR     checkpoint directory (config.json, *.safetensors, tokenizer.json),
                   or one GGUF file (llama.cpp's format; F32/F16/BF16/Q8_0/Q4_0/Q4_K/Q5_K/Q6_K)
@@ -99,19 +99,21 @@ Greedy generation; streams text (or ids when the model has no tokenizer.json).
                   q8/q4_0/q4_k weights (decode and prefill) quantised to int8 per
                   block of 32 and integer dot products (faster, slightly different logits)
   --check-weights scan every weight for NaN / inf at load (names the tensor and element)
+  --copy-weights  copy every float weight onto aligned huge-page memory at load, also
+                  where the file aligns it (misaligned ones always are; README "Aligned weights")
   --allow-long-context
                   let prompt + generated tokens exceed max_position_embeddings
                   (refused by default: the model was not trained that far)
 )" },
           { "logits", R"(usage: olmoe logits --model DIR --tokens 1,2,3 --out FILE.npy [--k K | --k-schedule S]
                     [--renorm] [--threads N] [--weights native|int8] [--act exact|int8] [--check-weights]
-                    [--allow-long-context]
+                    [--copy-weights] [--allow-long-context]
 Writes the logits of every position, float32 [T, vocab], in NumPy .npy format
 (atomically; FILE may not be one of the checkpoint's files).
 )" },
           { "bench", R"(usage: olmoe bench --model DIR [--k 1,2,4,8 | --k-schedule S] [--renorm] [--prompt-len 512]
                    [--gen 32] [--threads N] [--weights native|int8] [--act exact|int8] [--json]
-                   [--check-weights] [--allow-long-context]
+                   [--check-weights] [--copy-weights] [--allow-long-context]
 Measures prefill and decode tokens/s for each k, with the fraction of the
 memory-bandwidth roofline decode reached (weight and KV-cache bytes read per
 token / read bandwidth measured in the same run), prefill GFLOP/s as a
@@ -367,6 +369,7 @@ loaded load(const args& a, std::size_t max_chunk = 256)
     o.max_chunk = max_chunk;
     o.check_weights = a.flags.count("check-weights") != 0;
     o.align = a.flags.count("expert-parallel") == 0; // a rank touches only its own experts' pages
+    o.copy_all = a.flags.count("copy-weights") != 0;
     progress p { "loading " + dir };
     o.progress = [&](int done, int total) { p(double(done) / total); };
     if (gguf) { // one GGUF file: config, weights and tokenizer (gguf_model.hpp)
@@ -1123,15 +1126,15 @@ int main(int argc, char** argv)
         if (cmd == "generate")
             return cmd_generate(parse_args(argc, argv,
                 { "model", "prompt", "tokens", "k", "k-schedule", "max-new", "threads", "weights", "act" },
-                { "renorm", "check-weights", "allow-long-context", "expert-parallel" }));
+                { "renorm", "check-weights", "allow-long-context", "expert-parallel", "copy-weights" }));
         if (cmd == "logits")
             return cmd_logits(
                 parse_args(argc, argv, { "model", "tokens", "k", "k-schedule", "out", "threads", "weights", "act" },
-                    { "renorm", "check-weights", "allow-long-context", "expert-parallel" }));
+                    { "renorm", "check-weights", "allow-long-context", "expert-parallel", "copy-weights" }));
         if (cmd == "bench")
             return cmd_bench(
                 parse_args(argc, argv, { "model", "k", "k-schedule", "prompt-len", "gen", "threads", "weights", "act" },
-                    { "json", "renorm", "check-weights", "allow-long-context", "expert-parallel" }));
+                    { "json", "renorm", "check-weights", "allow-long-context", "expert-parallel", "copy-weights" }));
         if (cmd == "sweep")
             return cmd_sweep(parse_args(argc, argv,
                 { "model", "text", "tokens-file", "k", "ref-k", "k-schedule", "threshold", "k-min", "k-max", "context",

@@ -21,12 +21,16 @@
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <memory>
 #include <new>
 #include <type_traits>
 #include <optional>
 #include <span>
 #include <string_view>
+#include <tuple>
+#include <typeindex>
+#include <typeinfo>
 #include <utility>
 #include <vector>
 
@@ -67,6 +71,7 @@ public:
         : regions_(std::move(o.regions_))
         , used_(std::exchange(o.used_, 0))
         , taken_(std::exchange(o.taken_, 0))
+        , copies_(std::move(o.copies_))
     {
     }
     ~weight_arena()
@@ -95,6 +100,23 @@ public:
         return { out, n }; // fresh anonymous pages read as zeros
     }
 
+    // n elements of T that fill(span<T>) writes from the source bytes `src`
+    // (an aligned copy, or a widened one), made once per (src, n, T) however
+    // often asked: a tensor bound twice (tied embeddings, embed and
+    // lm_head) shares one copy.
+    template <class T, class Fill>
+    std::span<const T> copy_once(std::span<const std::byte> src, std::size_t n, Fill&& fill)
+    {
+        const auto key
+            = std::make_tuple(static_cast<const void*>(src.data()), src.size(), n, std::type_index(typeid(T)));
+        if (const auto it = copies_.find(key); it != copies_.end())
+            return { static_cast<const T*>(it->second), n };
+        const auto c = take<T>(n);
+        fill(c);
+        copies_.emplace(key, c.data());
+        return c;
+    }
+
     // Bytes handed out so far (each piece rounded up to 64).
     std::size_t bytes() const noexcept { return taken_; }
 
@@ -107,6 +129,7 @@ private:
     std::vector<mapping> regions_;
     std::size_t used_ = 0;
     std::size_t taken_ = 0; // bytes handed out (rounded to 64)
+    std::map<std::tuple<const void*, std::size_t, std::size_t, std::type_index>, const void*> copies_; // copy_once
 };
 
 // Everything the forward pass reads. Views may point into a memory-mapped
@@ -213,6 +236,9 @@ public:
         sin_.resize(cos_.size());
         rules_.resize(max_chunk);
         kept_.resize(max_chunk);
+        // The int8 copy of a projection's input (q/k/v, o, lm_head), sized
+        // for the widest input so set_act_mode never needs more.
+        dense_scratch_.resize(kdial::dense_workspace_bytes(max_chunk, std::max(d, qw), kdial::act_mode::int8));
         // One workspace for all MoE layers (they run one after another), one
         // for the dense MLP layers.
         if (w_.moe_shape.experts)
@@ -375,7 +401,7 @@ private:
             dst += n - first;
             q.cache->pos += n;
         }
-        kdial::dense_linear(w_.lm_head, a.sub_rows(0, R), logits, nullptr, act_);
+        kdial::dense_linear(w_.lm_head, a.sub_rows(0, R), logits, nullptr, act_, dense_scratch_);
     }
 
 public:
@@ -562,7 +588,7 @@ private:
         auto bias = [](const std::vector<float>& b) { return b.empty() ? nullptr : b.data(); };
         const kdial::dense_output qkv[]
             = { { &A.q, q, bias(A.q_bias) }, { &A.k, k, bias(A.k_bias) }, { &A.v, v, bias(A.v_bias) } };
-        kdial::dense_linear(a, qkv, act_);
+        kdial::dense_linear(a, qkv, act_, dense_scratch_);
         if (c.qk_norm_per_head) { // each head's hd values: the rows of [T * heads, hd]
             const matrix_view<float> qh(q.data, T * nh, hd), kh(k.data, T * nkv, hd);
             kdial::rmsnorm(qh, A.q_norm.data(), c.rms_norm_eps, qh);
@@ -629,7 +655,7 @@ private:
                     kdial::simd::axpy(s[j], Vc + (j0 + j) * hd, ov, hd);
             }
         });
-        kdial::dense_linear(A.o, cmatrix_view<float>(o), out, bias(A.o_bias), act_);
+        kdial::dense_linear(A.o, cmatrix_view<float>(o), out, bias(A.o_bias), act_, dense_scratch_);
     }
 
     struct att_tile {
@@ -645,6 +671,7 @@ private:
     std::vector<kdial::token_k> rules_; // [max_chunk] per-token routing of a mixed batch
     std::vector<int> kept_; // [max_chunk] experts per token, summed over MoE layers
     std::vector<att_tile> tiles_;
+    std::vector<std::byte> dense_scratch_; // dense_linear's workspace (int8 activations)
     std::optional<kdial::moe_workspace> moe_ws_, dense_ws_;
     kdial::act_mode act_ = kdial::act_mode::exact;
     std::size_t last_assignments_ = 0, last_tokens_ = 0, last_moe_bytes_ = 0;

@@ -39,6 +39,9 @@ struct load_options {
     // memory (false: in place wherever their element size allows, for
     // expert-parallel ranks that each touch only their own experts' pages).
     bool align = true;
+    // With align: copy every float weight onto the arena's huge pages, the
+    // ones the file aligns too (--copy-weights; see README "Aligned weights").
+    bool copy_all = false;
 };
 
 namespace detail {
@@ -54,6 +57,7 @@ public:
         , w_(w)
         , int8_(o.int8)
         , align_(o.align)
+        , copy_all_(o.align && o.copy_all)
     {
     }
 
@@ -111,28 +115,30 @@ public:
             release(src, n * esize);
             return kdial::weight_view<kdial::q8_t>(q.data(), rows, cols);
         }
-        if (reinterpret_cast<std::uintptr_t>(src) % (align_ ? 64 : esize) == 0) {
+        if (!copy_all_ && reinterpret_cast<std::uintptr_t>(src) % (align_ ? 64 : esize) == 0) {
             if (t.dtype == st_dtype::bf16)
                 return kdial::weight_view<kdial::bf16_t>(reinterpret_cast<const kdial::bf16*>(src), rows, cols);
             if (t.dtype == st_dtype::f32)
                 return kdial::weight_view<kdial::f32_t>(reinterpret_cast<const float*>(src), rows, cols);
         }
         // A tensor sliced twice (tied embeddings) is copied once.
-        const auto key = std::make_tuple(name, row0, rows);
-        if (const auto it = copies_.find(key); it != copies_.end())
-            return it->second;
+        const std::span<const std::byte> bytes(src, n * esize);
         any_weight_view v;
-        if (t.dtype == st_dtype::bf16) {
-            const auto c = w_.arena.take<kdial::bf16>(n);
-            std::memcpy(c.data(), src, n * esize);
-            v = kdial::weight_view<kdial::bf16_t>(c.data(), rows, cols);
-        } else {
-            const auto c = w_.arena.take<float>(n);
-            kdial::io::detail::read_floats_range(t, off, c, file);
-            v = kdial::weight_view<kdial::f32_t>(c.data(), rows, cols);
-        }
-        release(src, n * esize);
-        copies_.emplace(key, v);
+        if (t.dtype == st_dtype::bf16)
+            v = kdial::weight_view<kdial::bf16_t>(
+                w_.arena
+                    .copy_once<kdial::bf16>(
+                        bytes, n, [&](std::span<kdial::bf16> c) { std::memcpy(c.data(), src, bytes.size()); })
+                    .data(),
+                rows, cols);
+        else
+            v = kdial::weight_view<kdial::f32_t>(
+                w_.arena
+                    .copy_once<float>(
+                        bytes, n, [&](std::span<float> c) { kdial::io::detail::read_floats_range(t, off, c, file); })
+                    .data(),
+                rows, cols);
+        release(src, bytes.size());
         return v;
     }
 
@@ -160,8 +166,7 @@ private:
 
     std::shared_ptr<kdial::io::safetensors_checkpoint> ck_;
     model_weights& w_;
-    bool int8_, align_;
-    std::map<std::tuple<std::string, std::size_t, std::size_t>, any_weight_view> copies_;
+    bool int8_, align_, copy_all_;
 };
 
 // Builds an expert_set from per-expert weight views (all of one format).

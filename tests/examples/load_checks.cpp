@@ -87,12 +87,13 @@ template <class F> void edit_tensors(const fs::path& dir, F&& edit)
     kdial::io::write_safetensors(dir / "model.safetensors", ts);
 }
 
-std::unique_ptr<olmoe::model> load(const fs::path& dir, bool check_weights = false)
+std::unique_ptr<olmoe::model> load(const fs::path& dir, bool check_weights = false, bool copy_all = false)
 {
     const auto cfg = olmoe::load_config(dir.string());
     olmoe::load_options o;
     o.max_chunk = 16;
     o.check_weights = check_weights;
+    o.copy_all = copy_all;
     return std::make_unique<olmoe::model>(olmoe::load_weights(dir.string(), cfg, o), o.max_chunk);
 }
 
@@ -316,7 +317,49 @@ TEST_CASE("weight_arena: aligned, zeroed, disjoint pieces that outlive a move")
         });
 }
 
+TEST_CASE("weight_arena: copy_once copies a source once per output size")
+{
+    olmoe::weight_arena a;
+    std::vector<std::byte> src(1000);
+    for (std::size_t i = 0; i < src.size(); ++i)
+        src[i] = std::byte(i * 7 + 1);
+    int fills = 0;
+    const auto copy = [&](std::span<std::byte> c) {
+        ++fills;
+        std::memcpy(c.data(), src.data(), c.size());
+    };
+    const auto c1 = a.copy_once<std::byte>(src, src.size(), copy);
+    const std::size_t after_one = a.bytes();
+    const auto c2 = a.copy_once<std::byte>(src, src.size(), copy);
+    CHECK(c1.data() == c2.data());
+    CHECK(fills == 1);
+    CHECK(a.bytes() == after_one);
+    CHECK(reinterpret_cast<std::uintptr_t>(c1.data()) % 64 == 0);
+    CHECK(std::memcmp(c1.data(), src.data(), src.size()) == 0);
+    // Another view of the same bytes (a prefix), or another element type: a new copy.
+    const auto c3 = a.copy_once<std::byte>(std::span<const std::byte>(src).first(500), 500, copy);
+    const auto c4 = a.copy_once<float>(src, 250, [&](std::span<float> c) {
+        ++fills;
+        std::memcpy(c.data(), src.data(), c.size_bytes());
+    });
+    CHECK(c3.data() != c1.data());
+    CHECK(static_cast<const void*>(c4.data()) != static_cast<const void*>(c1.data()));
+    CHECK(fills == 3);
+    CHECK(std::memcmp(c4.data(), src.data(), 1000) == 0);
+}
+
 namespace {
+
+// Bytes of the distinct weight views the model streams.
+std::size_t weight_bytes(const olmoe::model_weights& w)
+{
+    std::map<const void*, std::size_t> seen;
+    olmoe::for_each_weight(w, [&](const auto& v) { seen[static_cast<const void*>(v.data)] = v.bytes(); });
+    std::size_t n = 0;
+    for (const auto& [p, b] : seen)
+        n += b;
+    return n;
+}
 
 // Rewrites DIR/model.safetensors with its header padded (spaces, as the
 // format allows) so the data area starts at file offset m (mod 64).
@@ -358,17 +401,26 @@ TEST_CASE("float weights: in place where the file aligns them to 64 bytes, else 
             std::uint64_t n = 0;
             std::memcpy(&n, s.data(), 8);
             REQUIRE((8 + n) % 64 == m);
-            auto model = load(d.path);
-            CHECK(kdial::test::all_weights_aligned64(model->weights()));
-            const std::size_t V = std::size_t(model->config().vocab);
-            olmoe::kv_cache cache(model->config(), toks.size());
-            std::vector<float> logits(toks.size() * V);
-            const std::vector<int> ks(2, 4);
-            model->forward(toks, cache, ks, kdial::matrix_view<float>(logits.data(), toks.size(), V), true);
-            if (first.empty())
-                first = logits;
-            else
-                CHECK(std::memcmp(first.data(), logits.data(), logits.size() * sizeof(float)) == 0);
+            // copy_all (--copy-weights): every weight in the arena, same logits.
+            for (const bool copy_all : { false, true }) {
+                CAPTURE(copy_all);
+                auto model = load(d.path, false, copy_all);
+                CHECK(kdial::test::all_weights_aligned64(model->weights()));
+                const std::size_t copied = model->weights().arena.bytes(), used = weight_bytes(model->weights());
+                if (copy_all)
+                    CHECK(copied >= used);
+                else if (m == 0 && std::string(dtype) != "f16") // F16 is widened into the arena
+                    CHECK(copied < used); // some weights in place
+                const std::size_t V = std::size_t(model->config().vocab);
+                olmoe::kv_cache cache(model->config(), toks.size());
+                std::vector<float> logits(toks.size() * V);
+                const std::vector<int> ks(2, 4);
+                model->forward(toks, cache, ks, kdial::matrix_view<float>(logits.data(), toks.size(), V), true);
+                if (first.empty())
+                    first = logits;
+                else
+                    CHECK(std::memcmp(first.data(), logits.data(), logits.size() * sizeof(float)) == 0);
+            }
         }
     }
 }

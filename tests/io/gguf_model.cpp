@@ -52,10 +52,11 @@ std::vector<float> safetensors_logits(const std::string& dir)
     return logits_of(olmoe::load_weights(dir, c, o), tokens.size());
 }
 
-olmoe::gguf_model gguf_load(const fs::path& file)
+olmoe::gguf_model gguf_load(const fs::path& file, bool copy_all = false)
 {
     olmoe::load_options o;
     o.max_chunk = 16;
+    o.copy_all = copy_all;
     return olmoe::load_gguf_model(file.string(), o);
 }
 
@@ -89,6 +90,15 @@ template <class Edit> void rewrite(const fs::path& src, const fs::path& dst, Edi
     std::vector<std::vector<std::byte>> keep;
     edit(md, ts, keep);
     kdial::io::write_gguf(dst, md, ts);
+}
+
+// Keeps the first logits it is given; checks later ones equal them byte for byte.
+void same_as_first(std::vector<float>& first, const std::vector<float>& got)
+{
+    if (first.empty())
+        first = got;
+    else
+        CHECK(std::memcmp(got.data(), first.data(), got.size() * sizeof(float)) == 0);
 }
 
 // The f32 safetensors checkpoint of `preset` and its GGUF in `dtype`, both in d.
@@ -510,15 +520,63 @@ TEST_CASE("gguf model: float tensors off a cache line are copied aligned in thei
                 md.emplace_back("test.pad", kdial::io::gguf_out_value::string(std::string(pad, 'x')));
             });
             offsets.insert(kdial::io::gguf_file::open(dst).header().data_offset % 64);
-            auto g = gguf_load(dst);
-            CHECK(kdial::test::all_weights_aligned64(g.weights));
-            CHECK(kdial::dtype_name(g.weights.layers[0].moe->experts().type()) == dtype);
-            const auto got = logits_of(std::move(g.weights), tokens.size());
-            if (first.empty())
-                first = got;
-            else
-                CHECK(std::memcmp(got.data(), first.data(), got.size() * sizeof(float)) == 0);
+            for (const bool copy_all : { false, true }) { // --copy-weights: every float tensor copied
+                CAPTURE(copy_all);
+                auto g = gguf_load(dst, copy_all);
+                CHECK(kdial::test::all_weights_aligned64(g.weights));
+                CHECK(kdial::dtype_name(g.weights.layers[0].moe->experts().type()) == dtype);
+                if (copy_all) {
+                    std::size_t floats = 0;
+                    const auto file = kdial::io::gguf_file::open(dst);
+                    for (const auto& t : file.tensors())
+                        if (t.rank() >= 2 && t.name.find("ffn_gate_inp") == std::string::npos) // not the router
+                            floats += t.bytes.size();
+                    CHECK(g.weights.arena.bytes() >= floats);
+                }
+                same_as_first(first, logits_of(std::move(g.weights), tokens.size()));
+            }
         }
         CHECK(offsets == std::set<std::uint64_t> { 0, 32 });
     }
+}
+
+TEST_CASE("gguf model: a tied token_embd off a cache line is copied once for embed and lm_head [gguf][model]")
+{
+    temp_dir d;
+    olmoe::synthetic_options o;
+    o.preset = "tiny";
+    o.dtype = "bf16";
+    const fs::path src = d.path / "tiny";
+    olmoe::make_synthetic_gguf(src.string(), o);
+    const auto data_of = [](const kdial::any_weight_view& v) {
+        return std::visit([](const auto& w) { return static_cast<const void*>(w.data); }, v);
+    };
+    std::vector<float> first;
+    std::set<std::uint64_t> offsets;
+    int copied = 0;
+    for (std::size_t pad = 8; pad <= 56; pad += 16) {
+        CAPTURE(pad);
+        const fs::path dst = d.path / ("tied-" + std::to_string(pad) + ".gguf");
+        rewrite(src / "model.gguf", dst, [&](auto& md, auto& ts, auto&) {
+            md.emplace_back("test.pad", kdial::io::gguf_out_value::string(std::string(pad, 'x')));
+            std::erase_if(ts, [](const auto& t) { return t.name == "output.weight"; });
+        });
+        const auto f = kdial::io::gguf_file::open(dst);
+        REQUIRE(!f.has("output.weight"));
+        offsets.insert(f.header().data_offset % 64);
+        auto g = gguf_load(dst);
+        CHECK(kdial::test::all_weights_aligned64(g.weights));
+        CHECK(data_of(g.weights.embed) == data_of(g.weights.lm_head));
+        // token_embd sits 32 bytes off a cache line in some of the files:
+        // copied there, once.
+        const auto* embd = f.find("token_embd.weight");
+        REQUIRE(embd != nullptr);
+        if (reinterpret_cast<std::uintptr_t>(embd->bytes.data()) % 64 != 0) {
+            ++copied;
+            CHECK(g.weights.arena.bytes() >= embd->bytes.size());
+        }
+        same_as_first(first, logits_of(std::move(g.weights), tokens.size()));
+    }
+    CHECK(offsets == std::set<std::uint64_t> { 0, 32 });
+    CHECK(copied >= 1);
 }

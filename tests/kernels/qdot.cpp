@@ -15,6 +15,7 @@
 #include <kdial/kernels/linear.hpp>
 #include <kdial/kernels/qdot.hpp>
 
+#include "io/io_test_util.hpp"
 #include "kernels/arch_kernels.hpp"
 #include "ref/kernels_ref.hpp"
 #include "ref/qdot_ref.hpp"
@@ -476,5 +477,23 @@ TEST_CASE("dense_linear act_mode::int8: 1 and 2 threads give identical bytes, se
             for (std::size_t o = 0; o < Ok; ++o)
                 wantk[i * Ok + o] += bias[o];
         CHECK(test::same_bytes(b, wantk));
+        // A caller's workspace (at an odd address): the same bytes, with 2 threads.
+        const std::size_t need = dense_workspace_bytes(n, K, act_mode::int8);
+        CHECK((need > 0) == (n > gemv_max_rows));
+        std::vector<std::byte> ws(need + 1, std::byte { 0xAB });
+        std::vector<float> y3(n * O);
+        test::with_threads(2, [&] {
+            dense_linear(wv, cmatrix_view<float>(x.view), matrix_view<float>(y3.data(), n, O), nullptr, act_mode::int8,
+                std::span<std::byte>(ws).subspan(1));
+        });
+        CHECK(test::same_bytes(y3, y1));
+        if (need > 0)
+            test::check_error(
+                [&] {
+                    dense_linear(wv, cmatrix_view<float>(x.view), matrix_view<float>(y3.data(), n, O), nullptr,
+                        act_mode::int8, std::span<std::byte>(ws).first(need - 1));
+                },
+                { "kdial::dense_linear", "workspace of " + std::to_string(need - 1) + " bytes",
+                    "needs " + std::to_string(need) });
     }
 }

@@ -130,17 +130,28 @@ inline bool has_qdot(dtype t) noexcept
 }
 } // namespace detail
 
+// Bytes of workspace dense_linear uses for an X of [rows, cols] in mode act
+// (0: none): the int8 copy of X (any alignment; 64 bytes of slack included).
+// A caller that owns it allocates nothing per call.
+inline std::size_t dense_workspace_bytes(std::size_t rows, std::size_t cols, act_mode act) noexcept
+{
+    return act == act_mode::int8 && (rows > gemv_max_rows || cols > act_q8_stack_elems) ? act_q8_bytes(rows, cols) + 64
+                                                                                        : 0;
+}
+
 // Several dense layers reading the same X (e.g. q, k and v) in one parallel
 // launch, so small decode steps pay for one synchronisation instead of one
 // per layer. Tiles: 256-row chunks of X times ~512 KiB column tiles of each
 // weight, in a fixed list, so the result is the same for any thread count.
 // act: act_mode::int8 runs q8/q4_0/q4_k weights with int8 activations at
 // any row count (kernels/qdot.hpp). X with more than gemv_max_rows rows is
-// quantised once (in parallel, into a per-thread buffer that only grows: see
-// detail::dense_act_scratch) and shared by every output and tile; decode rows (K <=
-// act_q8_stack_elems) are quantised on the stack per tile (linear()). A row's bits do not depend on
-// the row count either way.
-inline void dense_linear(cmatrix_view<float> X, std::span<const dense_output> outs, act_mode act = act_mode::exact)
+// quantised once (in parallel) and shared by every output and tile: into
+// `workspace` when the caller passes one (dense_workspace_bytes), else into
+// a per-thread buffer that only grows (detail::dense_act_scratch). Decode
+// rows (K <= act_q8_stack_elems) are quantised on the stack per tile
+// (linear()). A row's bits do not depend on the row count either way.
+inline void dense_linear(cmatrix_view<float> X, std::span<const dense_output> outs, act_mode act = act_mode::exact,
+    std::span<std::byte> workspace = {})
 {
     std::size_t tiles = 0;
     const std::size_t row_chunk = 256, row_tiles = (X.rows + row_chunk - 1) / row_chunk;
@@ -161,8 +172,18 @@ inline void dense_linear(cmatrix_view<float> X, std::span<const dense_output> ou
     std::optional<detail::dense_act_scratch> scratch;
     act_q8_view xq {};
     if (quantise) {
-        scratch.emplace(act_q8_bytes(X.rows, X.cols));
-        xq = bind_act_q8(scratch->data(), X.rows, X.cols);
+        std::byte* buf = nullptr;
+        if (workspace.empty()) {
+            scratch.emplace(act_q8_bytes(X.rows, X.cols));
+            buf = scratch->data();
+        } else {
+            const std::size_t need = dense_workspace_bytes(X.rows, X.cols, act);
+            detail::check(workspace.size() >= need, "kdial::dense_linear: workspace of ", workspace.size(),
+                " bytes, X [", X.rows, ", ", X.cols, "] with int8 activations needs ", need,
+                " (dense_workspace_bytes)");
+            buf = detail::align_up(workspace.data(), 64);
+        }
+        xq = bind_act_q8(buf, X.rows, X.cols);
         detail::quantize_act_rows(default_executor {}, X, xq);
     }
     parallel::for_each_index(tiles, [&](std::size_t i) {
@@ -198,10 +219,10 @@ inline void dense_linear(cmatrix_view<float> X, std::span<const dense_output> ou
 
 // Y [n, O] = X [n, K] . W [O, K]ᵀ (+ bias [O] if not null).
 inline void dense_linear(const any_weight_view& w, cmatrix_view<float> X, matrix_view<float> Y,
-    const float* bias = nullptr, act_mode act = act_mode::exact)
+    const float* bias = nullptr, act_mode act = act_mode::exact, std::span<std::byte> workspace = {})
 {
     const dense_output o { &w, Y, bias };
-    dense_linear(X, std::span<const dense_output>(&o, 1), act);
+    dense_linear(X, std::span<const dense_output>(&o, 1), act, workspace);
 }
 
 } // namespace kdial
