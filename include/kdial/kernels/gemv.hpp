@@ -4,7 +4,11 @@
 // while the next pass's rows are prefetched (measured on Sapphire Rapids,
 // 1 core, cold weights: q8 8.0 -> 14.0 GB/s, bf16 14.5 -> 15.7 GB/s, of a
 // 15.9 GB/s read roofline; without it the hardware prefetchers leave the
-// conversion and the memory latency serialised).
+// conversion and the memory latency serialised). The prefetch stops at L2
+// (prefetcht1): a pass ahead is 16-32 KiB of rows, which with x in L1 too
+// overflowed Zen 4's 32 KiB L1 and evicted the lines before their use
+// (bench_moe decode, 1 thread, of the read bandwidth: bf16 0.52-0.61 ->
+// 0.71-0.80, q8 0.46-0.55 -> 0.69-0.73, f32 0.54-0.70 -> 0.82-0.94).
 // Deterministic: the sum for one (x row, weight row) pair uses the same lanes,
 // chains and order whatever the output range or the row group it is in.
 // Serial, noexcept, no allocation, no checks (the caller validates).
@@ -35,7 +39,7 @@ template <int NR> inline constexpr int gemv_chains = NR <= 2 ? 2 : 1;
 // through linear_gemv).
 // `next` holds R rows to prefetch while these stream (the next pass's rows,
 // or `rows` again on the last pass): each step touches the same byte offset
-// in them, so they are in cache when their pass starts. A hint only; it does
+// in them, so they are in L2 when their pass starts. A hint only; it does
 // not change any result.
 template <class Arch, class S, int NR, int R, int C = gemv_chains<NR>>
 inline void gemv_rows(
@@ -62,7 +66,7 @@ inline void gemv_rows(
         for (std::size_t b = 0; b < nb; ++b, k += 32) {
             const int c = int(b % C);
             for (int r = 0; r < R; ++r)
-                simd::prefetch(next[r] + b);
+                simd::prefetch_l2(next[r] + b);
             B bs[R][NR];
             if constexpr (std::is_same_v<S, q8_block>) {
                 for (std::size_t v = 0; v < V; ++v) {
@@ -114,10 +118,10 @@ inline void gemv_rows(
             for (std::size_t j = 0; j < 8; ++j, k += 32) {
                 if (j < 3) // a super-block is 144 bytes: at most 4 lines
                     for (int r = 0; r < R; ++r)
-                        simd::prefetch(reinterpret_cast<const char*>(next[r] + b) + 64 * j);
+                        simd::prefetch_l2(reinterpret_cast<const char*>(next[r] + b) + 64 * j);
                 else if (j == 3)
                     for (int r = 0; r < R; ++r)
-                        simd::prefetch(reinterpret_cast<const char*>(next[r] + b) + sizeof(S) - 1);
+                        simd::prefetch_l2(reinterpret_cast<const char*>(next[r] + b) + sizeof(S) - 1);
                 k_sub_scale ds[R];
                 B lut[R];
                 for (int r = 0; r < R; ++r) {
@@ -143,7 +147,7 @@ inline void gemv_rows(
         for (; k + C * L <= cols; k += C * L) {
             for (std::size_t p = 0; p < C * L * sizeof(S); p += 64)
                 for (int r = 0; r < R; ++r)
-                    simd::prefetch(reinterpret_cast<const char*>(next[r] + k) + p);
+                    simd::prefetch_l2(reinterpret_cast<const char*>(next[r] + k) + p);
             for (int c = 0; c < C; ++c) {
                 // Each loaded vector serves NR (or R) FMAs: held in a
                 // register (simd::in_register), not reloaded per FMA. Not
