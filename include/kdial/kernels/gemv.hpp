@@ -7,7 +7,7 @@
 // conversion and the memory latency serialised). The prefetch stops at L2
 // (prefetcht1): a pass ahead is 16-32 KiB of rows, which with x in L1 too
 // overflowed Zen 4's 32 KiB L1 and evicted the lines before their use
-// (bench_moe decode, 1 thread, of the read bandwidth: bf16 0.52-0.61 ->
+// (bench_moe decode, 1 thread, of the read bandwidth: bf16 0.49-0.61 ->
 // 0.71-0.80, q8 0.46-0.55 -> 0.69-0.73, f32 0.54-0.70 -> 0.82-0.94).
 // Deterministic: the sum for one (x row, weight row) pair uses the same lanes,
 // chains and order whatever the output range or the row group it is in.
