@@ -125,7 +125,7 @@ and the peak resident memory.
           { "sweep", R"(usage: olmoe sweep --model DIR (--text FILE | --tokens-file FILE) [--k 1,2,4,8] [--ref-k K]
                    [--k-schedule S] [--threshold P[,P...]] [--k-min N] [--k-max N] [--renorm]
                    [--context N] [--decode-tokens N] [--json FILE] [--plot FILE.svg] [--threads N]
-                   [--weights native|int8] [--check-weights] [--cloze FILE.jsonl [--cloze-items N]]
+                   [--weights native|int8] [--check-weights] [--copy-weights] [--cloze FILE.jsonl [--cloze-items N]]
        olmoe sweep --compare [NAME=]FILE.json,[NAME=]FILE.json,... [--plot FILE.svg]
 Teacher-forced evaluation of each operating point over the text, printing
 perplexity and mean next-token log-likelihood, agreement with the reference k
@@ -188,7 +188,7 @@ with the same weights as the safetensors output of the same seed. Presets:
           { "serve", R"(usage: olmoe serve --model DIR [--host 127.0.0.1] [--port 8080] [--threads N] [--max-batch 8]
                    [--max-queue 64] [--ctx 2048] [--prefill-chunk 128] [--k K]
                    [--policy fixed|latency --target-ms X] [--drain-timeout 30] [--weights native|int8]
-                   [--renorm] [--check-weights] [--allow-long-context]
+                   [--renorm] [--check-weights] [--copy-weights] [--allow-long-context]
 OpenAI-compatible HTTP server (POST /v1/completions, /v1/chat/completions with
 "stream": true as server-sent events; GET /v1/models, /health, /metrics).
 Requests may set "k", "k_schedule" or "threshold"; otherwise the policy picks k.
@@ -1139,7 +1139,7 @@ int main(int argc, char** argv)
             return cmd_sweep(parse_args(argc, argv,
                 { "model", "text", "tokens-file", "k", "ref-k", "k-schedule", "threshold", "k-min", "k-max", "context",
                     "decode-tokens", "json", "plot", "threads", "weights", "cloze", "cloze-items", "compare" },
-                { "renorm", "check-weights" }));
+                { "renorm", "check-weights", "copy-weights" }));
         if (cmd == "make-synthetic")
             return cmd_make_synthetic(
                 parse_args(argc, argv, { "out", "preset", "layers", "dtype", "shards", "seed", "format" }, {}));
@@ -1157,7 +1157,7 @@ int main(int argc, char** argv)
             return cmd_serve(parse_args(argc, argv,
                 { "model", "host", "port", "threads", "max-batch", "max-queue", "ctx", "prefill-chunk", "k", "policy",
                     "target-ms", "drain-timeout", "weights" },
-                { "renorm", "check-weights", "allow-long-context" }));
+                { "renorm", "check-weights", "allow-long-context", "copy-weights" }));
     } catch (const usage_error& e) {
         std::fprintf(stderr, "olmoe %s: %s\n\n%s", cmd.c_str(), e.what(), u->second.c_str());
         return 2;
