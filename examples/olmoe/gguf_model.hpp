@@ -338,9 +338,7 @@ public:
         : f_(f)
         , h_(h)
         , w_(w)
-        , int8_(o.int8)
-        , align_(o.align)
-        , copy_all_(o.align && o.copy_all)
+        , o_(o)
         , permuted_(permuted_qk)
     {
     }
@@ -359,7 +357,7 @@ public:
         const std::size_t row_bytes = cols / t.traits.block * t.traits.bytes;
         if (force_q8 && t.type != ggml_type::q8_0)
             return quantised(dequantised(t, row0, rows), rows, cols);
-        if (int8_ && quantise && is_float(t.type)) {
+        if (o_.int8 && quantise && is_float(t.type)) {
             std::vector<float> fl(rows * cols);
             f_.read_floats(t, row0 * cols, fl);
             return quantised(fl, rows, cols);
@@ -390,7 +388,7 @@ public:
                 for (std::size_t i = 0; i < hd / 2; ++i)
                     std::memcpy(buf.data() + (h * hd + j * (hd / 2) + i) * row_bytes,
                         t.bytes.data() + (h * hd + 2 * i + j) * row_bytes, row_bytes);
-        if (int8_ && is_float(t.type)) {
+        if (o_.int8 && is_float(t.type)) {
             // The permuted rows as floats (a temporary image of the tensor).
             gguf_tensor_info tmp = t;
             tmp.bytes = buf;
@@ -409,13 +407,11 @@ private:
     // into the arena first, so no vector load of the stream splits over two
     // cache lines (see binder in weights.hpp; load_options::align false:
     // copied only when misaligned for its element type).
-    // in_arena: bytes are a copy already (copy_all copies only file bytes).
+    // in_arena: bytes are an arena copy already (64-byte aligned): used as they are.
     kdial::any_weight_view view(
         const gguf_tensor_info& t, std::span<const std::byte> bytes, std::size_t rows, bool in_arena = false)
     {
-        if (is_float(t.type)
-            && ((copy_all_ && !in_arena)
-                || reinterpret_cast<std::uintptr_t>(bytes.data()) % (align_ ? 64 : t.traits.bytes) != 0)) {
+        if (is_float(t.type) && !in_arena && !o_.in_place(bytes.data(), t.traits.bytes)) {
             // Once per source (tied token_embd: embed and lm_head share it).
             const std::span<const std::byte> src = bytes;
             bytes = w_.arena.copy_once<std::byte>(
@@ -469,7 +465,8 @@ private:
     const gguf_file& f_;
     holder& h_;
     model_weights& w_;
-    bool int8_, align_, copy_all_, permuted_;
+    const load_options& o_; // outlives the binder (load_gguf_model's argument)
+    bool permuted_;
 };
 
 inline bool one_format(const std::vector<std::array<kdial::any_weight_view, 3>>& ex)
@@ -490,11 +487,8 @@ inline kdial::expert_set stacked_set(binder& b, const gguf_file& f, const std::s
     const std::string g = p + "ffn_gate_exps.weight", u = p + "ffn_up_exps.weight", dn = p + "ffn_down_exps.weight";
     const auto &tg = f.info(g), &tu = f.info(u), &td = f.info(dn);
     const bool same = tg.type == tu.type && tu.type == td.type;
-    // Float tensors stay in place 64-byte aligned only (binder::view).
-    const auto aligned = [&](const gguf_tensor_info& t) {
-        return !(o.align && o.copy_all)
-            && reinterpret_cast<std::uintptr_t>(t.bytes.data()) % (o.align ? 64 : t.traits.bytes) == 0;
-    };
+    // Float tensors stay in place as binder::view would keep them.
+    const auto aligned = [&](const gguf_tensor_info& t) { return o.in_place(t.bytes.data(), t.traits.bytes); };
     if (same && !(o.int8 && is_float(tg.type))) {
         auto make = [&]<class W>(W) {
             using S = typename W::storage;

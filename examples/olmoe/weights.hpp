@@ -19,13 +19,12 @@
 
 #include <sys/mman.h>
 
+#include <cstdint>
 #include <cstring>
 #include <functional>
-#include <map>
 #include <memory>
 #include <set>
 #include <string>
-#include <tuple>
 
 namespace olmoe {
 
@@ -42,6 +41,13 @@ struct load_options {
     // With align: copy every float weight onto the arena's huge pages, the
     // ones the file aligns too (--copy-weights; see README "Aligned weights").
     bool copy_all = false;
+
+    // Whether a float weight at p (elements of esize bytes) is used in place
+    // in the mapped file rather than copied: the one rule both loaders use.
+    bool in_place(const void* p, std::size_t esize) const noexcept
+    {
+        return !(align && copy_all) && reinterpret_cast<std::uintptr_t>(p) % (align ? 64 : esize) == 0;
+    }
 };
 
 namespace detail {
@@ -55,9 +61,7 @@ public:
     binder(std::shared_ptr<kdial::io::safetensors_checkpoint> ck, model_weights& w, const load_options& o)
         : ck_(std::move(ck))
         , w_(w)
-        , int8_(o.int8)
-        , align_(o.align)
-        , copy_all_(o.align && o.copy_all)
+        , o_(o)
     {
     }
 
@@ -101,7 +105,7 @@ public:
         const std::size_t off = row0 * cols, esize = kdial::io::st_dtype_size(t.dtype), n = rows * cols;
         const std::byte* src = t.bytes.data() + off * esize;
         const bool aligned_bf16 = t.dtype == st_dtype::bf16 && reinterpret_cast<std::uintptr_t>(src) % 2 == 0;
-        if (int8_ && quantise) {
+        if (o_.int8 && quantise) {
             const auto q = w_.arena.take<kdial::q8_block>(rows * kdial::storage_cols<kdial::q8_t>(cols));
             if (aligned_bf16)
                 kdial::quantize_q8(
@@ -115,7 +119,7 @@ public:
             release(src, n * esize);
             return kdial::weight_view<kdial::q8_t>(q.data(), rows, cols);
         }
-        if (!copy_all_ && reinterpret_cast<std::uintptr_t>(src) % (align_ ? 64 : esize) == 0) {
+        if (o_.in_place(src, esize)) {
             if (t.dtype == st_dtype::bf16)
                 return kdial::weight_view<kdial::bf16_t>(reinterpret_cast<const kdial::bf16*>(src), rows, cols);
             if (t.dtype == st_dtype::f32)
@@ -166,7 +170,7 @@ private:
 
     std::shared_ptr<kdial::io::safetensors_checkpoint> ck_;
     model_weights& w_;
-    bool int8_, align_, copy_all_;
+    const load_options& o_; // outlives the binder (load_weights' argument)
 };
 
 // Builds an expert_set from per-expert weight views (all of one format).

@@ -98,7 +98,7 @@ void same_as_first(std::vector<float>& first, const std::vector<float>& got)
     if (first.empty())
         first = got;
     else
-        CHECK(std::memcmp(got.data(), first.data(), got.size() * sizeof(float)) == 0);
+        CHECK(kdial::test::same_bytes(got, first));
 }
 
 // The f32 safetensors checkpoint of `preset` and its GGUF in `dtype`, both in d.

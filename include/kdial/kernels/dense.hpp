@@ -165,8 +165,9 @@ inline void dense_linear(cmatrix_view<float> X, std::span<const dense_output> ou
     }
     if (X.rows == 0 || tiles == 0)
         return;
+    const std::size_t need = dense_workspace_bytes(X.rows, X.cols, act); // > 0: X quantised once
     bool quantise = false;
-    if (act == act_mode::int8 && (X.rows > gemv_max_rows || X.cols > act_q8_stack_elems))
+    if (need > 0)
         for (const auto& o : outs)
             quantise = quantise || detail::has_qdot(type_of(*o.w));
     std::optional<detail::dense_act_scratch> scratch;
@@ -177,7 +178,6 @@ inline void dense_linear(cmatrix_view<float> X, std::span<const dense_output> ou
             scratch.emplace(act_q8_bytes(X.rows, X.cols));
             buf = scratch->data();
         } else {
-            const std::size_t need = dense_workspace_bytes(X.rows, X.cols, act);
             detail::check(workspace.size() >= need, "kdial::dense_linear: workspace of ", workspace.size(),
                 " bytes, X [", X.rows, ", ", X.cols, "] with int8 activations needs ", need,
                 " (dense_workspace_bytes)");
