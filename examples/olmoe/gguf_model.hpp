@@ -465,7 +465,7 @@ private:
     const gguf_file& f_;
     holder& h_;
     model_weights& w_;
-    const load_options& o_; // outlives the binder (load_gguf_model's argument)
+    const load_options o_; // a copy: callers may pass a temporary
     bool permuted_;
 };
 

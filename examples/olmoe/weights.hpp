@@ -170,7 +170,7 @@ private:
 
     std::shared_ptr<kdial::io::safetensors_checkpoint> ck_;
     model_weights& w_;
-    const load_options& o_; // outlives the binder (load_weights' argument)
+    const load_options o_; // a copy: callers may pass a temporary
 };
 
 // Builds an expert_set from per-expert weight views (all of one format).
