@@ -112,7 +112,7 @@ inline void print_tokens(
 inline std::vector<std::int32_t> read_token_ids(const std::string& file, const kdial::io::bpe_tokenizer& tok)
 {
     const std::string text = kdial::io::read_file(file, std::size_t(1) << 30);
-    return parse_token_ids(text, file, int(tok.vocab_size()));
+    return parse_token_ids(text, file, int(tok.id_limit()));
 }
 
 // detokenize: exactly the decoded text (U+FFFD for ill-formed UTF-8), no

@@ -105,9 +105,9 @@ json make_tokenizer_json(
         j["added_tokens"].push_back(added(2001, "<|im_start|>", true, false));
         j["added_tokens"].push_back(added(2002, "<|im_end|>", true, false));
     }
-    // Ids must lie below the entry count (HF's len(tokenizer)): the ids between
-    // the merges and the added tokens get filler vocab entries (never produced
-    // by BPE: no merge builds them), as real vocabularies have no holes.
+    // Dense ids, as real vocabularies have (sparse ids are tested on their
+    // own): the ids between the merges and the added tokens get filler vocab
+    // entries (never produced by BPE: no merge builds them).
     std::vector<bool> used(3000, false);
     for (const auto& [k, v] : j["model"]["vocab"].items())
         used[v.get<std::size_t>()] = true;
@@ -812,20 +812,39 @@ TEST_SUITE("io/tokenizer")
         CHECK(h.id_to_token(5) == "<|alias|>");
     }
 
-    TEST_CASE("id tables are sized by the entry count; ids outside [0, n) name token and id [io][tokenizer]")
+    TEST_CASE("sparse ids load (HF accepts any id) into a table sized by the entry count [io][tokenizer]")
     {
-        // One vocab entry with id 2147483646 asked for a 154 GB table; 25 000 000 loaded "fine" in 1.8 GB.
+        // An id-indexed table asked 154 GB for one vocab id of 2147483646, and
+        // the fix that bounded ids by the entry count rejected files HF loads
+        // (a 463-entry vocab with <|endoftext|> at 50279). Both ways now:
+        // the far id loads, and the table holds entries, not ids.
         for (const std::int64_t id : { std::int64_t(2147483646), std::int64_t(25'000'000), std::int64_t(2004) }) {
             auto j = make_tokenizer_json(style::qwen2, {});
             j["model"]["vocab"]["<|far|>"] = id;
-            kdial::test::check_error([&] { (void)bpe_tokenizer::from_json(j.dump(), "far.json"); },
-                { "far.json: model.vocab[\"<|far|>\"]: id " + std::to_string(id) + " is outside [0, 2004)" });
+            j["added_tokens"].push_back(
+                json { { "id", id }, { "content", "<|far|>" }, { "special", true }, { "normalized", false } });
+            const auto t = bpe_tokenizer::from_json(j.dump(), "far.json");
+            CHECK(t.vocab_size() == 2004);
+            CHECK(t.id_limit() == std::size_t(id) + 1);
+            CHECK(t.is_valid_id(std::int32_t(id)));
+            CHECK(t.is_special(std::int32_t(id)));
+            CHECK_FALSE(t.is_valid_id(2003)); // the gap below it
+            CHECK_FALSE(t.is_valid_id(std::int32_t(id) - 1));
+            CHECK(t.token_to_id("<|far|>") == std::int32_t(id));
+            CHECK(t.encode("a<|far|>") == std::vector<std::int32_t> { *t.token_to_id("a"), std::int32_t(id) });
+            CHECK(t.decode(std::vector<std::int32_t> { std::int32_t(id), *t.token_to_id("a") }) == "<|far|>a");
+            CHECK(t.decode(std::vector<std::int32_t> { std::int32_t(id) }, true).empty());
+            kdial::test::check_error([&] { (void)t.id_to_token(2003); },
+                { "far.json: token id 2003 has no token (valid ids lie in [0, " + std::to_string(id + 1) + ")" });
         }
         {
+            // An added token alone far out (not in the vocab): an entry of its own.
             auto j = make_tokenizer_json(style::qwen2, {});
             j["added_tokens"][1]["id"] = 2147483646;
-            kdial::test::check_error([&] { (void)bpe_tokenizer::from_json(j.dump(), "far.json"); },
-                { "far.json: added_tokens[1].id: id 2147483646 of token \"<|im_start|>\" is outside [0, 2003)" });
+            const auto t = bpe_tokenizer::from_json(j.dump(), "far.json");
+            CHECK(t.vocab_size() == 2003);
+            CHECK(t.id_to_token(2147483646) == "<|im_start|>");
+            CHECK(t.encode("<|im_start|>") == std::vector<std::int32_t> { 2147483646 });
         }
         for (const char* bad : { "2147483647", "4294967296", "-1", "5.0", "\"5\"", "true", "1e300" }) {
             auto j = make_tokenizer_json(style::qwen2, {});

@@ -428,15 +428,19 @@ public:
     }
 
     // The number of entries: distinct token strings of the vocab and the
-    // added tokens (HF's len(tokenizer)); every id lies below it. An id below
-    // it can still be a hole (an added token that reuses a vocab id under
-    // another string); model embeddings are often larger (padded rows).
-    std::size_t vocab_size() const noexcept { return id_entries_.size(); }
-    bool is_valid_id(std::int32_t id) const noexcept
+    // added tokens (HF's len(tokenizer)). Ids need not be dense: HF accepts
+    // any ids (a small vocab with its specials at 50279, say), so an id can
+    // exceed it, and an id below it can be a hole; model embeddings are
+    // often larger still (padded rows).
+    std::size_t vocab_size() const noexcept { return n_tokens_; }
+    // One past the largest id that has a token (0 for an empty tokenizer).
+    std::size_t id_limit() const noexcept { return entry_ids_.empty() ? 0 : std::size_t(entry_ids_.back()) + 1; }
+    bool is_valid_id(std::int32_t id) const noexcept { return find_entry(id) != nullptr; }
+    bool is_special(std::int32_t id) const noexcept
     {
-        return id >= 0 && std::size_t(id) < id_entries_.size() && id_entries_[std::size_t(id)].present;
+        const id_entry* e = find_entry(id);
+        return e && e->special;
     }
-    bool is_special(std::int32_t id) const noexcept { return is_valid_id(id) && id_entries_[std::size_t(id)].special; }
     // The token string of an id (added-token content, else the vocab key in
     // the byte-level alphabet); throws on an invalid id.
     const std::string& id_to_token(std::int32_t id) const { return entry(id).token; }
@@ -460,7 +464,6 @@ private:
     struct id_entry {
         std::string token;
         std::string bytes;
-        bool present = false;
         bool special = false;
     };
     struct merge_info {
@@ -523,7 +526,11 @@ private:
     std::unordered_map<std::string, std::int32_t> vocab_; // byte-level spelling -> id
     std::unordered_map<std::uint64_t, merge_info> merges_; // (left id << 32 | right id)
     std::array<std::int32_t, 256> byte_id_ {}; // id of each single-byte symbol, or -1
+    // The tokens by id, compact (memory follows the entry count, not the
+    // largest id): entry_ids_ sorted, id_entries_[i] the token of entry_ids_[i].
+    std::vector<std::int32_t> entry_ids_;
     std::vector<id_entry> id_entries_;
+    std::size_t n_tokens_ = 0;
     std::vector<added_token> added_;
     trie raw_trie_, norm_trie_;
     std::vector<pre_stage> stages_;
@@ -542,7 +549,9 @@ private:
         , vocab_(o.vocab_)
         , merges_(o.merges_)
         , byte_id_(o.byte_id_)
+        , entry_ids_(o.entry_ids_)
         , id_entries_(o.id_entries_)
+        , n_tokens_(o.n_tokens_)
         , added_(o.added_)
         , raw_trie_(o.raw_trie_)
         , norm_trie_(o.norm_trie_)
@@ -556,11 +565,17 @@ private:
     {
     }
 
+    const id_entry* find_entry(std::int32_t id) const noexcept
+    {
+        const auto it = std::lower_bound(entry_ids_.begin(), entry_ids_.end(), id);
+        return it != entry_ids_.end() && *it == id ? &id_entries_[std::size_t(it - entry_ids_.begin())] : nullptr;
+    }
     const id_entry& entry(std::int32_t id) const
     {
-        detail::check(is_valid_id(id), source_, ": token id ", id, " has no token (valid ids lie in [0, ",
-            id_entries_.size(), ") and are defined by model.vocab or added_tokens)");
-        return id_entries_[std::size_t(id)];
+        const id_entry* e = find_entry(id);
+        detail::check(e != nullptr, source_, ": token id ", id, " has no token (valid ids lie in [0, ", id_limit(),
+            ") and are defined by model.vocab or added_tokens)");
+        return *e;
     }
 
     // Splits `text` on the added tokens of `t` (leftmost-longest): matched
@@ -1097,7 +1112,7 @@ private:
         const std::int32_t id = get_id(v, where);
         if (!is_valid_id(id))
             fail(where,
-                detail::cat("id ", id, " has no token in this tokenizer (valid ids lie in [0, ", id_entries_.size(),
+                detail::cat("id ", id, " has no token in this tokenizer (valid ids lie in [0, ", id_limit(),
                     ") and are defined by model.vocab or added_tokens)"));
         return id;
     }
@@ -1204,44 +1219,55 @@ private:
         return out;
     }
 
-    // The id table has one row per entry: n = the number of distinct token
-    // strings of the vocab and the added tokens (HF's get_vocab_size(true),
-    // len(tokenizer)), so its size is bounded by the file; an id outside
-    // [0, n) is an error naming the token and the id.
+    // The id table holds one entry per id that has a token, sorted by id, so
+    // its size follows the file whatever the ids are (a table indexed by id
+    // asked 154 GB for one id near 2^31). n_tokens_ = the number of distinct
+    // token strings of the vocab and the added tokens (HF's
+    // get_vocab_size(true), len(tokenizer)).
     void build_id_table()
     {
-        std::size_t n = vocab_.size();
         {
             std::unordered_set<std::string_view> extra; // added contents not in the vocab
             for (const auto& a : added_)
                 if (vocab_.find(a.content) == vocab_.end())
                     extra.insert(a.content);
-            n += extra.size();
+            n_tokens_ = vocab_.size() + extra.size();
         }
+        std::vector<std::pair<std::int32_t, const std::string*>> by_id;
+        by_id.reserve(vocab_.size() + added_.size());
         for (const auto& [tok, id] : vocab_)
-            if (std::size_t(id) >= n)
-                fail(detail::cat("model.vocab[", brief(json(tok)), "]"),
-                    detail::cat("id ", id, " is outside [0, ", n, "): the tokenizer has ", n,
-                        " entries (vocab and added tokens), and ids must lie below that"));
-        for (std::size_t i = 0; i < added_.size(); ++i)
-            if (std::size_t(added_[i].id) >= n)
-                fail(detail::cat("added_tokens[", i, "].id"),
-                    detail::cat("id ", added_[i].id, " of token ", brief(json(added_[i].content)), " is outside [0, ",
-                        n, "): the tokenizer has ", n, " entries (vocab and added tokens)"));
-        id_entries_.assign(n, id_entry {});
-        for (const auto& [tok, id] : vocab_) {
-            auto& e = id_entries_[std::size_t(id)];
-            if (e.present)
+            by_id.emplace_back(id, &tok);
+        const auto by_first = [](const auto& l, const auto& r) { return l.first < r.first; };
+        std::sort(by_id.begin(), by_id.end(), by_first);
+        for (std::size_t i = 1; i < by_id.size(); ++i)
+            if (by_id[i].first == by_id[i - 1].first)
                 fail("model.vocab",
-                    detail::cat("id ", id, " is used by ", brief(json(e.token)), " and ", brief(json(tok))));
-            e.token = tok;
-            e.present = true;
+                    detail::cat("id ", by_id[i].first, " is used by ", brief(json(*by_id[i - 1].second)), " and ",
+                        brief(json(*by_id[i].second))));
+        const std::size_t nv = by_id.size();
+        for (const auto& a : added_) { // an added id the vocab lacks is an entry of its own
+            const auto it = std::lower_bound(by_id.begin(), by_id.begin() + std::ptrdiff_t(nv),
+                std::pair<std::int32_t, const std::string*>(a.id, nullptr), by_first);
+            if (it == by_id.begin() + std::ptrdiff_t(nv) || it->first != a.id)
+                by_id.emplace_back(a.id, &a.content);
+        }
+        // Added ids in order; two added tokens on one id keep one entry (the
+        // later one's content wins below, as before).
+        std::stable_sort(by_id.begin(), by_id.end(), by_first);
+        by_id.erase(
+            std::unique(by_id.begin(), by_id.end(), [](const auto& l, const auto& r) { return l.first == r.first; }),
+            by_id.end());
+        entry_ids_.resize(by_id.size());
+        id_entries_.assign(by_id.size(), id_entry {});
+        for (std::size_t i = 0; i < by_id.size(); ++i) {
+            entry_ids_[i] = by_id[i].first;
+            id_entries_[i].token = *by_id[i].second;
         }
         for (std::size_t i = 0; i < added_.size(); ++i) {
             const auto& a = added_[i];
-            auto& e = id_entries_[std::size_t(a.id)];
+            auto& e = id_entries_[std::size_t(
+                std::lower_bound(entry_ids_.begin(), entry_ids_.end(), a.id) - entry_ids_.begin())];
             e.token = a.content; // the added content wins for decoding (spec §7.4)
-            e.present = true;
             e.special = a.special;
             const auto idx = static_cast<std::int32_t>(i);
             if (a.normalized)
@@ -1250,8 +1276,7 @@ private:
                 raw_trie_.insert(a.content, idx);
         }
         for (auto& e : id_entries_)
-            if (e.present)
-                e.bytes = byte_level_decode(e.token);
+            e.bytes = byte_level_decode(e.token);
     }
 };
 
