@@ -37,6 +37,10 @@ inline const char* family_name(family f)
     return "?";
 }
 
+// The element type of the KV cache (a run-time choice, not a config.json
+// field: see kv_cache in model.hpp).
+enum class kv_dtype { f32, bf16 };
+
 struct model_config {
     family fam = family::olmoe;
     std::string model_type;
@@ -68,6 +72,7 @@ struct model_config {
     bool tie_word_embeddings = false;
     int max_positions = 4096;
     std::vector<int> eos_ids;
+    kv_dtype kv = kv_dtype::f32; // set by the runner (--kv), not read from config.json
     std::optional<int> bos_id;
     std::string torch_dtype;
 

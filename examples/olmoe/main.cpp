@@ -82,7 +82,7 @@ Run 'olmoe <command> --help' for a command's options.
 const std::map<std::string, std::string> usages
     = { { "generate", R"(usage: olmoe generate --model DIR [--prompt TEXT | --tokens 1,2,3] [--k K | --k-schedule S]
                       [--renorm] [--max-new N] [--threads N] [--weights native|int8] [--act exact|int8]
-                      [--check-weights] [--copy-weights] [--allow-long-context]
+                      [--kv f32|bf16] [--check-weights] [--copy-weights] [--allow-long-context]
 Greedy generation; streams text (or ids when the model has no tokenizer.json).
   --model DIR     checkpoint directory (config.json, *.safetensors, tokenizer.json),
                   or one GGUF file (llama.cpp's format; F32/F16/BF16/Q8_0/Q4_0/Q4_K/Q5_K/Q6_K)
@@ -98,6 +98,9 @@ Greedy generation; streams text (or ids when the model has no tokenizer.json).
   --act A         exact (default: f32 activations) or int8: the activations of
                   q8/q4_0/q4_k weights (decode and prefill) quantised to int8 per
                   block of 32 and integer dot products (faster, slightly different logits)
+  --kv T          KV cache element type: f32 (default, exact) or bf16 (half the
+                  bytes decode reads per cached position; keys and values rounded
+                  once when stored, as a bf16 Hugging Face model keeps them)
   --check-weights scan every weight for NaN / inf at load (names the tensor and element)
   --copy-weights  copy every float weight onto aligned huge-page memory at load, also
                   where the file aligns it (misaligned ones always are; README "Aligned weights")
@@ -107,13 +110,13 @@ Greedy generation; streams text (or ids when the model has no tokenizer.json).
 )" },
           { "logits", R"(usage: olmoe logits --model DIR --tokens 1,2,3 --out FILE.npy [--k K | --k-schedule S]
                     [--renorm] [--threads N] [--weights native|int8] [--act exact|int8] [--check-weights]
-                    [--copy-weights] [--allow-long-context]
+                    [--copy-weights] [--kv f32|bf16] [--allow-long-context]
 Writes the logits of every position, float32 [T, vocab], in NumPy .npy format
 (atomically; FILE may not be one of the checkpoint's files).
 )" },
           { "bench", R"(usage: olmoe bench --model DIR [--k 1,2,4,8 | --k-schedule S] [--renorm] [--prompt-len 512]
                    [--gen 32] [--threads N] [--weights native|int8] [--act exact|int8] [--json]
-                   [--check-weights] [--copy-weights] [--allow-long-context]
+                   [--kv f32|bf16] [--check-weights] [--copy-weights] [--allow-long-context]
 Measures prefill and decode tokens/s for each k, with the fraction of the
 memory-bandwidth roofline decode reached (weight and KV-cache bytes read per
 token / read bandwidth measured in the same run), prefill GFLOP/s as a
@@ -125,7 +128,8 @@ and the peak resident memory.
           { "sweep", R"(usage: olmoe sweep --model DIR (--text FILE | --tokens-file FILE) [--k 1,2,4,8] [--ref-k K]
                    [--k-schedule S] [--threshold P[,P...]] [--k-min N] [--k-max N] [--renorm]
                    [--context N] [--decode-tokens N] [--json FILE] [--plot FILE.svg] [--threads N]
-                   [--weights native|int8] [--check-weights] [--copy-weights] [--cloze FILE.jsonl [--cloze-items N]]
+                   [--weights native|int8] [--act exact|int8] [--kv f32|bf16] [--check-weights]
+                   [--copy-weights] [--cloze FILE.jsonl [--cloze-items N]]
        olmoe sweep --compare [NAME=]FILE.json,[NAME=]FILE.json,... [--plot FILE.svg]
 Teacher-forced evaluation of each operating point over the text, printing
 perplexity and mean next-token log-likelihood, agreement with the reference k
@@ -188,7 +192,7 @@ with the same weights as the safetensors output of the same seed. Presets:
           { "serve", R"(usage: olmoe serve --model DIR [--host 127.0.0.1] [--port 8080] [--threads N] [--max-batch 8]
                    [--max-queue 64] [--ctx 2048] [--prefill-chunk 128] [--k K]
                    [--policy fixed|latency --target-ms X] [--drain-timeout 30] [--weights native|int8]
-                   [--renorm] [--check-weights] [--copy-weights] [--allow-long-context]
+                   [--kv f32|bf16] [--renorm] [--check-weights] [--copy-weights] [--allow-long-context]
 OpenAI-compatible HTTP server (POST /v1/completions, /v1/chat/completions with
 "stream": true as server-sent events; GET /v1/models, /health, /metrics).
 Requests may set "k", "k_schedule" or "threshold"; otherwise the policy picks k.
@@ -364,6 +368,10 @@ loaded load(const args& a, std::size_t max_chunk = 256)
     if (act_name != "exact" && act_name != "int8")
         throw usage_error(cat("--act must be exact or int8, got '", act_name, "'"));
     const kdial::act_mode act = act_name == "int8" ? kdial::act_mode::int8 : kdial::act_mode::exact;
+    const std::string kv_name = a.get("kv", "f32");
+    if (kv_name != "f32" && kv_name != "bf16")
+        throw usage_error(cat("--kv must be f32 or bf16, got '", kv_name, "'"));
+    const olmoe::kv_dtype kv = kv_name == "bf16" ? olmoe::kv_dtype::bf16 : olmoe::kv_dtype::f32;
     olmoe::load_options o;
     o.int8 = wt == "int8";
     o.max_chunk = max_chunk;
@@ -386,6 +394,8 @@ loaded load(const args& a, std::size_t max_chunk = 256)
         if (a.flags.count("renorm"))
             L.m->set_renormalize(true);
         L.m->set_act_mode(act);
+        L.m->set_kv_dtype(kv);
+        L.cfg.kv = kv;
         if (a.flags.count("expert-parallel"))
             olmoe::ep::attach(*L.m);
         return L;
@@ -394,6 +404,8 @@ loaded load(const args& a, std::size_t max_chunk = 256)
     if (a.flags.count("renorm"))
         L.m->set_renormalize(true);
     L.m->set_act_mode(act);
+    L.m->set_kv_dtype(kv);
+    L.cfg.kv = kv;
     if (fs::exists(fs::symlink_status(fs::path(dir) / "tokenizer.json")))
         L.tok = kdial::io::bpe_tokenizer::from_file(fs::path(dir) / "tokenizer.json");
     if (a.flags.count("expert-parallel"))
@@ -643,9 +655,8 @@ int cmd_bench(const args& a, std::FILE* out = stdout)
                 if (g > 0) { // the first decode step warms caches
                     td += dt;
                     // Weights streamed plus the KV cache read by attention
-                    // (keys and values of every cached position, f32).
-                    bytes += double(L.m->last_decode_bytes())
-                        + 2.0 * L.cfg.layers * double(cache.pos) * double(cache.width) * sizeof(float);
+                    // (keys and values of every cached position).
+                    bytes += double(L.m->last_decode_bytes()) + double(cache.pos) * double(cache.bytes_per_position());
                 }
                 next = olmoe::argmax(logits);
                 p(0.5 + 0.5 * (g + 1) / gen);
@@ -1125,20 +1136,21 @@ int main(int argc, char** argv)
             olmoe::ep::init(argc, argv);
         if (cmd == "generate")
             return cmd_generate(parse_args(argc, argv,
-                { "model", "prompt", "tokens", "k", "k-schedule", "max-new", "threads", "weights", "act" },
+                { "model", "prompt", "tokens", "k", "k-schedule", "max-new", "threads", "weights", "act", "kv" },
                 { "renorm", "check-weights", "allow-long-context", "expert-parallel", "copy-weights" }));
         if (cmd == "logits")
-            return cmd_logits(
-                parse_args(argc, argv, { "model", "tokens", "k", "k-schedule", "out", "threads", "weights", "act" },
-                    { "renorm", "check-weights", "allow-long-context", "expert-parallel", "copy-weights" }));
+            return cmd_logits(parse_args(argc, argv,
+                { "model", "tokens", "k", "k-schedule", "out", "threads", "weights", "act", "kv" },
+                { "renorm", "check-weights", "allow-long-context", "expert-parallel", "copy-weights" }));
         if (cmd == "bench")
-            return cmd_bench(
-                parse_args(argc, argv, { "model", "k", "k-schedule", "prompt-len", "gen", "threads", "weights", "act" },
-                    { "json", "renorm", "check-weights", "allow-long-context", "expert-parallel", "copy-weights" }));
+            return cmd_bench(parse_args(argc, argv,
+                { "model", "k", "k-schedule", "prompt-len", "gen", "threads", "weights", "act", "kv" },
+                { "json", "renorm", "check-weights", "allow-long-context", "expert-parallel", "copy-weights" }));
         if (cmd == "sweep")
             return cmd_sweep(parse_args(argc, argv,
                 { "model", "text", "tokens-file", "k", "ref-k", "k-schedule", "threshold", "k-min", "k-max", "context",
-                    "decode-tokens", "json", "plot", "threads", "weights", "cloze", "cloze-items", "compare" },
+                    "decode-tokens", "json", "plot", "threads", "weights", "act", "kv", "cloze", "cloze-items",
+                    "compare" },
                 { "renorm", "check-weights", "copy-weights" }));
         if (cmd == "make-synthetic")
             return cmd_make_synthetic(
@@ -1156,7 +1168,7 @@ int main(int argc, char** argv)
         if (cmd == "serve")
             return cmd_serve(parse_args(argc, argv,
                 { "model", "host", "port", "threads", "max-batch", "max-queue", "ctx", "prefill-chunk", "k", "policy",
-                    "target-ms", "drain-timeout", "weights" },
+                    "target-ms", "drain-timeout", "weights", "kv" },
                 { "renorm", "check-weights", "allow-long-context", "copy-weights" }));
     } catch (const usage_error& e) {
         std::fprintf(stderr, "olmoe %s: %s\n\n%s", cmd.c_str(), e.what(), u->second.c_str());

@@ -176,22 +176,41 @@ template <class F> void for_each_weight(const model_weights& w, F&& f)
     }
 }
 
-// The KV cache of one sequence: post-RoPE keys and values per layer.
+// The KV cache of one sequence: post-RoPE keys and values per layer, in f32
+// (the default: exact) or bf16 (c.kv, `--kv bf16`: half the bytes decode
+// reads per cached position, the KV type Hugging Face uses for a bf16 model;
+// each value rounded to nearest even once, when it is stored).
 struct kv_cache {
     std::size_t capacity = 0; // positions
     std::size_t pos = 0; // tokens already cached
     std::size_t width = 0; // nkv * hd
+    kv_dtype dtype = kv_dtype::f32;
     // [layers][kv_heads][capacity][head_dim]: head-major, so attention reads
-    // each head's keys and values as one contiguous stream.
+    // each head's keys and values as one contiguous stream. k, v for f32;
+    // kb, vb for bf16 (the other pair is empty).
     std::vector<std::vector<float>> k, v;
+    std::vector<std::vector<kdial::bf16>> kb, vb;
 
     kv_cache() = default;
     kv_cache(const model_config& c, std::size_t cap)
         : capacity(cap)
         , width(std::size_t(c.kv_heads) * std::size_t(c.head_dim))
-        , k(std::size_t(c.layers), std::vector<float>(cap * std::size_t(c.kv_heads) * std::size_t(c.head_dim)))
-        , v(std::size_t(c.layers), std::vector<float>(cap * std::size_t(c.kv_heads) * std::size_t(c.head_dim)))
+        , dtype(c.kv)
     {
+        const std::size_t n = cap * width, L = std::size_t(c.layers);
+        if (dtype == kv_dtype::bf16) {
+            kb.assign(L, std::vector<kdial::bf16>(n));
+            vb.assign(L, std::vector<kdial::bf16>(n));
+        } else {
+            k.assign(L, std::vector<float>(n));
+            v.assign(L, std::vector<float>(n));
+        }
+    }
+    std::size_t layers() const noexcept { return dtype == kv_dtype::bf16 ? kb.size() : k.size(); }
+    // Bytes one cached position takes over all layers (K and V).
+    std::size_t bytes_per_position() const noexcept
+    {
+        return 2 * layers() * width * (dtype == kv_dtype::bf16 ? sizeof(kdial::bf16) : sizeof(float));
     }
     void reset() { pos = 0; }
 };
@@ -408,6 +427,9 @@ public:
     // int8 activations for the 8- and 4-bit weights (any row count,
     // kernels/qdot.hpp) in every layer and lm_head, or exact (the default;
     // --act).
+    // The element type of the KV caches built from config() from now on
+    // (a cache keeps the type it was built with; attention reads either).
+    void set_kv_dtype(kv_dtype t) noexcept { w_.cfg.kv = t; }
     void set_act_mode(kdial::act_mode a)
     {
         act_ = a;
@@ -555,7 +577,7 @@ private:
         check(T >= 1, "forward: sequence ", s, " has no tokens");
         check(cache.pos + T <= cache.capacity, "forward: the KV cache holds ", cache.capacity, " positions, ",
             cache.pos, " used, ", T, " more requested");
-        check(cache.k.size() == std::size_t(c.layers) && cache.width == std::size_t(c.kv_heads * c.head_dim),
+        check(cache.layers() == std::size_t(c.layers) && cache.width == std::size_t(c.kv_heads * c.head_dim),
             "forward: KV cache does not match the model");
         if (q.route.threshold) {
             const auto& th = *q.route.threshold;
@@ -615,10 +637,18 @@ private:
             const std::size_t cap = sq.cache->capacity;
             for (std::size_t r = 0; r < n; ++r)
                 for (std::size_t h = 0; h < nkv; ++h) {
-                    std::memcpy(
-                        sq.cache->k[l].data() + (h * cap + P + r) * hd, k.row(r0 + r) + h * hd, hd * sizeof(float));
-                    std::memcpy(
-                        sq.cache->v[l].data() + (h * cap + P + r) * hd, v.row(r0 + r) + h * hd, hd * sizeof(float));
+                    const std::size_t at = (h * cap + P + r) * hd;
+                    const float *kr = k.row(r0 + r) + h * hd, *vr = v.row(r0 + r) + h * hd;
+                    if (sq.cache->dtype == kv_dtype::bf16) {
+                        kdial::bf16 *kd = sq.cache->kb[l].data() + at, *vd = sq.cache->vb[l].data() + at;
+                        for (std::size_t i = 0; i < hd; ++i) {
+                            kd[i] = kdial::bf16::from_float(kr[i]);
+                            vd[i] = kdial::bf16::from_float(vr[i]);
+                        }
+                    } else {
+                        std::memcpy(sq.cache->k[l].data() + at, kr, hd * sizeof(float));
+                        std::memcpy(sq.cache->v[l].data() + at, vr, hd * sizeof(float));
+                    }
                 }
             for (std::size_t t0 = 0; t0 < n; t0 += tok_tile)
                 for (std::size_t head = 0; head < nh; ++head) {
@@ -638,22 +668,27 @@ private:
             const auto& tl = tiles_[i];
             const kv_cache& cache = *seqs[tl.seq].cache;
             const std::size_t P = cache.pos, head = tl.head, kvh = head / group;
-            const float* K = cache.k[l].data() + kvh * cache.capacity * hd;
-            const float* Vc = cache.v[l].data() + kvh * cache.capacity * hd;
             float* s = scores_.data() + tl.score0;
-            for (std::size_t r = tl.r0; r < tl.r1; ++r) {
-                const std::size_t pos = P + (r - tl.first);
-                const std::size_t j0 = window && pos + 1 > window ? pos + 1 - window : 0;
-                const float* qv = q.row(r) + head * hd;
-                for (std::size_t j = j0; j <= pos; ++j)
-                    s[j - j0] = kdial::simd::dot(qv, K + j * hd, hd) * scale;
-                const std::size_t n = pos + 1 - j0;
-                kdial::softmax_inplace(s, n);
-                float* ov = o.row(r) + head * hd;
-                std::memset(ov, 0, hd * sizeof(float));
-                for (std::size_t j = 0; j < n; ++j)
-                    kdial::simd::axpy(s[j], Vc + (j0 + j) * hd, ov, hd);
-            }
+            const auto run = [&](const auto* K, const auto* Vc) {
+                for (std::size_t r = tl.r0; r < tl.r1; ++r) {
+                    const std::size_t pos = P + (r - tl.first);
+                    const std::size_t j0 = window && pos + 1 > window ? pos + 1 - window : 0;
+                    const float* qv = q.row(r) + head * hd;
+                    for (std::size_t j = j0; j <= pos; ++j)
+                        s[j - j0] = kdial::simd::dot_w(qv, K + j * hd, hd) * scale;
+                    const std::size_t n = pos + 1 - j0;
+                    kdial::softmax_inplace(s, n);
+                    float* ov = o.row(r) + head * hd;
+                    std::memset(ov, 0, hd * sizeof(float));
+                    for (std::size_t j = 0; j < n; ++j)
+                        kdial::simd::axpy_w(s[j], Vc + (j0 + j) * hd, ov, hd);
+                }
+            };
+            const std::size_t at = kvh * cache.capacity * hd;
+            if (cache.dtype == kv_dtype::bf16)
+                run(cache.kb[l].data() + at, cache.vb[l].data() + at);
+            else
+                run(cache.k[l].data() + at, cache.v[l].data() + at);
         });
         kdial::dense_linear(A.o, cmatrix_view<float>(o), out, bias(A.o_bias), act_, dense_scratch_);
     }

@@ -7,6 +7,7 @@
 #include <kdial/core/blocks.hpp>
 #include <kdial/kernels/quantize.hpp>
 #include <kdial/simd/convert.hpp>
+#include <kdial/simd/vec.hpp>
 
 #include "kernels/arch_kernels.hpp"
 
@@ -121,5 +122,43 @@ TEST_CASE_TEMPLATE("convert: each arch's widening loads equal weight_at, misalig
                 REQUIRE(std::memcmp(&out[i], &want, sizeof want) == 0);
             }
         }
+    }
+}
+
+TEST_CASE("dot_w / axpy_w: float gives dot / axpy's bits, bf16 and f16 the bits of their widened copy [simd][convert]")
+{
+    std::mt19937 rng(11);
+    std::uniform_real_distribution<float> U(-3.f, 3.f);
+    for (const std::size_t n : { 1, 7, 8, 15, 16, 17, 31, 33, 64, 100, 128, 131 }) {
+        CAPTURE(n);
+        // One element into each buffer: misaligned for every arch.
+        std::vector<float> a(n + 1), b(n + 1), wb(n + 1), wh(n + 1), y0(n + 1);
+        std::vector<bf16> b16(n + 1);
+        std::vector<f16> h16(n + 1);
+        for (std::size_t i = 0; i < n + 1; ++i) {
+            a[i] = U(rng);
+            b[i] = U(rng);
+            y0[i] = U(rng);
+            b16[i] = bf16::from_float(b[i]);
+            h16[i] = f16::from_float(b[i]);
+            wb[i] = b16[i].to_float();
+            wh[i] = h16[i].to_float();
+        }
+        const auto same = [](float x, float y) { return std::memcmp(&x, &y, sizeof x) == 0; };
+        CHECK(same(simd::dot_w(a.data() + 1, b.data() + 1, n), simd::dot(a.data() + 1, b.data() + 1, n)));
+        CHECK(same(simd::dot_w(a.data() + 1, b16.data() + 1, n), simd::dot(a.data() + 1, wb.data() + 1, n)));
+        CHECK(same(simd::dot_w(a.data() + 1, h16.data() + 1, n), simd::dot(a.data() + 1, wh.data() + 1, n)));
+        CHECK_FALSE(same(simd::dot_w(a.data() + 1, b16.data() + 1, n), simd::dot(a.data() + 1, b.data() + 1, n)));
+        const float alpha = U(rng);
+        std::vector<float> y1 = y0, y2 = y0;
+        simd::axpy_w(alpha, b16.data() + 1, y1.data() + 1, n);
+        simd::axpy(alpha, wb.data() + 1, y2.data() + 1, n);
+        CHECK(std::memcmp(y1.data(), y2.data(), (n + 1) * sizeof(float)) == 0);
+        y1 = y0;
+        y2 = y0;
+        simd::axpy_w(alpha, b.data() + 1, y1.data() + 1, n);
+        simd::axpy(alpha, b.data() + 1, y2.data() + 1, n);
+        CHECK(std::memcmp(y1.data(), y2.data(), (n + 1) * sizeof(float)) == 0);
+        CHECK(y1[0] == y0[0]); // nothing before the range is touched
     }
 }
