@@ -424,12 +424,12 @@ private:
     }
 
 public:
-    // int8 activations for the 8- and 4-bit weights (any row count,
-    // kernels/qdot.hpp) in every layer and lm_head, or exact (the default;
-    // --act).
     // The element type of the KV caches built from config() from now on
     // (a cache keeps the type it was built with; attention reads either).
     void set_kv_dtype(kv_dtype t) noexcept { w_.cfg.kv = t; }
+    // int8 activations for the 8- and 4-bit weights (any row count,
+    // kernels/qdot.hpp) in every layer and lm_head, or exact (the default;
+    // --act).
     void set_act_mode(kdial::act_mode a)
     {
         act_ = a;

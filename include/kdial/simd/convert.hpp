@@ -9,7 +9,6 @@
 // the same bits, used by any arch without one).
 #pragma once
 
-#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -469,40 +468,6 @@ template <class Arch = xsimd::default_arch>
 inline xsimd::batch<float, Arch> load_weights(const q4_k_block* row, std::size_t k) noexcept
 {
     return load_q4_k<Arch>(row[k / qk_k], k % qk_k);
-}
-
-// dot and axpy (vec.hpp) with the second operand stored as float, bf16 or
-// f16 (a KV cache, say), widened in registers. The same operations in the
-// same order as dot / axpy, so the float forms give their bits.
-template <class Arch = xsimd::default_arch, class S>
-inline float dot_w(const float* a, const S* b, std::size_t n) noexcept
-{
-    using B = xsimd::batch<float, Arch>;
-    constexpr std::size_t W = B::size;
-    B acc0(0.0f), acc1(0.0f);
-    std::size_t i = 0;
-    for (; i + 2 * W <= n; i += 2 * W) {
-        acc0 = simd::fma(B::load_unaligned(a + i), load_weights<Arch>(b, i), acc0);
-        acc1 = simd::fma(B::load_unaligned(a + i + W), load_weights<Arch>(b, i + W), acc1);
-    }
-    for (; i + W <= n; i += W)
-        acc0 = simd::fma(B::load_unaligned(a + i), load_weights<Arch>(b, i), acc0);
-    float s = hsum(acc0 + acc1);
-    for (; i < n; ++i)
-        s = std::fma(a[i], weight_at(b, i), s);
-    return s;
-}
-template <class Arch = xsimd::default_arch, class S>
-inline void axpy_w(float alpha, const S* x, float* y, std::size_t n) noexcept
-{
-    using B = xsimd::batch<float, Arch>;
-    constexpr std::size_t W = B::size;
-    const B va(alpha);
-    std::size_t i = 0;
-    for (; i + W <= n; i += W)
-        simd::fma(va, load_weights<Arch>(x, i), B::load_unaligned(y + i)).store_unaligned(y + i);
-    for (; i < n; ++i)
-        y[i] = std::fma(alpha, weight_at(x, i), y[i]);
 }
 
 } // namespace kdial::simd

@@ -9,40 +9,54 @@
 #include <cstddef>
 
 #include "compat.hpp"
+#include "convert.hpp"
 
 namespace kdial::simd {
 
-// sum_i a[i] * b[i]
-template <class Arch = xsimd::default_arch> inline float dot(const float* a, const float* b, std::size_t n) noexcept
+// sum_i a[i] * b[i], b stored as float, bf16 or f16 (a KV cache, say) and
+// widened in registers (convert.hpp: the widening is exact, so a bf16 or
+// f16 b gives the bits of its widened float copy).
+template <class Arch = xsimd::default_arch, class S>
+inline float dot_w(const float* a, const S* b, std::size_t n) noexcept
 {
     using B = xsimd::batch<float, Arch>;
     constexpr std::size_t W = B::size;
     B acc0(0.0f), acc1(0.0f);
     std::size_t i = 0;
     for (; i + 2 * W <= n; i += 2 * W) {
-        acc0 = simd::fma(B::load_unaligned(a + i), B::load_unaligned(b + i), acc0);
-        acc1 = simd::fma(B::load_unaligned(a + i + W), B::load_unaligned(b + i + W), acc1);
+        acc0 = simd::fma(B::load_unaligned(a + i), load_weights<Arch>(b, i), acc0);
+        acc1 = simd::fma(B::load_unaligned(a + i + W), load_weights<Arch>(b, i + W), acc1);
     }
     for (; i + W <= n; i += W)
-        acc0 = simd::fma(B::load_unaligned(a + i), B::load_unaligned(b + i), acc0);
+        acc0 = simd::fma(B::load_unaligned(a + i), load_weights<Arch>(b, i), acc0);
     float s = hsum(acc0 + acc1);
     for (; i < n; ++i)
-        s = std::fma(a[i], b[i], s);
+        s = std::fma(a[i], weight_at(b, i), s);
     return s;
 }
+template <class Arch = xsimd::default_arch> inline float dot(const float* a, const float* b, std::size_t n) noexcept
+{
+    return dot_w<Arch>(a, b, n);
+}
 
-// y[i] += alpha * x[i]   (one fused multiply-add per element)
-template <class Arch = xsimd::default_arch>
-inline void axpy(float alpha, const float* x, float* y, std::size_t n) noexcept
+// y[i] += alpha * x[i]   (one fused multiply-add per element), x stored as
+// float, bf16 or f16 and widened as in dot_w.
+template <class Arch = xsimd::default_arch, class S>
+inline void axpy_w(float alpha, const S* x, float* y, std::size_t n) noexcept
 {
     using B = xsimd::batch<float, Arch>;
     constexpr std::size_t W = B::size;
     const B va(alpha);
     std::size_t i = 0;
     for (; i + W <= n; i += W)
-        simd::fma(va, B::load_unaligned(x + i), B::load_unaligned(y + i)).store_unaligned(y + i);
+        simd::fma(va, load_weights<Arch>(x, i), B::load_unaligned(y + i)).store_unaligned(y + i);
     for (; i < n; ++i)
-        y[i] = std::fma(alpha, x[i], y[i]);
+        y[i] = std::fma(alpha, weight_at(x, i), y[i]);
+}
+template <class Arch = xsimd::default_arch>
+inline void axpy(float alpha, const float* x, float* y, std::size_t n) noexcept
+{
+    axpy_w<Arch>(alpha, x, y, n);
 }
 
 // y[i] = alpha * x[i]
