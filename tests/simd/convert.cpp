@@ -126,7 +126,7 @@ TEST_CASE_TEMPLATE("convert: each arch's widening loads equal weight_at, misalig
 }
 
 TEST_CASE("dot_w / axpy_w: bf16 and f16 give the bits of their widened copy; float within the bound / fma per element "
-          "[simd][convert]")
+          "[simd][convert][kernels]")
 {
     std::mt19937 rng(11);
     std::uniform_real_distribution<float> U(-3.f, 3.f);
