@@ -391,23 +391,17 @@ loaded load(const args& a, std::size_t max_chunk = 256)
         }
         L.no_tokenizer = g.tokenizer_error.empty() ? "a tokenizer in the GGUF metadata" : g.tokenizer_error;
         L.m = std::make_unique<olmoe::model>(std::move(g.weights), max_chunk);
-        if (a.flags.count("renorm"))
-            L.m->set_renormalize(true);
-        L.m->set_act_mode(act);
-        L.m->set_kv_dtype(kv);
-        L.cfg.kv = kv;
-        if (a.flags.count("expert-parallel"))
-            olmoe::ep::attach(*L.m);
-        return L;
+    } else {
+        L.m = std::make_unique<olmoe::model>(olmoe::load_weights(dir, L.cfg, o), max_chunk);
+        if (fs::exists(fs::symlink_status(fs::path(dir) / "tokenizer.json")))
+            L.tok = kdial::io::bpe_tokenizer::from_file(fs::path(dir) / "tokenizer.json");
     }
-    L.m = std::make_unique<olmoe::model>(olmoe::load_weights(dir, L.cfg, o), max_chunk);
+    // The run-time settings, the same for both formats.
     if (a.flags.count("renorm"))
         L.m->set_renormalize(true);
     L.m->set_act_mode(act);
     L.m->set_kv_dtype(kv);
     L.cfg.kv = kv;
-    if (fs::exists(fs::symlink_status(fs::path(dir) / "tokenizer.json")))
-        L.tok = kdial::io::bpe_tokenizer::from_file(fs::path(dir) / "tokenizer.json");
     if (a.flags.count("expert-parallel"))
         olmoe::ep::attach(*L.m);
     return L;

@@ -11,6 +11,7 @@
 
 #include <kdial/kdial.hpp>
 #include <kdial/kernels/dense.hpp>
+#include <kdial/kernels/quantize.hpp>
 #include <kdial/kernels/rmsnorm.hpp>
 #include <kdial/kernels/rope.hpp>
 #include <kdial/kernels/softmax.hpp>
@@ -635,21 +636,24 @@ private:
             const auto& sq = seqs[s];
             const std::size_t n = sq.tokens.size(), P = sq.cache->pos;
             const std::size_t cap = sq.cache->capacity;
-            for (std::size_t r = 0; r < n; ++r)
-                for (std::size_t h = 0; h < nkv; ++h) {
-                    const std::size_t at = (h * cap + P + r) * hd;
-                    const float *kr = k.row(r0 + r) + h * hd, *vr = v.row(r0 + r) + h * hd;
-                    if (sq.cache->dtype == kv_dtype::bf16) {
-                        kdial::bf16 *kd = sq.cache->kb[l].data() + at, *vd = sq.cache->vb[l].data() + at;
-                        for (std::size_t i = 0; i < hd; ++i) {
-                            kd[i] = kdial::bf16::from_float(kr[i]);
-                            vd[i] = kdial::bf16::from_float(vr[i]);
-                        }
-                    } else {
-                        std::memcpy(sq.cache->k[l].data() + at, kr, hd * sizeof(float));
-                        std::memcpy(sq.cache->v[l].data() + at, vr, hd * sizeof(float));
+            for (std::size_t r = 0; r < n; ++r) {
+                // Row r's nkv heads of hd values land cap * hd apart in the
+                // head-major cache.
+                const std::size_t at = (P + r) * hd;
+                if (sq.cache->dtype == kv_dtype::bf16) {
+                    kdial::convert_bf16(cmatrix_view<float>(k.row(r0 + r), nkv, hd),
+                        matrix_view<kdial::bf16>(sq.cache->kb[l].data() + at, nkv, hd, cap * hd));
+                    kdial::convert_bf16(cmatrix_view<float>(v.row(r0 + r), nkv, hd),
+                        matrix_view<kdial::bf16>(sq.cache->vb[l].data() + at, nkv, hd, cap * hd));
+                } else {
+                    for (std::size_t h = 0; h < nkv; ++h) {
+                        std::memcpy(
+                            sq.cache->k[l].data() + at + h * cap * hd, k.row(r0 + r) + h * hd, hd * sizeof(float));
+                        std::memcpy(
+                            sq.cache->v[l].data() + at + h * cap * hd, v.row(r0 + r) + h * hd, hd * sizeof(float));
                     }
                 }
+            }
             for (std::size_t t0 = 0; t0 < n; t0 += tok_tile)
                 for (std::size_t head = 0; head < nh; ++head) {
                     tiles_.push_back({ s, head, r0 + t0, r0 + std::min(n, t0 + tok_tile), r0, score_len });
