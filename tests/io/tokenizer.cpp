@@ -830,6 +830,13 @@ TEST_SUITE("io/tokenizer")
             CHECK(t.is_special(std::int32_t(id)));
             CHECK_FALSE(t.is_valid_id(2003)); // the gap below it
             CHECK_FALSE(t.is_valid_id(std::int32_t(id) - 1));
+            // ids() walks the entries: 0..2002 and the far one, ascending.
+            const auto entries = t.ids();
+            REQUIRE(entries.size() == 2004);
+            CHECK(entries[0] == 0);
+            CHECK(entries[2002] == 2002);
+            CHECK(entries[2003] == std::int32_t(id));
+            CHECK(std::is_sorted(entries.begin(), entries.end()));
             CHECK(t.token_to_id("<|far|>") == std::int32_t(id));
             CHECK(t.encode("a<|far|>") == std::vector<std::int32_t> { *t.token_to_id("a"), std::int32_t(id) });
             CHECK(t.decode(std::vector<std::int32_t> { std::int32_t(id), *t.token_to_id("a") }) == "<|far|>a");

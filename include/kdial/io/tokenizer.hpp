@@ -436,6 +436,9 @@ public:
     // One past the largest id that has a token (0 for an empty tokenizer).
     std::size_t id_limit() const noexcept { return entry_ids_.empty() ? 0 : std::size_t(entry_ids_.back()) + 1; }
     bool is_valid_id(std::int32_t id) const noexcept { return find_entry(id) != nullptr; }
+    // Every id that has a token, ascending (the way to walk a vocabulary
+    // whose ids have gaps).
+    std::span<const std::int32_t> ids() const noexcept { return entry_ids_; }
     bool is_special(std::int32_t id) const noexcept
     {
         const id_entry* e = find_entry(id);
