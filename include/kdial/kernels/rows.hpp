@@ -12,8 +12,8 @@
 // columns in blocks whose weights fit half the L2 (read at run time,
 // core/cache.hpp), so a block is streamed from memory once for all row
 // groups; rows in near-equal groups; and the inputs in chunks of
-// rows_kc_of<type> (2048, f32 512), so a group's slice of X stays in L2
-// (f32: L1) while every weight row of the block passes over it,
+// rows_kc_of (2048), so a group's slice of X stays in L2 while every
+// weight row of the block passes over it,
 // rows_per_pass weight rows at a time.
 // Bits: each output is the sum, in chunk order, of the GEMV's one-chain dot
 // products (gemv_chains<NR> == 1 for every group of >= 3 rows) over the
@@ -43,28 +43,36 @@ template <class Arch, class S>
 inline constexpr int rows_group_max
     = (simd::is_avx512_arch<Arch> || KDIAL_SIMD_NEON64) && !simd::is_scaled_block<S> ? 8 : 6;
 
-// Weight rows per pass (gemv_rows' R): 3 with 32 vector registers for bf16
-// and f16 (3 x 8 accumulators; each converted weight vector serves 8 rows
-// and each X vector 3 rows), else 2: q8 / q4_0 hold block sums beside the
-// accumulators, q4_k its scale tables, AVX2 has 16 registers, and f32
-// measured no faster with 3. R does not change any sum's bits.
+// Weight rows per pass (gemv_rows' R): 3 with 32 vector registers for f32,
+// bf16 and f16 (3 x 8 accumulators; each weight vector serves 8 rows and
+// each X vector 3 rows), else 2: q8 / q4_0 hold block sums beside the
+// accumulators, q4_k its scale tables, AVX2 has 16 registers. R does not
+// change any sum's bits. f32 took 3 on Zen 4 (it had measured no faster on
+// Zen 5): bench_moe prefill/f32/T:512/k:1, 1 thread, AVX-512, of FMA peak,
+// 0.33-0.36 -> 0.38 (two alternating runs).
 template <class Arch, class S>
-inline constexpr int rows_per_pass
-    = (simd::is_avx512_arch<Arch> || KDIAL_SIMD_NEON64) && (std::is_same_v<S, bf16> || std::is_same_v<S, f16>) ? 3 : 2;
+inline constexpr int rows_per_pass = (simd::is_avx512_arch<Arch> || KDIAL_SIMD_NEON64)
+        && (std::is_same_v<S, bf16> || std::is_same_v<S, f16> || std::is_same_v<S, float>)
+    ? 3
+    : 2;
 
-// Inputs per chunk: a constant per weight type (the sum is split here, so
-// it must not depend on the machine), a multiple of 256 (whole q4_k
-// super-blocks, whole q8 / q4_0 blocks) and of every lane count. Each chunk
-// ends in a lane sum per (row, weight row) pair, and a group's slice of X
-// (NR rows x chunk floats) is reused by every weight row of the block:
-// 2048 for the 16-bit and quantised types (<= 64 KiB of X, in L2 on any
-// machine, and the lane sums amortised), 512 for f32 (16 KiB, in L1: f32
-// weights take twice the load bandwidth, and 2048 measured ~8 % slower).
+// Inputs per chunk: a constant (the sum is split here, so it must not
+// depend on the machine), a multiple of 256 (whole q4_k super-blocks, whole
+// q8 / q4_0 blocks) and of every lane count. Each chunk ends in a lane sum
+// per (row, weight row) pair, and a group's slice of X (NR rows x chunk
+// floats, <= 64 KiB: in L2 on any machine) is reused by every weight row of
+// the block. 2048 for every type: at OLMoE sizes a weight row is one chunk,
+// streamed whole.
 // bench_experts exact_rows, Zen 5, 512 -> 2048 with rows_per_pass 2 -> 3:
 // bf16 8 rows 1.21-1.37 -> 0.88-0.96 ms, 16 rows 2.18-2.51 -> 1.63-1.67;
-// q8 (R = 2) 8 rows 1.41-1.64 -> 1.02-1.18 ms. A row has the GEMV's bits
-// at n = 3, 4 for K <= its chunk.
-template <class S> inline constexpr std::size_t rows_kc_of = std::is_same_v<S, float> ? 512 : 2048;
+// q8 (R = 2) 8 rows 1.41-1.64 -> 1.02-1.18 ms. f32 kept 512 there (its X
+// slice in L1; 2048 measured ~8 % slower with R = 2) until Zen 4 (32 KiB,
+// 8-way L1, as Zen 3's), where 2048 is faster: f32 exact_rows, 1 thread,
+// fraction of FMA peak at 8 / 16 rows, two alternating rounds, 512 -> 2048:
+// AVX2 0.36-0.37 / 0.50-0.53 -> 0.46-0.48 / 0.46-0.58; AVX-512 with R = 3
+// (above) 0.40-0.44 / 0.53-0.56 vs R = 2 at 512 0.27-0.34 / 0.43-0.44.
+// A row has the GEMV's bits at n = 3, 4 for K <= its chunk.
+template <class S> inline constexpr std::size_t rows_kc_of = 2048;
 
 // Most output columns of a block (bounds the gate/up scratch on the stack).
 inline constexpr std::size_t rows_max_block = 256;
