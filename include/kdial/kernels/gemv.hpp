@@ -150,10 +150,15 @@ inline void gemv_rows(
                     simd::prefetch_l2(reinterpret_cast<const char*>(next[r] + k) + p);
             for (int c = 0; c < C; ++c) {
                 // Each loaded vector serves NR (or R) FMAs: held in a
-                // register (simd::in_register), not reloaded per FMA. Not
-                // for f32 weights at decode (n <= 4): there it measured
-                // ~10 % slower from memory (faster in cache).
-                constexpr bool hold = NR > 4 || !std::is_same_v<S, float>;
+                // register (simd::in_register), not reloaded per FMA, for
+                // NR > 4 (the small-row path). Not at decode (n <= 4):
+                // there the compiler's own choice streams faster from
+                // memory, f32 ~10 % (Zen 5) and bf16 on Zen 4: bench_moe
+                // decode bf16, 1 thread, two sets of five alternating
+                // rounds, GB/s medians 18.0-18.4 -> 19.7-19.9 (k = 1) and
+                // 16.7-17.9 -> 19.2-19.3 (k = 8), ahead in 19 of 20
+                // pairs (the AVX2 build: within run-order noise).
+                constexpr bool hold = NR > 4;
                 B wv[R];
                 for (int r = 0; r < R; ++r) {
                     B t = simd::load_weights<Arch>(rows[r], k + c * L);
