@@ -3,7 +3,7 @@
 // GEMM thresholds against the scalar reference, every weight format, every
 // SIMD arch this CPU runs; a row's bits do not depend on the row count in
 // [5, small_max_rows] nor on its place in the call (and equal the GEMV's at
-// n = 3, 4 when K fits one chunk, detail::rows_kc_of); a weight matrix
+// n = 3, 4 when K fits one chunk, detail::rows_kc); a weight matrix
 // wider than one cache-derived column block; and the cache sizes themselves. With
 // act_mode::int8 (q8, q4_0, q4_k): every row count 1..130 gives the int8
 // reference's bits (tests/ref/qdot_ref.hpp) on every arch.
@@ -130,7 +130,7 @@ TEST_CASE_TEMPLATE("linear, swiglu_gate_up: a row's bits do not depend on the ro
         std::mt19937 rng(22);
         // K = kc + 76 crosses a chunk boundary (q4_k: rounded up to whole
         // super-blocks); K = 133 fits one chunk.
-        constexpr std::size_t kc = detail::rows_kc_of<typename W::storage>;
+        constexpr std::size_t kc = detail::rows_kc;
         for (const std::size_t K0 : { std::size_t { 133 }, kc + 76 }) {
             const std::size_t O = 23, K = fit_k<W>(K0), N = small_max_rows_of(W::id);
             CAPTURE(K);

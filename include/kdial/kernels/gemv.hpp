@@ -162,7 +162,7 @@ inline void gemv_rows(
                 B wv[R];
                 for (int r = 0; r < R; ++r) {
                     B t = simd::load_weights<Arch>(rows[r], k + c * L);
-                    if constexpr (hold && NR > 1)
+                    if constexpr (hold) // NR > 4
                         simd::in_register(t);
                     wv[r] = t;
                 }

@@ -8,7 +8,7 @@
 // (GEMM, FMA-bound). Within a path a row's outputs are bit-identical for any
 // column split [o0, o1); the GEMV's bits depend on n (see row_class), the
 // small-row path gives a row the same bits for any n in (gemv_max_rows,
-// small_max_rows_of(type)] (it sums per chunk of rows_kc_of = 2048
+// small_max_rows_of(type)] (it sums per chunk of rows_kc = 2048
 // inputs, so only for K within one chunk do they equal the GEMV's at
 // n = 3, 4), and the GEMM gives a row the same bits for any larger n.
 // act_mode::int8 (q8, q4_0, q4_k weights) takes kernels/qdot.hpp at every

@@ -12,7 +12,7 @@
 // columns in blocks whose weights fit half the L2 (read at run time,
 // core/cache.hpp), so a block is streamed from memory once for all row
 // groups; rows in near-equal groups; and the inputs in chunks of
-// rows_kc_of (2048), so a group's slice of X stays in L2 while every
+// rows_kc (2048), so a group's slice of X stays in L2 while every
 // weight row of the block passes over it,
 // rows_per_pass weight rows at a time.
 // Bits: each output is the sum, in chunk order, of the GEMV's one-chain dot
@@ -72,7 +72,7 @@ inline constexpr int rows_per_pass = (simd::is_avx512_arch<Arch> || KDIAL_SIMD_N
 // AVX2 0.36-0.37 / 0.50-0.53 -> 0.46-0.48 / 0.46-0.58; AVX-512 with R = 3
 // (above) 0.40-0.44 / 0.53-0.56 vs R = 2 at 512 0.27-0.34 / 0.43-0.44.
 // A row has the GEMV's bits at n = 3, 4 for K <= its chunk.
-template <class S> inline constexpr std::size_t rows_kc_of = 2048;
+inline constexpr std::size_t rows_kc = 2048;
 
 // Most output columns of a block (bounds the gate/up scratch on the stack).
 inline constexpr std::size_t rows_max_block = 256;
@@ -148,7 +148,7 @@ void linear_rows(
 {
     using S = typename W::storage;
     constexpr int R = rows_per_pass<Arch, S>;
-    constexpr std::size_t kc = rows_kc_of<S>;
+    constexpr std::size_t kc = rows_kc;
     const std::size_t K = w.cols;
     const std::size_t ob = rows_block_cols(storage_cols<W>(K) * sizeof(S), 1);
     for (std::size_t b0 = o0; b0 < o1; b0 += ob) {
@@ -178,7 +178,7 @@ void gate_up_rows(const weight_view<W>& gate, const weight_view<W>& up, cmatrix_
     using S = typename W::storage;
     constexpr int M = rows_group_max<Arch, S>;
     constexpr int R = rows_per_pass<Arch, S>;
-    constexpr std::size_t kc = rows_kc_of<S>;
+    constexpr std::size_t kc = rows_kc;
     const std::size_t K = gate.cols;
     const std::size_t fb = rows_block_cols(storage_cols<W>(K) * sizeof(S), 2);
     // gu[i][2 * (f - b0)] is row i's gate sum of feature f, + 1 its up sum.
