@@ -275,6 +275,50 @@ TEST_CASE_TEMPLATE("linear_q8act / swiglu_gate_up_q8act: bit-identical to the re
     }
 }
 
+TEST_CASE("linear_q8act: q8 weights at the int8 limits (-128, 127; a GGUF file may hold -128) and activations "
+          "at +-127 give the reference's bits on every path, decode and prefill [kernels][qdot]")
+{
+    const auto list = isas();
+    std::mt19937 rng(5);
+    const std::size_t O = 13, K = 544;
+    auto w = ref::random_weights<q8_t>(O, K, rng, 0, 0);
+    // Whole blocks of -128, of 127, alternating, and random limits; the
+    // rest as quantised.
+    for (std::size_t o = 0; o < O; ++o)
+        for (std::size_t b = 0; b < K / 32; ++b) {
+            auto& blk = w.buf[o * (K / 32) + b];
+            for (std::size_t l = 0; l < 32; ++l) {
+                const int kind = int((o + b) % 5);
+                blk.q[l] = kind == 0 ? std::int8_t(-128)
+                    : kind == 1      ? std::int8_t(127)
+                    : kind == 2      ? std::int8_t(l % 2 ? -128 : 127)
+                    : kind == 3      ? std::int8_t(rng() % 2 ? -128 : 127)
+                                     : blk.q[l];
+            }
+        }
+    for (std::size_t n : { 1, 2, 3, 4, 5, 9, 17 }) {
+        auto x = ref::random_matrix(n, K, rng, 0, 0, 1.0f);
+        // Blocks of +-1 (q = +-127 after quantisation) with either sign.
+        for (std::size_t i = 0; i < n; ++i)
+            for (std::size_t k = 0; k < K; ++k)
+                if ((k / 32 + i) % 2 == 0)
+                    x.view(i, k) = (rng() % 2) ? 1.0f : -1.0f;
+        const auto a = quantize(cmatrix_view<float>(x.view));
+        const auto want = ref::linear_int8(w.view, x.view.data, n, x.view.stride);
+        for (const auto& isa : list) {
+            CAPTURE(isa.name);
+            CAPTURE(n);
+            auto y = ref::filled_matrix(n, O, 0);
+            isa.q8.lin(w.view, a.v, 0, O, y.view);
+            bool same = true;
+            for (std::size_t i = 0; i < n; ++i)
+                for (std::size_t o = 0; o < O; ++o)
+                    same = same && same_float(y.view(i, o), want[i * O + o]);
+            CHECK(same);
+        }
+    }
+}
+
 TEST_CASE_TEMPLATE("linear_q8act / swiglu_gate_up_q8act: any row count and position, every path, bit-identical "
                    "to the reference [kernels][qdot]",
     W, q8_t, q4_0_t, q4_k_t)

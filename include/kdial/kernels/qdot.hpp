@@ -586,9 +586,30 @@ inline __m256 q4_0_scales256(const q4_0_block* w) noexcept
 }
 
 // D_j and M_j of a q4_k super-block (the values of simd::scales_of, the
-// same f32 products) as vectors.
+// same f32 products) as vectors. F16C: the 6-bit fields unpacked from the
+// block's first 16 bytes in vector registers (two byte shuffles, shifts and
+// masks; the scalar bit-field code below made the n = 1 int8 kernel ~25 %
+// slower, weights in L2).
 inline void q4_k_scales256(const q4_k_block& b, __m256& D, __m256& M) noexcept
 {
+#if defined(__F16C__)
+    // v = d, dmin (f16), scales[0:12]. Fields (scales bytes s_i = v[4 + i]):
+    // sc_j = s_j & 63, m_j = s_{4+j} & 63 (j < 4); sc_{4+j} = (s_{8+j} & 15)
+    // | (s_j >> 6) << 4, m_{4+j} = (s_{8+j} >> 4) | (s_{4+j} >> 6) << 4.
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(&b));
+    // Dwords: s0-3, s8-11, s4-7, s8-11 (the low field bits) ...
+    const __m128i P = _mm_shuffle_epi8(v, _mm_setr_epi8(4, 5, 6, 7, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15));
+    // ... and -, s0-3, -, s4-7 (the high 2 bits of sc / m 4-7).
+    const __m128i Q = _mm_shuffle_epi8(v, _mm_setr_epi8(-1, -1, -1, -1, 4, 5, 6, 7, -1, -1, -1, -1, 8, 9, 10, 11));
+    const __m128i lo = _mm_and_si128(_mm_blend_epi32(P, _mm_srli_epi16(P, 4), 0x8),
+        _mm_setr_epi8(0x3f, 0x3f, 0x3f, 0x3f, 0x0f, 0x0f, 0x0f, 0x0f, 0x3f, 0x3f, 0x3f, 0x3f, 0x0f, 0x0f, 0x0f, 0x0f));
+    // sc_0..7 in bytes 0-7, m_0..7 in bytes 8-15.
+    const __m128i f = _mm_or_si128(lo, _mm_and_si128(_mm_srli_epi16(Q, 2), _mm_set1_epi8(0x30)));
+    const __m128 dd = _mm_cvtph_ps(v); // d, dmin
+    D = _mm256_mul_ps(_mm256_broadcastss_ps(dd), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(f)));
+    M = _mm256_mul_ps(
+        _mm256_broadcastss_ps(_mm_movehdup_ps(dd)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(f, f))));
+#else
     std::uint32_t u[3];
     std::memcpy(u, b.scales, sizeof u);
     const std::uint64_t s03 = u[0] & 0x3f3f3f3fu, m03 = u[1] & 0x3f3f3f3fu;
@@ -599,6 +620,7 @@ inline void q4_k_scales256(const q4_k_block& b, __m256& D, __m256& M) noexcept
     D = _mm256_mul_ps(_mm256_set1_ps(simd::widen(f16_at(b.d))), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(s)));
     M = _mm256_mul_ps(_mm256_set1_ps(simd::widen(f16_at(b.dmin))),
         _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(s, s))));
+#endif
 }
 
 #if KDIAL_QDOT_AVX512BW
@@ -789,6 +811,135 @@ template <qdot_isa I> inline __m256i q4_ints(const q4w512& u, const q4x512& x) n
 #endif
 #endif
 
+#if KDIAL_QDOT_AVX2
+// ---- q8 weights, 8 blocks at a time (x86, the per-row kernels) -------------
+// As the 4-bit layout above: pair k (< 4) holds blocks k (low 128-bit lane)
+// and k + 4 (high lane), l their first 16 bytes, h the last 16, so each lane
+// of the integer dot gathers 4 dwords of one block and the 8 blocks need a
+// 3-hadd tree (a block per vector needed 6 hadds and 2 lane permutes).
+struct q8w256 {
+    __m256i l[4], h[4];
+};
+inline __m256i qdot_lo_hi(const std::int8_t* lo, const std::int8_t* hi) noexcept
+{
+    return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lo))),
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(hi)), 1);
+}
+inline q8w256 q8_split256(const q8_block* w) noexcept
+{
+    q8w256 u;
+    for (int k = 0; k < 4; ++k) {
+        u.l[k] = qdot_lo_hi(w[k].q, w[k + 4].q);
+        u.h[k] = qdot_lo_hi(w[k].q + 16, w[k + 4].q + 16);
+    }
+    return u;
+}
+// x[0:256] in the same layout (Offset: as unsigned bytes x + 128, see
+// q8_ints256).
+template <bool Offset> inline q8w256 q8_xsplit256(const std::int8_t* x) noexcept
+{
+    q8w256 v;
+    const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+    for (int k = 0; k < 4; ++k) {
+        v.l[k] = qdot_lo_hi(x + 32 * k, x + 32 * k + 128);
+        v.h[k] = qdot_lo_hi(x + 32 * k + 16, x + 32 * k + 144);
+        if constexpr (Offset) {
+            v.l[k] = _mm256_xor_si256(v.l[k], flip);
+            v.h[k] = _mm256_xor_si256(v.h[k], flip);
+        }
+    }
+    return v;
+}
+#if KDIAL_QDOT_AVX_VNNI
+inline __m256i qdot_dpbusd256(__m256i acc, __m256i u, __m256i s) noexcept
+{
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(acc, u, s);
+#else
+    return _mm256_dpbusd_avx_epi32(acc, u, s);
+#endif
+}
+#endif
+// Whether the VNNI kernels take x + 128 and subtract 128 sum w (one fix-up
+// per weight row) rather than |w| and x with w's sign (two ops per vector
+// and activation row): faster for several rows, slower for one (one
+// weight matrix in L2, GB/s, n = 1 / n = 4: sign 41-43 / 14.0-14.3, offset
+// 38 / 15.1-15.2; Zen 4, AVX-512 VNNI and AVX-VNNI alike).
+template <qdot_isa I, int NR>
+inline constexpr bool q8_offset_form = NR > 1 && (I == qdot_isa::avx_vnni || I == qdot_isa::avx512_vnni);
+// 128 sum w of each of the 8 blocks (block b in lane b), the term that turns
+// sum (x + 128) w into sum x w; once per weight row and group (Offset only).
+template <bool Offset> inline __m256i q8_offset256([[maybe_unused]] const q8w256& w) noexcept
+{
+#if KDIAL_QDOT_AVX_VNNI
+    if constexpr (Offset) {
+        const __m256i c = _mm256_set1_epi8(static_cast<char>(0x80));
+        __m256i t[4];
+        for (int k = 0; k < 4; ++k)
+            t[k] = qdot_dpbusd256(qdot_dpbusd256(_mm256_setzero_si256(), c, w.l[k]), c, w.h[k]);
+        return _mm256_hadd_epi32(_mm256_hadd_epi32(t[0], t[1]), _mm256_hadd_epi32(t[2], t[3]));
+    }
+#endif
+    return _mm256_setzero_si256();
+}
+// I_b of the 8 blocks, block b in lane b, exact. Offset (VNNI): VPDPBUSD of
+// x + 128 (unsigned) and w (signed), less off = 128 sum w (|sum (x + 128)
+// w| <= 32 * 255 * 128 < 2^31). Otherwise |w| times x with w's sign
+// (VPDPBUSD, or vpmaddubsw with pair sums <= 2 * 128 * 127, no saturation,
+// widened by vpmaddwd before the two halves are added).
+template <qdot_isa I, bool Offset>
+inline __m256i q8_ints256(const q8w256& w, const q8w256& x, [[maybe_unused]] __m256i off) noexcept
+{
+    __m256i t[4];
+    for (int k = 0; k < 4; ++k) {
+#if KDIAL_QDOT_AVX_VNNI
+        if constexpr (Offset) {
+            t[k] = qdot_dpbusd256(qdot_dpbusd256(_mm256_setzero_si256(), x.l[k], w.l[k]), x.h[k], w.h[k]);
+            continue;
+        } else if constexpr (I == qdot_isa::avx_vnni || I == qdot_isa::avx512_vnni) {
+            const __m256i a
+                = qdot_dpbusd256(_mm256_setzero_si256(), _mm256_abs_epi8(w.l[k]), _mm256_sign_epi8(x.l[k], w.l[k]));
+            t[k] = qdot_dpbusd256(a, _mm256_abs_epi8(w.h[k]), _mm256_sign_epi8(x.h[k], w.h[k]));
+            continue;
+        }
+#endif
+        const __m256i one = _mm256_set1_epi16(1);
+        const __m256i a
+            = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w.l[k]), _mm256_sign_epi8(x.l[k], w.l[k])), one);
+        const __m256i b
+            = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w.h[k]), _mm256_sign_epi8(x.h[k], w.h[k])), one);
+        t[k] = _mm256_add_epi32(a, b);
+    }
+    const __m256i r = _mm256_hadd_epi32(_mm256_hadd_epi32(t[0], t[1]), _mm256_hadd_epi32(t[2], t[3]));
+    if constexpr (Offset)
+        return _mm256_sub_epi32(r, off);
+    else
+        return r;
+}
+// dw of q8 blocks w[0:8]: d_b is at byte 34 b = 32 b + 2 b, so word b of the
+// 16 bytes at 32 b; 8 loads and 7 word blends.
+inline __m256 q8_scales256(const q8_block* w) noexcept
+{
+#if !defined(__F16C__)
+    float s[8];
+    for (int b = 0; b < 8; ++b)
+        s[b] = simd::scale_of(w[b]);
+    return _mm256_loadu_ps(s);
+#else
+    const auto* p = reinterpret_cast<const std::uint8_t*>(w);
+    const auto ld = [p](int b) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32 * b)); };
+    __m128i v = _mm_blend_epi16(ld(0), ld(1), 0x02);
+    v = _mm_blend_epi16(v, ld(2), 0x04);
+    v = _mm_blend_epi16(v, ld(3), 0x08);
+    v = _mm_blend_epi16(v, ld(4), 0x10);
+    v = _mm_blend_epi16(v, ld(5), 0x20);
+    v = _mm_blend_epi16(v, ld(6), 0x40);
+    v = _mm_blend_epi16(v, ld(7), 0x80);
+    return _mm256_cvtph_ps(v);
+#endif
+}
+#endif // KDIAL_QDOT_AVX2
+
 // ---- the integer totals of 8 blocks per path -------------------------------
 
 // I_b of the 8 blocks w[0:8] against x[0:256] (xs: the 8 blocks' sums).
@@ -954,7 +1105,8 @@ inline void qdot_rows_q4(
             }
             const auto u = q4_unpack<I>(w);
             // The activation side is laid out again for each weight row:
-            // hoisting it out of the row loop measured slower (spills).
+            // hoisting it out of the row loop measured slower (spills; at
+            // n = 1 on AVX-512, the same speed).
             for (int i = 0; i < NR; ++i) {
                 const __m256i t = q4_ints<I>(u, q4_xprep<I>(xq.qrow(i) + 32 * b0));
                 const __m256i s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.srow(i) + b0));
@@ -969,11 +1121,7 @@ inline void qdot_rows_q4(
                 }
             }
         };
-        [&]<int... r>(std::integer_sequence<int, r...>)
-        {
-            (row.template operator()<r>(), ...);
-        }
-        (std::make_integer_sequence<int, R> {});
+        for_each_index<R>(row);
     }
     // Stored first, in loops with no loop inside, so acc is indexed by
     // constants only (see the end of gemv_rows: clang 14 keeps acc on the
@@ -983,6 +1131,50 @@ inline void qdot_rows_q4(
         for (int i = 0; i < NR; ++i)
             _mm256_storeu_ps(lanes[r][i], acc[r][i]);
     qdot_finish<S, NR, R>(lanes, rows, nb, xq, out);
+}
+#endif
+
+#if KDIAL_QDOT_AVX2
+// qdot_rows of q8 weights on x86: each group of 8 blocks of a weight row is
+// split into the q8w256 layout once (with its scales and, for VNNI, its
+// offset term), then dotted with every activation row; the same I_b and
+// the same f32 ops per block as qdot_rows_any (which kept a vector per block
+// and reduced them with 6 hadds and 2 lane permutes). Zen 4, one 256 x 2048
+// matrix in L2, GB/s, n = 1: AVX-512 VNNI 30.5 -> 42, AVX-VNNI 39.5 -> 42,
+// AVX2 33 -> 37; n = 4: 10.5-10.8 -> 15.1-15.4 (VNNI), 9.5 -> 10.7 (AVX2).
+template <qdot_isa I, int NR, int R>
+inline void qdot_rows_q8(const q8_block* const* rows, const q8_block* const* next, std::size_t nb,
+    const act_q8_cview& xq, float* out) noexcept
+{
+    __m256 acc[R][NR];
+    for (int r = 0; r < R; ++r)
+        for (int i = 0; i < NR; ++i)
+            acc[r][i] = _mm256_setzero_ps();
+    const std::size_t ng = nb / 8;
+    for (std::size_t g = 0; g < ng; ++g) {
+        const std::size_t b0 = 8 * g;
+        for (int r = 0; r < R; ++r)
+            for (std::size_t p = 0; p < 8 * sizeof(q8_block); p += 64)
+                simd::prefetch_l2(reinterpret_cast<const char*>(next[r] + b0) + p);
+        for_each_index<R>([&]<int r>() {
+            constexpr bool offset = q8_offset_form<I, NR>;
+            const q8_block* w = rows[r] + b0;
+            const __m256 dw = q8_scales256(w);
+            const q8w256 u = q8_split256(w);
+            const __m256i off = q8_offset256<offset>(u);
+            for (int i = 0; i < NR; ++i) {
+                const __m256i t = q8_ints256<I, offset>(u, q8_xsplit256<offset>(xq.qrow(i) + 32 * b0), off);
+                const __m256 dx = _mm256_loadu_ps(xq.drow(i) + b0);
+                acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_mul_ps(dw, dx), acc[r][i]);
+            }
+        });
+    }
+    // Stored first, as in qdot_rows_q4.
+    float lanes[R][NR][8];
+    for (int r = 0; r < R; ++r)
+        for (int i = 0; i < NR; ++i)
+            _mm256_storeu_ps(lanes[r][i], acc[r][i]);
+    qdot_finish<q8_block, NR, R>(lanes, rows, nb, xq, out);
 }
 #endif
 
@@ -1003,7 +1195,10 @@ inline void qdot_rows_any(
             for (int r = 0; r < R; ++r)
                 for (std::size_t p = 0; p < sizeof(S); p += 64)
                     simd::prefetch_l2(reinterpret_cast<const char*>(next[r] + g) + p);
-            for (int r = 0; r < R; ++r) {
+            // Row by row, unrolled: a loop over r leaves acc in memory (GCC
+            // 12: a load, FMA and store per block group, their latency on
+            // the loop's critical path).
+            for_each_index<R>([&]<int r>() {
                 const simd::q4_k_scales sc = simd::scales_of(rows[r][g]);
                 const F D = L::load(sc.d), M = L::load(sc.m);
                 for (int i = 0; i < NR; ++i) {
@@ -1012,18 +1207,18 @@ inline void qdot_rows_any(
                     acc[r][i] = L::fma(L::cvt(t), L::mul(D, dx), acc[r][i]);
                     acc[r][i] = L::fnma(L::cvt(L::loadi(xq.srow(i) + b0)), L::mul(M, dx), acc[r][i]);
                 }
-            }
+            });
         } else {
             for (int r = 0; r < R; ++r)
                 for (std::size_t p = 0; p < 8 * sizeof(S); p += 64)
                     simd::prefetch_l2(reinterpret_cast<const char*>(next[r] + b0) + p);
-            for (int r = 0; r < R; ++r) {
+            for_each_index<R>([&]<int r>() {
                 const F dw = qdot_wscales8<I>(rows[r] + b0);
                 for (int i = 0; i < NR; ++i) {
                     const auto t = qdot_ints8<I>(rows[r] + b0, xq.qrow(i) + 32 * b0, xq.srow(i) + b0);
                     acc[r][i] = L::fma(L::cvt(t), L::mul(dw, L::load(xq.drow(i) + b0)), acc[r][i]);
                 }
-            }
+            });
         }
     }
     // Stored first, as in qdot_rows_q4.
@@ -1041,6 +1236,10 @@ inline void qdot_rows(
 #if KDIAL_QDOT_AVX2
     if constexpr (qdot_q4_x86<I, S>)
         qdot_rows_q4<I, S, NR, R>(rows, next, nb, xq, out);
+    else if constexpr (
+        std::is_same_v<S,
+            q8_block> && (I == qdot_isa::avx2 || I == qdot_isa::avx_vnni || I == qdot_isa::avx512bw || I == qdot_isa::avx512_vnni))
+        qdot_rows_q8<I, NR, R>(rows, next, nb, xq, out);
     else
 #endif
         qdot_rows_any<I, S, NR, R>(rows, next, nb, xq, out);

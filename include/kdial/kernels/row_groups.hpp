@@ -32,4 +32,16 @@ template <int Lo, int M, class F> inline void for_row_groups(std::size_t n, F&& 
     }
 }
 
+// Calls f.template operator()<r>() for r = 0 .. R-1, unrolled: kernels
+// whose accumulators are indexed by r keep them in registers only when r is
+// a constant (GCC 12 and clang 14 leave them on the stack in a loop over r).
+template <int R, class F> inline void for_each_index(F&& f) noexcept
+{
+    [&]<int... r>(std::integer_sequence<int, r...>)
+    {
+        (f.template operator()<r>(), ...);
+    }
+    (std::make_integer_sequence<int, R> {});
+}
+
 } // namespace kdial::detail
