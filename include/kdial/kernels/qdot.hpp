@@ -565,16 +565,23 @@ template <qdot_isa I> inline __m256i q4_ints256(const q4w256& u, const q4x256& x
     }
 }
 
+// dw of 8 consecutive q8 / q4_0 blocks, one scalar widening each (builds
+// without F16C).
+template <class S> inline __m256 scales8_scalar(const S* w) noexcept
+{
+    float s[8];
+    for (int b = 0; b < 8; ++b)
+        s[b] = simd::scale_of(w[b]);
+    return _mm256_loadu_ps(s);
+}
+
 // dw of q4_0 blocks w[0:8]: d_b sits at byte 18 b of the 144, so word b of
 // lane b % 2 of the 32 bytes at 32 (b / 2) (16 b - 2 b bytes in); 4 loads and
 // 4 word blends instead of 8 scalar loads and stores.
 inline __m256 q4_0_scales256(const q4_0_block* w) noexcept
 {
 #if !defined(__F16C__)
-    float s[8];
-    for (int b = 0; b < 8; ++b)
-        s[b] = simd::scale_of(w[b]);
-    return _mm256_loadu_ps(s);
+    return scales8_scalar(w);
 #else
     const auto* p = reinterpret_cast<const __m256i*>(w);
     __m256i v = _mm256_blend_epi16(_mm256_loadu_si256(p), _mm256_loadu_si256(p + 1), 0x0c);
@@ -921,10 +928,7 @@ inline __m256i q8_ints256(const q8w256& w, const q8w256& x, [[maybe_unused]] __m
 inline __m256 q8_scales256(const q8_block* w) noexcept
 {
 #if !defined(__F16C__)
-    float s[8];
-    for (int b = 0; b < 8; ++b)
-        s[b] = simd::scale_of(w[b]);
-    return _mm256_loadu_ps(s);
+    return scales8_scalar(w);
 #else
     const auto* p = reinterpret_cast<const std::uint8_t*>(w);
     const auto ld = [p](int b) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32 * b)); };
@@ -1070,11 +1074,15 @@ inline void qdot_finish(
 // one expert at n = 1 with VNNI, of the read bandwidth, q8 0.39-0.41 ->
 // 0.64-0.67, q4_0 0.33-0.34 -> 0.69-0.75).
 #if KDIAL_QDOT_AVX2
-// qdot_rows of 4-bit weights on x86: each group of 8 blocks of a weight row
-// is unpacked (q4w256 / q4w512) and its scales widened once, then dotted with
-// every activation row; the same ops per block as qdot_rows.
+// qdot_rows on x86: each group of 8 blocks of a weight row is laid out once
+// (q4w256 / q4w512 / q8w256, with its scales and, for q8's offset form, its
+// 128 sum w), then dotted with every activation row; the same I_b and the
+// same f32 ops per block as qdot_rows_any. For q8 this replaced a vector per
+// block reduced with 6 hadds and 2 lane permutes: Zen 4, one 256 x 2048
+// matrix in L2, GB/s, n = 1: AVX-512 VNNI 30.5 -> 42, AVX-VNNI 39.5 -> 42,
+// AVX2 33 -> 37; n = 4: 10.5-10.8 -> 15.1-15.4 (VNNI), 9.5 -> 10.7 (AVX2).
 template <qdot_isa I, class S, int NR, int R>
-inline void qdot_rows_q4(
+inline void qdot_rows_x86(
     const S* const* rows, const S* const* next, std::size_t nb, const act_q8_cview& xq, float* out) noexcept
 {
     constexpr bool k4 = std::is_same_v<S, q4_k_block>;
@@ -1092,32 +1100,44 @@ inline void qdot_rows_q4(
         // Row by row, unrolled (a loop over r leaves acc in memory).
         const auto row = [&]<int r>() {
             const S* w = rows[r] + per * g;
-            __m256 dw, dm;
-            if constexpr (k4) {
-                q4_k_scales256(*w, dw, dm);
-            } else {
-#if KDIAL_QDOT_AVX512BW
-                if constexpr (I == qdot_isa::avx512bw || I == qdot_isa::avx512_vnni)
-                    dw = q4_0_scales512(w);
-                else
-#endif
-                    dw = q4_0_scales256(w);
-            }
-            const auto u = q4_unpack<I>(w);
-            // The activation side is laid out again for each weight row:
-            // hoisting it out of the row loop measured slower (spills; at
-            // n = 1 on AVX-512, the same speed).
-            for (int i = 0; i < NR; ++i) {
-                const __m256i t = q4_ints<I>(u, q4_xprep<I>(xq.qrow(i) + 32 * b0));
-                const __m256i s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.srow(i) + b0));
-                const __m256 dx = _mm256_loadu_ps(xq.drow(i) + b0);
-                if constexpr (k4) {
+            if constexpr (std::is_same_v<S, q8_block>) {
+                constexpr bool offset = q8_offset_form<I, NR>;
+                const __m256 dw = q8_scales256(w);
+                const q8w256 u = q8_split256(w);
+                const __m256i off = q8_offset256<offset>(u);
+                for (int i = 0; i < NR; ++i) {
+                    const __m256i t = q8_ints256<I, offset>(u, q8_xsplit256<offset>(xq.qrow(i) + 32 * b0), off);
+                    const __m256 dx = _mm256_loadu_ps(xq.drow(i) + b0);
                     acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_mul_ps(dw, dx), acc[r][i]);
-                    acc[r][i] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dm, dx), acc[r][i]);
+                }
+            } else {
+                __m256 dw, dm;
+                if constexpr (k4) {
+                    q4_k_scales256(*w, dw, dm);
                 } else {
-                    // I_b = sum nibble x - 8 S_b.
-                    acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(t, _mm256_slli_epi32(s, 3))),
-                        _mm256_mul_ps(dw, dx), acc[r][i]);
+#if KDIAL_QDOT_AVX512BW
+                    if constexpr (I == qdot_isa::avx512bw || I == qdot_isa::avx512_vnni)
+                        dw = q4_0_scales512(w);
+                    else
+#endif
+                        dw = q4_0_scales256(w);
+                }
+                const auto u = q4_unpack<I>(w);
+                // The activation side is laid out again for each weight row:
+                // hoisting it out of the row loop measured slower (spills; at
+                // n = 1 on AVX-512, the same speed).
+                for (int i = 0; i < NR; ++i) {
+                    const __m256i t = q4_ints<I>(u, q4_xprep<I>(xq.qrow(i) + 32 * b0));
+                    const __m256i s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.srow(i) + b0));
+                    const __m256 dx = _mm256_loadu_ps(xq.drow(i) + b0);
+                    if constexpr (k4) {
+                        acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_mul_ps(dw, dx), acc[r][i]);
+                        acc[r][i] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dm, dx), acc[r][i]);
+                    } else {
+                        // I_b = sum nibble x - 8 S_b.
+                        acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(t, _mm256_slli_epi32(s, 3))),
+                            _mm256_mul_ps(dw, dx), acc[r][i]);
+                    }
                 }
             }
         };
@@ -1131,50 +1151,6 @@ inline void qdot_rows_q4(
         for (int i = 0; i < NR; ++i)
             _mm256_storeu_ps(lanes[r][i], acc[r][i]);
     qdot_finish<S, NR, R>(lanes, rows, nb, xq, out);
-}
-#endif
-
-#if KDIAL_QDOT_AVX2
-// qdot_rows of q8 weights on x86: each group of 8 blocks of a weight row is
-// split into the q8w256 layout once (with its scales and, for VNNI, its
-// offset term), then dotted with every activation row; the same I_b and
-// the same f32 ops per block as qdot_rows_any (which kept a vector per block
-// and reduced them with 6 hadds and 2 lane permutes). Zen 4, one 256 x 2048
-// matrix in L2, GB/s, n = 1: AVX-512 VNNI 30.5 -> 42, AVX-VNNI 39.5 -> 42,
-// AVX2 33 -> 37; n = 4: 10.5-10.8 -> 15.1-15.4 (VNNI), 9.5 -> 10.7 (AVX2).
-template <qdot_isa I, int NR, int R>
-inline void qdot_rows_q8(const q8_block* const* rows, const q8_block* const* next, std::size_t nb,
-    const act_q8_cview& xq, float* out) noexcept
-{
-    __m256 acc[R][NR];
-    for (int r = 0; r < R; ++r)
-        for (int i = 0; i < NR; ++i)
-            acc[r][i] = _mm256_setzero_ps();
-    const std::size_t ng = nb / 8;
-    for (std::size_t g = 0; g < ng; ++g) {
-        const std::size_t b0 = 8 * g;
-        for (int r = 0; r < R; ++r)
-            for (std::size_t p = 0; p < 8 * sizeof(q8_block); p += 64)
-                simd::prefetch_l2(reinterpret_cast<const char*>(next[r] + b0) + p);
-        for_each_index<R>([&]<int r>() {
-            constexpr bool offset = q8_offset_form<I, NR>;
-            const q8_block* w = rows[r] + b0;
-            const __m256 dw = q8_scales256(w);
-            const q8w256 u = q8_split256(w);
-            const __m256i off = q8_offset256<offset>(u);
-            for (int i = 0; i < NR; ++i) {
-                const __m256i t = q8_ints256<I, offset>(u, q8_xsplit256<offset>(xq.qrow(i) + 32 * b0), off);
-                const __m256 dx = _mm256_loadu_ps(xq.drow(i) + b0);
-                acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_mul_ps(dw, dx), acc[r][i]);
-            }
-        });
-    }
-    // Stored first, as in qdot_rows_q4.
-    float lanes[R][NR][8];
-    for (int r = 0; r < R; ++r)
-        for (int i = 0; i < NR; ++i)
-            _mm256_storeu_ps(lanes[r][i], acc[r][i]);
-    qdot_finish<q8_block, NR, R>(lanes, rows, nb, xq, out);
 }
 #endif
 
@@ -1221,7 +1197,7 @@ inline void qdot_rows_any(
             });
         }
     }
-    // Stored first, as in qdot_rows_q4.
+    // Stored first, as in qdot_rows_x86.
     float lanes[R][NR][8];
     for (int r = 0; r < R; ++r)
         for (int i = 0; i < NR; ++i)
@@ -1234,12 +1210,9 @@ inline void qdot_rows(
     const S* const* rows, const S* const* next, std::size_t nb, const act_q8_cview& xq, float* out) noexcept
 {
 #if KDIAL_QDOT_AVX2
-    if constexpr (qdot_q4_x86<I, S>)
-        qdot_rows_q4<I, S, NR, R>(rows, next, nb, xq, out);
-    else if constexpr (
-        std::is_same_v<S,
-            q8_block> && (I == qdot_isa::avx2 || I == qdot_isa::avx_vnni || I == qdot_isa::avx512bw || I == qdot_isa::avx512_vnni))
-        qdot_rows_q8<I, NR, R>(rows, next, nb, xq, out);
+    if constexpr (I == qdot_isa::avx2 || I == qdot_isa::avx_vnni || I == qdot_isa::avx512bw
+        || I == qdot_isa::avx512_vnni)
+        qdot_rows_x86<I, S, NR, R>(rows, next, nb, xq, out);
     else
 #endif
         qdot_rows_any<I, S, NR, R>(rows, next, nb, xq, out);
